@@ -1,0 +1,84 @@
+"""Typed SQLAlchemy models. Money is integer nano-USD (see aimesh_tasks.money)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, String, func
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every aimesh table."""
+
+
+class EndpointRow(Base):
+    """A model endpoint: where to call, what it costs, how much it takes at once."""
+
+    __tablename__ = "endpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(32))
+    base_url: Mapped[str] = mapped_column(String(512))
+    model: Mapped[str] = mapped_column(String(128))
+    api_key_env: Mapped[str | None] = mapped_column(String(128))
+    input_nusd_per_1k: Mapped[int] = mapped_column(BigInteger)
+    output_nusd_per_1k: Mapped[int] = mapped_column(BigInteger)
+    capacity: Mapped[int] = mapped_column(Integer)
+    tags: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+
+
+class AgentRow(Base):
+    """A registered agent."""
+
+    __tablename__ = "agents"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    description: Mapped[str] = mapped_column(String(512), default="")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class RoutingDecisionRow(Base):
+    """One routing decision: every candidate's normalised components and score, the winner."""
+
+    __tablename__ = "routing_decisions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(128), index=True)
+    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    winner: Mapped[str | None] = mapped_column(String(64))
+    fallbacks: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    candidates: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
+    excluded: Mapped[dict[str, str]] = mapped_column(JsonType, default=dict)
+    weights: Mapped[dict[str, float]] = mapped_column(JsonType, default=dict)
+    error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class CallAttemptRow(Base):
+    """One upstream call made for a message (a fallback is another row)."""
+
+    __tablename__ = "call_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    message_id: Mapped[str] = mapped_column(String(128), index=True)
+    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    endpoint_id: Mapped[str] = mapped_column(String(64), index=True)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    status: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -1,0 +1,39 @@
+"""Every Redis key and Celery queue name, built by small functions (one test pins them)."""
+
+from __future__ import annotations
+
+PREFIX = "aimesh"
+ROUTE_QUEUE = "aimesh.route"
+ENDPOINT_QUEUE_PREFIX = "aimesh.endpoint."
+
+
+def endpoint_queue(endpoint_id: str) -> str:
+    """The Celery queue served by the workers of one endpoint."""
+    return f"{ENDPOINT_QUEUE_PREFIX}{endpoint_id}"
+
+
+def endpoint_id_of_queue(queue: str) -> str | None:
+    """The endpoint id of an endpoint queue name, or None for any other queue."""
+    if queue.startswith(ENDPOINT_QUEUE_PREFIX):
+        return queue[len(ENDPOINT_QUEUE_PREFIX) :]
+    return None
+
+
+def live_stats(endpoint_id: str) -> str:
+    """Hash of an endpoint's live figures: p50/p99 latency, error rate, health."""
+    return f"{PREFIX}:live:{endpoint_id}:stats"
+
+
+def live_window(endpoint_id: str) -> str:
+    """List of the endpoint's recent calls, newest first: 'latency_ms:ok' strings."""
+    return f"{PREFIX}:live:{endpoint_id}:window"
+
+
+def live_inflight(endpoint_id: str) -> str:
+    """Sorted set of call keys in flight at the endpoint, scored by start time (epoch s)."""
+    return f"{PREFIX}:live:{endpoint_id}:inflight"
+
+
+def registry_version() -> str:
+    """Random token replaced on every endpoint change; routers reload when it moves."""
+    return f"{PREFIX}:registry:version"

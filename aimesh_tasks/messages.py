@@ -1,0 +1,252 @@
+"""AiMessage and AiResult: validation, canonical JSON and the error mapping.
+
+A message is validated in full before anything is queued; every failure becomes one
+`InvalidMessage` naming the field, the rule and, where it helps, the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from aimesh_tasks.errors import InvalidMessage
+from aimesh_tasks.settings import get_settings
+
+AGENT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+MetadataValue = str | int | float | bool | None
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON: sorted keys, no spaces, UTF-8 kept as is."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class TextPart(BaseModel):
+    """One text part of a multi-part message content (OpenAI `content: [...]`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One OpenAI-style chat message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Role
+    content: str | list[TextPart]
+    name: str | None = Field(None, max_length=64)
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_not_empty(self) -> ChatMessage:
+        if self.role != "assistant" and not self.text().strip():
+            raise ValueError(f"content of a '{self.role}' message must not be empty")
+        return self
+
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class AiMessage(BaseModel):
+    """A message from an agent: a chat payload plus who sent it, its limits and deadline.
+
+    | field           | meaning                                                        |
+    |-----------------|----------------------------------------------------------------|
+    | id              | unique message id (generated when absent)                      |
+    | agent_id        | sender, lowercase kebab or snake case                          |
+    | messages        | OpenAI-style chat messages (or give `prompt` instead)          |
+    | prompt          | a plain prompt; becomes one user message                       |
+    | model           | model hint: only endpoints serving this model are candidates   |
+    | capability      | capability hint: only endpoints tagged with it are candidates  |
+    | max_tokens      | most output tokens the answer may use (1..AIMESH_MAX_TOKENS_CAP)|
+    | token_estimate  | caller's estimate of input tokens (optional)                   |
+    | priority        | 0 (lowest) .. 9 (highest)                                      |
+    | deadline        | aware datetime after which the message is dropped (expires)    |
+    | idempotency_key | caller's key: the same key is the same request                 |
+    | temperature ... | output-affecting parameters passed to the provider             |
+    | metadata        | flat dict of caller data, carried to the result and audit      |
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    agent_id: str = Field(max_length=64)
+    messages: list[ChatMessage] = Field(default_factory=list)
+    prompt: str | None = None
+    model: str | None = Field(None, min_length=1, max_length=128)
+    capability: str | None = Field(None, min_length=1, max_length=64)
+    max_tokens: int = 256
+    token_estimate: int | None = Field(None, ge=0)
+    priority: int = Field(5, ge=0, le=9)
+    deadline: datetime | None = None
+    idempotency_key: str | None = Field(None, min_length=1, max_length=256)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: list[str] | None = Field(None, max_length=4)
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict, max_length=64)
+    submitted_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id_case(cls, value: str) -> str:
+        if not AGENT_ID_PATTERN.match(value):
+            raise ValueError(
+                f"'{value}' is not lowercase kebab or snake case (e.g. 'research-bot')"
+            )
+        return value
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens_in_range(cls, value: int) -> int:
+        cap = get_settings().max_tokens_cap
+        if not 1 <= value <= cap:
+            raise ValueError(f"must be between 1 and {cap} (AIMESH_MAX_TOKENS_CAP), got {value}")
+        return value
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_in_future(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("must be timezone-aware (e.g. '2026-01-01T12:00:00Z')")
+        if value <= utcnow():
+            raise ValueError(f"{value.isoformat()} is already in the past")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_becomes_messages(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("prompt") is not None:
+            if data.get("messages"):
+                raise ValueError("prompt: give either 'messages' or 'prompt', not both")
+            data = {**data, "messages": [{"role": "user", "content": data["prompt"]}]}
+            data["prompt"] = None
+        return data
+
+    @model_validator(mode="after")
+    def _payload_present_and_small(self) -> AiMessage:
+        if not self.messages:
+            raise ValueError("messages: give at least one chat message (or a 'prompt')")
+        size = len(canonical_json([m.model_dump(exclude_none=True) for m in self.messages]))
+        cap = get_settings().max_payload_bytes
+        if size > cap:
+            raise ValueError(f"messages: payload is {size} bytes, over the {cap}-byte cap")
+        return self
+
+    @field_serializer("submitted_at", "deadline")
+    def _iso(self, value: datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The JSON-safe dict that travels in task arguments."""
+        return self.model_dump(mode="json", exclude_none=True, exclude={"prompt"})
+
+    def canonical(self) -> str:
+        """Canonical JSON of the whole message."""
+        return canonical_json(self.to_json_dict())
+
+    def chat(self) -> list[dict[str, Any]]:
+        """The chat messages as plain dicts, as providers receive them."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+
+class Attempt(BaseModel):
+    """One endpoint tried for a message, and how it went."""
+
+    model_config = ConfigDict(extra="forbid")
+    endpoint_id: str
+    ok: bool
+    latency_ms: float
+    error: dict[str, Any] | None = None
+
+
+class AiResult(BaseModel):
+    """What a producer's AsyncResult resolves to (as a JSON dict)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message_id: str
+    agent_id: str
+    text: str
+    finish_reason: str | None = None
+    endpoint_id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: Decimal
+    queue_wait_ms: float
+    processing_ms: float
+    cached: bool = False
+    request_id: str | None = None
+    submitted_at: datetime
+    started_at: datetime
+    finished_at: datetime
+    attempts: list[Attempt] = Field(default_factory=list)
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+    @field_serializer("cost_usd")
+    def _exact_cost(self, value: Decimal) -> str:
+        return str(value)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The JSON-safe dict stored in the result backend."""
+        return self.model_dump(mode="json")
+
+
+_MODEL_LEVEL_ERROR = re.compile(r"^(\w+): (.*)$", re.DOTALL)
+
+
+def _describe(error: Any) -> dict[str, str]:
+    """One pydantic error as {field, reason}; model-level errors name their field first."""
+    field = ".".join(str(part) for part in error["loc"])
+    reason = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        reason = f"unknown field; AiMessage accepts: {', '.join(sorted(AiMessage.model_fields))}"
+    elif not field and (named := _MODEL_LEVEL_ERROR.match(reason)):
+        field, reason = named.group(1), named.group(2)
+    return {"field": field or "message", "reason": reason}
+
+
+def parse_message(data: AiMessage | dict[str, Any]) -> AiMessage:
+    """Validate a message dict into an AiMessage, or raise InvalidMessage naming the field."""
+    if isinstance(data, AiMessage):
+        return data
+    if not isinstance(data, dict):
+        raise InvalidMessage(
+            f"message: expected a JSON object, got {type(data).__name__}",
+            field="message",
+            errors=[],
+        )
+    try:
+        return AiMessage.model_validate(data)
+    except ValidationError as exc:
+        errors = [_describe(e) for e in exc.errors()]
+        first = errors[0]
+        raise InvalidMessage(
+            f"{first['field']}: {first['reason']}", field=first["field"], errors=errors
+        ) from None

@@ -1,0 +1,115 @@
+"""Call one endpoint for a message: live figures around the call, the attempt recorded."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert
+
+from aimesh_tasks.db import CallAttemptRow, get_engine
+from aimesh_tasks.errors import ProviderError
+from aimesh_tasks.messages import AiMessage, AiResult, Attempt, utcnow
+from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
+from aimesh_tasks.providers.base import Completion
+from aimesh_tasks.providers.http import call_provider
+from aimesh_tasks.registry.endpoints import Endpoint
+from aimesh_tasks.registry.live import call_finished, call_started
+
+
+def endpoint_to_args(endpoint: Endpoint) -> dict[str, Any]:
+    """An endpoint as a JSON-safe task argument."""
+    return {**asdict(endpoint), "tags": sorted(endpoint.tags)}
+
+
+def endpoint_from_args(data: dict[str, Any]) -> Endpoint:
+    """The endpoint carried in a task argument."""
+    return Endpoint(**{**data, "tags": frozenset(data.get("tags", ()))})
+
+
+def _record_attempt(
+    message: AiMessage, endpoint: Endpoint, attempt: Attempt, completion: Completion | None,
+    cost_nusd: int,
+) -> None:
+    row = {
+        "message_id": message.id,
+        "agent_id": message.agent_id,
+        "endpoint_id": endpoint.id,
+        "ok": attempt.ok,
+        "status": (attempt.error or {}).get("status"),
+        "latency_ms": attempt.latency_ms,
+        "input_tokens": completion.input_tokens if completion else 0,
+        "output_tokens": completion.output_tokens if completion else 0,
+        "cost_nusd": cost_nusd,
+        "error": (attempt.error or {}).get("message", "")[:512] or None,
+        "created_at": utcnow(),
+    }
+    with get_engine().begin() as connection:
+        connection.execute(insert(CallAttemptRow), [row])
+
+
+def attempt_call(
+    message: AiMessage, endpoint: Endpoint, call_key: str
+) -> tuple[Attempt, Completion | None, ProviderError | None]:
+    """Call the endpoint once; the attempt, and the completion or the error."""
+    call_started(endpoint.id, call_key)
+    started = time.perf_counter()
+    completion: Completion | None = None
+    error: ProviderError | None = None
+    try:
+        completion = call_provider(endpoint, message, call_key)
+    except ProviderError as exc:
+        error = exc
+    latency_ms = (time.perf_counter() - started) * 1000
+    call_finished(endpoint.id, call_key, latency_ms, ok=error is None)
+    attempt = Attempt(
+        endpoint_id=endpoint.id,
+        ok=error is None,
+        latency_ms=round(latency_ms, 3),
+        error=error.to_dict() if error else None,
+    )
+    cost_nusd = cost_of(endpoint, completion) if completion else 0
+    _record_attempt(message, endpoint, attempt, completion, cost_nusd)
+    return attempt, completion, error
+
+
+def cost_of(endpoint: Endpoint, completion: Completion) -> int:
+    """What a completion cost at the endpoint's prices, in nano-USD."""
+    return call_cost_nusd(
+        completion.input_tokens,
+        completion.output_tokens,
+        endpoint.input_nusd_per_1k,
+        endpoint.output_nusd_per_1k,
+    )
+
+
+def build_result(
+    message: AiMessage,
+    endpoint: Endpoint,
+    completion: Completion,
+    attempts: list[Attempt],
+    started_at: datetime,
+) -> AiResult:
+    """The AiResult of a successful call."""
+    finished_at = utcnow()
+    return AiResult(
+        message_id=message.id,
+        agent_id=message.agent_id,
+        text=completion.text,
+        finish_reason=completion.finish_reason,
+        endpoint_id=endpoint.id,
+        model=completion.model or endpoint.model,
+        input_tokens=completion.input_tokens,
+        output_tokens=completion.output_tokens,
+        cost_usd=nusd_to_usd(cost_of(endpoint, completion)),
+        queue_wait_ms=round((started_at - message.submitted_at).total_seconds() * 1000, 3),
+        processing_ms=round((finished_at - started_at).total_seconds() * 1000, 3),
+        request_id=completion.request_id,
+        submitted_at=message.submitted_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        attempts=attempts,
+        metadata=message.metadata,
+    )

@@ -1,0 +1,131 @@
+"""The shared upstream call: a per-process pool of single-connection httpx clients.
+
+One httpx client shared by many threads spends its CPU scanning its connection list
+under load (encode/httpx#3215; ../shared/MEASURED.md finding 1). Each call here borrows
+a client holding one keep-alive connection and gives it back, so a worker process keeps
+as many warm connections per endpoint as it runs calls at once, and no more.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from aimesh_tasks.errors import ProviderError
+from aimesh_tasks.messages import AiMessage
+from aimesh_tasks.providers import PROVIDERS
+from aimesh_tasks.providers.base import Completion
+from aimesh_tasks.registry.endpoints import Endpoint
+from aimesh_tasks.settings import get_settings
+
+CALL_KEY_HEADER = "X-Aimesh-Call-Key"
+# Statuses after which another endpoint may well succeed; any other 4xx is the request's fault.
+_RETRYABLE_STATUSES = frozenset({401, 403, 404, 408, 409, 425, 429})
+
+
+class ClientPool:
+    """Single-connection httpx clients per base URL, borrowed one per call."""
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._idle: dict[str, queue.LifoQueue[httpx.Client]] = {}
+
+    def _idle_for(self, base_url: str) -> queue.LifoQueue[httpx.Client]:
+        if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
+            self._pid, self._idle = os.getpid(), {}
+        with self._lock:
+            return self._idle.setdefault(base_url, queue.LifoQueue())
+
+    def _new_client(self, base_url: str) -> httpx.Client:
+        settings = get_settings()
+        return httpx.Client(
+            base_url=base_url,
+            timeout=httpx.Timeout(
+                settings.provider_timeout_s, connect=settings.provider_connect_timeout_s
+            ),
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+        )
+
+    @contextmanager
+    def borrow(self, base_url: str) -> Iterator[httpx.Client]:
+        """A client for `base_url`, returned to the pool afterwards (closed if it failed)."""
+        idle = self._idle_for(base_url)
+        try:
+            client = idle.get_nowait()
+        except queue.Empty:
+            client = self._new_client(base_url)
+        try:
+            yield client
+        except BaseException:
+            client.close()
+            raise
+        idle.put(client)
+
+    def close(self) -> None:
+        """Close every idle client."""
+        for idle in self._idle.values():
+            while not idle.empty():
+                idle.get_nowait().close()
+
+
+CLIENTS = ClientPool()
+
+
+def _retry_after_s(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _status_error(endpoint: Endpoint, response: httpx.Response) -> ProviderError:
+    status = response.status_code
+    return ProviderError(
+        f"endpoint '{endpoint.id}' answered HTTP {status}",
+        endpoint_id=endpoint.id,
+        status=status,
+        retryable=status >= 500 or status in _RETRYABLE_STATUSES,
+        retry_after_s=_retry_after_s(response),
+    )
+
+
+def _send(endpoint: Endpoint, request_json: dict[str, Any], headers: dict[str, str],
+          path: str) -> httpx.Response:
+    try:
+        with CLIENTS.borrow(endpoint.base_url) as client:
+            return client.post(path, json=request_json, headers=headers)
+    except httpx.HTTPError as exc:
+        raise ProviderError(
+            f"endpoint '{endpoint.id}': {type(exc).__name__} calling {endpoint.base_url}",
+            endpoint_id=endpoint.id,
+            retryable=True,
+        ) from exc
+
+
+def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str) -> Completion:
+    """Make one upstream call; ProviderError (with `retryable`) on any failure."""
+    adapter = PROVIDERS[endpoint.provider]
+    api_key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+    request = adapter.build_request(endpoint.model, message, api_key)
+    response = _send(
+        endpoint, request.json, {**request.headers, CALL_KEY_HEADER: call_key}, request.path
+    )
+    if response.status_code != 200:
+        raise _status_error(endpoint, response)
+    try:
+        return adapter.parse_response(response.json())
+    except ValueError as exc:
+        raise ProviderError(
+            f"endpoint '{endpoint.id}' sent a response we cannot read: {exc}",
+            endpoint_id=endpoint.id,
+            status=200,
+            retryable=True,
+        ) from exc

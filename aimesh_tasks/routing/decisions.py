@@ -1,0 +1,41 @@
+"""Routing decisions in the database, one row per decision (made or failed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import insert, select
+
+from aimesh_tasks.db import RoutingDecisionRow, get_engine, session_scope
+from aimesh_tasks.messages import utcnow
+
+
+def record_decision(record: dict[str, Any], *, error: str | None = None) -> None:
+    """Insert one routing decision (a Core insert: one round trip, no ORM unit of work)."""
+    row = {**record, "error": error, "created_at": utcnow()}
+    with get_engine().begin() as connection:
+        connection.execute(insert(RoutingDecisionRow), [row])
+
+
+def decisions_for(message_id: str) -> list[dict[str, Any]]:
+    """Every decision recorded for a message, oldest first."""
+    query = (
+        select(RoutingDecisionRow)
+        .where(RoutingDecisionRow.message_id == message_id)
+        .order_by(RoutingDecisionRow.id)
+    )
+    with session_scope() as session:
+        return [
+            {
+                "message_id": row.message_id,
+                "agent_id": row.agent_id,
+                "winner": row.winner,
+                "fallbacks": row.fallbacks,
+                "candidates": row.candidates,
+                "excluded": row.excluded,
+                "weights": row.weights,
+                "error": row.error,
+                "created_at": row.created_at,
+            }
+            for row in session.scalars(query)
+        ]

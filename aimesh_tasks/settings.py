@@ -1,0 +1,118 @@
+"""One typed settings object: every AIMESH_* variable, its type, default and meaning.
+
+With nothing set, the defaults are the embedded mode: an in-memory Celery broker with an
+in-process worker thread, a SQLite file database and an in-process Redis-compatible store.
+
+| variable                          | default              | meaning                                  |
+|-----------------------------------|----------------------|------------------------------------------|
+| AIMESH_BROKER_URL                 | memory://localhost/  | Celery broker (redis://, amqp://, ...)   |
+| AIMESH_RESULT_BACKEND             | cache+memory://      | Celery result backend                    |
+| AIMESH_DATABASE_URL               | sqlite:///aimesh.db  | endpoints, agents, decisions (SQLAlch.)  |
+| AIMESH_REDIS_URL                  | memory://            | live figures, dedup; memory:// = in-proc |
+| AIMESH_DEDUP_TTL_SECS             | 300                  | result-cache TTL (also DEDUP_TTL_SECS)   |
+| AIMESH_ROUTE_WEIGHT_COST          | 0.4                  | weight of normalised cost in the score   |
+| AIMESH_ROUTE_WEIGHT_LOAD          | 0.3                  | weight of normalised load                |
+| AIMESH_ROUTE_WEIGHT_LATENCY       | 0.3                  | weight of normalised p50 latency         |
+| AIMESH_TASK_SOFT_TIME_LIMIT_S     | 60                   | soft time limit of every task            |
+| AIMESH_TASK_TIME_LIMIT_S          | 90                   | hard time limit: the worker child dies   |
+| AIMESH_VISIBILITY_TIMEOUT_S       | 3600                 | broker redelivery delay of unacked msgs  |
+| AIMESH_PROVIDER_TIMEOUT_S         | 30                   | read timeout of one upstream call        |
+| AIMESH_PROVIDER_CONNECT_TIMEOUT_S | 5                    | connect timeout of one upstream call     |
+| AIMESH_MAX_TOKENS_CAP             | 32768                | largest max_tokens a message may ask for |
+| AIMESH_MAX_PAYLOAD_BYTES          | 262144               | largest canonical message payload        |
+| AIMESH_LIVE_WINDOW                | 200                  | calls kept per endpoint for p50/p99/errs |
+| AIMESH_UNHEALTHY_AFTER_FAILURES   | 5                    | consecutive failures that mark it down   |
+| AIMESH_HEALTH_RETRY_S             | 30                   | a down endpoint is tried again after it  |
+| AIMESH_EMBEDDED_CONCURRENCY       | 8                    | threads of the embedded in-process worker|
+| AIMESH_FOLLOW_INTERVAL_S          | 1.0                  | registry check for new endpoint queues   |
+| AIMESH_LOG_LEVEL                  | INFO                 | log level of the aimesh_tasks loggers    |
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aimesh_tasks.errors import ConfigError
+
+MEMORY_URL = "memory://"
+
+
+class Settings(BaseSettings):
+    """Every AIMESH_* variable; invalid values fail at start-up naming the variable."""
+
+    model_config = SettingsConfigDict(env_prefix="AIMESH_", extra="ignore", frozen=True)
+
+    broker_url: str = Field("memory://localhost/", description="Celery broker URL.")
+    result_backend: str = Field("cache+memory://", description="Celery result backend URL.")
+    database_url: str = Field("sqlite:///aimesh.db", description="SQLAlchemy database URL.")
+    redis_url: str = Field(MEMORY_URL, description="Redis for live figures and dedup.")
+    dedup_ttl_secs: int = Field(
+        300,
+        ge=0,
+        validation_alias=AliasChoices("AIMESH_DEDUP_TTL_SECS", "DEDUP_TTL_SECS"),
+        description="Result-cache TTL in seconds (DEDUP_TTL_SECS is the original name).",
+    )
+    route_weight_cost: float = Field(0.4, ge=0, description="Weight of cost in the score.")
+    route_weight_load: float = Field(0.3, ge=0, description="Weight of load in the score.")
+    route_weight_latency: float = Field(0.3, ge=0, description="Weight of latency.")
+    task_soft_time_limit_s: float = Field(60, gt=0, description="Soft time limit per task.")
+    task_time_limit_s: float = Field(90, gt=0, description="Hard time limit per task.")
+    visibility_timeout_s: int = Field(3600, gt=0, description="Broker redelivery timeout.")
+    provider_timeout_s: float = Field(30, gt=0, description="Read timeout of an upstream call.")
+    provider_connect_timeout_s: float = Field(5, gt=0, description="Connect timeout upstream.")
+    max_tokens_cap: int = Field(32768, gt=0, description="Largest max_tokens allowed.")
+    max_payload_bytes: int = Field(262144, gt=0, description="Largest message payload.")
+    live_window: int = Field(200, ge=10, le=10000, description="Calls kept for live figures.")
+    unhealthy_after_failures: int = Field(5, ge=1, description="Failures that mark it down.")
+    health_retry_s: float = Field(30, ge=0, description="A down endpoint is retried after.")
+    embedded_concurrency: int = Field(8, ge=1, description="Embedded worker threads.")
+    follow_interval_s: float = Field(
+        1.0, gt=0, description="How often workers check the registry for endpoint queues."
+    )
+    log_level: str = Field("INFO", description="Log level of aimesh_tasks loggers.")
+
+    @model_validator(mode="after")
+    def _limits_are_ordered(self) -> Settings:
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ValueError(
+                "AIMESH_TASK_SOFT_TIME_LIMIT_S must be below AIMESH_TASK_TIME_LIMIT_S "
+                f"({self.task_soft_time_limit_s} >= {self.task_time_limit_s})"
+            )
+        if self.route_weight_cost + self.route_weight_load + self.route_weight_latency <= 0:
+            raise ValueError("AIMESH_ROUTE_WEIGHT_*: at least one weight must be above 0")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker is in-process: one process, no servers."""
+        return self.broker_url.startswith(MEMORY_URL)
+
+    @property
+    def route_weights(self) -> tuple[float, float, float]:
+        """(cost, load, latency) weights."""
+        return (self.route_weight_cost, self.route_weight_load, self.route_weight_latency)
+
+
+def load_settings() -> Settings:
+    """Read the environment into a Settings, or raise ConfigError naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        name = where if where.startswith("AIMESH_") else f"AIMESH_{where.upper()}"
+        raise ConfigError(f"{name}: {first['msg']}", setting=name) from exc
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once on first use (never at import)."""
+    return load_settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings so the next get_settings() reads the environment again."""
+    get_settings.cache_clear()

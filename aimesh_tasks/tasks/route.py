@@ -1,0 +1,43 @@
+"""`aimesh.route`: pick the endpoint for a message and hand it to that endpoint's queue."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+from celery.result import AsyncResult
+
+from aimesh_tasks.app import app
+from aimesh_tasks.keys import ROUTE_QUEUE
+from aimesh_tasks.messages import AiMessage, parse_message
+from aimesh_tasks.pipeline.call import endpoint_to_args
+from aimesh_tasks.pipeline.route import plan_route
+from aimesh_tasks.tasks.call import call_endpoint
+
+
+class RouteTask(Task):  # type: ignore[misc]
+    """Validates the message before anything is queued; the task id is the message id."""
+
+    def apply_async(
+        self, args: Any = None, kwargs: Any = None, **options: Any
+    ) -> AsyncResult:
+        """Validate the message, then publish it with its deadline as the Celery expiry."""
+        message = parse_message((kwargs or {}).get("message") or (args or [None])[0])
+        options.setdefault("task_id", message.id)
+        options.setdefault("queue", ROUTE_QUEUE)
+        if message.deadline is not None:
+            options.setdefault("expires", message.deadline)
+        return super().apply_async((message.to_json_dict(),), None, **options)
+
+
+@app.task(name="aimesh.route", base=RouteTask, bind=True)
+def route_message(self: Task, message: dict[str, Any]) -> Any:
+    """Route the message and replace this task by the call on the winner's queue."""
+    parsed = AiMessage.model_validate(message)
+    decision = plan_route(parsed)
+    call = call_endpoint.signature(
+        (message, [endpoint_to_args(e) for e in decision.route]),
+        queue=decision.winner.queue,
+        expires=parsed.deadline,
+    )
+    raise self.replace(call)
