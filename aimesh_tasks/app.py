@@ -7,9 +7,8 @@ from typing import Any
 from celery import Celery, signals
 
 from aimesh_tasks.errors import ConfigError
-from aimesh_tasks.settings import get_settings
-
 from aimesh_tasks.follow import FollowEndpoints
+from aimesh_tasks.settings import get_settings
 
 app = Celery("aimesh_tasks")
 app.config_from_object("celeryconfig")
@@ -50,4 +49,4 @@ def _check_before_worker_starts(**_: Any) -> None:
 def _fresh_connections_after_fork(**_: Any) -> None:
     from aimesh_tasks.db import dispose_engines
 
-    dispose_engines()
+    dispose_engines(close=False)

@@ -1,7 +1,7 @@
 """Embedded mode: one process, no servers.
 
 Celery's in-memory broker with a worker thread in this process (threads pool), a SQLite
-file database migrated on first use, and an in-process Redis for the live figures.
+file database (migrated on first use, see db/engine.py), and an in-process Redis for the live figures.
 Used when AIMESH_BROKER_URL is memory:// (the default). The worker follows the endpoint
 registry (aimesh_tasks.follow), so endpoints added later are served too.
 """
@@ -16,7 +16,6 @@ from typing import Any
 from celery.contrib.testing.worker import start_worker
 
 from aimesh_tasks.app import app
-from aimesh_tasks.db.migrate import upgrade
 from aimesh_tasks.follow import FOLLOW_SETTING
 from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.settings import get_settings
@@ -26,13 +25,12 @@ _running: list[AbstractContextManager[Any]] = []
 
 
 def ensure_embedded_worker() -> None:
-    """In embedded mode, migrate the database and start the in-process worker, once."""
+    """In embedded mode, start the in-process worker, once."""
     if not get_settings().embedded:
         return
     with _lock:
         if _running:
             return
-        upgrade()
         app.conf[FOLLOW_SETTING] = True
         context: AbstractContextManager[Any] = start_worker(
             app,

@@ -5,6 +5,9 @@ from __future__ import annotations
 PREFIX = "aimesh"
 ROUTE_QUEUE = "aimesh.route"
 ENDPOINT_QUEUE_PREFIX = "aimesh.endpoint."
+# Nothing is published here: an endpoint worker following an empty registry listens on it
+# (a Celery worker given no queue would consume the default queue, aimesh.route).
+IDLE_QUEUE = "aimesh.idle"
 
 
 def endpoint_queue(endpoint_id: str) -> str:

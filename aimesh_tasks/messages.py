@@ -211,7 +211,7 @@ class AiResult(BaseModel):
 
     @field_serializer("cost_usd")
     def _exact_cost(self, value: Decimal) -> str:
-        return str(value)
+        return format(value, "f")
 
     def to_json_dict(self) -> dict[str, Any]:
         """The JSON-safe dict stored in the result backend."""

@@ -3,29 +3,29 @@
 With nothing set, the defaults are the embedded mode: an in-memory Celery broker with an
 in-process worker thread, a SQLite file database and an in-process Redis-compatible store.
 
-| variable                          | default              | meaning                                  |
-|-----------------------------------|----------------------|------------------------------------------|
-| AIMESH_BROKER_URL                 | memory://localhost/  | Celery broker (redis://, amqp://, ...)   |
-| AIMESH_RESULT_BACKEND             | cache+memory://      | Celery result backend                    |
-| AIMESH_DATABASE_URL               | sqlite:///aimesh.db  | endpoints, agents, decisions (SQLAlch.)  |
-| AIMESH_REDIS_URL                  | memory://            | live figures, dedup; memory:// = in-proc |
-| AIMESH_DEDUP_TTL_SECS             | 300                  | result-cache TTL (also DEDUP_TTL_SECS)   |
-| AIMESH_ROUTE_WEIGHT_COST          | 0.4                  | weight of normalised cost in the score   |
-| AIMESH_ROUTE_WEIGHT_LOAD          | 0.3                  | weight of normalised load                |
-| AIMESH_ROUTE_WEIGHT_LATENCY       | 0.3                  | weight of normalised p50 latency         |
-| AIMESH_TASK_SOFT_TIME_LIMIT_S     | 60                   | soft time limit of every task            |
-| AIMESH_TASK_TIME_LIMIT_S          | 90                   | hard time limit: the worker child dies   |
-| AIMESH_VISIBILITY_TIMEOUT_S       | 3600                 | broker redelivery delay of unacked msgs  |
-| AIMESH_PROVIDER_TIMEOUT_S         | 30                   | read timeout of one upstream call        |
-| AIMESH_PROVIDER_CONNECT_TIMEOUT_S | 5                    | connect timeout of one upstream call     |
-| AIMESH_MAX_TOKENS_CAP             | 32768                | largest max_tokens a message may ask for |
-| AIMESH_MAX_PAYLOAD_BYTES          | 262144               | largest canonical message payload        |
-| AIMESH_LIVE_WINDOW                | 200                  | calls kept per endpoint for p50/p99/errs |
-| AIMESH_UNHEALTHY_AFTER_FAILURES   | 5                    | consecutive failures that mark it down   |
-| AIMESH_HEALTH_RETRY_S             | 30                   | a down endpoint is tried again after it  |
-| AIMESH_EMBEDDED_CONCURRENCY       | 8                    | threads of the embedded in-process worker|
-| AIMESH_FOLLOW_INTERVAL_S          | 1.0                  | registry check for new endpoint queues   |
-| AIMESH_LOG_LEVEL                  | INFO                 | log level of the aimesh_tasks loggers    |
+| variable                          | default             | meaning                           |
+|-----------------------------------|---------------------|-----------------------------------|
+| AIMESH_BROKER_URL                 | memory://localhost/ | Celery broker (redis://, amqp://) |
+| AIMESH_RESULT_BACKEND             | cache+memory://     | Celery result backend             |
+| AIMESH_DATABASE_URL               | sqlite:///aimesh.db | endpoints, agents, decisions      |
+| AIMESH_REDIS_URL                  | memory://           | live figures; memory:// = in-proc |
+| AIMESH_DEDUP_TTL_SECS             | 300                 | cache TTL (also DEDUP_TTL_SECS)   |
+| AIMESH_ROUTE_WEIGHT_COST          | 0.4                 | weight of normalised cost         |
+| AIMESH_ROUTE_WEIGHT_LOAD          | 0.3                 | weight of normalised load         |
+| AIMESH_ROUTE_WEIGHT_LATENCY       | 0.3                 | weight of normalised p50 latency  |
+| AIMESH_TASK_SOFT_TIME_LIMIT_S     | 60                  | soft time limit of every task     |
+| AIMESH_TASK_TIME_LIMIT_S          | 90                  | hard limit: the worker child dies |
+| AIMESH_VISIBILITY_TIMEOUT_S       | 3600                | Redis redelivery of unacked msgs  |
+| AIMESH_PROVIDER_TIMEOUT_S         | 30                  | read timeout of an upstream call  |
+| AIMESH_PROVIDER_CONNECT_TIMEOUT_S | 5                   | connect timeout of an upstream call|
+| AIMESH_MAX_TOKENS_CAP             | 32768               | largest max_tokens of a message   |
+| AIMESH_MAX_PAYLOAD_BYTES          | 262144              | largest chat payload, in bytes    |
+| AIMESH_LIVE_WINDOW                | 200                 | calls kept for p50/p99/error rate |
+| AIMESH_UNHEALTHY_AFTER_FAILURES   | 5                   | consecutive failures = down       |
+| AIMESH_HEALTH_RETRY_S             | 30                  | a down endpoint is retried after  |
+| AIMESH_EMBEDDED_CONCURRENCY       | 8                   | threads of the embedded worker    |
+| AIMESH_FOLLOW_INTERVAL_S          | 1.0                 | registry check for endpoint queues|
+| AIMESH_LOG_LEVEL                  | INFO                | level of the aimesh_tasks loggers |
 """
 
 from __future__ import annotations

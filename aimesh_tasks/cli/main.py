@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from aimesh_tasks.cli import db, endpoints, simulate, worker
+from aimesh_tasks.cli import db, demo, endpoints, simulate, worker
 from aimesh_tasks.errors import AimeshError
 
 cli = typer.Typer(
@@ -17,8 +17,11 @@ cli = typer.Typer(
 )
 cli.add_typer(db.cli, name="db")
 cli.add_typer(endpoints.cli, name="endpoints")
-cli.command("worker", context_settings={"allow_extra_args": True})(worker.worker)
+cli.command(
+    "worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)(worker.worker)
 cli.command("simulate")(simulate.simulate)
+cli.command("demo")(demo.demo)
 
 
 def _version(value: bool) -> None:
@@ -41,18 +44,7 @@ def _root(
 def main() -> None:
     """Run the CLI; an AimeshError becomes one line on stderr and exit code 2."""
     try:
-        cli(standalone_mode=False)
+        cli()
     except AimeshError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         sys.exit(2)
-    except typer.Abort:
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        from click import ClickException
-
-        if isinstance(exc, ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

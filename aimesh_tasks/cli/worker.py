@@ -6,7 +6,7 @@ import typer
 
 from aimesh_tasks.app import app, check_delivery_settings
 from aimesh_tasks.follow import FOLLOW_SETTING
-from aimesh_tasks.keys import ROUTE_QUEUE, endpoint_queue
+from aimesh_tasks.keys import IDLE_QUEUE, ROUTE_QUEUE, endpoint_queue
 from aimesh_tasks.registry.endpoints import list_endpoints
 
 
@@ -17,6 +17,7 @@ def worker_queues(router: bool, endpoints: str | None, queues: str | None) -> li
         chosen.append(ROUTE_QUEUE)
     if endpoints == "all":
         chosen.extend(endpoint_queue(e.id) for e in list_endpoints(include_disabled=False))
+        chosen = chosen or [IDLE_QUEUE]
     elif endpoints:
         chosen.extend(endpoint_queue(e) for e in endpoints.split(",") if e)
     if not chosen:

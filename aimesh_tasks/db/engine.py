@@ -34,10 +34,20 @@ def get_engine(url: str | None = None) -> Engine:
         else:
             url_for_driver = url
         engine = create_engine(url_for_driver, pool_pre_ping=True)
+        _engines[url] = engine
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
-        _engines[url] = engine
+            if get_settings().embedded:
+                _migrate_embedded(url)
     return engine
+
+
+def _migrate_embedded(url: str) -> None:
+    # Embedded mode needs no `aimesh db upgrade`: its SQLite file is migrated on first use.
+    # (alembic's env.py asks get_engine(url) again and finds this engine already cached.)
+    from aimesh_tasks.db.migrate import upgrade
+
+    upgrade(url)
 
 
 def _sessionmaker(url: str | None) -> sessionmaker[Session]:
@@ -56,9 +66,10 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         yield session
 
 
-def dispose_engines() -> None:
-    """Drop every engine's pooled connections (after fork, and at shutdown)."""
+def dispose_engines(*, close: bool = True) -> None:
+    """Drop every engine and its pooled connections; after a fork pass close=False, since
+    the parent's connections are not this process's to close."""
     for engine in _engines.values():
-        engine.dispose(close=False)
+        engine.dispose(close=close)
     _engines.clear()
     _sessionmakers.clear()

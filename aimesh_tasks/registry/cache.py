@@ -32,7 +32,7 @@ class EndpointCache:
     def clear(self) -> None:
         """Forget the copy: the next call reloads."""
         with self._lock:
-            self._version: str | None = None
+            self._version = None
             self._endpoints = ()
 
 

@@ -1,0 +1,104 @@
+"""Configuration of the simulated LLM provider: latency, injected failures, completion size.
+
+`SimulatorConfig` validates itself on construction; `with_changes` applies the subset of
+fields that may change while the simulator runs (everything but `seed`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Final
+
+MAX_COMPLETION_TOKENS: Final = 1_000_000
+
+RUNTIME_FIELDS: Final = (
+    "latency_ms",
+    "jitter_ms",
+    "error_rate",
+    "throttle_rate",
+    "retry_after_s",
+    "completion_tokens",
+    "model_name",
+)
+
+# field -> (lowest, highest) allowed value
+_FLOAT_RANGES: Final[dict[str, tuple[float, float]]] = {
+    "latency_ms": (0.0, math.inf),
+    "jitter_ms": (0.0, math.inf),
+    "error_rate": (0.0, 1.0),
+    "throttle_rate": (0.0, 1.0),
+}
+_INT_RANGES: Final[dict[str, tuple[float, float]]] = {
+    "retry_after_s": (0, math.inf),
+    "completion_tokens": (1, MAX_COMPLETION_TOKENS),
+    "seed": (-math.inf, math.inf),
+}
+
+
+class ConfigFieldError(ValueError):
+    """A configuration field with a wrong type or a value out of range."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field} {rule}")
+        self.field = field
+
+
+@dataclass
+class SimulatorConfig:
+    """How a simulator answers: latency, failure rates, completion size, seed, model name.
+
+    `error_rate` and `throttle_rate` share one roll per request: a request fails with 500 when
+    the roll is below `error_rate`, else with 429 when it is below `error_rate + throttle_rate`.
+    """
+
+    latency_ms: float = 0
+    jitter_ms: float = 0
+    error_rate: float = 0
+    throttle_rate: float = 0
+    retry_after_s: int = 1
+    completion_tokens: int = 16
+    seed: int = 0
+    model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in _FLOAT_RANGES.items():
+            setattr(self, name, _checked_float(name, getattr(self, name), low, high))
+        for name, (low, high) in _INT_RANGES.items():
+            _check_int(name, getattr(self, name), low, high)
+        if self.model_name is not None and not (
+            isinstance(self.model_name, str) and self.model_name
+        ):
+            raise ConfigFieldError("model_name", "must be a non-empty string or null")
+
+    def with_changes(self, changes: Mapping[str, Any]) -> SimulatorConfig:
+        """A validated copy with the runtime-changeable fields in `changes` replaced."""
+        for name in changes:
+            if name not in RUNTIME_FIELDS:
+                allowed = ", ".join(RUNTIME_FIELDS)
+                raise ConfigFieldError(name, f"cannot be set at runtime (allowed: {allowed})")
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """All fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def _checked_float(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigFieldError(name, "must be a number")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ConfigFieldError(name, f"{_range_rule(low, high)} (got {value!r})")
+    return float(value)
+
+
+def _check_int(name: str, value: object, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigFieldError(name, "must be an integer")
+    if not low <= value <= high:
+        raise ConfigFieldError(name, f"{_range_rule(low, high)} (got {value!r})")
+
+
+def _range_rule(low: float, high: float) -> str:
+    return f"must be >= {low:g}" if high == math.inf else f"must be in [{low:g}, {high:g}]"

@@ -1,0 +1,223 @@
+"""OpenAI Chat Completions wire format: request checks, response, chunk and error bodies.
+
+Contributes ``ROUTES`` to the simulator app (see `server.WIRE_FORMATS`). Other provider
+formats (Anthropic, Gemini, Cohere) are sibling modules with the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from aimesh_tasks.simulator import tokens
+
+if TYPE_CHECKING:
+    from aimesh_tasks.simulator.server import Route, SimState
+
+DEFAULT_MODEL: Final = "sim-model"
+
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), check_circular=False)
+_FAULT_ERRORS: Final[dict[int, dict[str, Any]]] = {
+    500: {
+        "message": "The server had an error while processing your request. (simulated)",
+        "type": "server_error", "param": None, "code": None,
+    },
+    429: {
+        "message": "Rate limit reached for requests. (simulated)",
+        "type": "requests", "param": None, "code": "rate_limit_exceeded",
+    },
+}
+_FAULT_BODIES: Final = {status: _ENCODER.encode({"error": e}).encode()
+                        for status, e in _FAULT_ERRORS.items()}
+
+
+class RequestError(ValueError):
+    """A request body the OpenAI API would answer with 400."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """The parts of a Chat Completions request the simulator acts on."""
+
+    model: str
+    messages: list[tokens.Message]
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(raw: bytes) -> ChatRequest:
+    """Validate a request body; RequestError names the offending param."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise RequestError("We could not parse the JSON body of your request.", None) from None
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.", None)
+    model = body.get("model", DEFAULT_MODEL)
+    if not isinstance(model, str):
+        raise RequestError("'model' must be a string.", "model")
+    stream, include_usage = _stream_flags(body)
+    return ChatRequest(model, _messages(body.get("messages")), _max_tokens(body), stream,
+                       include_usage)
+
+
+def _messages(value: object) -> list[tokens.Message]:
+    if not isinstance(value, list) or not value:
+        raise RequestError("'messages' must be a non-empty array of message objects.",
+                           "messages")
+    messages: list[tokens.Message] = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{index}] must be an object.", f"messages[{index}]")
+        role, content = message.get("role"), message.get("content")
+        if not isinstance(role, str):
+            raise RequestError(f"messages[{index}].role must be a string.",
+                               f"messages[{index}].role")
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{index}].content must be a string.",
+                               f"messages[{index}].content")
+        messages.append((role, content))
+    return messages
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(f"'{name}' must be an integer >= 1.", name)
+        return value
+    return None
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = _flag(body, "stream", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise RequestError("'stream_options' must be an object.", "stream_options")
+    return stream, _flag(options, "include_usage", "stream_options.include_usage")
+
+
+def _flag(mapping: dict[str, Any], name: str, param: str) -> bool:
+    value = mapping.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"'{param}' must be a boolean.", param)
+    return value
+
+
+def error_body(message: str, param: str | None) -> dict[str, Any]:
+    """An OpenAI-style invalid_request_error body."""
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": None}
+    return {"error": error}
+
+
+def usage(completion: tokens.Completion) -> dict[str, int]:
+    """The usage object of a completion."""
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
+
+
+def completion_body(id_: str, model: str, completion: tokens.Completion) -> dict[str, Any]:
+    """A non-streaming ``chat.completion`` object."""
+    message = {"role": "assistant", "content": completion.text}
+    choice = {"index": 0, "message": message, "logprobs": None,
+              "finish_reason": completion.finish_reason}
+    return {"id": id_, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": usage(completion)}
+
+
+def chunk_bodies(
+    id_: str, model: str, completion: tokens.Completion, include_usage: bool
+) -> Iterator[dict[str, Any]]:
+    """The ``chat.completion.chunk`` objects of a streamed completion, in order."""
+    head = {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model}
+
+    def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {**head, "choices": [choice]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    for index, word in enumerate(completion.words):
+        yield chunk({"content": word if index == 0 else " " + word})
+    yield chunk({}, completion.finish_reason)
+    if include_usage:
+        yield {**head, "choices": [], "usage": usage(completion)}
+
+
+def sse_body(chunks: Iterator[dict[str, Any]]) -> bytes:
+    """Server-sent events for the chunks, ending with ``data: [DONE]``."""
+    events = [f"data: {_ENCODER.encode(chunk)}\n\n" for chunk in chunks]
+    events.append("data: [DONE]\n\n")
+    return "".join(events).encode()
+
+
+def _json(payload: object, status: int = 200) -> web.Response:
+    body = _ENCODER.encode(payload).encode()
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def _fault_response(status: int, retry_after_s: int) -> web.Response:
+    headers = {"Retry-After": str(retry_after_s)} if status == 429 else None
+    return web.Response(body=_FAULT_BODIES[status], status=status, headers=headers,
+                        content_type="application/json")
+
+
+async def _stream(request: web.Request, body: bytes) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    await response.write(body)
+    await response.write_eof()
+    return response
+
+
+def chat_completions(state: SimState) -> Handler:
+    """The ``POST /v1/chat/completions`` handler bound to one simulator's state."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        call = state.begin(request)
+        raw = await request.read()
+        await state.wait(call)
+        try:
+            chat = parse_request(raw)
+        except RequestError as exc:
+            state.finish(call, 400)
+            return _json(error_body(str(exc), exc.param), status=400)
+        config = state.config
+        model = config.model_name or chat.model
+        if call.fault is not None:
+            state.finish(call, call.fault, model)
+            return _fault_response(call.fault, config.retry_after_s)
+        completion = tokens.complete(config.seed, config.completion_tokens, chat.messages,
+                                     chat.max_tokens)
+        state.finish(call, 200, model, completion.prompt_tokens, completion.completion_tokens)
+        id_ = f"chatcmpl-{state.instance}{call.serial:08x}"
+        if chat.stream:
+            chunks = chunk_bodies(id_, model, completion, chat.include_usage)
+            return await _stream(request, sse_body(chunks))
+        return _json(completion_body(id_, model, completion))
+
+    return handle
+
+
+ROUTES: Final[tuple[Route, ...]] = (("POST", "/v1/chat/completions", chat_completions),)

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts with a same-run baseline, never pass/fail tests."""

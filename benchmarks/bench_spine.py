@@ -1,0 +1,194 @@
+"""Spine vs raw Celery two-hop, same broker, backend, workers and pools, same run.
+
+    python benchmarks/bench_spine.py [--messages 1500] [--repeats 3]
+        [--router-pool threads] [--endpoint-pool threads] [--concurrency 16]
+
+Starts the simulator (0 ms latency) and two worker processes: a router worker on
+aimesh.route + bench.a and an endpoint worker on the endpoint queue + bench.b. Measures
+(a) raw two-hop burst throughput, (b) spine burst throughput, (c) per-message latency
+at a paced 50 msg/s for both (publish → result written, from timestamps on one clock).
+Prints one JSON line last. Needs Redis and Postgres on loopback (uses Redis dbs 2/3
+and the Postgres database aimesh_bench, created if missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REDIS = os.environ.get("AIMESH_BENCH_REDIS", "redis://127.0.0.1:6379")
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+BENCH_DB = "postgresql://postgres@127.0.0.1:5432/aimesh_bench"
+ENV = {
+    "AIMESH_BROKER_URL": f"{REDIS}/2",
+    "AIMESH_RESULT_BACKEND": f"{REDIS}/2",
+    "AIMESH_REDIS_URL": f"{REDIS}/3",
+    "AIMESH_DATABASE_URL": BENCH_DB,
+}
+os.environ.update(ENV)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+
+from aimesh_tasks import submit  # noqa: E402
+from aimesh_tasks.app import app  # noqa: E402
+from aimesh_tasks.db.migrate import upgrade  # noqa: E402
+from aimesh_tasks.registry import add_endpoint, list_endpoints, remove_endpoint  # noqa: E402
+from benchmarks.raw_tasks import hop_a  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def prepare_database() -> None:
+    """Create and migrate the benchmark database; empty Redis dbs 12 and 13."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname='aimesh_bench'").fetchone():
+            conn.execute("CREATE DATABASE aimesh_bench")
+    upgrade(BENCH_DB)
+    for db in (2, 3):
+        redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
+    for endpoint in list_endpoints():
+        remove_endpoint(endpoint.id)
+
+
+def start(cmd: list[str], log: str) -> subprocess.Popen[bytes]:
+    """Start a subprocess with the benchmark environment, output to a log file."""
+    return subprocess.Popen(cmd, env={**os.environ, **ENV}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def wait_workers(names: list[str]) -> None:
+    """Wait until every named worker answers a ping."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        replies = app.control.ping(timeout=0.5) or []
+        seen = {name for reply in replies for name in reply}
+        if all(any(s.startswith(n) for s in seen) for n in names):
+            return
+    raise RuntimeError(f"workers {names} did not start; see /tmp/bench-*.log")
+
+
+def burst(kind: str, n: int) -> float:
+    """Messages per second for n messages published at once, until the last result."""
+    started = time.perf_counter()
+    results = [publish(kind, i) for i in range(n)]
+    for result in results:
+        result.get(timeout=300)
+    return n / (time.perf_counter() - started)
+
+
+def publish(kind: str, i: int) -> Any:
+    """Publish one message of the kind ('raw' or 'spine')."""
+    if kind == "raw":
+        return hop_a.apply_async(({"published_at": time.time(), "i": i},), queue="bench.a")
+    return submit(agent_id="bench", prompt=f"benchmark message {i}", max_tokens=16)
+
+
+def paced_latencies_ms(kind: str, rate: float, seconds: float) -> list[float]:
+    """Publish at `rate` msgs/s; latency from publish to the worker finishing, in ms."""
+    results = []
+    interval = 1.0 / rate
+    next_at = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+        results.append((time.time(), publish(kind, i)))
+        next_at += interval
+    latencies = []
+    for published, result in results:
+        value = result.get(timeout=120)
+        if kind == "raw":
+            finished = value["finished_at"]
+        else:
+            finished = datetime.fromisoformat(value["finished_at"]).timestamp()
+        latencies.append((finished - published) * 1000)
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by nearest rank."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, int(round(q * len(ordered) + 0.5)) - 1))]
+
+
+def main() -> None:
+    """Run the comparison and print the figures, JSON last."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=1500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--router-pool", default="threads")
+    parser.add_argument("--endpoint-pool", default="threads")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--paced-seconds", type=float, default=8.0)
+    args = parser.parse_args()
+
+    prepare_database()
+    port = _free_port()
+    sim = start([str(BIN / "aimesh"), "simulate", "--port", str(port)], "/tmp/bench-sim.log")
+    time.sleep(1.0)
+    endpoint = add_endpoint(id="sim", base_url=f"http://127.0.0.1:{port}", model="sim",
+                            input_usd_per_1k="0.001", output_usd_per_1k="0.002", capacity=10000)
+    tag = f"{os.getpid()}"
+    workers = [
+        start([str(BIN / "aimesh"), "worker", "-n", f"brouter{tag}@%h", "-Q", "bench.a",
+               "--router", "-P", args.router_pool, "-c", str(args.concurrency), "-l", "WARNING",
+               "--include", "benchmarks.raw_tasks"], "/tmp/bench-router.log"),
+        start([str(BIN / "aimesh"), "worker", "-n", f"bendpoint{tag}@%h", "-Q", "bench.b",
+               "--endpoints", endpoint.id, "-P", args.endpoint_pool, "-c",
+               str(args.concurrency), "-l", "WARNING", "--include", "benchmarks.raw_tasks"],
+              "/tmp/bench-endpoint.log"),
+    ]
+    try:
+        wait_workers([f"brouter{tag}", f"bendpoint{tag}"])
+        burst("raw", 100)
+        burst("spine", 100)  # warm-up: connections, caches
+        raw, spine = [], []
+        for _ in range(args.repeats):
+            raw.append(burst("raw", args.messages))
+            spine.append(burst("spine", args.messages))
+            print(f"burst: raw {raw[-1]:.0f} msgs/s, spine {spine[-1]:.0f} msgs/s", flush=True)
+        raw_lat = paced_latencies_ms("raw", 50, args.paced_seconds)
+        spine_lat = paced_latencies_ms("spine", 50, args.paced_seconds)
+    finally:
+        for proc in [*workers, sim]:
+            proc.terminate()
+        for proc in [*workers, sim]:
+            proc.wait(30)
+    raw_tp, spine_tp = statistics.median(raw), statistics.median(spine)
+    raw_p50, spine_p50 = percentile(raw_lat, 0.5), percentile(spine_lat, 0.5)
+    figures = {
+        "raw_two_hop_msgs_s": round(raw_tp, 1),
+        "spine_msgs_s": round(spine_tp, 1),
+        "ratio": round(spine_tp / raw_tp, 3),
+        "raw_p50_ms": round(raw_p50, 2),
+        "spine_p50_ms": round(spine_p50, 2),
+        "added_p50_ms": round(spine_p50 - raw_p50, 2),
+        "spine_p99_ms": round(percentile(spine_lat, 0.99), 2),
+        "raw_p99_ms": round(percentile(raw_lat, 0.99), 2),
+        "router_pool": args.router_pool,
+        "endpoint_pool": args.endpoint_pool,
+        "concurrency": args.concurrency,
+        "messages": args.messages,
+        "repeats": args.repeats,
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Fixtures on real parts: Redis, Postgres, Celery worker subprocesses, the simulator.
+
+The broker and result backend use Redis db 14 (flushed once per session, before the
+workers start); live figures use db 15 (flushed around every test); the database is
+Postgres `test`, migrated from empty once per session and truncated around every test.
+AIMESH_TEST_SLOT=N (1..3) moves a run to dbs 14-2N/15-2N and database aimesh_test_N,
+so that several runs can share one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SLOT = int(os.environ.get("AIMESH_TEST_SLOT", "0"))
+REDIS = os.environ.get("AIMESH_TEST_REDIS", "redis://127.0.0.1:6379")
+BROKER_DB, LIVE_DB = 14 - 2 * SLOT, 15 - 2 * SLOT
+PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
+DATABASE = f"{PG_SERVER}/test" if SLOT == 0 else f"{PG_SERVER}/aimesh_test_{SLOT}"
+TEST_ENV = {
+    "AIMESH_BROKER_URL": f"{REDIS}/{BROKER_DB}",
+    "AIMESH_RESULT_BACKEND": f"{REDIS}/{BROKER_DB}",
+    "AIMESH_REDIS_URL": f"{REDIS}/{LIVE_DB}",
+    "AIMESH_DATABASE_URL": DATABASE,
+    "AIMESH_FOLLOW_INTERVAL_S": "0.2",
+    "AIMESH_HEALTH_RETRY_S": "30",
+}
+os.environ.update(TEST_ENV)  # before aimesh_tasks reads its settings
+
+import redis  # noqa: E402
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from aimesh_tasks.app import app  # noqa: E402
+from aimesh_tasks.db import Base, dispose_engines  # noqa: E402
+from aimesh_tasks.db.migrate import downgrade, upgrade  # noqa: E402
+from aimesh_tasks.registry import Endpoint, add_endpoint  # noqa: E402
+from aimesh_tasks.registry.cache import ENDPOINTS  # noqa: E402
+from aimesh_tasks.simulator import RunningSimulator, SimulatorConfig, start_simulator  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+AIMESH = str(Path(sys.executable).with_name("aimesh"))
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def _require_servers() -> None:
+    try:
+        redis.Redis.from_url(REDIS, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.exit(
+            f"Redis is not reachable at {REDIS} ({exc}). Start it with: redis-server "
+            '--daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
+            returncode=3,
+        )
+    try:
+        admin = create_engine(f"{PG_SERVER}/postgres".replace("postgresql://",
+                                                              "postgresql+psycopg://"),
+                              isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            name = DATABASE.rsplit("/", 1)[1]
+            exists = connection.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                        {"n": name}).first()
+            if not exists:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+    except Exception as exc:
+        pytest.exit(
+            f"PostgreSQL is not reachable at {DATABASE} ({type(exc).__name__}). Start it with: "
+            "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+            returncode=3,
+        )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def servers() -> None:
+    """Real Redis and Postgres, or the session stops with the command that starts them."""
+    _require_servers()
+
+
+@pytest.fixture(scope="session")
+def database(servers: None) -> Iterator[str]:
+    """The Postgres test database, migrated from empty."""
+    downgrade(DATABASE, "base")
+    upgrade(DATABASE)
+    yield DATABASE
+    dispose_engines()
+
+
+def _truncate_all() -> None:
+    from aimesh_tasks.db import get_engine
+
+    names = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    with get_engine().begin() as connection:
+        connection.execute(text(f"TRUNCATE {names}"))
+
+
+def _reset_state() -> None:
+    _truncate_all()
+    redis.Redis.from_url(f"{REDIS}/{LIVE_DB}").flushdb()
+    ENDPOINTS.clear()
+
+
+@pytest.fixture()
+def clean(database: str) -> Iterator[None]:
+    """Empty tables and live figures before and after the test."""
+    _reset_state()
+    yield
+    _reset_state()
+
+
+class WorkerProcess:
+    """A `aimesh worker` subprocess in its own process group."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log = Path(f"/tmp/aimesh-test-{name}.log")
+        self.log_file = self.log.open("w")
+        # args starting with "celery" run the plain Celery command line; others `aimesh worker`.
+        command = ([CELERY, "-A", "aimesh_tasks.app", "worker"] if args[:1] == ["celery"]
+                   else [AIMESH, "worker"])
+        self.proc = subprocess.Popen(
+            [*command, "-n", f"{name}@%h", "-l", "INFO", *args[args[:1] == ["celery"]:]],
+            env={**os.environ, **(env or {})},
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+
+    @property
+    def hostname(self) -> str:
+        import socket
+
+        return f"{self.name}@{socket.gethostname()}"
+
+    def wait_ready(self, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited: {self.log.read_text()[-3000:]}")
+            if app.control.ping(destination=[self.hostname], timeout=0.5):
+                return
+        raise RuntimeError(f"worker {self.name} not ready: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log_file.close()
+
+
+def start_workers(specs: list[tuple[str, list[str]]], env: dict[str, str] | None = None
+                  ) -> list[WorkerProcess]:
+    """Start worker subprocesses and wait until each answers a ping."""
+    workers = [WorkerProcess(name, args, env) for name, args in specs]
+    for worker in workers:
+        worker.wait_ready()
+    return workers
+
+
+@pytest.fixture(scope="session")
+def workers(database: str) -> Iterator[list[WorkerProcess]]:
+    """A router worker (plain `celery worker`, threads) and an endpoint worker (`aimesh
+    worker`, prefork) that follows the registry."""
+    redis.Redis.from_url(f"{REDIS}/{BROKER_DB}").flushdb()
+    started = start_workers([
+        (f"router-{uuid.uuid4().hex[:6]}",
+         ["celery", "-Q", "aimesh.route", "-P", "threads", "-c", "8"]),
+        (f"endpoints-{uuid.uuid4().hex[:6]}", ["--endpoints", "all", "-P", "prefork", "-c", "3"]),
+    ])
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture()
+def simulator() -> Iterator[Callable[..., RunningSimulator]]:
+    """Start simulated providers on 127.0.0.1 (any number), stopped after the test."""
+    running: list[RunningSimulator] = []
+
+    def start(**config: Any) -> RunningSimulator:
+        sim = start_simulator(SimulatorConfig(**config))
+        running.append(sim)
+        return sim
+
+    yield start
+    for sim in running:
+        sim.stop()
+
+
+@pytest.fixture()
+def endpoint(clean: None) -> Callable[..., Endpoint]:
+    """Register an endpoint with a unique id: endpoint(sim, 'cheap', input=..., output=...)."""
+
+    def make(sim: RunningSimulator, name: str, *, price_in: str = "0.001",
+             price_out: str = "0.002", **fields: Any) -> Endpoint:
+        return add_endpoint(
+            id=f"{name}-{uuid.uuid4().hex[:6]}",
+            base_url=sim.url,
+            model=fields.pop("model", "sim-model"),
+            input_usd_per_1k=price_in,
+            output_usd_per_1k=price_out,
+            **fields,
+        )
+
+    return make
