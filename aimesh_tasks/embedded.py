@@ -1,9 +1,9 @@
 """Embedded mode: one process, no servers.
 
 Celery's in-memory broker with a worker thread in this process (threads pool), a SQLite
-file database (migrated on first use, see db/engine.py), and an in-process Redis for the live figures.
-Used when AIMESH_BROKER_URL is memory:// (the default). The worker follows the endpoint
-registry (aimesh_tasks.follow), so endpoints added later are served too.
+file database (migrated on first use, see db/engine.py), and an in-process Redis for the
+live figures. Used when AIMESH_BROKER_URL is memory:// (the default). The worker follows
+the endpoint registry (aimesh_tasks.follow), so endpoints added later are served too.
 """
 
 from __future__ import annotations
