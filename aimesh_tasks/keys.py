@@ -40,3 +40,13 @@ def live_inflight(endpoint_id: str) -> str:
 def registry_version() -> str:
     """Random token replaced on every endpoint change; routers reload when it moves."""
     return f"{PREFIX}:registry:version"
+
+
+def outbox() -> str:
+    """List of records waiting to be written to Postgres (JSON, oldest first)."""
+    return f"{PREFIX}:outbox"
+
+
+def outbox_lock() -> str:
+    """Lock held by the one flusher moving the outbox to Postgres."""
+    return f"{PREFIX}:outbox:lock"

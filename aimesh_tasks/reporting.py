@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from aimesh_tasks import outbox
 from aimesh_tasks.db import CallAttemptRow, RoutingDecisionRow, session_scope
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
 from aimesh_tasks.registry.endpoints import list_endpoints
@@ -82,6 +83,7 @@ def _alternative_costs(rows: list[CallAttemptRow]) -> dict[str, int]:
 
 def traffic_report(since: datetime | None = None, agent_id: str | None = None) -> dict[str, Any]:
     """Per-endpoint and per-agent figures, totals, and the cost of other routing policies."""
+    outbox.flush()
     query = select(CallAttemptRow).order_by(CallAttemptRow.id)
     decisions = select(RoutingDecisionRow.id).where(RoutingDecisionRow.winner.is_(None))
     if since is not None:

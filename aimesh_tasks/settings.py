@@ -25,6 +25,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_HEALTH_RETRY_S             | 30                  | a down endpoint is retried after  |
 | AIMESH_EMBEDDED_CONCURRENCY       | 8                   | threads of the embedded worker    |
 | AIMESH_FOLLOW_INTERVAL_S          | 1.0                 | registry check for endpoint queues|
+| AIMESH_OUTBOX_FLUSH_INTERVAL_S    | 0.2                 | outbox → database flush period    |
 | AIMESH_LOG_LEVEL                  | INFO                | level of the aimesh_tasks loggers |
 """
 
@@ -71,6 +72,9 @@ class Settings(BaseSettings):
     embedded_concurrency: int = Field(8, ge=1, description="Embedded worker threads.")
     follow_interval_s: float = Field(
         1.0, gt=0, description="How often workers check the registry for endpoint queues."
+    )
+    outbox_flush_interval_s: float = Field(
+        0.2, gt=0, description="How often each worker moves outbox records to the database."
     )
     log_level: str = Field("INFO", description="Log level of aimesh_tasks loggers.")
 

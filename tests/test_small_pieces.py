@@ -25,6 +25,8 @@ def test_key_and_queue_formats_are_pinned() -> None:
     assert keys.live_window("e") == "aimesh:live:e:window"
     assert keys.live_inflight("e") == "aimesh:live:e:inflight"
     assert keys.registry_version() == "aimesh:registry:version"
+    assert keys.outbox() == "aimesh:outbox"
+    assert keys.outbox_lock() == "aimesh:outbox:lock"
 
 
 def test_money_is_exact_and_rounds_costs_up() -> None:

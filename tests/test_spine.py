@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 import redis
 
-from aimesh_tasks import submit
+from sqlalchemy import select
+
+from aimesh_tasks import outbox, submit
 from aimesh_tasks.app import app
+from aimesh_tasks.db import CallAttemptRow, session_scope
 from aimesh_tasks.errors import InvalidMessage, NoEndpointAvailable
 from aimesh_tasks.registry import Endpoint, set_enabled
 from aimesh_tasks.registry.live import call_finished, call_started
@@ -147,10 +150,7 @@ def test_failing_endpoint_falls_back_to_the_next_and_both_are_recorded(
         (broken.id, False), (good.id, True)]
     assert result["attempts"][0]["error"]["status"] == 500
     assert broken_sim.stats()["errors_500"] == 1 and good_sim.stats()["ok"] == 1
-    from sqlalchemy import select
-
-    from aimesh_tasks.db import CallAttemptRow, session_scope
-
+    outbox.flush()
     with session_scope() as session:
         rows = session.scalars(
             select(CallAttemptRow).where(CallAttemptRow.message_id == result["message_id"])
@@ -212,10 +212,7 @@ def test_sigkill_of_the_process_running_a_call_still_completes_once(
     result = async_result.get(timeout=60)
     assert result["endpoint_id"] == only.id
     assert sim.stats()["calls"] == 2  # the killed call, then the redelivered one
-    from sqlalchemy import select
-
-    from aimesh_tasks.db import CallAttemptRow, session_scope
-
+    outbox.flush()
     with session_scope() as session:
         ok_rows = session.scalars(
             select(CallAttemptRow).where(CallAttemptRow.message_id == async_result.id,

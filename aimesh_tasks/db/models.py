@@ -54,6 +54,7 @@ class RoutingDecisionRow(Base):
     __tablename__ = "routing_decisions"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    row_key: Mapped[str] = mapped_column(String(32), unique=True)
     message_id: Mapped[str] = mapped_column(String(128), index=True)
     agent_id: Mapped[str] = mapped_column(String(64), index=True)
     winner: Mapped[str | None] = mapped_column(String(64))
@@ -71,6 +72,7 @@ class CallAttemptRow(Base):
     __tablename__ = "call_attempts"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    row_key: Mapped[str] = mapped_column(String(32), unique=True)
     message_id: Mapped[str] = mapped_column(String(128), index=True)
     agent_id: Mapped[str] = mapped_column(String(64), index=True)
     endpoint_id: Mapped[str] = mapped_column(String(64), index=True)

@@ -7,9 +7,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
-
-from aimesh_tasks.db import CallAttemptRow, get_engine
+from aimesh_tasks import outbox
 from aimesh_tasks.errors import ProviderError
 from aimesh_tasks.messages import AiMessage, AiResult, Attempt, utcnow
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
@@ -46,8 +44,7 @@ def _record_attempt(
         "error": (attempt.error or {}).get("message", "")[:512] or None,
         "created_at": utcnow(),
     }
-    with get_engine().begin() as connection:
-        connection.execute(insert(CallAttemptRow), [row])
+    outbox.append("call_attempt", row)
 
 
 def attempt_call(

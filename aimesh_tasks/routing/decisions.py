@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
-from aimesh_tasks.db import RoutingDecisionRow, get_engine, session_scope
+from aimesh_tasks import outbox
+from aimesh_tasks.db import RoutingDecisionRow, session_scope
 from aimesh_tasks.messages import utcnow
 
 
 def record_decision(record: dict[str, Any], *, error: str | None = None) -> None:
-    """Insert one routing decision (a Core insert: one round trip, no ORM unit of work)."""
-    row = {**record, "error": error, "created_at": utcnow()}
-    with get_engine().begin() as connection:
-        connection.execute(insert(RoutingDecisionRow), [row])
+    """Record one routing decision (through the outbox: one Redis round trip)."""
+    outbox.append("routing_decision", {**record, "error": error, "created_at": utcnow()})
 
 
 def decisions_for(message_id: str) -> list[dict[str, Any]]:
-    """Every decision recorded for a message, oldest first."""
+    """Every decision recorded for a message, oldest first (the outbox flushed first)."""
+    outbox.flush()
     query = (
         select(RoutingDecisionRow)
         .where(RoutingDecisionRow.message_id == message_id)

@@ -52,6 +52,7 @@ def upgrade() -> None:
     op.create_table(
         "routing_decisions",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
+        sa.Column("row_key", sa.String(32), nullable=False, unique=True),
         sa.Column("message_id", sa.String(128), nullable=False, index=True),
         sa.Column("agent_id", sa.String(64), nullable=False, index=True),
         sa.Column("winner", sa.String(64)),
@@ -65,6 +66,7 @@ def upgrade() -> None:
     op.create_table(
         "call_attempts",
         sa.Column("id", BigId, primary_key=True, autoincrement=True),
+        sa.Column("row_key", sa.String(32), nullable=False, unique=True),
         sa.Column("message_id", sa.String(128), nullable=False, index=True),
         sa.Column("agent_id", sa.String(64), nullable=False, index=True),
         sa.Column("endpoint_id", sa.String(64), nullable=False, index=True),

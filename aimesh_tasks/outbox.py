@@ -1,0 +1,126 @@
+"""A Redis outbox for append-only records (routing decisions, call attempts, audit).
+
+On the message path a record costs one RPUSH (~40 µs) instead of a Postgres transaction
+(~0.7 ms with its commit); a flusher moves records to Postgres in batches. Each record
+carries a unique `row_key`, and inserts ignore keys already present, so a batch that is
+inserted twice (a flusher died between insert and trim) lands once. A record is in Redis
+before its task is acked, so a killed worker loses none; Redis must persist (AOF) in
+production for the same to hold across a Redis restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Table
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from aimesh_tasks import keys
+from aimesh_tasks.db import CallAttemptRow, RoutingDecisionRow, get_engine
+from aimesh_tasks.redis_client import get_redis
+
+logger = logging.getLogger(__name__)
+
+TABLES: dict[str, Table] = {
+    "routing_decision": RoutingDecisionRow.__table__,  # type: ignore[dict-item]
+    "call_attempt": CallAttemptRow.__table__,  # type: ignore[dict-item]
+}
+BATCH = 1000
+LOCK_TTL_MS = 30_000
+
+
+def append(kind: str, row: dict[str, Any]) -> None:
+    """Queue one record for Postgres; `row` holds the table's columns (JSON-safe values)."""
+    if kind not in TABLES:
+        raise ValueError(f"unknown outbox record kind '{kind}'; known: {sorted(TABLES)}")
+    record = {"kind": kind, "row": {**row, "row_key": uuid.uuid4().hex}}
+    get_redis().rpush(keys.outbox(), json.dumps(record, default=_json_default))
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"outbox records hold JSON values; got {type(value).__name__}")
+
+
+def _insert(kind: str, rows: list[dict[str, Any]]) -> None:
+    table = TABLES[kind]
+    for column in table.columns:
+        if isinstance(column.type, DateTime):
+            for row in rows:
+                if isinstance(row.get(column.name), str):
+                    row[column.name] = datetime.fromisoformat(row[column.name])
+    engine = get_engine()
+    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+    with engine.begin() as connection:
+        connection.execute(insert(table).on_conflict_do_nothing(index_elements=["row_key"]),
+                           rows)
+
+
+def flush(max_batches: int = 100) -> int:
+    """Move queued records to Postgres; returns how many. One flusher at a time (a lock)."""
+    client = get_redis()
+    token = uuid.uuid4().hex
+    if not client.set(keys.outbox_lock(), token, nx=True, px=LOCK_TTL_MS):
+        return 0
+    moved = 0
+    try:
+        for _ in range(max_batches):
+            raw = client.lrange(keys.outbox(), 0, BATCH - 1)
+            if not raw:
+                break
+            by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for item in raw:
+                record = json.loads(item)
+                by_kind[record["kind"]].append(record["row"])
+            for kind, rows in by_kind.items():
+                _insert(kind, rows)
+            client.ltrim(keys.outbox(), len(raw), -1)
+            moved += len(raw)
+    finally:
+        if client.get(keys.outbox_lock()) == token:
+            client.delete(keys.outbox_lock())
+    return moved
+
+
+def pending() -> int:
+    """Records waiting in the outbox."""
+    return int(get_redis().llen(keys.outbox()))
+
+
+class Flusher:
+    """A daemon thread that flushes the outbox every `interval_s` (one per worker process)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start flushing in the background."""
+        self._thread = threading.Thread(target=self._run, name="aimesh-outbox", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                flush()
+            except Exception:  # Postgres or Redis away: records stay queued, retried next tick
+                logger.exception("outbox flush failed; records stay in Redis")
+
+    def stop(self) -> None:
+        """Stop the thread and flush what is left."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            flush()
+        except Exception:
+            logger.exception("final outbox flush failed; records stay in Redis")

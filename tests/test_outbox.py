@@ -1,0 +1,56 @@
+"""The Redis outbox: records reach Postgres once, however often a batch is flushed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from aimesh_tasks import keys, outbox
+from aimesh_tasks.db import RoutingDecisionRow, session_scope
+from aimesh_tasks.messages import utcnow
+from aimesh_tasks.redis_client import get_redis
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+
+def _decision(message_id: str) -> dict[str, object]:
+    return {"message_id": message_id, "agent_id": "a", "winner": "e", "fallbacks": [],
+            "candidates": [], "excluded": {}, "weights": {}, "error": None,
+            "created_at": utcnow()}
+
+
+def _count(message_id: str) -> int:
+    with session_scope() as session:
+        return int(session.scalar(select(func.count()).select_from(RoutingDecisionRow)
+                                  .where(RoutingDecisionRow.message_id == message_id)) or 0)
+
+
+def test_records_wait_in_redis_until_flushed() -> None:
+    outbox.append("routing_decision", _decision("m-1"))
+    assert outbox.pending() == 1 and _count("m-1") == 0
+    assert outbox.flush() == 1
+    assert outbox.pending() == 0 and _count("m-1") == 1
+
+
+def test_a_batch_inserted_twice_lands_once() -> None:
+    outbox.append("routing_decision", _decision("m-2"))
+    [raw] = get_redis().lrange(keys.outbox(), 0, -1)
+    get_redis().rpush(keys.outbox(), raw)  # as if a flusher died between insert and trim
+    assert outbox.flush() == 2
+    assert _count("m-2") == 1
+    assert json.loads(raw)["row"]["row_key"]
+
+
+def test_a_held_lock_means_another_flusher_is_at_work() -> None:
+    outbox.append("routing_decision", _decision("m-3"))
+    get_redis().set(keys.outbox_lock(), "someone-else", px=5000)
+    assert outbox.flush() == 0 and outbox.pending() == 1
+    get_redis().delete(keys.outbox_lock())
+    assert outbox.flush() == 1
+
+
+def test_unknown_record_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown outbox record kind 'audit-x'"):
+        outbox.append("audit-x", {})
