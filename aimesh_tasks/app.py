@@ -8,8 +8,8 @@ from celery import Celery, signals
 
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.follow import FollowEndpoints
-from aimesh_tasks.worker_steps import OutboxFlusherStep
 from aimesh_tasks.settings import get_settings
+from aimesh_tasks.worker_steps import OutboxFlusherStep
 
 app = Celery("aimesh_tasks")
 app.config_from_object("celeryconfig")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_spine.py [--messages 1500] [--repeats 3]
         [--router-pool threads] [--endpoint-pool threads] [--concurrency 16]
+        [--endpoint-concurrency N] [--latency-ms 0]
 
 Starts the simulator (0 ms latency) and two worker processes: a router worker on
 aimesh.route + bench.a and an endpoint worker on the endpoint queue + bench.b. Measures
@@ -134,13 +135,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--router-pool", default="threads")
     parser.add_argument("--endpoint-pool", default="threads")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16, help="router worker")
+    parser.add_argument("--endpoint-concurrency", type=int, default=None)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="simulator latency")
     parser.add_argument("--paced-seconds", type=float, default=8.0)
     args = parser.parse_args()
 
     prepare_database()
     port = _free_port()
-    sim = start([str(BIN / "aimesh"), "simulate", "--port", str(port)], "/tmp/bench-sim.log")
+    sim = start([str(BIN / "aimesh"), "simulate", "--port", str(port), "--latency-ms",
+                 str(args.latency_ms)], "/tmp/bench-sim.log")
     time.sleep(1.0)
     endpoint = add_endpoint(id="sim", base_url=f"http://127.0.0.1:{port}", model="sim",
                             input_usd_per_1k="0.001", output_usd_per_1k="0.002", capacity=10000)
@@ -151,7 +155,7 @@ def main() -> None:
                "--include", "benchmarks.raw_tasks"], "/tmp/bench-router.log"),
         start([str(BIN / "aimesh"), "worker", "-n", f"bendpoint{tag}@%h", "-Q", "bench.b",
                "--endpoints", endpoint.id, "-P", args.endpoint_pool, "-c",
-               str(args.concurrency), "-l", "WARNING", "--include", "benchmarks.raw_tasks"],
+               str(args.endpoint_concurrency or args.concurrency), "-l", "WARNING", "--include", "benchmarks.raw_tasks"],
               "/tmp/bench-endpoint.log"),
     ]
     try:
@@ -184,6 +188,8 @@ def main() -> None:
         "router_pool": args.router_pool,
         "endpoint_pool": args.endpoint_pool,
         "concurrency": args.concurrency,
+        "endpoint_concurrency": args.endpoint_concurrency or args.concurrency,
+        "latency_ms": args.latency_ms,
         "messages": args.messages,
         "repeats": args.repeats,
     }

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import redis
-
 from sqlalchemy import select
 
 from aimesh_tasks import outbox, submit
