@@ -7,7 +7,7 @@ from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from aimesh_tasks import outbox
+from aimesh_tasks import events, outbox
 from aimesh_tasks.errors import ProviderError
 from aimesh_tasks.messages import AiMessage, AiResult, Attempt, utcnow
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
@@ -69,6 +69,8 @@ def attempt_call(
     )
     cost_nusd = cost_of(endpoint, completion) if completion else 0
     _record_attempt(message, endpoint, attempt, completion, cost_nusd)
+    events.call_finished.send(sender=attempt_call, message=message, endpoint=endpoint,
+                              attempt=attempt, completion=completion, cost_nusd=cost_nusd)
     return attempt, completion, error
 
 

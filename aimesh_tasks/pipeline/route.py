@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from aimesh_tasks import events
 from aimesh_tasks.errors import NoEndpointAvailable
 from aimesh_tasks.messages import AiMessage
 from aimesh_tasks.registry.cache import ENDPOINTS
@@ -45,7 +46,9 @@ def plan_route(message: AiMessage) -> RoutingDecision:
             },
             error=exc.message[:512],
         )
+        events.routing_failed.send(sender=plan_route, message=message, error=exc)
         raise
     record_decision(decision.to_record())
+    events.message_routed.send(sender=plan_route, message=message, decision=decision)
     return decision
 

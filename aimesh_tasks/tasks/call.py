@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Task
 
+from aimesh_tasks import events
 from aimesh_tasks.app import app
 from aimesh_tasks.errors import AllEndpointsFailed
 from aimesh_tasks.messages import AiMessage, Attempt, utcnow
@@ -29,7 +30,9 @@ def call_endpoint(
     attempt, completion, error = attempt_call(parsed, endpoint, f"{parsed.id}:{len(past)}")
     past.append(attempt)
     if completion is not None:
-        return build_result(parsed, endpoint, completion, past, first_started).to_json_dict()
+        result = build_result(parsed, endpoint, completion, past, first_started)
+        events.message_completed.send(sender=call_endpoint, message=parsed, result=result)
+        return result.to_json_dict()
     assert error is not None
     if error.retryable and len(route) > 1:
         fallback = call_endpoint.signature(
@@ -39,12 +42,12 @@ def call_endpoint(
             expires=parsed.deadline,
         )
         raise self.replace(fallback)
-    if len(past) == 1:
-        raise error
-    raise AllEndpointsFailed(
+    final = error if len(past) == 1 else AllEndpointsFailed(
         f"all {len(past)} endpoints failed for message '{parsed.id}'; last: {error.message}",
         endpoint_id=endpoint.id,
         attempts=[a.model_dump(mode="json") for a in past],
         retryable=False,
     )
+    events.message_failed.send(sender=call_endpoint, message=parsed, error=final)
+    raise final
 
