@@ -9,12 +9,12 @@ from celery import Celery, signals
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.follow import FollowEndpoints
 from aimesh_tasks.settings import get_settings
-from aimesh_tasks.worker_steps import OutboxFlusherStep
+from aimesh_tasks.worker_steps import BackgroundJobsStep
 
 app = Celery("aimesh_tasks")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(FollowEndpoints)
-app.steps["worker"].add(OutboxFlusherStep)
+app.steps["worker"].add(BackgroundJobsStep)
 
 _VISIBILITY_BROKERS = ("redis://", "rediss://", "sqs://", "redis+socket://")
 # RabbitMQ closes a channel whose delivery stays unacked past consumer_timeout (30 min).

@@ -6,6 +6,7 @@
     │   └── InvalidMessage          a message failed validation; nothing was queued
     ├── NotFound                    an endpoint or agent id that the registry does not hold
     ├── NoEndpointAvailable         routing found no candidate; `excluded` says why for each
+    ├── BudgetExceeded              the agent's budget cannot cover the call's worst case
     └── ProviderError               an upstream call failed (transport error or bad status)
         └── AllEndpointsFailed      every ranked endpoint was tried and failed
 
@@ -75,6 +76,16 @@ class NoEndpointAvailable(AimeshError):
     @property
     def excluded(self) -> dict[str, str]:
         return dict(self.fields.get("excluded", {}))
+
+
+class BudgetExceeded(AimeshError):
+    """The agent's budget cannot cover a call's worst case; no upstream call was made.
+
+    Fields: agent_id, needed_tokens, needed_usd, left_tokens, left_usd (None = no limit),
+    reason ('exhausted' or 'expired').
+    """
+
+    code = "budget_exceeded"
 
 
 class ProviderError(AimeshError):

@@ -50,3 +50,18 @@ def outbox() -> str:
 def outbox_lock() -> str:
     """Lock held by the one flusher moving the outbox to Postgres."""
     return f"{PREFIX}:outbox:lock"
+
+
+def call_journal(call_key: str) -> str:
+    """A finished call's completion and cost, kept until it is surely settled."""
+    return f"{PREFIX}:journal:{call_key}"
+
+
+def call_key(message_id: str, attempt: int) -> str:
+    """The key of one upstream call: unique per message and attempt (ledger, journal)."""
+    return f"{message_id}:{attempt}"
+
+
+def failpoint(name: str) -> str:
+    """Set to the pid of the process paused at a test failpoint."""
+    return f"{PREFIX}:failpoint:{name}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
+import time
 import uuid
 from collections import defaultdict
 from datetime import datetime
@@ -23,7 +23,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from aimesh_tasks import keys
-from aimesh_tasks.db import CallAttemptRow, RoutingDecisionRow, get_engine
+from aimesh_tasks.db import AuditRow, CallAttemptRow, RoutingDecisionRow, get_engine
 from aimesh_tasks.redis_client import get_redis
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 TABLES: dict[str, Table] = {
     "routing_decision": RoutingDecisionRow.__table__,  # type: ignore[dict-item]
     "call_attempt": CallAttemptRow.__table__,  # type: ignore[dict-item]
+    "audit": AuditRow.__table__,  # type: ignore[dict-item]
 }
 BATCH = 1000
 LOCK_TTL_MS = 30_000
@@ -64,11 +65,23 @@ def _insert(kind: str, rows: list[dict[str, Any]]) -> None:
                            rows)
 
 
-def flush(max_batches: int = 100) -> int:
-    """Move queued records to Postgres; returns how many. One flusher at a time (a lock)."""
+def _acquire(token: str, wait_s: float) -> bool:
+    client = get_redis()
+    deadline = time.monotonic() + wait_s
+    while not client.set(keys.outbox_lock(), token, nx=True, px=LOCK_TTL_MS):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def flush(max_batches: int = 100, *, wait_s: float = 0.0) -> int:
+    """Move queued records to Postgres; returns how many. One flusher at a time (a lock):
+    with wait_s, wait that long for another flusher to finish, so that a reader who
+    flushes first sees every record appended before it asked."""
     client = get_redis()
     token = uuid.uuid4().hex
-    if not client.set(keys.outbox_lock(), token, nx=True, px=LOCK_TTL_MS):
+    if not _acquire(token, wait_s):
         return 0
     moved = 0
     try:
@@ -93,34 +106,3 @@ def flush(max_batches: int = 100) -> int:
 def pending() -> int:
     """Records waiting in the outbox."""
     return int(get_redis().llen(keys.outbox()))
-
-
-class Flusher:
-    """A daemon thread that flushes the outbox every `interval_s` (one per worker process)."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start flushing in the background."""
-        self._thread = threading.Thread(target=self._run, name="aimesh-outbox", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                flush()
-            except Exception:  # Postgres or Redis away: records stay queued, retried next tick
-                logger.exception("outbox flush failed; records stay in Redis")
-
-    def stop(self) -> None:
-        """Stop the thread and flush what is left."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        try:
-            flush()
-        except Exception:
-            logger.exception("final outbox flush failed; records stay in Redis")

@@ -83,7 +83,7 @@ def _alternative_costs(rows: list[CallAttemptRow]) -> dict[str, int]:
 
 def traffic_report(since: datetime | None = None, agent_id: str | None = None) -> dict[str, Any]:
     """Per-endpoint and per-agent figures, totals, and the cost of other routing policies."""
-    outbox.flush()
+    outbox.flush(wait_s=10)
     query = select(CallAttemptRow).order_by(CallAttemptRow.id)
     decisions = select(RoutingDecisionRow.id).where(RoutingDecisionRow.winner.is_(None))
     if since is not None:

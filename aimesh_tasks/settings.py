@@ -25,7 +25,10 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_HEALTH_RETRY_S             | 30                  | a down endpoint is retried after  |
 | AIMESH_EMBEDDED_CONCURRENCY       | 8                   | threads of the embedded worker    |
 | AIMESH_FOLLOW_INTERVAL_S          | 1.0                 | registry check for endpoint queues|
+| AIMESH_RESERVATION_TIMEOUT_S      | 4000                | held reservations are reaped after|
+| AIMESH_REAPER_INTERVAL_S          | 60                  | how often each worker reaps       |
 | AIMESH_OUTBOX_FLUSH_INTERVAL_S    | 0.2                 | outbox → database flush period    |
+| AIMESH_FAILPOINTS                 | (empty)             | tests: 'name=seconds' pauses      |
 | AIMESH_LOG_LEVEL                  | INFO                | level of the aimesh_tasks loggers |
 """
 
@@ -73,8 +76,15 @@ class Settings(BaseSettings):
     follow_interval_s: float = Field(
         1.0, gt=0, description="How often workers check the registry for endpoint queues."
     )
+    reservation_timeout_s: float = Field(
+        4000, gt=0, description="A budget reservation held this long is reaped."
+    )
+    reaper_interval_s: float = Field(60, gt=0, description="How often workers run the reaper.")
     outbox_flush_interval_s: float = Field(
         0.2, gt=0, description="How often each worker moves outbox records to the database."
+    )
+    failpoints: str = Field(
+        "", description="Test hook: 'name=seconds,...' pauses at named points (never in prod)."
     )
     log_level: str = Field("INFO", description="Log level of aimesh_tasks loggers.")
 

@@ -7,8 +7,8 @@ from typing import Any
 from celery.result import AsyncResult
 
 from aimesh_tasks.embedded import ensure_embedded_worker
-from aimesh_tasks.messages import AiMessage, parse_message
-from aimesh_tasks.tasks.route import route_message
+from aimesh_tasks.messages import AiMessage
+from aimesh_tasks.tasks.route import route_message, validate_or_audit
 
 
 def submit(message: AiMessage | dict[str, Any] | None = None, /, **fields: Any) -> AsyncResult:
@@ -18,6 +18,6 @@ def submit(message: AiMessage | dict[str, Any] | None = None, /, **fields: Any) 
     `submit(agent_id="research-bot", prompt="...", max_tokens=200)`.
     Raises InvalidMessage, naming the field, before anything is queued.
     """
-    parsed = parse_message(message if message is not None else fields)
+    parsed = validate_or_audit(message if message is not None else fields)
     ensure_embedded_worker()
     return route_message.apply_async((parsed.to_json_dict(),))

@@ -1,4 +1,4 @@
-"""Worker bootsteps: the outbox flusher thread that every worker process runs."""
+"""Worker bootsteps: the background jobs every worker process runs."""
 
 from __future__ import annotations
 
@@ -6,23 +6,38 @@ from typing import Any
 
 from celery import bootsteps
 
-from aimesh_tasks.outbox import Flusher
+from aimesh_tasks.periodic import Periodic
 
 
-class OutboxFlusherStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Run an outbox Flusher for the life of the worker; flush what is left at shutdown."""
+class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """For the life of the worker: flush the outbox to the database, and reap budget
+    reservations whose task died (each job takes a lock or is idempotent, so any number of
+    workers may run them).
+
+    It starts after the pool, so prefork children are forked before these threads exist
+    (forking while a thread holds a lock can leave the child waiting on it forever).
+    """
+
+    requires = {"celery.worker.components:Pool"}
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.flusher: Flusher | None = None
+        self.jobs: list[Periodic] = []
 
     def start(self, parent: Any) -> None:
+        from aimesh_tasks.budgets.reaper import reap
+        from aimesh_tasks.outbox import flush
         from aimesh_tasks.settings import get_settings
 
-        self.flusher = Flusher(get_settings().outbox_flush_interval_s)
-        self.flusher.start()
+        settings = get_settings()
+        self.jobs = [
+            Periodic("aimesh-outbox", settings.outbox_flush_interval_s, flush),
+            Periodic("aimesh-reaper", settings.reaper_interval_s, reap),
+        ]
+        for job in self.jobs:
+            job.start()
 
     def stop(self, parent: Any) -> None:
-        if self.flusher is not None:
-            self.flusher.stop()
-            self.flusher = None
+        for job in self.jobs:
+            job.stop()
+        self.jobs = []

@@ -149,7 +149,7 @@ def test_failing_endpoint_falls_back_to_the_next_and_both_are_recorded(
         (broken.id, False), (good.id, True)]
     assert result["attempts"][0]["error"]["status"] == 500
     assert broken_sim.stats()["errors_500"] == 1 and good_sim.stats()["ok"] == 1
-    outbox.flush()
+    outbox.flush(wait_s=10)
     with session_scope() as session:
         rows = session.scalars(
             select(CallAttemptRow).where(CallAttemptRow.message_id == result["message_id"])
@@ -211,7 +211,7 @@ def test_sigkill_of_the_process_running_a_call_still_completes_once(
     result = async_result.get(timeout=60)
     assert result["endpoint_id"] == only.id
     assert sim.stats()["calls"] == 2  # the killed call, then the redelivered one
-    outbox.flush()
+    outbox.flush(wait_s=10)
     with session_scope() as session:
         ok_rows = session.scalars(
             select(CallAttemptRow).where(CallAttemptRow.message_id == async_result.id,

@@ -13,15 +13,25 @@ from aimesh_tasks.settings import get_settings
 
 _engines: dict[str, Engine] = {}
 _sessionmakers: dict[str, sessionmaker[Session]] = {}
+# SQLite URLs already migrated (or being migrated) in this process.
+_migrated: set[str] = set()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the embedded worker threads read while one writes; busy_timeout waits
-    # for the writer instead of failing with "database is locked".
+    # for the writer instead of failing with "database is locked". The driver's own
+    # transaction handling is off so that _sqlite_begin can take the write lock up front.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    # BEGIN IMMEDIATE: a budget check-then-update never races another writer; a deferred
+    # transaction would read a stale row and then fail on upgrading its lock.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def get_engine(url: str | None = None) -> Engine:
@@ -37,14 +47,19 @@ def get_engine(url: str | None = None) -> Engine:
         _engines[url] = engine
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
-            if get_settings().embedded:
+            event.listen(engine, "begin", _sqlite_begin)
+            if get_settings().embedded and url not in _migrated:
                 _migrate_embedded(url)
     return engine
 
 
+def mark_migrated(url: str) -> None:
+    """Note that `url` is being migrated explicitly, so get_engine need not do it."""
+    _migrated.add(url)
+
+
 def _migrate_embedded(url: str) -> None:
     # Embedded mode needs no `aimesh db upgrade`: its SQLite file is migrated on first use.
-    # (alembic's env.py asks get_engine(url) again and finds this engine already cached.)
     from aimesh_tasks.db.migrate import upgrade
 
     upgrade(url)

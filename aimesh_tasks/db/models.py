@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, String, func
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    func,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -29,6 +39,7 @@ class EndpointRow(Base):
     input_nusd_per_1k: Mapped[int] = mapped_column(BigInteger)
     output_nusd_per_1k: Mapped[int] = mapped_column(BigInteger)
     capacity: Mapped[int] = mapped_column(Integer)
+    max_output_tokens: Mapped[int | None] = mapped_column(Integer)
     tags: Mapped[list[str]] = mapped_column(JsonType, default=list)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -83,4 +94,88 @@ class CallAttemptRow(Base):
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
     error: Mapped[str | None] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class BudgetRow(Base):
+    """An agent's budget: optional token and money limits over a period, and its counters."""
+
+    __tablename__ = "budgets"
+
+    agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id"), primary_key=True)
+    token_limit: Mapped[int | None] = mapped_column(BigInteger)
+    usd_limit_nusd: Mapped[int | None] = mapped_column(BigInteger)
+    period: Mapped[str] = mapped_column(String(16))
+    rolling_s: Mapped[int | None] = mapped_column(Integer)
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    spent_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    spent_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ReservationRow(Base):
+    """The worst-case cost held for one upstream call until it is settled or released."""
+
+    __tablename__ = "budget_reservations"
+
+    call_key: Mapped[str] = mapped_column(String(160), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    message_id: Mapped[str] = mapped_column(String(128), index=True)
+    endpoint_id: Mapped[str] = mapped_column(String(64))
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    nusd: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    called_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LedgerRow(Base):
+    """One charge: exactly one row per upstream call (unique call_key)."""
+
+    __tablename__ = "budget_ledger"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    call_key: Mapped[str] = mapped_column(String(160), unique=True)
+    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    message_id: Mapped[str] = mapped_column(String(128), index=True)
+    endpoint_id: Mapped[str] = mapped_column(String(64))
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    nusd: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class BudgetResetRow(Base):
+    """A period reset: what had been spent when the period rolled over."""
+
+    __tablename__ = "budget_resets"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    new_period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    spent_tokens: Mapped[int] = mapped_column(BigInteger)
+    spent_nusd: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AuditRow(Base):
+    """One decision about a message: rejected, denied, routed, completed, failed, ..."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    row_key: Mapped[str] = mapped_column(String(32), unique=True)
+    event: Mapped[str] = mapped_column(String(24), index=True)
+    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    message_id: Mapped[str] = mapped_column(String(128), index=True)
+    endpoint_id: Mapped[str | None] = mapped_column(String(64))
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    reason: Mapped[str | None] = mapped_column(String(512))
+    detail: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -1,16 +1,21 @@
-"""Call one endpoint for a message: live figures around the call, the attempt recorded."""
+"""Call one endpoint for a message: budget claim, the call, journal, settlement, records."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from aimesh_tasks import events, outbox
+from aimesh_tasks import events, keys, outbox
+from aimesh_tasks.budgets.estimate import worst_case
+from aimesh_tasks.budgets.ledger import claim, estimate_of, reserve, settle
 from aimesh_tasks.errors import ProviderError
+from aimesh_tasks.failpoints import failpoint
 from aimesh_tasks.messages import AiMessage, AiResult, Attempt, utcnow
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
+from aimesh_tasks.pipeline import journal
 from aimesh_tasks.providers.base import Completion
 from aimesh_tasks.providers.http import call_provider
 from aimesh_tasks.registry.endpoints import Endpoint
@@ -27,30 +32,50 @@ def endpoint_from_args(data: dict[str, Any]) -> Endpoint:
     return Endpoint(**{**data, "tags": frozenset(data.get("tags", ()))})
 
 
-def _record_attempt(
-    message: AiMessage, endpoint: Endpoint, attempt: Attempt, completion: Completion | None,
-    cost_nusd: int,
-) -> None:
-    row = {
+def cost_of(endpoint: Endpoint, completion: Completion) -> int:
+    """What a completion cost at the endpoint's prices, in nano-USD."""
+    return call_cost_nusd(completion.input_tokens, completion.output_tokens,
+                          endpoint.input_nusd_per_1k, endpoint.output_nusd_per_1k)
+
+
+def _record_attempt(message: AiMessage, endpoint: Endpoint, attempt: Attempt,
+                    completion: Completion | None, cost_nusd: int) -> None:
+    error = attempt.error or {}
+    outbox.append("call_attempt", {
         "message_id": message.id,
         "agent_id": message.agent_id,
         "endpoint_id": endpoint.id,
         "ok": attempt.ok,
-        "status": (attempt.error or {}).get("status"),
+        "status": error.get("status"),
         "latency_ms": attempt.latency_ms,
         "input_tokens": completion.input_tokens if completion else 0,
         "output_tokens": completion.output_tokens if completion else 0,
         "cost_nusd": cost_nusd,
-        "error": (attempt.error or {}).get("message", "")[:512] or None,
+        "error": str(error.get("message", ""))[:512] or None,
         "created_at": utcnow(),
-    }
-    outbox.append("call_attempt", row)
+    })
 
 
-def attempt_call(
-    message: AiMessage, endpoint: Endpoint, call_key: str
-) -> tuple[Attempt, Completion | None, ProviderError | None]:
-    """Call the endpoint once; the attempt, and the completion or the error."""
+def _claimed_key(message: AiMessage, endpoint: Endpoint, call_key: str) -> str:
+    """Claim the call's reservation (reserving again if it was released or never made);
+    the key to call under. A claim found from an earlier delivery means the provider may
+    have been called then: that call is charged at its estimate and a new key is used."""
+    state = claim(call_key)
+    if state == "claimed":
+        return call_key
+    if state == "called_before":
+        held = estimate_of(call_key)
+        if held is not None:
+            settle(call_key, held.tokens, held.nusd, kind="lost")
+    if state in ("called_before", "settled"):
+        call_key = f"{call_key}:redo-{uuid.uuid4().hex[:8]}"
+    reserve(message.agent_id, message.id, endpoint.id, call_key, worst_case(message, endpoint))
+    claim(call_key)
+    return call_key
+
+
+def _call(message: AiMessage, endpoint: Endpoint, call_key: str
+          ) -> tuple[Attempt, Completion | None, ProviderError | None]:
     call_started(endpoint.id, call_key)
     started = time.perf_counter()
     completion: Completion | None = None
@@ -61,36 +86,39 @@ def attempt_call(
         error = exc
     latency_ms = (time.perf_counter() - started) * 1000
     call_finished(endpoint.id, call_key, latency_ms, ok=error is None)
-    attempt = Attempt(
-        endpoint_id=endpoint.id,
-        ok=error is None,
-        latency_ms=round(latency_ms, 3),
-        error=error.to_dict() if error else None,
-    )
+    attempt = Attempt(endpoint_id=endpoint.id, ok=error is None, latency_ms=round(latency_ms, 3),
+                      error=error.to_dict() if error else None)
+    return attempt, completion, error
+
+
+def attempt_call(message: AiMessage, endpoint: Endpoint, attempt_no: int, *, metered: bool
+                 ) -> tuple[Attempt, Completion | None, ProviderError | None]:
+    """Make (or, after a redelivery, recover) one call and charge it exactly once."""
+    call_key = keys.call_key(message.id, attempt_no)
+    journalled = journal.lookup(call_key)
+    if journalled is not None:  # an earlier delivery made this call; settle it, don't repeat
+        done, paid_nusd = journalled
+        if metered:
+            settle(call_key, done.input_tokens + done.output_tokens, paid_nusd)
+        return Attempt(endpoint_id=endpoint.id, ok=True, latency_ms=0.0), done, None
+    if metered:
+        call_key = _claimed_key(message, endpoint, call_key)
+    attempt, completion, error = _call(message, endpoint, call_key)
     cost_nusd = cost_of(endpoint, completion) if completion else 0
+    if completion is not None:
+        journal.record(call_key, completion, cost_nusd)
+    failpoint("before_settle")
+    if metered:
+        used = completion.input_tokens + completion.output_tokens if completion else 0
+        settle(call_key, used, cost_nusd)
     _record_attempt(message, endpoint, attempt, completion, cost_nusd)
     events.call_finished.send(sender=attempt_call, message=message, endpoint=endpoint,
                               attempt=attempt, completion=completion, cost_nusd=cost_nusd)
     return attempt, completion, error
 
 
-def cost_of(endpoint: Endpoint, completion: Completion) -> int:
-    """What a completion cost at the endpoint's prices, in nano-USD."""
-    return call_cost_nusd(
-        completion.input_tokens,
-        completion.output_tokens,
-        endpoint.input_nusd_per_1k,
-        endpoint.output_nusd_per_1k,
-    )
-
-
-def build_result(
-    message: AiMessage,
-    endpoint: Endpoint,
-    completion: Completion,
-    attempts: list[Attempt],
-    started_at: datetime,
-) -> AiResult:
+def build_result(message: AiMessage, endpoint: Endpoint, completion: Completion,
+                 attempts: list[Attempt], started_at: datetime) -> AiResult:
     """The AiResult of a successful call."""
     finished_at = utcnow()
     return AiResult(

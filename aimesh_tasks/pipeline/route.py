@@ -1,17 +1,25 @@
-"""Route one message: read the registry and live figures, decide, record the decision."""
+"""Route one message: read the registry and live figures, decide, record, reserve budget."""
 
 from __future__ import annotations
 
 import time
 
-from aimesh_tasks import events
+from aimesh_tasks import events, keys
+from aimesh_tasks.budgets.estimate import worst_case
+from aimesh_tasks.budgets.ledger import reserve
 from aimesh_tasks.errors import NoEndpointAvailable
+from aimesh_tasks.failpoints import failpoint
+from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage
 from aimesh_tasks.registry.cache import ENDPOINTS
 from aimesh_tasks.registry.live import read_figures
 from aimesh_tasks.routing.decisions import record_decision
 from aimesh_tasks.routing.selection import RoutingDecision, decide
 from aimesh_tasks.settings import get_settings
+
+
+def _weights_record() -> dict[str, float]:
+    return dict(zip(("cost", "load", "latency"), get_settings().route_weights, strict=True))
 
 
 def plan_route(message: AiMessage) -> RoutingDecision:
@@ -24,31 +32,34 @@ def plan_route(message: AiMessage) -> RoutingDecision:
     if set(figures) != {e.id for e in endpoints}:
         figures, _ = read_figures(e.id for e in endpoints)
     try:
-        decision = decide(
-            message,
-            endpoints,
-            figures,
-            weights=settings.route_weights,
-            now=time.time(),
-            health_retry_s=settings.health_retry_s,
-        )
+        decision = decide(message, endpoints, figures, weights=settings.route_weights,
+                          now=time.time(), health_retry_s=settings.health_retry_s)
     except NoEndpointAvailable as exc:
         record_decision(
-            {
-                "message_id": message.id,
-                "agent_id": message.agent_id,
-                "winner": None,
-                "fallbacks": [],
-                "candidates": [],
-                "excluded": exc.excluded,
-                "weights": dict(zip(("cost", "load", "latency"), settings.route_weights,
-                                    strict=True)),
-            },
+            {"message_id": message.id, "agent_id": message.agent_id, "winner": None,
+             "fallbacks": [], "candidates": [], "excluded": exc.excluded,
+             "weights": _weights_record()},
             error=exc.message[:512],
         )
+        audit("failed", message_id=message.id, agent_id=message.agent_id, reason=exc.message,
+              detail={"excluded": exc.excluded})
         events.routing_failed.send(sender=plan_route, message=message, error=exc)
         raise
-    record_decision(decision.to_record())
+    record = decision.to_record()
+    record_decision(record)
+    audit("routed", message_id=message.id, agent_id=message.agent_id,
+          endpoint_id=decision.winner.id,
+          detail={"fallbacks": record["fallbacks"],
+                  "scores": {c["endpoint_id"]: c["score"] for c in record["candidates"]}})
     events.message_routed.send(sender=plan_route, message=message, decision=decision)
     return decision
 
+
+def admit(message: AiMessage, decision: RoutingDecision) -> bool:
+    """Reserve the first call's worst case at the winner's prices; False if the agent has
+    no budget (unmetered). BudgetExceeded (audited) if it cannot fit."""
+    winner = decision.winner
+    held = reserve(message.agent_id, message.id, winner.id, keys.call_key(message.id, 0),
+                   worst_case(message, winner))
+    failpoint("after_reserve")
+    return held is not None

@@ -38,6 +38,7 @@ class Endpoint:
     capacity: int
     tags: frozenset[str]
     enabled: bool
+    max_output_tokens: int | None = None
 
     @property
     def queue(self) -> str:
@@ -55,6 +56,7 @@ class Endpoint:
             "input_usd_per_1k": str(nusd_to_usd(self.input_nusd_per_1k)),
             "output_usd_per_1k": str(nusd_to_usd(self.output_nusd_per_1k)),
             "capacity": self.capacity,
+            "max_output_tokens": self.max_output_tokens,
             "tags": sorted(self.tags),
             "enabled": self.enabled,
         }
@@ -85,6 +87,7 @@ class EndpointSpec(BaseModel):
     input_usd_per_1k: Decimal | str
     output_usd_per_1k: Decimal | str
     capacity: int = Field(64, ge=1, le=100_000)
+    max_output_tokens: int | None = Field(None, ge=1)
     tags: list[str] = Field(default_factory=list)
     enabled: bool = True
 
@@ -133,6 +136,7 @@ def _to_endpoint(row: EndpointRow) -> Endpoint:
         capacity=row.capacity,
         tags=frozenset(row.tags or ()),
         enabled=row.enabled,
+        max_output_tokens=row.max_output_tokens,
     )
 
 
@@ -164,6 +168,7 @@ def add_endpoint(**fields: Any) -> Endpoint:
             input_nusd_per_1k=usd_to_nusd(spec.input_usd_per_1k),
             output_nusd_per_1k=usd_to_nusd(spec.output_usd_per_1k),
             capacity=spec.capacity,
+            max_output_tokens=spec.max_output_tokens,
             tags=sorted(set(spec.tags)),
             enabled=spec.enabled,
         )
@@ -191,6 +196,7 @@ def update_endpoint(endpoint_id: str, **changes: Any) -> Endpoint:
         row.input_nusd_per_1k = usd_to_nusd(spec.input_usd_per_1k)
         row.output_nusd_per_1k = usd_to_nusd(spec.output_usd_per_1k)
         row.capacity, row.tags, row.enabled = spec.capacity, sorted(set(spec.tags)), spec.enabled
+        row.max_output_tokens = spec.max_output_tokens
         endpoint = _to_endpoint(row)
     bump_version()
     return endpoint

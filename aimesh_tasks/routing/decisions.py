@@ -18,7 +18,7 @@ def record_decision(record: dict[str, Any], *, error: str | None = None) -> None
 
 def decisions_for(message_id: str) -> list[dict[str, Any]]:
     """Every decision recorded for a message, oldest first (the outbox flushed first)."""
-    outbox.flush()
+    outbox.flush(wait_s=10)
     query = (
         select(RoutingDecisionRow)
         .where(RoutingDecisionRow.message_id == message_id)

@@ -116,29 +116,24 @@ class SimState:
 STATE_KEY: Final = web.AppKey("aimesh_simulator_state", SimState)
 
 
-def _json(payload: object, status: int = 200) -> web.Response:
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    return web.Response(body=body, status=status, content_type="application/json")
-
-
 def _control_error(message: str, field: str | None) -> web.Response:
     error = {"message": message, "type": "invalid_request_error", "param": field, "code": None}
-    return _json({"error": error}, status=400)
+    return web.json_response({"error": error}, status=400)
 
 
 def _control_routes(state: SimState) -> list[web.RouteDef]:
     async def health(_: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+        return web.json_response({"status": "ok"})
 
     async def stats(_: web.Request) -> web.Response:
-        return _json(state.stats())
+        return web.json_response(state.stats())
 
     async def calls(_: web.Request) -> web.Response:
-        return _json(state.calls())
+        return web.json_response(state.calls())
 
     async def reset(_: web.Request) -> web.Response:
         state.reset()
-        return _json(state.stats())
+        return web.json_response(state.stats())
 
     async def configure(request: web.Request) -> web.Response:
         try:
@@ -148,7 +143,7 @@ def _control_routes(state: SimState) -> list[web.RouteDef]:
         if not isinstance(changes, dict):
             return _control_error("Request body must be a JSON object of config fields.", None)
         try:
-            return _json(state.configure(changes))
+            return web.json_response(state.configure(changes))
         except ConfigFieldError as exc:
             return _control_error(str(exc), exc.field)
 

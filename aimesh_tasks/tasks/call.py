@@ -7,11 +7,33 @@ from typing import Any
 
 from celery import Task
 
-from aimesh_tasks import events
+from aimesh_tasks import events, keys
 from aimesh_tasks.app import app
-from aimesh_tasks.errors import AllEndpointsFailed
+from aimesh_tasks.budgets.estimate import worst_case
+from aimesh_tasks.budgets.ledger import reserve
+from aimesh_tasks.errors import AimeshError, AllEndpointsFailed, ProviderError
+from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage, Attempt, utcnow
+from aimesh_tasks.money import usd_to_nusd
 from aimesh_tasks.pipeline.call import attempt_call, build_result, endpoint_from_args
+
+
+def _final_error(message: AiMessage, error: ProviderError, past: list[Attempt]) -> AimeshError:
+    if len(past) == 1:
+        return error
+    return AllEndpointsFailed(
+        f"all {len(past)} endpoints failed for message '{message.id}'; last: {error.message}",
+        endpoint_id=error.fields.get("endpoint_id"),
+        attempts=[a.model_dump(mode="json") for a in past],
+        retryable=False,
+    )
+
+
+def _fail(message: AiMessage, error: AimeshError) -> AimeshError:
+    audit("failed", message_id=message.id, agent_id=message.agent_id,
+          endpoint_id=error.fields.get("endpoint_id"), reason=error.message)
+    events.message_failed.send(sender=call_endpoint, message=message, error=error)
+    return error
 
 
 @app.task(name="aimesh.call", bind=True)
@@ -21,33 +43,36 @@ def call_endpoint(
     route: list[dict[str, Any]],
     attempts: list[dict[str, Any]] | None = None,
     started_at: str | None = None,
+    metered: bool = False,
 ) -> dict[str, Any]:
     """Call route[0]; on a retryable failure, replace this task by a call to route[1]."""
     parsed = AiMessage.model_validate(message)
     endpoint = endpoint_from_args(route[0])
     past = [Attempt.model_validate(a) for a in attempts or []]
     first_started = utcnow() if started_at is None else datetime.fromisoformat(started_at)
-    attempt, completion, error = attempt_call(parsed, endpoint, f"{parsed.id}:{len(past)}")
+    attempt, completion, error = attempt_call(parsed, endpoint, len(past), metered=metered)
     past.append(attempt)
     if completion is not None:
         result = build_result(parsed, endpoint, completion, past, first_started)
+        audit("completed", message_id=parsed.id, agent_id=parsed.agent_id,
+              endpoint_id=endpoint.id, tokens=result.input_tokens + result.output_tokens,
+              cost_nusd=usd_to_nusd(result.cost_usd))
         events.message_completed.send(sender=call_endpoint, message=parsed, result=result)
         return result.to_json_dict()
     assert error is not None
-    if error.retryable and len(route) > 1:
-        fallback = call_endpoint.signature(
-            (message, route[1:], [a.model_dump(mode="json") for a in past],
-             first_started.isoformat()),
-            queue=endpoint_from_args(route[1]).queue,
-            expires=parsed.deadline,
-        )
-        raise self.replace(fallback)
-    final = error if len(past) == 1 else AllEndpointsFailed(
-        f"all {len(past)} endpoints failed for message '{parsed.id}'; last: {error.message}",
-        endpoint_id=endpoint.id,
-        attempts=[a.model_dump(mode="json") for a in past],
-        retryable=False,
-    )
-    events.message_failed.send(sender=call_endpoint, message=parsed, error=final)
-    raise final
-
+    if not (error.retryable and len(route) > 1):
+        raise _fail(parsed, _final_error(parsed, error, past))
+    fallback = endpoint_from_args(route[1])
+    if metered:  # the fallback is another call: re-priced at its own endpoint
+        try:
+            reserve(parsed.agent_id, parsed.id, fallback.id, keys.call_key(parsed.id, len(past)),
+                    worst_case(parsed, fallback))
+        except AimeshError as exc:
+            raise _fail(parsed, exc) from None
+    raise self.replace(call_endpoint.signature(
+        (message, route[1:], [a.model_dump(mode="json") for a in past],
+         first_started.isoformat()),
+        {"metered": metered},
+        queue=fallback.queue,
+        expires=parsed.deadline,
+    ))

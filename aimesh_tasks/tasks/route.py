@@ -1,4 +1,5 @@
-"""`aimesh.route`: pick the endpoint for a message and hand it to that endpoint's queue."""
+"""`aimesh.route`: pick the endpoint for a message, reserve its budget, hand it to the
+endpoint's queue."""
 
 from __future__ import annotations
 
@@ -8,11 +9,24 @@ from celery import Task
 from celery.result import AsyncResult
 
 from aimesh_tasks.app import app
+from aimesh_tasks.errors import InvalidMessage
+from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.messages import AiMessage, parse_message
 from aimesh_tasks.pipeline.call import endpoint_to_args
-from aimesh_tasks.pipeline.route import plan_route
+from aimesh_tasks.pipeline.route import admit, plan_route
 from aimesh_tasks.tasks.call import call_endpoint
+
+
+def validate_or_audit(data: Any) -> AiMessage:
+    """Parse a message; an invalid one is audited as 'rejected' before the error is raised."""
+    try:
+        return parse_message(data)
+    except InvalidMessage as exc:
+        raw = data if isinstance(data, dict) else {}
+        audit("rejected", message_id=str(raw.get("id", "")), agent_id=str(raw.get("agent_id", "")),
+              reason=exc.message, detail={"errors": exc.fields.get("errors", [])})
+        raise
 
 
 class RouteTask(Task):  # type: ignore[misc]
@@ -22,7 +36,7 @@ class RouteTask(Task):  # type: ignore[misc]
         self, args: Any = None, kwargs: Any = None, **options: Any
     ) -> AsyncResult:
         """Validate the message, then publish it with its deadline as the Celery expiry."""
-        message = parse_message((kwargs or {}).get("message") or (args or [None])[0])
+        message = validate_or_audit((kwargs or {}).get("message") or (args or [None])[0])
         options.setdefault("task_id", message.id)
         options.setdefault("queue", ROUTE_QUEUE)
         if message.deadline is not None:
@@ -35,8 +49,10 @@ def route_message(self: Task, message: dict[str, Any]) -> Any:
     """Route the message and replace this task by the call on the winner's queue."""
     parsed = AiMessage.model_validate(message)
     decision = plan_route(parsed)
+    metered = admit(parsed, decision)
     call = call_endpoint.signature(
         (message, [endpoint_to_args(e) for e in decision.route]),
+        {"metered": metered},
         queue=decision.winner.queue,
         expires=parsed.deadline,
     )

@@ -1,0 +1,219 @@
+"""Reserve, claim, settle, release: every upstream call charged exactly once.
+
+Postgres is the truth. Every step is one transaction holding the budget row's lock
+(`SELECT ... FOR UPDATE`), so concurrent reservations can never together exceed a limit,
+and each is idempotent by `call_key` (message id + attempt), so a redelivered task finds
+its reservation or settlement and neither reserves nor charges again.
+
+A reservation's life: reserved → (claimed: called_at set just before the upstream call)
+→ settled (ledger row with the provider's usage) or released (no call was made).
+Lock order is reservation, then budget, everywhere, so transactions never deadlock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from aimesh_tasks.budgets.estimate import Estimate
+from aimesh_tasks.budgets.periods import current_period_start
+from aimesh_tasks.db import BudgetResetRow, BudgetRow, LedgerRow, ReservationRow, session_scope
+from aimesh_tasks.errors import BudgetExceeded
+from aimesh_tasks.governance.audit import audit
+from aimesh_tasks.messages import utcnow
+from aimesh_tasks.money import nusd_to_usd
+
+ClaimState = Literal["claimed", "called_before", "settled", "released", "missing"]
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A reservation as the caller needs it."""
+
+    call_key: str
+    tokens: int
+    nusd: int
+    state: str
+
+
+def _left(limit: int | None, spent: int, reserved: int) -> int | None:
+    return None if limit is None else limit - spent - reserved
+
+
+def roll_period(session: Session, budget: BudgetRow) -> None:
+    """If the budget's period has rolled over, record the reset and start the new period."""
+    now = utcnow()
+    start = current_period_start(budget.period, budget.period_start, now, budget.rolling_s)
+    if start <= budget.period_start:
+        return
+    session.add(BudgetResetRow(
+        agent_id=budget.agent_id, period_start=budget.period_start, new_period_start=start,
+        spent_tokens=budget.spent_tokens, spent_nusd=budget.spent_nusd, created_at=now,
+    ))
+    budget.period_start, budget.spent_tokens, budget.spent_nusd = start, 0, 0
+
+
+def _refusal(budget: BudgetRow, need: Estimate) -> str | None:
+    if budget.expires_at is not None and budget.expires_at <= utcnow():
+        return "expired"
+    tokens_left = _left(budget.token_limit, budget.spent_tokens, budget.reserved_tokens)
+    nusd_left = _left(budget.usd_limit_nusd, budget.spent_nusd, budget.reserved_nusd)
+    if (tokens_left is not None and need.tokens > tokens_left) or (
+        nusd_left is not None and need.nusd > nusd_left
+    ):
+        return "exhausted"
+    return None
+
+
+def _deny(budget: BudgetRow, need: Estimate, reason: str, message_id: str,
+          endpoint_id: str) -> BudgetExceeded:
+    snapshot = {
+        "token_limit": budget.token_limit, "usd_limit_nusd": budget.usd_limit_nusd,
+        "spent_tokens": budget.spent_tokens, "spent_nusd": budget.spent_nusd,
+        "reserved_tokens": budget.reserved_tokens, "reserved_nusd": budget.reserved_nusd,
+        "needed_tokens": need.tokens, "needed_nusd": need.nusd,
+    }
+    audit("denied", message_id=message_id, agent_id=budget.agent_id, endpoint_id=endpoint_id,
+          tokens=need.tokens, cost_nusd=need.nusd, reason=reason, detail=snapshot)
+    tokens_left = _left(budget.token_limit, budget.spent_tokens, budget.reserved_tokens)
+    nusd_left = _left(budget.usd_limit_nusd, budget.spent_nusd, budget.reserved_nusd)
+    left_usd = None if nusd_left is None else str(nusd_to_usd(max(nusd_left, 0)))
+    what = "has expired" if reason == "expired" else (
+        f"cannot cover this call: it needs up to {need.tokens} tokens / "
+        f"${nusd_to_usd(need.nusd)}, and {tokens_left if tokens_left is not None else 'no limit'}"
+        f" tokens / ${left_usd if left_usd is not None else 'no limit'} are left")
+    return BudgetExceeded(
+        f"budget of agent '{budget.agent_id}' {what}; raise it with `aimesh budgets set`",
+        agent_id=budget.agent_id, needed_tokens=need.tokens,
+        needed_usd=str(nusd_to_usd(need.nusd)), left_tokens=tokens_left, left_usd=left_usd,
+        reason=reason,
+    )
+
+
+def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
+            need: Estimate) -> Held | None:
+    """Hold `need` against the agent's budget for one call; None if the agent has no budget.
+
+    Idempotent: a call_key already reserved or settled returns what is held; a released
+    one is reserved again. Raises BudgetExceeded (and audits 'denied') if it cannot fit.
+    """
+    denial: BudgetExceeded | None = None
+    with session_scope() as session:
+        held = session.get(ReservationRow, call_key, with_for_update=True)
+        if held is not None and held.state != "released":
+            return Held(call_key, held.tokens, held.nusd, held.state)
+        budget = session.scalars(
+            select(BudgetRow).where(BudgetRow.agent_id == agent_id).with_for_update()
+        ).one_or_none()
+        if budget is None:
+            return None
+        roll_period(session, budget)
+        reason = _refusal(budget, need)
+        if reason is not None:
+            denial = _deny(budget, need, reason, message_id, endpoint_id)
+        else:
+            now = utcnow()
+            budget.reserved_tokens += need.tokens
+            budget.reserved_nusd += need.nusd
+            budget.updated_at = now
+            if held is None:
+                held = ReservationRow(call_key=call_key, agent_id=agent_id,
+                                      message_id=message_id, created_at=now)
+                session.add(held)
+            held.endpoint_id, held.tokens, held.nusd = endpoint_id, need.tokens, need.nusd
+            held.state, held.called_at, held.closed_at = "reserved", None, None
+            return Held(call_key, need.tokens, need.nusd, "reserved")
+    raise denial
+
+
+def claim(call_key: str) -> ClaimState:
+    """Mark a reservation as about to be called; say what state it was found in."""
+    with session_scope() as session:
+        held = session.get(ReservationRow, call_key, with_for_update=True)
+        if held is None:
+            return "missing"
+        if held.state != "reserved":
+            return "settled" if held.state == "settled" else "released"
+        if held.called_at is not None:
+            return "called_before"
+        held.called_at = utcnow()
+        return "claimed"
+
+
+def settle(call_key: str, tokens: int, nusd: int, *, kind: str = "call") -> bool:
+    """Charge the actual usage, release the rest, write the ledger row; False if the
+    reservation was already settled or released (nothing changes)."""
+    with session_scope() as session:
+        held = session.get(ReservationRow, call_key, with_for_update=True)
+        if held is None or held.state != "reserved":
+            return False
+        budget = session.get(BudgetRow, held.agent_id, with_for_update=True)
+        now = utcnow()
+        if budget is not None:
+            roll_period(session, budget)
+            budget.reserved_tokens -= held.tokens
+            budget.reserved_nusd -= held.nusd
+            budget.spent_tokens += tokens
+            budget.spent_nusd += nusd
+            budget.updated_at = now
+        held.state, held.closed_at = "settled", now
+        session.add(LedgerRow(call_key=call_key, agent_id=held.agent_id,
+                              message_id=held.message_id, endpoint_id=held.endpoint_id,
+                              tokens=tokens, nusd=nusd, kind=kind, created_at=now))
+        return True
+
+
+def release(call_key: str, *, only_if_uncalled: bool = False) -> bool:
+    """Give a reservation back untouched (the call was certainly not made)."""
+    with session_scope() as session:
+        held = session.get(ReservationRow, call_key, with_for_update=True)
+        if held is None or held.state != "reserved":
+            return False
+        if only_if_uncalled and held.called_at is not None:
+            return False
+        budget = session.get(BudgetRow, held.agent_id, with_for_update=True)
+        if budget is not None:
+            budget.reserved_tokens -= held.tokens
+            budget.reserved_nusd -= held.nusd
+            budget.updated_at = utcnow()
+        held.state, held.closed_at = "released", utcnow()
+        return True
+
+
+def reap_one(call_key: str, journal_usage: tuple[int, int] | None) -> str:
+    """Close one stale reservation: settle at the journal's usage when the call finished,
+    at the estimate when the provider may have been called, release when it was not."""
+    with session_scope() as session:
+        held = session.get(ReservationRow, call_key, with_for_update=True)
+        if held is None or held.state != "reserved":
+            return "gone"
+        called = held.called_at is not None
+    if journal_usage is not None:
+        settle(call_key, *journal_usage, kind="reaped")
+        return "settled_actual"
+    if called:
+        settle(call_key, held.tokens, held.nusd, kind="reaped")
+        return "settled_estimate"
+    return "released" if release(call_key, only_if_uncalled=True) else "raced"
+
+
+def stale_reservations(older_than_s: float, limit: int = 500) -> list[str]:
+    """Call keys of reservations still held after `older_than_s` seconds."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    with session_scope() as session:
+        return list(session.scalars(
+            select(ReservationRow.call_key)
+            .where(ReservationRow.state == "reserved", ReservationRow.created_at < cutoff)
+            .order_by(ReservationRow.created_at).limit(limit)
+        ))
+
+
+def estimate_of(call_key: str) -> Held | None:
+    """The reservation of a call key, whatever its state."""
+    with session_scope() as session:
+        held = session.get(ReservationRow, call_key)
+        return None if held is None else Held(call_key, held.tokens, held.nusd, held.state)

@@ -1,0 +1,32 @@
+"""The reaper: close reservations whose task died or whose message expired in the queue.
+
+A reservation still held after AIMESH_RESERVATION_TIMEOUT_S (longer than the broker's
+visibility timeout plus the hard time limit, so any redelivery has happened) is decided:
+- the call journal has its answer   → settle at the provider's actual usage;
+- it was claimed (called_at is set) → the provider may have been called: settle at the
+  estimate, an upper bound, so the budget is never under-charged;
+- never claimed                     → the call was certainly not made: release it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from aimesh_tasks.budgets.ledger import reap_one, stale_reservations
+from aimesh_tasks.pipeline import journal
+from aimesh_tasks.settings import get_settings
+
+
+def reap(older_than_s: float | None = None) -> dict[str, int]:
+    """Close every stale reservation; how many went each way."""
+    if older_than_s is None:
+        older_than_s = get_settings().reservation_timeout_s
+    outcomes: Counter[str] = Counter()
+    for call_key in stale_reservations(older_than_s):
+        found = journal.lookup(call_key)
+        usage = None
+        if found is not None:
+            completion, cost_nusd = found
+            usage = (completion.input_tokens + completion.output_tokens, cost_nusd)
+        outcomes[reap_one(call_key, usage)] += 1
+    return dict(outcomes)

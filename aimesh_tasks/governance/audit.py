@@ -1,0 +1,45 @@
+"""Audit: one record per decision about a message, written through the outbox.
+
+Events: rejected (invalid message), denied (budget), routed (with scores), completed,
+failed; later issues add cached, rate_limited, acl_denied. A record is in Redis before
+the task that made the decision is acked, so a killed worker loses none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aimesh_tasks import outbox
+from aimesh_tasks.messages import utcnow
+
+EVENTS = frozenset({"rejected", "denied", "routed", "completed", "failed"})
+
+
+def audit(
+    event: str,
+    *,
+    message_id: str,
+    agent_id: str,
+    endpoint_id: str | None = None,
+    tokens: int = 0,
+    cost_nusd: int = 0,
+    reason: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """Record one decision."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown audit event '{event}'; known: {', '.join(sorted(EVENTS))}")
+    outbox.append(
+        "audit",
+        {
+            "event": event,
+            "message_id": message_id[:128],
+            "agent_id": agent_id[:64],
+            "endpoint_id": endpoint_id,
+            "tokens": tokens,
+            "cost_nusd": cost_nusd,
+            "reason": reason[:512] if reason else None,
+            "detail": detail or {},
+            "created_at": utcnow(),
+        },
+    )
