@@ -28,15 +28,19 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_RESERVATION_TIMEOUT_S      | 4000                | held reservations are reaped after|
 | AIMESH_REAPER_INTERVAL_S          | 60                  | how often each worker reaps       |
 | AIMESH_OUTBOX_FLUSH_INTERVAL_S    | 0.2                 | outbox → database flush period    |
-| AIMESH_FAILPOINTS                 | (empty)             | tests: 'name=seconds' pauses      |
+| AIMESH_FAILPOINTS                 | (empty)             | tests: 'name@agent=s' pauses      |
 | AIMESH_LOG_LEVEL                  | INFO                | level of the aimesh_tasks loggers |
+| AIMESH_LOG_PROMPTS                | false               | put prompt text in decision logs  |
+| AIMESH_WORKER_METRICS_PORT        | 0                   | worker node /metrics port; 0 = off|
+| AIMESH_METRICS_AGENT_LABELS       | 0                   | agents labelled per process; 0=off|
+| AIMESH_FLOWER_BASIC_AUTH          | (empty)             | 'user:password' for aimesh flower |
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aimesh_tasks.errors import ConfigError
@@ -84,9 +88,24 @@ class Settings(BaseSettings):
         0.2, gt=0, description="How often each worker moves outbox records to the database."
     )
     failpoints: str = Field(
-        "", description="Test hook: 'name=seconds,...' pauses at named points (never in prod)."
+        "", description="Test hook: 'name@agent=seconds,...' pauses once at a named point."
     )
     log_level: str = Field("INFO", description="Log level of aimesh_tasks loggers.")
+    log_prompts: bool = Field(
+        False, description="Put prompt text in the decision logs (off: prompts never logged)."
+    )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535,
+        description="Each worker node serves Prometheus /metrics on this port; 0 = off.",
+    )
+    metrics_agent_labels: int = Field(
+        0, ge=0, le=1000,
+        description="Distinct agent ids given their own metric label per process (others: "
+        "'_other'); 0 = no per-agent metrics.",
+    )
+    flower_basic_auth: SecretStr | None = Field(
+        None, description="'user:password[,user:password]' that `aimesh flower` requires."
+    )
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> Settings:

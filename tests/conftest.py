@@ -33,6 +33,8 @@ TEST_ENV = {
     "AIMESH_DATABASE_URL": DATABASE,
     "AIMESH_FOLLOW_INTERVAL_S": "0.2",
     "AIMESH_HEALTH_RETRY_S": "30",
+    # Budget kill tests pause these agents' messages at one point each (aimesh_tasks.failpoints).
+    "AIMESH_FAILPOINTS": "after_reserve@kill-after-reserve=20,before_settle@kill-before-settle=20",
 }
 os.environ.update(TEST_ENV)  # before aimesh_tasks reads its settings
 
@@ -172,12 +174,12 @@ def start_workers(specs: list[tuple[str, list[str]]], env: dict[str, str] | None
 
 @pytest.fixture(scope="session")
 def workers(database: str) -> Iterator[list[WorkerProcess]]:
-    """A router worker (plain `celery worker`, threads) and an endpoint worker (`aimesh
-    worker`, prefork) that follows the registry."""
+    """A router worker (plain `celery worker`) and an endpoint worker (`aimesh worker`)
+    that follows the registry; both prefork, so a test can SIGKILL one child process."""
     redis.Redis.from_url(f"{REDIS}/{BROKER_DB}").flushdb()
     started = start_workers([
         (f"router-{uuid.uuid4().hex[:6]}",
-         ["celery", "-Q", "aimesh.route", "-P", "threads", "-c", "8"]),
+         ["celery", "-Q", "aimesh.route", "-P", "prefork", "-c", "4"]),
         (f"endpoints-{uuid.uuid4().hex[:6]}", ["--endpoints", "all", "-P", "prefork", "-c", "3"]),
     ])
     yield started

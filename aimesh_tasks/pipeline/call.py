@@ -107,7 +107,7 @@ def attempt_call(message: AiMessage, endpoint: Endpoint, attempt_no: int, *, met
     cost_nusd = cost_of(endpoint, completion) if completion else 0
     if completion is not None:
         journal.record(call_key, completion, cost_nusd)
-    failpoint("before_settle")
+    failpoint("before_settle", message.agent_id)
     if metered:
         used = completion.input_tokens + completion.output_tokens if completion else 0
         settle(call_key, used, cost_nusd)

@@ -61,5 +61,5 @@ def admit(message: AiMessage, decision: RoutingDecision) -> bool:
     winner = decision.winner
     held = reserve(message.agent_id, message.id, winner.id, keys.call_key(message.id, 0),
                    worst_case(message, winner))
-    failpoint("after_reserve")
+    failpoint("after_reserve", message.agent_id)
     return held is not None

@@ -113,6 +113,9 @@ class EndpointSpec(BaseModel):
     @field_validator("input_usd_per_1k", "output_usd_per_1k", mode="before")
     @classmethod
     def _exact_price(cls, value: Any) -> Decimal:
+        if value is None:
+            raise ValueError("a price is required: an unpriced model would run unmetered, "
+                             "so it is refused (give 0 for a free local model)")
         usd_to_nusd(value, field="price")
         return Decimal(str(value)) if not isinstance(value, Decimal) else value
 

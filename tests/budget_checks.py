@@ -1,0 +1,40 @@
+"""The budget invariants as SQL, checked at the end of every budget test."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from aimesh_tasks import outbox
+from aimesh_tasks.db import get_engine
+
+INVARIANTS = {
+    "ledger sum equals spent (plus what period resets set aside), per agent": """
+        SELECT b.agent_id FROM budgets b
+        LEFT JOIN (SELECT agent_id, SUM(tokens) t, SUM(nusd) n FROM budget_ledger
+                   GROUP BY agent_id) l ON l.agent_id = b.agent_id
+        LEFT JOIN (SELECT agent_id, SUM(spent_tokens) t, SUM(spent_nusd) n FROM budget_resets
+                   GROUP BY agent_id) r ON r.agent_id = b.agent_id
+        WHERE COALESCE(l.t, 0) <> b.spent_tokens + COALESCE(r.t, 0)
+           OR COALESCE(l.n, 0) <> b.spent_nusd + COALESCE(r.n, 0)""",
+    "at most one settlement per call key": """
+        SELECT call_key FROM budget_ledger GROUP BY call_key HAVING COUNT(*) > 1""",
+    "nothing reserved at rest": """
+        SELECT agent_id FROM budgets WHERE reserved_tokens <> 0 OR reserved_nusd <> 0
+        UNION ALL SELECT call_key FROM budget_reservations WHERE state = 'reserved'""",
+    "spent within the limit": """
+        SELECT agent_id FROM budgets
+        WHERE (token_limit IS NOT NULL AND spent_tokens > token_limit)
+           OR (usd_limit_nusd IS NOT NULL AND spent_nusd > usd_limit_nusd)""",
+}
+
+
+def assert_budget_invariants() -> None:
+    """Fail naming every invariant that some row breaks."""
+    outbox.flush(wait_s=10)
+    broken = {}
+    with get_engine().connect() as connection:
+        for name, query in INVARIANTS.items():
+            rows = connection.execute(text(query)).fetchall()
+            if rows:
+                broken[name] = [tuple(r) for r in rows][:5]
+    assert not broken, f"budget invariants broken: {broken}"
