@@ -275,3 +275,23 @@ def test_unknown_agent_unpriced_model_and_huge_max_tokens_are_clear_errors(clean
         submit(agent_id="a", prompt="x", max_tokens=10**9)
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(LedgerRow)) == 0
+
+
+def test_budgets_cli_sets_and_shows_and_refuses_bad_input(clean: None) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from aimesh_tasks.cli.main import cli
+
+    runner = CliRunner()
+    agent = _agent("cli-budget")
+    done = runner.invoke(cli, ["budgets", "set", agent, "--tokens", "500", "--usd", "1.25",
+                               "--period", "monthly"])
+    assert done.exit_code == 0, done.output
+    shown = runner.invoke(cli, ["budgets", "show", agent, "--json"])
+    view = json.loads(shown.output)
+    assert (view["token_limit"], view["usd_limit"], view["period"]) == (500, "1.25", "monthly")
+    bad = runner.invoke(cli, ["budgets", "set", agent, "--usd", "lots"])
+    assert bad.exit_code == 2 and "usd: 'lots' is not a decimal number" in bad.stderr
+    assert get_budget(agent).usd_limit == Decimal("1.25")
