@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import sys
-
 import typer
 
-from aimesh_tasks.cli import db, demo, endpoints, simulate, worker
-from aimesh_tasks.errors import AimeshError
+from aimesh_tasks.cli import agents, budgets, db, demo, endpoints, enqueue, report, simulate, worker
+from aimesh_tasks.cli.shell import AimeshGroup
 
 cli = typer.Typer(
     name="aimesh",
-    help="aimesh-tasks: a task queue for AI agents' LLM calls, on Celery.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=AimeshGroup,
+    rich_markup_mode="markdown",
 )
 cli.add_typer(db.cli, name="db")
 cli.add_typer(endpoints.cli, name="endpoints")
+cli.add_typer(agents.cli, name="agents")
+cli.add_typer(budgets.cli, name="budgets")
+cli.command("enqueue")(enqueue.enqueue)
+cli.command("report")(report.report)
 cli.command(
     "worker", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
 )(worker.worker)
@@ -38,13 +41,26 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    """aimesh-tasks: route AI agents' messages to LLM endpoints through Celery."""
+    """Route AI agents' LLM calls to the best endpoint through Celery queues.
+
+    **Try it, no servers needed:** `aimesh demo` (three simulated endpoints, 200
+    messages, a cost report).
+
+    **Your own messages:** `aimesh simulate --port 8000 &`, then
+    `aimesh endpoints add sim --url http://127.0.0.1:8000 --model sim --input-price 0.001
+    --output-price 0.002`, then `aimesh enqueue "Hello" --wait`, then `aimesh report`.
+
+    With no AIMESH_* variables everything runs embedded in this process (SQLite file
+    ./aimesh.db, in-memory broker). For a cluster, set AIMESH_BROKER_URL,
+    AIMESH_RESULT_BACKEND, AIMESH_REDIS_URL and AIMESH_DATABASE_URL to Redis and
+    Postgres, run `aimesh db upgrade`, and start `aimesh worker --router` and
+    `aimesh worker --endpoints all`.
+
+    Exit codes: 0 done; 1 some messages were refused or failed; 2 bad input, an
+    unknown id or an unreachable server (one `error:` line on stderr).
+    """
 
 
 def main() -> None:
-    """Run the CLI; an AimeshError becomes one line on stderr and exit code 2."""
-    try:
-        cli()
-    except AimeshError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        sys.exit(2)
+    """Run the CLI (errors a user can fix become one line on stderr, see cli.shell)."""
+    cli()
