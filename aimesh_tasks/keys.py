@@ -65,3 +65,28 @@ def call_key(message_id: str, attempt: int) -> str:
 def failpoint(name: str) -> str:
     """Set to the pid of the process paused at a test failpoint."""
     return f"{PREFIX}:failpoint:{name}"
+
+
+def cache_entry(request_key: str) -> str:
+    """A cached AiResult (JSON) for a request key, with a TTL."""
+    return f"{PREFIX}:cache:{request_key}"
+
+
+def flight(request_key: str) -> str:
+    """The single-flight leader's fencing token for a request key, with a lease TTL."""
+    return f"{PREFIX}:flight:{request_key}"
+
+
+def flight_followers(request_key: str) -> str:
+    """Messages waiting for the leader of a request key (JSON, in arrival order)."""
+    return f"{PREFIX}:flight:{request_key}:followers"
+
+
+def flight_tokens() -> str:
+    """Counter handing out single-flight fencing tokens."""
+    return f"{PREFIX}:flight:tokens"
+
+
+def dedup_counters() -> str:
+    """Hash of dedup counters: hits, misses, joins, semantic_hits."""
+    return f"{PREFIX}:dedup:counters"

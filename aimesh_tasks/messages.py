@@ -89,6 +89,10 @@ class AiMessage(BaseModel):
     | idempotency_key | caller's key: the same key is the same request                 |
     | temperature ... | output-affecting parameters passed to the provider             |
     | metadata        | flat dict of caller data, carried to the result and audit      |
+    | no_cache        | do not answer from the cache (still stored unless no_store)    |
+    | no_store        | do not store this answer in the cache                          |
+    | cache_ttl_s     | this answer's cache TTL (default AIMESH_DEDUP_TTL_SECS)        |
+    | cache_group     | share cached answers with a group (AIMESH_CACHE_GROUPS member) |
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -108,6 +112,10 @@ class AiMessage(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: list[str] | None = Field(None, max_length=4)
     metadata: dict[str, MetadataValue] = Field(default_factory=dict, max_length=64)
+    no_cache: bool = False
+    no_store: bool = False
+    cache_ttl_s: int | None = Field(None, ge=1, le=30 * 86400)
+    cache_group: str | None = Field(None, min_length=1, max_length=64)
     submitted_at: datetime = Field(default_factory=utcnow)
 
     @field_validator("agent_id")
@@ -202,6 +210,8 @@ class AiResult(BaseModel):
     queue_wait_ms: float
     processing_ms: float
     cached: bool = False
+    dedup: bool = False
+    cost_saved_usd: Decimal = Decimal(0)
     request_id: str | None = None
     submitted_at: datetime
     started_at: datetime
@@ -209,7 +219,7 @@ class AiResult(BaseModel):
     attempts: list[Attempt] = Field(default_factory=list)
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
 
-    @field_serializer("cost_usd")
+    @field_serializer("cost_usd", "cost_saved_usd")
     def _exact_cost(self, value: Decimal) -> str:
         return format(value, "f")
 

@@ -10,6 +10,8 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_DATABASE_URL               | sqlite:///aimesh.db | endpoints, agents, decisions      |
 | AIMESH_REDIS_URL                  | memory://           | live figures; memory:// = in-proc |
 | AIMESH_DEDUP_TTL_SECS             | 300                 | cache TTL (also DEDUP_TTL_SECS)   |
+| AIMESH_CACHE_GROUPS               | (empty)             | 'group=agent-a,agent-b;...'       |
+| AIMESH_SINGLE_FLIGHT_LEASE_S      | 120                 | a silent leader is replaced after |
 | AIMESH_ROUTE_WEIGHT_COST          | 0.4                 | weight of normalised cost         |
 | AIMESH_ROUTE_WEIGHT_LOAD          | 0.3                 | weight of normalised load         |
 | AIMESH_ROUTE_WEIGHT_LATENCY       | 0.3                 | weight of normalised p50 latency  |
@@ -62,6 +64,12 @@ class Settings(BaseSettings):
         ge=0,
         validation_alias=AliasChoices("AIMESH_DEDUP_TTL_SECS", "DEDUP_TTL_SECS"),
         description="Result-cache TTL in seconds (DEDUP_TTL_SECS is the original name).",
+    )
+    cache_groups: str = Field(
+        "", description="Agents sharing cached answers: 'group=agent-a,agent-b;other=...'."
+    )
+    single_flight_lease_s: float = Field(
+        120, gt=0, description="A single-flight leader that has not finished by then is replaced."
     )
     route_weight_cost: float = Field(0.4, ge=0, description="Weight of cost in the score.")
     route_weight_load: float = Field(0.3, ge=0, description="Weight of load in the score.")
@@ -122,6 +130,15 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when the broker is in-process: one process, no servers."""
         return self.broker_url.startswith(MEMORY_URL)
+
+    @property
+    def cache_group_members(self) -> dict[str, frozenset[str]]:
+        """AIMESH_CACHE_GROUPS as {group: agents}."""
+        groups: dict[str, frozenset[str]] = {}
+        for item in filter(None, self.cache_groups.split(";")):
+            name, _, members = item.partition("=")
+            groups[name.strip()] = frozenset(m.strip() for m in members.split(",") if m.strip())
+        return groups
 
     @property
     def route_weights(self) -> tuple[float, float, float]:

@@ -74,10 +74,12 @@ def test_race_admits_what_fits_never_overspends_never_falsely_rejects(
     sim = simulator(completion_tokens=8)
     target = endpoint(sim, "race", price_in="0.001", price_out="0.002", capacity=1000)
     agent = _agent(f"race{round_no}")
-    need = worst_case(parse_message({"agent_id": agent, "prompt": PROMPT, "max_tokens": 64}),
-                      target)
+    need = worst_case(parse_message({"agent_id": agent, "prompt": f"{PROMPT} #000",
+                                     "max_tokens": 64}), target)
     set_budget(agent, tokens=10 * need.tokens)
-    pending = [submit(agent_id=agent, prompt=PROMPT, max_tokens=64) for _ in range(200)]
+    # distinct prompts of one length: equal estimates, and no answer from the cache
+    pending = [submit(agent_id=agent, prompt=f"{PROMPT} #{n:03d}", max_tokens=64)
+               for n in range(200)]
     done, denied = _outcomes(pending)
     assert len(done) + len(denied) == 200
     assert len(done) >= 10
@@ -143,7 +145,8 @@ def test_redelivered_message_is_charged_once(simulator: Sim, endpoint: MakeEndpo
     endpoint(sim, "redeliver")
     agent = _agent("redeliver")
     set_budget(agent, tokens=100_000)
-    message = parse_message({"agent_id": agent, "prompt": PROMPT, "max_tokens": 32})
+    message = parse_message({"agent_id": agent, "prompt": PROMPT, "max_tokens": 32,
+                             "no_cache": True, "no_store": True})  # the ledger alone dedups
     first = submit(message).get(timeout=30)
     again = submit(message.to_json_dict()).get(timeout=30)  # the same message, published again
     assert again["text"] == first["text"] and again["message_id"] == first["message_id"]
@@ -230,10 +233,10 @@ def test_rolling_period_reset_is_recorded(simulator: Sim, endpoint: MakeEndpoint
     endpoint(sim, "rolling")
     agent = _agent("rolling")
     set_budget(agent, tokens=100_000, period="rolling", rolling_s=1)
-    submit(agent_id=agent, prompt=PROMPT).get(timeout=30)
+    submit(agent_id=agent, prompt=PROMPT, no_cache=True).get(timeout=30)
     spent = get_budget(agent).spent_tokens
     time.sleep(1.2)
-    submit(agent_id=agent, prompt=PROMPT).get(timeout=30)
+    submit(agent_id=agent, prompt=PROMPT, no_cache=True).get(timeout=30)
     from aimesh_tasks.db import BudgetResetRow
 
     with session_scope() as session:

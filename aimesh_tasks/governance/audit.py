@@ -1,7 +1,8 @@
 """Audit: one record per decision about a message, written through the outbox.
 
-Events: rejected (invalid message), denied (budget), routed (with scores), completed,
-failed; later issues add cached, rate_limited, acl_denied. A record is in Redis before
+Events: rejected (invalid message), denied (budget), routed (with scores), cached (an
+exact or semantic cache hit, or a single-flight join), completed, failed; later issues
+add rate_limited and acl_denied. A record is in Redis before
 the task that made the decision is acked, so a killed worker loses none.
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 from aimesh_tasks import outbox
 from aimesh_tasks.messages import utcnow
 
-EVENTS = frozenset({"rejected", "denied", "routed", "completed", "failed"})
+EVENTS = frozenset({"rejected", "denied", "routed", "cached", "completed", "failed"})
 
 
 def audit(

@@ -16,6 +16,7 @@ from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage, Attempt, utcnow
 from aimesh_tasks.money import usd_to_nusd
 from aimesh_tasks.pipeline.call import attempt_call, build_result, endpoint_from_args
+from aimesh_tasks.tasks.flight import end_flight
 
 
 def _final_error(message: AiMessage, error: ProviderError, past: list[Attempt]) -> AimeshError:
@@ -44,6 +45,7 @@ def call_endpoint(
     attempts: list[dict[str, Any]] | None = None,
     started_at: str | None = None,
     metered: bool = False,
+    flight: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Call route[0]; on a retryable failure, replace this task by a call to route[1]."""
     parsed = AiMessage.model_validate(message)
@@ -58,9 +60,11 @@ def call_endpoint(
               endpoint_id=endpoint.id, tokens=result.input_tokens + result.output_tokens,
               cost_nusd=usd_to_nusd(result.cost_usd))
         events.message_completed.send(sender=call_endpoint, message=parsed, result=result)
+        end_flight(flight, result)
         return result.to_json_dict()
     assert error is not None
     if not (error.retryable and len(route) > 1):
+        end_flight(flight, None)
         raise _fail(parsed, _final_error(parsed, error, past))
     fallback = endpoint_from_args(route[1])
     if metered:  # the fallback is another call: re-priced at its own endpoint
@@ -68,11 +72,12 @@ def call_endpoint(
             reserve(parsed.agent_id, parsed.id, fallback.id, keys.call_key(parsed.id, len(past)),
                     worst_case(parsed, fallback))
         except AimeshError as exc:
+            end_flight(flight, None)
             raise _fail(parsed, exc) from None
     raise self.replace(call_endpoint.signature(
         (message, route[1:], [a.model_dump(mode="json") for a in past],
          first_started.isoformat()),
-        {"metered": metered},
+        {"metered": metered, "flight": flight},
         queue=fallback.queue,
         expires=parsed.deadline,
     ))

@@ -6,16 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Ignore
 from celery.result import AsyncResult
 
 from aimesh_tasks.app import app
-from aimesh_tasks.errors import InvalidMessage
+from aimesh_tasks.errors import AimeshError, InvalidMessage
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.messages import AiMessage, parse_message
 from aimesh_tasks.pipeline.call import endpoint_to_args
+from aimesh_tasks.pipeline.dedup import answer_from_cache, join_flight
 from aimesh_tasks.pipeline.route import admit, plan_route
 from aimesh_tasks.tasks.call import call_endpoint
+from aimesh_tasks.tasks.flight import end_flight
 
 
 def validate_or_audit(data: Any) -> AiMessage:
@@ -46,13 +49,23 @@ class RouteTask(Task):  # type: ignore[misc]
 
 @app.task(name="aimesh.route", base=RouteTask, bind=True)
 def route_message(self: Task, message: dict[str, Any]) -> Any:
-    """Route the message and replace this task by the call on the winner's queue."""
+    """Answer from cache, join an identical message in flight, or route the message and
+    replace this task by the call on the winner's queue."""
     parsed = AiMessage.model_validate(message)
-    decision = plan_route(parsed)
-    metered = admit(parsed, decision)
+    joined, flight = join_flight(parsed, self.request.id)
+    if joined.decision == "hit":
+        return answer_from_cache(parsed, joined.cached or {})
+    if joined.decision == "follow":
+        raise Ignore()  # the leader stores this task's result when it has the answer
+    try:
+        decision = plan_route(parsed)
+        metered = admit(parsed, decision)
+    except AimeshError:
+        end_flight(flight, None)
+        raise
     call = call_endpoint.signature(
         (message, [endpoint_to_args(e) for e in decision.route]),
-        {"metered": metered},
+        {"metered": metered, "flight": flight},
         queue=decision.winner.queue,
         expires=parsed.deadline,
     )

@@ -1,0 +1,155 @@
+"""Exact result cache and single-flight, in Redis, shared by every worker.
+
+`join()` decides, atomically in one Lua call, what a message does:
+- `hit`: an answer for its request key is cached → answer from it, no call, no charge;
+- `follow`: an identical message is in flight → the message is added to the leader's
+  followers and its task ends; the leader stores the answer for every follower when it
+  finishes (no polling, no worker slot held while waiting);
+- `lead`: nothing cached or in flight → it leads, holding a lease with a fencing token.
+
+`finish()`, also one Lua call, stores the answer (unless the leader's message said
+no_store, or the answer is an error or truncated), ends the lease if it is still the
+leader's own, and hands back the followers to be answered. A leader whose lease ran out
+(its worker died and the message was not redelivered in time) is replaced by its first
+follower (`sweep_orphans`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import redis
+from redis.commands.core import Script
+
+from aimesh_tasks import keys
+from aimesh_tasks.redis_client import get_redis
+
+# KEYS: entry, flight, followers, counters, tokens.
+# ARGV: follower_json, lease_ms, lookup (1/0), task_id. The flight holds 'token|task_id'.
+_JOIN = """
+if ARGV[3] == '1' then
+  local cached = redis.call('GET', KEYS[1])
+  if cached then
+    redis.call('HINCRBY', KEYS[4], 'hits', 1)
+    return {'hit', cached}
+  end
+  local leader = redis.call('GET', KEYS[2])
+  if leader then
+    local sep = string.find(leader, '|', 1, true)
+    if string.sub(leader, sep + 1) == ARGV[4] then
+      return {'lead', leader}
+    end
+    redis.call('RPUSH', KEYS[3], ARGV[1])
+    redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[2]) * 4)
+    redis.call('HINCRBY', KEYS[4], 'joins', 1)
+    return {'follow', leader}
+  end
+  redis.call('HINCRBY', KEYS[4], 'misses', 1)
+end
+local token = redis.call('INCR', KEYS[5]) .. '|' .. ARGV[4]
+redis.call('SET', KEYS[2], token, 'PX', ARGV[2])
+return {'lead', token}
+"""
+
+# KEYS: entry, flight, followers. ARGV: token, result_json ('' = nothing to store), ttl_s
+_FINISH = """
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+local followers = redis.call('LRANGE', KEYS[3], 0, -1)
+redis.call('DEL', KEYS[3])
+return followers
+"""
+
+# KEYS: flight, followers, tokens. ARGV: lease_ms. Promote the first follower of an
+# orphaned flight (no leader lease left) to leader.
+_ADOPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local first = redis.call('LPOP', KEYS[2])
+if not first then return false end
+local token = redis.call('INCR', KEYS[3]) .. '|' .. cjson.decode(first)['task_id']
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+return {first, token}
+"""
+
+Decision = Literal["hit", "follow", "lead"]
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """What join() decided; `cached` is the cached AiResult dict on a hit, `token` the
+    leader's fencing token when leading."""
+
+    decision: Decision
+    cached: dict[str, Any] | None = None
+    token: str | None = None
+
+
+@lru_cache(maxsize=12)
+def _script(client: redis.Redis, source: str) -> Script:
+    return client.register_script(source)
+
+
+def join(request_key: str, follower: dict[str, Any], *, lease_s: float, lookup: bool = True
+         ) -> Joined:
+    """Hit the cache, follow the leader, or lead (lookup=False: always lead, no waiting).
+    `follower` is {"task_id", "message"}; a redelivered leader finds its own lease."""
+    client = get_redis()
+    decision, value = _script(client, _JOIN)(
+        keys=[keys.cache_entry(request_key), keys.flight(request_key),
+              keys.flight_followers(request_key), keys.dedup_counters(), keys.flight_tokens()],
+        args=[json.dumps(follower), int(lease_s * 1000), "1" if lookup else "0",
+              follower["task_id"]],
+    )
+    if decision == "hit":
+        return Joined("hit", cached=json.loads(value))
+    if decision == "follow":
+        return Joined("follow")
+    return Joined("lead", token=str(value))
+
+
+def finish(request_key: str, token: str, result: dict[str, Any] | None, ttl_s: int
+           ) -> list[dict[str, Any]]:
+    """Store `result` (None: store nothing), end the lease, return the followers."""
+    client = get_redis()
+    followers = _script(client, _FINISH)(
+        keys=[keys.cache_entry(request_key), keys.flight(request_key),
+              keys.flight_followers(request_key)],
+        args=[token, json.dumps(result) if result is not None else "", ttl_s],
+    )
+    return [json.loads(f) for f in followers]
+
+
+def adopt_orphan(request_key: str, lease_s: float) -> tuple[dict[str, Any], str] | None:
+    """If the flight has followers but no leader, make the first follower leader."""
+    client = get_redis()
+    adopted = _script(client, _ADOPT)(
+        keys=[keys.flight(request_key), keys.flight_followers(request_key), keys.flight_tokens()],
+        args=[int(lease_s * 1000)],
+    )
+    if not adopted:
+        return None
+    return json.loads(adopted[0]), str(adopted[1])
+
+
+def orphaned_flights() -> list[str]:
+    """Request keys with waiting followers whose leader's lease is gone."""
+    client = get_redis()
+    found = []
+    for name in client.scan_iter(match=keys.flight_followers("*"), count=500):
+        request_key = name[len(keys.flight("")):-len(":followers")]
+        if not client.exists(keys.flight(request_key)):
+            found.append(request_key)
+    return found
+
+
+def counters() -> dict[str, int]:
+    """Dedup counters since Redis started: hits, misses, joins, semantic_hits."""
+    raw = get_redis().hgetall(keys.dedup_counters())
+    return {name: int(raw.get(name, 0)) for name in ("hits", "misses", "joins", "semantic_hits")}

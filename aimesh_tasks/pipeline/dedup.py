@@ -1,0 +1,60 @@
+"""Dedup on the message path: answer from cache, join an identical call, or lead one."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from aimesh_tasks.dedup import cache
+from aimesh_tasks.dedup.request_key import cache_scope, request_key
+from aimesh_tasks.governance.audit import audit
+from aimesh_tasks.messages import AiMessage, AiResult, utcnow
+from aimesh_tasks.money import usd_to_nusd
+from aimesh_tasks.settings import get_settings
+
+
+def join_flight(message: AiMessage, task_id: str) -> tuple[cache.Joined, dict[str, Any]]:
+    """Join the message's flight; the decision and the flight plan the call task carries."""
+    settings = get_settings()
+    key = request_key(message, cache_scope(message, settings.cache_group_members))
+    joined = cache.join(key, {"task_id": task_id, "message": message.to_json_dict()},
+                        lease_s=settings.single_flight_lease_s, lookup=not message.no_cache)
+    if joined.decision == "follow":
+        audit("cached", message_id=message.id, agent_id=message.agent_id,
+              reason="single_flight", detail={"request_key": key})
+    plan = {"key": key, "token": joined.token, "store": not message.no_store,
+            "ttl_s": message.cache_ttl_s or settings.dedup_ttl_secs}
+    return joined, plan
+
+
+def _reissued(result: dict[str, Any], message: AiMessage, **flags: bool) -> dict[str, Any]:
+    original = AiResult.model_validate(result)
+    now = utcnow()
+    return original.model_copy(update={
+        "message_id": message.id, "agent_id": message.agent_id, "metadata": message.metadata,
+        "cost_usd": Decimal(0), "cost_saved_usd": original.cost_usd + original.cost_saved_usd,
+        "submitted_at": message.submitted_at, "started_at": now, "finished_at": now,
+        "queue_wait_ms": round((now - message.submitted_at).total_seconds() * 1000, 3),
+        "processing_ms": 0.0, "attempts": [], "cached": False, "dedup": False, **flags,
+    }).to_json_dict()
+
+
+def answer_from_cache(message: AiMessage, cached: dict[str, Any]) -> dict[str, Any]:
+    """The cached answer, re-issued for this message: no call made, nothing charged."""
+    result = _reissued(cached, message, cached=True)
+    audit("cached", message_id=message.id, agent_id=message.agent_id,
+          endpoint_id=result["endpoint_id"], reason="exact",
+          detail={"cost_saved_nusd": usd_to_nusd(result["cost_saved_usd"])})
+    return result
+
+
+def answer_for_follower(result: dict[str, Any], follower: dict[str, Any]) -> dict[str, Any]:
+    """The leader's answer, re-issued for a follower that joined its flight."""
+    return _reissued(result, AiMessage.model_validate(follower["message"]), dedup=True)
+
+
+def finish_flight(plan: dict[str, Any], result: AiResult | None) -> list[dict[str, Any]]:
+    """End the flight; store the answer unless it is an error, truncated or no_store."""
+    storable = (result is not None and plan["store"] and result.finish_reason != "length")
+    stored = result.to_json_dict() if storable and result is not None else None
+    return cache.finish(plan["key"], plan["token"], stored, int(plan["ttl_s"]))
