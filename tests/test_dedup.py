@@ -1,0 +1,152 @@
+"""Dedup end to end: exact cache, single-flight across worker processes, per-message controls.
+
+Real Redis, real worker subprocesses; the simulator's call counter is the truth about
+upstream calls.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select
+
+from aimesh_tasks import submit
+from aimesh_tasks.app import app
+from aimesh_tasks.budgets import set_budget
+from aimesh_tasks.db import LedgerRow, session_scope
+from aimesh_tasks.dedup import cache
+from aimesh_tasks.dedup.request_key import cache_scope, request_key
+from aimesh_tasks.governance.agents import add_agent
+from aimesh_tasks.messages import parse_message
+from aimesh_tasks.registry import Endpoint
+from aimesh_tasks.simulator import RunningSimulator
+from tests.budget_checks import assert_budget_invariants
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+Sim = Callable[..., RunningSimulator]
+MakeEndpoint = Callable[..., Endpoint]
+
+
+def test_request_key_covers_what_shapes_the_answer_and_nothing_else() -> None:
+    base = {"agent_id": "a", "prompt": "What is the capital of France?", "max_tokens": 50}
+    key = request_key(parse_message(base), "agent:a")
+    assert key == request_key(parse_message({**base, "priority": 9, "metadata": {"x": 1}}),
+                              "agent:a")
+    for change in ({"max_tokens": 51}, {"temperature": 0.7}, {"model": "m"},
+                   {"prompt": "What is the capital of Spain?"}, {"stop": ["\n"]}):
+        assert request_key(parse_message({**base, **change}), "agent:a") != key
+    assert request_key(parse_message(base), "agent:b") != key
+    assert len(key) == 64  # blake3, hex
+
+
+def test_cache_groups_are_opt_in_per_member() -> None:
+    groups = {"team": frozenset({"a", "b"})}
+    member = parse_message({"agent_id": "a", "prompt": "x", "cache_group": "team"})
+    outsider = parse_message({"agent_id": "c", "prompt": "x", "cache_group": "team"})
+    assert cache_scope(member, groups) == "group:team"
+    assert cache_scope(outsider, groups) == "agent:c"  # naming a group is not joining it
+
+
+def test_100_identical_messages_make_one_upstream_call(simulator: Sim, endpoint: MakeEndpoint
+                                                       ) -> None:
+    sim = simulator(latency_ms=300)
+    endpoint(sim, "single-flight")
+    before = cache.counters()
+    pending = [submit(agent_id="sf-agent", prompt="Name three prime numbers", max_tokens=20)
+               for _ in range(100)]
+    results = [p.get(timeout=60) for p in pending]
+    assert sim.stats()["calls"] == 1
+    assert len({r["text"] for r in results}) == 1
+    assert len({r["message_id"] for r in results}) == 100
+    leaders = [r for r in results if not r["cached"] and not r["dedup"]]
+    assert len(leaders) == 1 and Decimal(leaders[0]["cost_usd"]) > 0
+    for r in results:
+        if r is not leaders[0]:
+            assert Decimal(r["cost_usd"]) == 0
+            assert Decimal(r["cost_saved_usd"]) == Decimal(leaders[0]["cost_usd"])
+    after = cache.counters()
+    joined_or_hit = (after["joins"] - before["joins"]) + (after["hits"] - before["hits"])
+    assert joined_or_hit == 99
+
+
+def test_cache_is_scoped_per_agent_and_expires(simulator: Sim, endpoint: MakeEndpoint) -> None:
+    sim = simulator()
+    endpoint(sim, "scoped")
+    ask = dict(prompt="Define entropy", max_tokens=20, cache_ttl_s=1)
+    first = submit(agent_id="agent-one", **ask).get(timeout=30)
+    hit = submit(agent_id="agent-one", **ask).get(timeout=30)
+    other = submit(agent_id="agent-two", **ask).get(timeout=30)
+    assert (first["cached"], hit["cached"], other["cached"]) == (False, True, False)
+    assert hit["text"] == first["text"] and sim.stats()["calls"] == 2
+    time.sleep(1.3)
+    assert submit(agent_id="agent-one", **ask).get(timeout=30)["cached"] is False
+    assert sim.stats()["calls"] == 3
+
+
+def test_errors_are_not_cached(simulator: Sim, endpoint: MakeEndpoint) -> None:
+    sim = simulator(error_rate=1.0)
+    endpoint(sim, "flaky-cache")
+    with pytest.raises(Exception, match="HTTP 500"):
+        submit(agent_id="err-agent", prompt="hello", max_tokens=32).get(timeout=30)
+    sim.configure(error_rate=0.0)
+    result = submit(agent_id="err-agent", prompt="hello", max_tokens=32).get(timeout=30)
+    assert result["cached"] is False and sim.stats()["calls"] == 2
+
+
+def test_truncated_answers_are_not_cached(simulator: Sim, endpoint: MakeEndpoint) -> None:
+    sim = simulator(completion_tokens=50)
+    endpoint(sim, "truncating")
+    for _ in range(2):
+        result = submit(agent_id="trunc-agent", prompt="long story", max_tokens=5).get(timeout=30)
+        assert result["finish_reason"] == "length" and result["cached"] is False
+    assert sim.stats()["calls"] == 2
+
+
+def test_no_cache_and_no_store(simulator: Sim, endpoint: MakeEndpoint) -> None:
+    sim = simulator()
+    endpoint(sim, "controls")
+    ask = dict(agent_id="ctl-agent", prompt="controls", max_tokens=32)
+    submit(**ask, no_store=True).get(timeout=30)
+    assert submit(**ask).get(timeout=30)["cached"] is False  # nothing was stored
+    assert submit(**ask, no_cache=True).get(timeout=30)["cached"] is False  # skips lookup
+    assert submit(**ask).get(timeout=30)["cached"] is True
+    assert sim.stats()["calls"] == 3
+
+
+def test_leader_killed_mid_call_every_follower_answered_every_call_charged_once(
+    simulator: Sim, endpoint: MakeEndpoint
+) -> None:
+    sim = simulator(latency_ms=3000)
+    endpoint(sim, "kill-leader")
+    agent = f"sf-kill-{uuid.uuid4().hex[:6]}"
+    add_agent(agent)
+    set_budget(agent, tokens=1_000_000)
+    pending = [submit(agent_id=agent, prompt="survive the leader", max_tokens=16)
+               for _ in range(20)]
+    deadline = time.monotonic() + 20
+    while sim.stats()["calls"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(_call_pid(), signal.SIGKILL)
+    results = [p.get(timeout=60) for p in pending]
+    assert len({r["text"] for r in results}) == 1
+    with session_scope() as session:
+        ledger = list(session.scalars(select(LedgerRow).where(LedgerRow.agent_id == agent)))
+    assert len(ledger) == sim.stats()["calls"] == 2  # the killed call and its redo, once each
+    assert_budget_invariants()
+
+
+def _call_pid(timeout_s: float = 20) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for tasks in (app.control.inspect(timeout=0.5).active() or {}).values():
+            for task in tasks:
+                if task["name"] == "aimesh.call":
+                    return int(task["worker_pid"])
+    raise AssertionError("no aimesh.call task became active")
