@@ -155,7 +155,8 @@ def main() -> None:
                "--include", "benchmarks.raw_tasks"], "/tmp/bench-router.log"),
         start([str(BIN / "aimesh"), "worker", "-n", f"bendpoint{tag}@%h", "-Q", "bench.b",
                "--endpoints", endpoint.id, "-P", args.endpoint_pool, "-c",
-               str(args.endpoint_concurrency or args.concurrency), "-l", "WARNING", "--include", "benchmarks.raw_tasks"],
+               str(args.endpoint_concurrency or args.concurrency), "-l", "WARNING",
+               "--include", "benchmarks.raw_tasks"],
               "/tmp/bench-endpoint.log"),
     ]
     try:
