@@ -1,6 +1,7 @@
 """A worker consumer step that follows the endpoint registry.
 
-A worker started with `aimesh worker --endpoints all` (and the embedded worker) consumes
+A worker started with `aimesh worker --endpoints all`, or any worker given
+AIMESH_WORKER_FOLLOW_ENDPOINTS=1, and the embedded worker consume
 the queue of every enabled endpoint: when the registry changes, it starts consuming new
 endpoints' queues and stops consuming removed or disabled ones, with no restart.
 """
@@ -28,9 +29,11 @@ class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
         self.timer_entry: Any = None
 
     def start(self, consumer: Any) -> None:
-        if not consumer.app.conf.get(FOLLOW_SETTING):
-            return
         from aimesh_tasks.settings import get_settings
+
+        if not (consumer.app.conf.get(FOLLOW_SETTING)
+                or get_settings().worker_follow_endpoints):
+            return
 
         self.sync(consumer)
         self.timer_entry = consumer.timer.call_repeatedly(

@@ -26,6 +26,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_UNHEALTHY_AFTER_FAILURES   | 5                   | consecutive failures = down       |
 | AIMESH_HEALTH_RETRY_S             | 30                  | a down endpoint is retried after  |
 | AIMESH_EMBEDDED_CONCURRENCY       | 8                   | threads of the embedded worker    |
+| AIMESH_WORKER_FOLLOW_ENDPOINTS    | false               | worker follows all endpoint queues|
 | AIMESH_FOLLOW_INTERVAL_S          | 1.0                 | registry check for endpoint queues|
 | AIMESH_RESERVATION_TIMEOUT_S      | 4000                | held reservations are reaped after|
 | AIMESH_REAPER_INTERVAL_S          | 60                  | how often each worker reaps       |
@@ -85,6 +86,9 @@ class Settings(BaseSettings):
     unhealthy_after_failures: int = Field(5, ge=1, description="Failures that mark it down.")
     health_retry_s: float = Field(30, ge=0, description="A down endpoint is retried after.")
     embedded_concurrency: int = Field(8, ge=1, description="Embedded worker threads.")
+    worker_follow_endpoints: bool = Field(
+        False, description="Workers consume every enabled endpoint's queue, following changes."
+    )
     follow_interval_s: float = Field(
         1.0, gt=0, description="How often workers check the registry for endpoint queues."
     )

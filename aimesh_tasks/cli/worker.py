@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+
 import typer
 
 from aimesh_tasks.app import app, check_delivery_settings
@@ -43,12 +47,26 @@ def worker(
     `aimesh worker --endpoints all -P threads -c 64`.
     """
     check_delivery_settings()
-    if endpoints == "all":
-        app.conf[FOLLOW_SETTING] = True
     argv = ["worker", "-Q", ",".join(worker_queues(router, endpoints, queues)), "-P", pool,
             "-l", loglevel]
     if concurrency:
         argv += ["-c", str(concurrency)]
     if hostname:
         argv += ["-n", hostname]
-    app.worker_main(argv + list(ctx.args))
+    argv += list(ctx.args)
+    if pool in GREEN_POOLS:
+        _exec_celery(argv, follow=endpoints == "all")
+    app.conf[FOLLOW_SETTING] = endpoints == "all"
+    app.worker_main(argv)
+
+
+# gevent and eventlet must monkey-patch before anything imports threading or sockets; by
+# now this process has imported both, so the worker starts afresh under the celery
+# command, which patches first.
+GREEN_POOLS = ("gevent", "eventlet")
+
+
+def _exec_celery(argv: list[str], *, follow: bool) -> None:
+    celery = shutil.which("celery", path=os.path.dirname(sys.executable)) or "celery"
+    env = {**os.environ, "AIMESH_WORKER_FOLLOW_ENDPOINTS": "1" if follow else "0"}
+    os.execve(celery, [celery, "-A", "aimesh_tasks.app", *argv], env)
