@@ -8,6 +8,7 @@ from celery import Celery, signals
 
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.follow import FollowEndpoints
+from aimesh_tasks.observability.worker import install as install_observability
 from aimesh_tasks.settings import get_settings
 from aimesh_tasks.worker_steps import BackgroundJobsStep
 
@@ -15,6 +16,7 @@ app = Celery("aimesh_tasks")
 app.config_from_object("celeryconfig")
 app.steps["consumer"].add(FollowEndpoints)
 app.steps["worker"].add(BackgroundJobsStep)
+install_observability()
 
 _VISIBILITY_BROKERS = ("redis://", "rediss://", "sqs://", "redis+socket://")
 # RabbitMQ closes a channel whose delivery stays unacked past consumer_timeout (30 min).

@@ -1,22 +1,41 @@
 """Figures over recorded traffic: per endpoint and per agent, and what other policies cost.
 
-Computed from the database only (call attempts and routing decisions), so a report
-always agrees with what was recorded.
+Computed from the database only (call attempts, routing decisions, audit events; the
+outbox is flushed first), so a report always agrees with what was recorded.
+
+| figure            | from                                                              |
+|-------------------|-------------------------------------------------------------------|
+| answered          | messages with a successful call attempt                           |
+| failed            | messages with an audit `failed` event (all endpoints failed, or   |
+|                   | no endpoint could take them: `unroutable`)                        |
+| fallbacks         | answered messages that had a failed attempt first                 |
+| failed calls      | failed call attempts (per endpoint)                               |
+| tokens, cost      | summed over call attempts                                         |
+| p50/p99 ms        | latency of the successful calls                                   |
+| round-robin       | each answered message's tokens priced at the next endpoint, in a  |
+|                   | fixed cycle, among those its routing decision found eligible      |
+| always-cheapest   | the same tokens at the cheapest eligible endpoint                 |
+
+Both alternatives use the endpoints' registry prices and assume the same token counts
+everywhere; an endpoint no longer registered is priced at what was actually paid.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from aimesh_tasks import outbox
-from aimesh_tasks.db import CallAttemptRow, RoutingDecisionRow, session_scope
+from aimesh_tasks.db import AuditRow, CallAttemptRow, RoutingDecisionRow, session_scope
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
-from aimesh_tasks.registry.endpoints import list_endpoints
+from aimesh_tasks.registry.endpoints import Endpoint, list_endpoints
+
+DRAIN_TIMEOUT_S = 10.0
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -29,21 +48,25 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 @dataclass
-class Group:
-    """Figures of one endpoint or agent."""
+class Usage:
+    """Tokens, cost and successful-call latencies of a set of call attempts."""
 
-    messages: int = 0
-    failures: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     cost_nusd: int = 0
     latencies_ms: list[float] = field(default_factory=list)
 
+    def add(self, row: CallAttemptRow) -> None:
+        """Count one call attempt."""
+        self.input_tokens += row.input_tokens
+        self.output_tokens += row.output_tokens
+        self.cost_nusd += row.cost_nusd
+        if row.ok:
+            self.latencies_ms.append(row.latency_ms)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe figures with p50/p99 latency."""
+        """JSON-safe usage with p50/p99 latency."""
         return {
-            "messages": self.messages,
-            "failures": self.failures,
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cost_usd": str(nusd_to_usd(self.cost_nusd)),
@@ -52,62 +75,150 @@ class Group:
         }
 
 
-def _add(group: Group, row: CallAttemptRow) -> None:
-    if row.ok:
-        group.messages += 1
-        group.input_tokens += row.input_tokens
-        group.output_tokens += row.output_tokens
-        group.cost_nusd += row.cost_nusd
-        group.latencies_ms.append(row.latency_ms)
-    else:
-        group.failures += 1
+@dataclass
+class EndpointFigures(Usage):
+    """One endpoint: successful and failed calls."""
+
+    answered: int = 0
+    failed_calls: int = 0
+
+    def add(self, row: CallAttemptRow) -> None:
+        """Count one call attempt at this endpoint."""
+        super().add(row)
+        if row.ok:
+            self.answered += 1
+        else:
+            self.failed_calls += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe figures."""
+        return {"answered": self.answered, "failed_calls": self.failed_calls,
+                **super().to_dict()}
 
 
-def _alternative_costs(rows: list[CallAttemptRow]) -> dict[str, int]:
-    """What the successful calls would have cost under round-robin and always-cheapest."""
-    endpoints = [e for e in list_endpoints() if e.enabled]
-    if not endpoints:
-        return {"round_robin_nusd": 0, "cheapest_nusd": 0}
-    ok = [r for r in rows if r.ok]
-    round_robin = sum(
-        call_cost_nusd(r.input_tokens, r.output_tokens, e.input_nusd_per_1k, e.output_nusd_per_1k)
-        for r, e in ((r, endpoints[i % len(endpoints)]) for i, r in enumerate(ok))
-    )
-    cheapest = sum(
-        min(call_cost_nusd(r.input_tokens, r.output_tokens, e.input_nusd_per_1k,
-                           e.output_nusd_per_1k) for e in endpoints)
-        for r in ok
-    )
-    return {"round_robin_nusd": round_robin, "cheapest_nusd": cheapest}
+@dataclass
+class AgentFigures(Usage):
+    """One agent (or the total): messages answered, failed, answered after a fallback."""
+
+    answered: set[str] = field(default_factory=set)
+    failed_first: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    unroutable: int = 0
+
+    def add(self, row: CallAttemptRow) -> None:
+        """Count one call attempt of this agent."""
+        super().add(row)
+        (self.answered if row.ok else self.failed_first).add(row.message_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe figures."""
+        return {
+            "answered": len(self.answered),
+            "failed": len(self.failed),
+            "unroutable": self.unroutable,
+            "fallbacks": len(self.answered & self.failed_first),
+            **super().to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class Records:
+    """The recorded rows a report is computed from."""
+
+    attempts: list[CallAttemptRow]
+    routes: dict[str, list[str]]  # message id -> eligible endpoints (winner, fallbacks)
+    failed: list[tuple[str, str]]  # (agent id, message id) of audit 'failed' events
+    unroutable: list[str]  # agent id per routing decision without a winner
+
+
+def _filtered(query: Select[Any], model: Any, since: datetime | None,
+              agent_id: str | None) -> Select[Any]:
+    if since is not None:
+        query = query.where(model.created_at >= since)
+    if agent_id is not None:
+        query = query.where(model.agent_id == agent_id)
+    return query
+
+
+def load_records(since: datetime | None = None, agent_id: str | None = None) -> Records:
+    """Every recorded attempt, decision and failure in the window (outbox drained first)."""
+    outbox.flush(wait_s=DRAIN_TIMEOUT_S)
+    with session_scope() as session:
+        attempts = list(session.scalars(_filtered(
+            select(CallAttemptRow).order_by(CallAttemptRow.id), CallAttemptRow, since,
+            agent_id)))
+        routes: dict[str, list[str]] = {}
+        unroutable: list[str] = []
+        for d in session.scalars(_filtered(
+                select(RoutingDecisionRow).order_by(RoutingDecisionRow.id), RoutingDecisionRow,
+                since, agent_id)):
+            if d.winner is None:
+                unroutable.append(d.agent_id)
+            else:
+                routes.setdefault(d.message_id, [d.winner, *d.fallbacks])
+        failed = [(a.agent_id, a.message_id) for a in session.scalars(_filtered(
+            select(AuditRow).where(AuditRow.event == "failed"), AuditRow, since, agent_id))]
+    return Records(attempts, routes, failed, unroutable)
+
+
+def _cost_at(row: CallAttemptRow, endpoint: Endpoint) -> int:
+    return call_cost_nusd(row.input_tokens, row.output_tokens, endpoint.input_nusd_per_1k,
+                          endpoint.output_nusd_per_1k)
+
+
+def policy_costs(records: Records, endpoints: Iterable[Endpoint]) -> dict[str, int]:
+    """Nano-USD paid as routed, and under round-robin and always-cheapest (see module doc)."""
+    by_id = {e.id: e for e in endpoints}
+    cycle = sorted(by_id)
+    turn = 0
+    round_robin = cheapest = 0
+    for row in (r for r in records.attempts if r.ok):
+        eligible = [by_id[e] for e in records.routes.get(row.message_id, [row.endpoint_id])
+                    if e in by_id]
+        if not eligible:
+            round_robin += row.cost_nusd
+            cheapest += row.cost_nusd
+            continue
+        eligible_ids = {e.id for e in eligible}
+        while cycle[turn % len(cycle)] not in eligible_ids:
+            turn += 1
+        round_robin += _cost_at(row, by_id[cycle[turn % len(cycle)]])
+        turn += 1
+        cheapest += min(_cost_at(row, e) for e in eligible)
+    routed = sum(r.cost_nusd for r in records.attempts)
+    return {"routed_nusd": routed, "round_robin_nusd": round_robin, "cheapest_nusd": cheapest}
+
+
+def _group(records: Records) -> tuple[dict[str, EndpointFigures], dict[str, AgentFigures],
+                                      AgentFigures]:
+    by_endpoint: dict[str, EndpointFigures] = {}
+    by_agent: dict[str, AgentFigures] = {}
+    total = AgentFigures()
+    for row in records.attempts:
+        by_endpoint.setdefault(row.endpoint_id, EndpointFigures()).add(row)
+        by_agent.setdefault(row.agent_id, AgentFigures()).add(row)
+        total.add(row)
+    for agent_id, message_id in records.failed:
+        by_agent.setdefault(agent_id, AgentFigures()).failed.add(message_id)
+        total.failed.add(message_id)
+    for agent_id in records.unroutable:
+        by_agent.setdefault(agent_id, AgentFigures()).unroutable += 1
+        total.unroutable += 1
+    return by_endpoint, by_agent, total
 
 
 def traffic_report(since: datetime | None = None, agent_id: str | None = None) -> dict[str, Any]:
     """Per-endpoint and per-agent figures, totals, and the cost of other routing policies."""
-    outbox.flush(wait_s=10)
-    query = select(CallAttemptRow).order_by(CallAttemptRow.id)
-    decisions = select(RoutingDecisionRow.id).where(RoutingDecisionRow.winner.is_(None))
-    if since is not None:
-        query = query.where(CallAttemptRow.created_at >= since)
-        decisions = decisions.where(RoutingDecisionRow.created_at >= since)
-    if agent_id is not None:
-        query = query.where(CallAttemptRow.agent_id == agent_id)
-        decisions = decisions.where(RoutingDecisionRow.agent_id == agent_id)
-    with session_scope() as session:
-        rows = list(session.scalars(query))
-        unroutable = len(list(session.scalars(decisions)))
-    by_endpoint: dict[str, Group] = {}
-    by_agent: dict[str, Group] = {}
-    total = Group()
-    for row in rows:
-        _add(by_endpoint.setdefault(row.endpoint_id, Group()), row)
-        _add(by_agent.setdefault(row.agent_id, Group()), row)
-        _add(total, row)
-    alternatives = _alternative_costs(rows)
+    records = load_records(since, agent_id)
+    by_endpoint, by_agent, total = _group(records)
+    costs = policy_costs(records, list_endpoints())
     return {
+        "since": since.isoformat() if since else None,
+        "agent_id": agent_id,
         "endpoints": {k: g.to_dict() for k, g in sorted(by_endpoint.items())},
         "agents": {k: g.to_dict() for k, g in sorted(by_agent.items())},
         "total": total.to_dict(),
-        "unroutable": unroutable,
-        "round_robin_cost_usd": str(nusd_to_usd(alternatives["round_robin_nusd"])),
-        "cheapest_cost_usd": str(nusd_to_usd(alternatives["cheapest_nusd"])),
+        "routed_cost_usd": str(nusd_to_usd(costs["routed_nusd"])),
+        "round_robin_cost_usd": str(nusd_to_usd(costs["round_robin_nusd"])),
+        "cheapest_cost_usd": str(nusd_to_usd(costs["cheapest_nusd"])),
     }

@@ -19,6 +19,7 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from aimesh_tasks import events
 from aimesh_tasks.budgets.estimate import Estimate
 from aimesh_tasks.budgets.periods import current_period_start
 from aimesh_tasks.db import BudgetResetRow, BudgetRow, LedgerRow, ReservationRow, session_scope
@@ -164,7 +165,13 @@ def settle(call_key: str, tokens: int, nusd: int, *, kind: str = "call") -> bool
         session.add(LedgerRow(call_key=call_key, agent_id=held.agent_id,
                               message_id=held.message_id, endpoint_id=held.endpoint_id,
                               tokens=tokens, nusd=nusd, kind=kind, created_at=now))
-        return True
+        left = None if budget is None else (
+            _left(budget.token_limit, budget.spent_tokens, budget.reserved_tokens),
+            _left(budget.usd_limit_nusd, budget.spent_nusd, budget.reserved_nusd))
+    if left is not None:
+        events.budget_settled.send(sender=settle, agent_id=held.agent_id, tokens_left=left[0],
+                                   nusd_left=left[1])
+    return True
 
 
 def release(call_key: str, *, only_if_uncalled: bool = False) -> bool:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.table import Table
 
-from aimesh_tasks.cli.shell import stdout
+from aimesh_tasks.cli.shell import stdout, table
 from aimesh_tasks.governance import agents as registry
 
 cli = typer.Typer(help="Agents: who sends messages (budgets and ACLs refer to them).",
@@ -25,11 +24,11 @@ def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object pe
     if not agents:
         typer.echo("no agents registered; add one with `aimesh agents add research-bot`")
         return
-    table = Table("id", "description", "enabled", "created")
+    rows = table("id", "description", "enabled", "created")
     for a in agents:
         created = a.created_at.strftime("%Y-%m-%d %H:%M") if a.created_at else "-"
-        table.add_row(a.id, a.description, "yes" if a.enabled else "no", created)
-    stdout().print(table)
+        rows.add_row(a.id, a.description, "yes" if a.enabled else "no", created)
+    stdout().print(rows)
 
 
 @cli.command("add")

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from aimesh_tasks.cli.report import print_report
-from aimesh_tasks.cli.shell import check_servers, stderr, stdout
+from aimesh_tasks.cli.shell import check_servers, quiet_embedded_logs, stderr, stdout
 
 DEMO_MODEL = "aimesh-demo-sim"
 # (endpoint id, USD per 1k input, per 1k output, simulated latency ms, error rate)
@@ -57,6 +57,7 @@ def _configure(broker: str | None, db: str | None, redis_url: str | None) -> boo
         os.environ["AIMESH_DATABASE_URL"] = f"sqlite:///{path}"
     reset_settings()
     reset_redis_clients()
+    quiet_embedded_logs()  # and in the demo's worker processes: the report is the output
     return broker is not None
 
 

@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from aimesh_tasks.cli.shell import stdout, table
+from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.registry import endpoints as registry
 from aimesh_tasks.registry.live import LiveFigures, read_figures
 
 cli = typer.Typer(help="Model endpoints: prices, capacity, live figures.", no_args_is_help=True)
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _latency(live: LiveFigures) -> str:
+    if live.p50_ms is None or live.p99_ms is None:
+        return "-"
+    return f"{live.p50_ms:.0f}/{live.p99_ms:.0f}"
 
 
 @cli.command("list")
@@ -27,15 +29,20 @@ def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object pe
         for e in endpoints:
             typer.echo(json.dumps({**e.to_dict(), "live": figures[e.id].to_dict()}))
         return
-    table = Table("id", "provider", "model", "$/1k in", "$/1k out", "capacity", "enabled",
-                  "in flight", "p50 ms", "p99 ms", "errors", "health")
+    if not endpoints:
+        typer.echo("no endpoints registered; add one with `aimesh endpoints add ID --url URL "
+                   "--model MODEL --input-price USD --output-price USD`")
+        return
+    rows = table("id", "provider", "model", "$/1k in/out", "capacity", "enabled", "in flight",
+                 "p50/p99 ms", "errors", "health")
     for e in endpoints:
         live = figures.get(e.id, LiveFigures())
         d = e.to_dict()
-        table.add_row(e.id, e.provider, e.model, d["input_usd_per_1k"], d["output_usd_per_1k"],
-                      str(e.capacity), "yes" if e.enabled else "no", str(live.in_flight),
-                      _ms(live.p50_ms), _ms(live.p99_ms), f"{live.error_rate:.1%}", live.health)
-    Console().print(table)
+        rows.add_row(e.id, e.provider, e.model,
+                     f"{d['input_usd_per_1k']}/{d['output_usd_per_1k']}", str(e.capacity),
+                     "yes" if e.enabled else "no", str(live.in_flight), _latency(live),
+                     f"{live.error_rate:.1%}", live.health)
+    stdout().print(rows)
 
 
 @cli.command("add")
@@ -75,7 +82,12 @@ def update(
         "output_usd_per_1k": output_price, "capacity": capacity,
         "tags": None if tags is None else [t for t in tags.split(",") if t],
     }
-    registry.update_endpoint(endpoint_id, **{k: v for k, v in changes.items() if v is not None})
+    given = {k: v for k, v in changes.items() if v is not None}
+    if not given:
+        raise InvalidInput("nothing to change: give at least one of --url, --model, "
+                           "--input-price, --output-price, --capacity, --tags",
+                           field="endpoint", errors=[])
+    registry.update_endpoint(endpoint_id, **given)
     typer.echo(f"updated endpoint {endpoint_id}")
 
 

@@ -9,20 +9,23 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from aimesh_tasks.cli.shell import (
     EXIT_FAILED,
     check_servers,
+    quiet_embedded_logs,
     short_publish_retries,
     stderr,
     stdout,
+    table,
 )
 from aimesh_tasks.errors import AimeshError, InvalidInput, InvalidMessage
 from aimesh_tasks.settings import get_settings
@@ -150,18 +153,19 @@ def _latency_ms(result: dict[str, Any]) -> str:
 
 def results_table(outcomes: list[Outcome]) -> Table:
     """Endpoint, tokens, cost, cached flag and latency per message (or its error)."""
-    table = Table("source", "message", "endpoint", "tokens in/out", "cost $", "cached",
-                  "latency ms", title="Results")
+    rows = table("source", "message", "endpoint", "tokens in/out", "cost $", "cached",
+                 "latency ms", title="Results")
     for o in outcomes:
         message = (o.message_id or "-")[:12]
         if o.result is None:
-            table.add_row(o.source, message, f"[red]failed: {o.error}[/red]", "", "", "", "")
+            rows.add_row(o.source, message, Text(f"failed: {o.error}", style="red"), "", "", "",
+                         "")
             continue
         r = o.result
-        table.add_row(o.source, message, r["endpoint_id"],
-                      f"{r['input_tokens']}/{r['output_tokens']}", r["cost_usd"],
-                      "yes" if r["cached"] else "no", _latency_ms(r))
-    return table
+        rows.add_row(o.source, message, r["endpoint_id"],
+                     f"{r['input_tokens']}/{r['output_tokens']}", r["cost_usd"],
+                     "yes" if r["cached"] else "no", _latency_ms(r))
+    return rows
 
 
 def _defaults(agent: str | None, max_tokens: int | None, model: str | None,
@@ -219,7 +223,8 @@ def _report(outcomes: list[Outcome], waited: bool, as_json: bool) -> None:
 
 
 def enqueue(
-    prompt: list[str] = typer.Argument(None, help="The prompt (several words are joined)."),
+    prompt: Annotated[list[str] | None,
+                      typer.Argument(help="The prompt (several words are joined).")] = None,
     file: str = typer.Option(None, "--file", "-f",
                              help="Read the prompt from this file ('-' = stdin)."),
     jsonl: str = typer.Option(
@@ -248,10 +253,11 @@ def enqueue(
     if not items and not outcomes:
         raise InvalidInput("nothing to send: the input holds no prompt or message",
                            field="input", errors=[])
-    if get_settings().embedded and not wait:
-        # The in-process worker stops with this command: queued messages would be lost.
-        stderr().print("embedded mode (no AIMESH_BROKER_URL): waiting for the results")
-        wait = True
+    if get_settings().embedded:
+        quiet_embedded_logs()
+        if not wait:  # the in-process worker stops with this command: queued would be lost
+            stderr().print("embedded mode (no AIMESH_BROKER_URL): waiting for the results")
+            wait = True
     if items:
         check_servers()
         with short_publish_retries():

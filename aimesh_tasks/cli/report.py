@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from aimesh_tasks.cli.shell import stdout
+from aimesh_tasks.cli.shell import stdout, table, usd
 from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.reporting import traffic_report
 
@@ -35,31 +35,32 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _latency(figures: dict[str, Any]) -> str:
+    if figures["p50_ms"] is None:
+        return "-"
+    return f"{figures['p50_ms']:.0f}/{figures['p99_ms']:.0f}"
 
 
 def endpoint_table(report: dict[str, Any]) -> Table:
     """Per endpoint: answered and failed calls, tokens, cost, p50/p99."""
-    table = Table("endpoint", "answered", "failed calls", "tokens in/out", "cost $", "p50 ms",
-                  "p99 ms", title="Per endpoint")
+    rows = table("endpoint", "answered", "failed calls", "tokens in/out", "cost $",
+                 "p50/p99 ms", title="Per endpoint")
     for endpoint_id, g in report["endpoints"].items():
-        table.add_row(endpoint_id, str(g["answered"]), str(g["failed_calls"]),
-                      f"{g['input_tokens']}/{g['output_tokens']}", g["cost_usd"],
-                      _ms(g["p50_ms"]), _ms(g["p99_ms"]))
-    return table
+        rows.add_row(endpoint_id, str(g["answered"]), str(g["failed_calls"]),
+                     f"{g['input_tokens']}/{g['output_tokens']}", usd(g["cost_usd"]),
+                     _latency(g))
+    return rows
 
 
 def agent_table(report: dict[str, Any]) -> Table:
     """Per agent (and the total): messages answered and failed, fallbacks, tokens, cost."""
-    table = Table("agent", "answered", "failed", "fallbacks", "tokens in/out", "cost $",
-                  "p50 ms", "p99 ms", title="Per agent")
-    rows = [*report["agents"].items(), ("total", report["total"])]
-    for agent_id, g in rows:
-        table.add_row(agent_id, str(g["answered"]), str(g["failed"]), str(g["fallbacks"]),
-                      f"{g['input_tokens']}/{g['output_tokens']}", g["cost_usd"],
-                      _ms(g["p50_ms"]), _ms(g["p99_ms"]))
-    return table
+    rows = table("agent", "answered", "failed", "fallbacks", "tokens", "cost $", "p50/p99 ms",
+                 title="Per agent")
+    for agent_id, g in [*report["agents"].items(), ("total", report["total"])]:
+        rows.add_row(agent_id, str(g["answered"]), str(g["failed"]), str(g["fallbacks"]),
+                     str(g["input_tokens"] + g["output_tokens"]), usd(g["cost_usd"]),
+                     _latency(g))
+    return rows
 
 
 def _share(part: str, whole: str) -> str:
@@ -68,11 +69,10 @@ def _share(part: str, whole: str) -> str:
 
 def policy_lines(report: dict[str, Any]) -> list[str]:
     """The routed cost against round-robin and always-cheapest, and the unroutable count."""
-    routed = report["routed_cost_usd"]
+    routed, round_robin = report["routed_cost_usd"], report["round_robin_cost_usd"]
     lines = [
-        f"cost as routed: ${routed}; round-robin would have cost "
-        f"${report['round_robin_cost_usd']} (routed = {_share(routed, report['round_robin_cost_usd'])}"
-        f"), always-cheapest ${report['cheapest_cost_usd']}",
+        f"cost as routed: ${routed}; round-robin would have cost ${round_robin} (routed = "
+        f"{_share(routed, round_robin)} of it), always-cheapest ${report['cheapest_cost_usd']}",
     ]
     if report["total"]["unroutable"]:
         lines.append(f"{report['total']['unroutable']} messages found no endpoint (unroutable)")

@@ -7,15 +7,19 @@ the exit codes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from typing import Any, NoReturn
 
 import kombu.exceptions
 import redis
 import sqlalchemy.exc
 import typer
+from rich import box
 from rich.console import Console
+from rich.table import Table
 from sqlalchemy.engine import make_url
 from typer.core import TyperGroup
 
@@ -25,14 +29,34 @@ from aimesh_tasks.settings import get_settings
 EXIT_FAILED = 1  # the command ran, but some messages failed or were rejected
 EXIT_ERROR = 2  # the command could not run: bad input, unknown id, a server unreachable
 CHECK_TIMEOUT_S = 3.0
+PIPED_WIDTH = 160
 # Publishing retries briefly, so a broker that goes away fails the CLI in seconds.
 SHORT_PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                        "interval_max": 1}
 
 
 def stdout() -> Console:
-    """A console on stdout (created per call: CliRunner swaps sys.stdout)."""
-    return Console()
+    """A console on stdout (created per call: CliRunner swaps sys.stdout). Piped into a
+    file or another program, tables get room instead of the 80 columns rich assumes."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=PIPED_WIDTH)
+    return console
+
+
+def table(*headers: str, title: str | None = None) -> Table:
+    """A compact table; the first column (an id) is never cut short."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for n, header in enumerate(headers):
+        # Figures are folded onto a second line rather than cut with an ellipsis.
+        table.add_column(header, no_wrap=n == 0, overflow="fold",
+                         justify="left" if n == 0 else "right")
+    return table
+
+
+def usd(amount: str, places: int = 6) -> str:
+    """A decimal USD string rounded for a table (reports in JSON keep every digit)."""
+    return f"{Decimal(amount):.{places}f}"
 
 
 def stderr() -> Console:
@@ -126,6 +150,17 @@ def check_servers(timeout_s: float = CHECK_TIMEOUT_S) -> None:
                  "start it, or set AIMESH_RESULT_BACKEND")
         finally:
             client.close()
+
+
+def quiet_embedded_logs() -> None:
+    """In embedded mode the worker runs in this process, and its per-message decision logs
+    would bury the command's output: default them to WARNING unless AIMESH_LOG_LEVEL is
+    set. Call before the embedded worker starts."""
+    from aimesh_tasks.settings import reset_settings
+
+    if "AIMESH_LOG_LEVEL" not in os.environ:
+        os.environ["AIMESH_LOG_LEVEL"] = "WARNING"
+        reset_settings()
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from aimesh_tasks.messages import AiMessage, parse_message
 from aimesh_tasks.pipeline.call import endpoint_to_args
 from aimesh_tasks.pipeline.dedup import answer_from_cache, join_flight
 from aimesh_tasks.pipeline.route import admit, plan_route
-from aimesh_tasks.tasks.call import call_endpoint
+from aimesh_tasks.tasks.call import call_endpoint, error_result
 from aimesh_tasks.tasks.flight import end_flight
 
 
@@ -32,6 +32,9 @@ def validate_or_audit(data: Any) -> AiMessage:
         raise
 
 
+DEDUP_OUTCOMES = {"hit": "hit", "follow": "join", "lead": "miss"}
+
+
 class RouteTask(Task):  # type: ignore[misc]
     """Validates the message before anything is queued; the task id is the message id."""
 
@@ -44,15 +47,25 @@ class RouteTask(Task):  # type: ignore[misc]
         options.setdefault("queue", ROUTE_QUEUE)
         if message.deadline is not None:
             options.setdefault("expires", message.deadline)
-        return super().apply_async((message.to_json_dict(),), None, **options)
+        extra = {k: v for k, v in (kwargs or {}).items() if k != "message"} or None
+        return super().apply_async((message.to_json_dict(),), extra, **options)
+
+
+def _in_canvas(request: Any) -> bool:
+    """A task that is part of a chain, group or chord: its result must come from its own
+    return, so it may not wait as a single-flight follower (whose result the leader writes
+    straight into the result backend, bypassing callbacks and chord counting)."""
+    return bool(request.chord or request.callbacks or request.chain or request.group)
 
 
 @app.task(name="aimesh.route", base=RouteTask, bind=True)
-def route_message(self: Task, message: dict[str, Any]) -> Any:
+def route_message(self: Task, message: dict[str, Any], errors_as_results: bool = False) -> Any:
     """Answer from cache, join an identical message in flight, or route the message and
-    replace this task by the call on the winner's queue."""
+    replace this task by the call on the winner's queue. With errors_as_results (workflow
+    steps), a refusal or failure is returned as {"error": {...}} instead of raised."""
     parsed = AiMessage.model_validate(message)
-    joined, flight = join_flight(parsed, self.request.id)
+    joined, flight = join_flight(parsed, self.request.id,
+                                 may_follow=not _in_canvas(self.request))
     if joined.decision == "hit":
         return answer_from_cache(parsed, joined.cached or {})
     if joined.decision == "follow":
@@ -60,12 +73,15 @@ def route_message(self: Task, message: dict[str, Any]) -> Any:
     try:
         decision = plan_route(parsed)
         metered = admit(parsed, decision)
-    except AimeshError:
+    except AimeshError as exc:
         end_flight(flight, None)
+        if errors_as_results:
+            return error_result(exc)
         raise
     call = call_endpoint.signature(
         (message, [endpoint_to_args(e) for e in decision.route]),
-        {"metered": metered, "flight": flight},
+        {"metered": metered, "flight": flight,
+         **({"errors_as_results": True} if errors_as_results else {})},
         queue=decision.winner.queue,
         expires=parsed.deadline,
     )

@@ -1,0 +1,159 @@
+"""`aimesh demo` as a real subprocess, embedded and against real servers; its report's
+figures are recomputed here from the database tables it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import defaultdict
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, select
+from sqlalchemy.orm import Session
+
+from aimesh_tasks.app import app
+from aimesh_tasks.cli.demo import DEMO_AGENTS, DEMO_ENDPOINTS
+from aimesh_tasks.db import AuditRow, CallAttemptRow, RoutingDecisionRow
+from aimesh_tasks.registry import list_endpoints
+from tests.conftest import AIMESH, DATABASE, TEST_ENV
+
+pytestmark = pytest.mark.slow
+NANO = Decimal(10) ** 9
+PRICES = {eid: (Decimal(pin), Decimal(pout)) for eid, pin, pout, _, _ in DEMO_ENDPOINTS}
+
+
+def _no_aimesh_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AIMESH_") and k != "DEDUP_TTL_SECS"}
+    return {**env, "COLUMNS": "200", **extra}
+
+
+def _demo(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([AIMESH, "demo", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    return done
+
+
+def _cost_nusd(row: CallAttemptRow) -> Decimal:
+    price_in, price_out = PRICES[row.endpoint_id]
+    exact = (row.input_tokens * price_in + row.output_tokens * price_out) / 1000 * NANO
+    return exact.to_integral_value(rounding="ROUND_CEILING")
+
+
+def _round_robin_nusd(ok_rows: list[CallAttemptRow], routes: dict[str, list[str]]) -> Decimal:
+    """Each answered message's tokens at the next endpoint of a fixed cycle (sorted ids),
+    skipping those its routing decision did not find eligible."""
+    cycle, turn, total = sorted(PRICES), 0, Decimal(0)
+    for row in ok_rows:
+        eligible = set(routes[row.message_id])
+        while cycle[turn % len(cycle)] not in eligible:
+            turn += 1
+        price_in, price_out = PRICES[cycle[turn % len(cycle)]]
+        turn += 1
+        exact = (row.input_tokens * price_in + row.output_tokens * price_out) / 1000 * NANO
+        total += exact.to_integral_value(rounding="ROUND_CEILING")
+    return total
+
+
+def recompute(engine: Engine) -> dict[str, Any]:
+    """The demo's figures, straight from the tables."""
+    with Session(engine) as session:
+        rows = list(session.scalars(select(CallAttemptRow).order_by(CallAttemptRow.id)))
+        routes = {d.message_id: [d.winner, *d.fallbacks]
+                  for d in session.scalars(select(RoutingDecisionRow)) if d.winner}
+        failed = len(list(session.scalars(select(AuditRow).where(AuditRow.event == "failed"))))
+    ok = [r for r in rows if r.ok]
+    assert all(r.cost_nusd == _cost_nusd(r) for r in rows if r.ok)  # recorded cost = prices
+    by_endpoint: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in rows:
+        figures = by_endpoint[r.endpoint_id]
+        figures["answered" if r.ok else "failed_calls"] += 1
+        figures["cost_nusd"] += r.cost_nusd
+        figures["output_tokens"] += r.output_tokens
+    failed_first = {r.message_id for r in rows if not r.ok}
+    per_agent: dict[str, int] = defaultdict(int)
+    for r in ok:
+        per_agent[r.agent_id] += 1
+    return {
+        "endpoints": by_endpoint,
+        "answered": len({r.message_id for r in ok}),
+        "agents": per_agent,
+        "failed": failed,
+        "fallbacks": len({r.message_id for r in ok} & failed_first),
+        "routed_nusd": sum(r.cost_nusd for r in rows),
+        "round_robin_nusd": _round_robin_nusd(ok, routes),
+        "cheapest_nusd": sum(min(
+            (r.input_tokens * PRICES[e][0] + r.output_tokens * PRICES[e][1]) / 1000 * NANO
+            for e in routes[r.message_id]).to_integral_value(rounding="ROUND_CEILING")
+            for r in ok),
+    }
+
+
+def assert_report_matches(report: dict[str, Any], figures: dict[str, Any], sent: int) -> None:
+    """Every count and sum of the demo's report equals the recomputed one."""
+    assert figures["answered"] == sent and report["total"]["answered"] == sent
+    assert report["total"]["failed"] == figures["failed"] == 0
+    assert report["total"]["fallbacks"] == figures["fallbacks"]
+    assert set(report["endpoints"]) == set(figures["endpoints"])
+    for endpoint_id, recorded in figures["endpoints"].items():
+        shown = report["endpoints"][endpoint_id]
+        assert shown["answered"] == recorded["answered"]
+        assert shown["failed_calls"] == recorded["failed_calls"]
+        assert shown["output_tokens"] == recorded["output_tokens"]
+        assert Decimal(shown["cost_usd"]) * NANO == recorded["cost_nusd"]
+    assert {a: g["answered"] for a, g in report["agents"].items()} == dict(figures["agents"])
+    assert set(report["agents"]) == set(DEMO_AGENTS)
+    assert Decimal(report["routed_cost_usd"]) * NANO == figures["routed_nusd"]
+    assert Decimal(report["round_robin_cost_usd"]) * NANO == figures["round_robin_nusd"]
+    assert Decimal(report["cheapest_cost_usd"]) * NANO == figures["cheapest_nusd"]
+    assert figures["cheapest_nusd"] <= figures["routed_nusd"] < figures["round_robin_nusd"]
+
+
+def test_embedded_demo_report_matches_its_database(tmp_path: Path) -> None:
+    database = f"sqlite:///{tmp_path / 'demo.db'}"
+    done = _demo(["--messages", "60", "--json"], _no_aimesh_env(AIMESH_DATABASE_URL=database),
+                 tmp_path)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    engine = create_engine(database)
+    try:
+        assert_report_matches(report, recompute(engine), sent=60)
+    finally:
+        engine.dispose()
+    flaky = DEMO_ENDPOINTS[0][0]
+    assert report["endpoints"][flaky]["answered"] > 0  # the cheap flaky one does get traffic
+
+
+def test_embedded_demo_prints_the_report_and_exits_zero(tmp_path: Path) -> None:
+    done = _demo(["--messages", "40"], _no_aimesh_env(), tmp_path)
+    for expected in ("Per endpoint", "Per agent", "p50/p99 ms", "failed calls", "fallbacks",
+                     "round-robin would have cost", "always-cheapest",
+                     "40 answered, 0 failed"):
+        assert expected in done.stdout, expected
+    assert any(endpoint_id in done.stdout for endpoint_id, *_ in DEMO_ENDPOINTS)
+    assert not (tmp_path / "aimesh.db").exists()  # the demo used its own throw-away database
+
+
+def _demo_nodes() -> list[str]:
+    replies = app.control.ping(timeout=1.0) or []
+    return [name for reply in replies for name in reply if name.startswith("aimesh-demo-")]
+
+
+def test_demo_on_real_servers_with_its_own_workers(clean: None, tmp_path: Path) -> None:
+    broker = TEST_ENV["AIMESH_BROKER_URL"]
+    env = _no_aimesh_env(AIMESH_REDIS_URL=TEST_ENV["AIMESH_REDIS_URL"])
+    done = _demo(["--broker", broker, "--db", DATABASE, "--messages", "60", "--json"], env,
+                 tmp_path)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    engine = create_engine(DATABASE.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        assert_report_matches(report, recompute(engine), sent=60)
+    finally:
+        engine.dispose()
+    assert list_endpoints() == []  # the demo removed the endpoints whose simulators it stopped
+    assert _demo_nodes() == []  # and stopped the workers it started
