@@ -19,7 +19,15 @@ import uuid
 from aimesh_tasks import submit  # noqa: I001  (after bench_spine set the environment)
 from aimesh_tasks.dedup import cache
 from aimesh_tasks.registry import add_endpoint
-from benchmarks.bench_spine import BIN, ENV, _free_port, percentile, prepare_database, start
+from benchmarks.bench_spine import (
+    BIN,
+    ENV,
+    _free_port,
+    percentile,
+    prepare_database,
+    start,
+    stop_all,
+)
 from benchmarks.bench_spine import wait_workers as wait_for_workers
 
 
@@ -74,10 +82,7 @@ def main() -> None:
             print(f"p50 miss {misses[-1]:.1f} ms, hit {hits[-1]:.1f} ms", flush=True)
         check = check_cost_ms()
     finally:
-        for proc in [*workers, sim]:
-            proc.terminate()
-        for proc in [*workers, sim]:
-            proc.wait(30)
+        stop_all([*workers, sim])
     miss, hit = statistics.median(misses), statistics.median(hits)
     print(json.dumps({"miss_p50_ms": round(miss, 2), "hit_p50_ms": round(hit, 2),
                       "hit_over_miss": round(hit / miss, 3), "check_p50_ms": round(check, 3),

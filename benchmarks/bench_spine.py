@@ -75,6 +75,18 @@ def start(cmd: list[str], log: str) -> subprocess.Popen[bytes]:
                             stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process, then SIGKILL what has not exited after 30 s."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def wait_workers(names: list[str]) -> None:
     """Wait until every named worker answers a ping."""
     deadline = time.monotonic() + 60
@@ -171,10 +183,7 @@ def main() -> None:
         raw_lat = paced_latencies_ms("raw", 50, args.paced_seconds)
         spine_lat = paced_latencies_ms("spine", 50, args.paced_seconds)
     finally:
-        for proc in [*workers, sim]:
-            proc.terminate()
-        for proc in [*workers, sim]:
-            proc.wait(30)
+        stop_all([*workers, sim])
     raw_tp, spine_tp = statistics.median(raw), statistics.median(spine)
     raw_p50, spine_p50 = percentile(raw_lat, 0.5), percentile(spine_lat, 0.5)
     figures = {
