@@ -62,4 +62,4 @@ task_track_started = False
 # Keep the application's own logging configuration.
 worker_hijack_root_logger = False
 
-imports = ("aimesh_tasks.tasks",)
+imports = ("aimesh_tasks.tasks", "aimesh_tasks.tasks.workflow")

@@ -29,6 +29,7 @@ from aimesh_tasks.registry import (
 from aimesh_tasks.settings import Settings, get_settings
 from aimesh_tasks.submit import submit
 from aimesh_tasks.tasks import call_endpoint, route_message
+from aimesh_tasks.workflows import Step, Workflow, submit_workflow
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,10 @@ __all__ = [
     "route_message",
     "call_endpoint",
     "app",
+    # workflows
+    "Workflow",
+    "Step",
+    "submit_workflow",
     # messages
     "AiMessage",
     "AiResult",

@@ -90,3 +90,13 @@ def flight_tokens() -> str:
 def dedup_counters() -> str:
     """Hash of dedup counters: hits, misses, joins, semantic_hits."""
     return f"{PREFIX}:dedup:counters"
+
+
+def semantic_index(scope: str) -> str:
+    """Sorted set of a scope's semantic-cache entry ids, scored by expiry time (epoch s)."""
+    return f"{PREFIX}:semantic:{scope}:index"
+
+
+def semantic_entry(scope: str, entry_id: str) -> str:
+    """One semantic-cache entry of a scope: result key, prompt text and vector, with a TTL."""
+    return f"{PREFIX}:semantic:{scope}:entry:{entry_id}"

@@ -37,6 +37,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_WORKER_METRICS_PORT        | 0                   | worker node /metrics port; 0 = off|
 | AIMESH_METRICS_AGENT_LABELS       | 0                   | agents labelled per process; 0=off|
 | AIMESH_FLOWER_BASIC_AUTH          | (empty)             | 'user:password' for aimesh flower |
+| AIMESH_WORKFLOW_MAX_STEPS         | 500                 | most steps in one workflow        |
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class Settings(BaseSettings):
     )
     flower_basic_auth: SecretStr | None = Field(
         None, description="'user:password[,user:password]' that `aimesh flower` requires."
+    )
+    workflow_max_steps: int = Field(
+        500, ge=1, le=10000, description="Most steps one workflow may have; more is refused."
     )
 
     @model_validator(mode="after")

@@ -25,6 +25,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+REDIS = os.environ.get("AIMESH_BENCH_REDIS", "redis://127.0.0.1:6379")
+os.environ.update({  # the benchmark environment of bench_spine.py, before aimesh_tasks loads
+    "AIMESH_BROKER_URL": f"{REDIS}/2",
+    "AIMESH_RESULT_BACKEND": f"{REDIS}/2",
+    "AIMESH_REDIS_URL": f"{REDIS}/3",
+    "AIMESH_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/aimesh_bench",
+})
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -34,13 +41,7 @@ from celery import chord, group  # noqa: E402
 from aimesh_tasks import Step, Workflow, submit_workflow  # noqa: E402
 from aimesh_tasks.app import app  # noqa: E402
 from aimesh_tasks.registry import add_endpoint  # noqa: E402
-from benchmarks.bench_spine import (  # noqa: E402  (sets the benchmark environment)
-    BIN,
-    _free_port,
-    prepare_database,
-    start,
-    wait_workers,
-)
+from benchmarks.bench_spine import BIN, _free_port, prepare_database, start, wait_workers  # noqa: E402
 
 _local = threading.local()
 

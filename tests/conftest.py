@@ -3,7 +3,7 @@
 The broker and result backend use Redis db 14 (flushed once per session, before the
 workers start); live figures use db 15 (flushed around every test); the database is
 Postgres `test`, migrated from empty once per session and truncated around every test.
-AIMESH_TEST_SLOT=N (1..3) moves a run to dbs 14-2N/15-2N and database aimesh_test_N,
+AIMESH_TEST_SLOT=N (1..5) moves a run to dbs 14-2N/15-2N and database aimesh_test_N,
 so that several runs can share one machine.
 """
 

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from aimesh_tasks import events
+from aimesh_tasks.budgets import fast_pg
 from aimesh_tasks.budgets.estimate import Estimate
 from aimesh_tasks.budgets.periods import current_period_start
 from aimesh_tasks.db import BudgetResetRow, BudgetRow, LedgerRow, ReservationRow, session_scope
@@ -102,6 +103,9 @@ def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
     Idempotent: a call_key already reserved or settled returns what is held; a released
     one is reserved again. Raises BudgetExceeded (and audits 'denied') if it cannot fit.
     """
+    if fast_pg.available() and fast_pg.reserve(agent_id, message_id, endpoint_id, call_key,
+                                               need):
+        return Held(call_key, need.tokens, need.nusd, "reserved")
     denial: BudgetExceeded | None = None
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
@@ -133,6 +137,8 @@ def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
 
 def claim(call_key: str) -> ClaimState:
     """Mark a reservation as about to be called; say what state it was found in."""
+    if fast_pg.available() and fast_pg.claim(call_key):
+        return "claimed"
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
         if held is None:
@@ -148,6 +154,12 @@ def claim(call_key: str) -> ClaimState:
 def settle(call_key: str, tokens: int, nusd: int, *, kind: str = "call") -> bool:
     """Charge the actual usage, release the rest, write the ledger row; False if the
     reservation was already settled or released (nothing changes)."""
+    settled = fast_pg.settle(call_key, tokens, nusd, kind) if fast_pg.available() else None
+    if settled is not None:
+        agent_id, tokens_left, nusd_left = settled
+        events.budget_settled.send(sender=settle, agent_id=agent_id, tokens_left=tokens_left,
+                                   nusd_left=nusd_left)
+        return True
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
         if held is None or held.state != "reserved":

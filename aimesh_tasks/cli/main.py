@@ -5,6 +5,9 @@ from __future__ import annotations
 import typer
 
 from aimesh_tasks.cli import agents, budgets, db, demo, endpoints, enqueue, report, simulate, worker
+from aimesh_tasks.cli import workflow as workflow_cli
+from aimesh_tasks.cli.flower import flower as flower_command
+from aimesh_tasks.cli.metrics import metrics as metrics_command
 from aimesh_tasks.cli.shell import AimeshGroup
 
 cli = typer.Typer(
@@ -18,6 +21,7 @@ cli.add_typer(db.cli, name="db")
 cli.add_typer(endpoints.cli, name="endpoints")
 cli.add_typer(agents.cli, name="agents")
 cli.add_typer(budgets.cli, name="budgets")
+cli.add_typer(workflow_cli.cli, name="workflow")
 cli.command("enqueue")(enqueue.enqueue)
 cli.command("report")(report.report)
 cli.command(
@@ -25,6 +29,8 @@ cli.command(
 )(worker.worker)
 cli.command("simulate")(simulate.simulate)
 cli.command("demo")(demo.demo)
+cli.command("flower")(flower_command)
+cli.command("metrics")(metrics_command)
 
 
 def _version(value: bool) -> None:

@@ -12,6 +12,8 @@ from aimesh_tasks.db.models import (
     LedgerRow,
     ReservationRow,
     RoutingDecisionRow,
+    WorkflowRunRow,
+    WorkflowStepRow,
 )
 
 __all__ = [
@@ -25,6 +27,8 @@ __all__ = [
     "LedgerRow",
     "ReservationRow",
     "RoutingDecisionRow",
+    "WorkflowRunRow",
+    "WorkflowStepRow",
     "dispose_engines",
     "get_engine",
     "session_scope",

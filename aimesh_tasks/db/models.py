@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    Text,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -179,3 +180,46 @@ class AuditRow(Base):
     reason: Mapped[str | None] = mapped_column(String(512))
     detail: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class WorkflowRunRow(Base):
+    """One run of a workflow: its definition, status, planned worst case and result."""
+
+    __tablename__ = "workflow_runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    policy: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    definition: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    planned_tokens: Mapped[int] = mapped_column(BigInteger)
+    planned_nusd: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WorkflowStepRow(Base):
+    """One step of a run: pending, running, done, failed or skipped; its call and output."""
+
+    __tablename__ = "workflow_steps"
+
+    run_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("workflow_runs.id", ondelete="CASCADE"), primary_key=True)
+    step_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    level: Mapped[int] = mapped_column(Integer)
+    message_id: Mapped[str] = mapped_column(String(128), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    depends_on: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    endpoint_id: Mapped[str | None] = mapped_column(String(64))
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_nusd: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False)
+    output: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

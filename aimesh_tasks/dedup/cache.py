@@ -114,6 +114,16 @@ def join(request_key: str, follower: dict[str, Any], *, lease_s: float, lookup: 
     return Joined("lead", token=str(value))
 
 
+def peek(request_key: str) -> dict[str, Any] | None:
+    """The cached answer for a request key (counted as a hit), or None; never follows."""
+    client = get_redis()
+    cached = client.get(keys.cache_entry(request_key))
+    if cached is None:
+        return None
+    client.hincrby(keys.dedup_counters(), "hits", 1)
+    return dict(json.loads(cached))
+
+
 def finish(request_key: str, token: str, result: dict[str, Any] | None, ttl_s: int
            ) -> list[dict[str, Any]]:
     """Store `result` (None: store nothing), end the lease, return the followers."""

@@ -13,12 +13,19 @@ from aimesh_tasks.money import usd_to_nusd
 from aimesh_tasks.settings import get_settings
 
 
-def join_flight(message: AiMessage, task_id: str) -> tuple[cache.Joined, dict[str, Any]]:
-    """Join the message's flight; the decision and the flight plan the call task carries."""
+def join_flight(message: AiMessage, task_id: str, *, may_follow: bool = True
+                ) -> tuple[cache.Joined, dict[str, Any]]:
+    """Join the message's flight; the decision and the flight plan the call task carries.
+    may_follow=False (a task in a canvas): a cache hit still answers, but an identical
+    call in flight is not waited for; this message leads its own call."""
     settings = get_settings()
     key = request_key(message, cache_scope(message, settings.cache_group_members))
+    hit = None if message.no_cache or may_follow else cache.peek(key)
+    if hit is not None:
+        return cache.Joined("hit", cached=hit), {}
     joined = cache.join(key, {"task_id": task_id, "message": message.to_json_dict()},
-                        lease_s=settings.single_flight_lease_s, lookup=not message.no_cache)
+                        lease_s=settings.single_flight_lease_s,
+                        lookup=not message.no_cache and may_follow)
     if joined.decision == "follow":
         audit("cached", message_id=message.id, agent_id=message.agent_id,
               reason="single_flight", detail={"request_key": key})

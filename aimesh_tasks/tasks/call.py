@@ -37,6 +37,19 @@ def _fail(message: AiMessage, error: AimeshError) -> AimeshError:
     return error
 
 
+def error_result(error: AimeshError) -> dict[str, Any]:
+    """A failure as a task result, {"error": {code, message, ...fields}}, for callers that
+    ask for errors as results (workflow steps: a raised error would fail a whole chord)."""
+    return {"error": error.to_dict()}
+
+
+def _give_up(message: AiMessage, error: AimeshError, as_result: bool) -> dict[str, Any]:
+    failed = _fail(message, error)
+    if as_result:
+        return error_result(failed)
+    raise failed
+
+
 @app.task(name="aimesh.call", bind=True)
 def call_endpoint(
     self: Task,
@@ -46,6 +59,7 @@ def call_endpoint(
     started_at: str | None = None,
     metered: bool = False,
     flight: dict[str, Any] | None = None,
+    errors_as_results: bool = False,
 ) -> dict[str, Any]:
     """Call route[0]; on a retryable failure, replace this task by a call to route[1]."""
     parsed = AiMessage.model_validate(message)
@@ -65,7 +79,7 @@ def call_endpoint(
     assert error is not None
     if not (error.retryable and len(route) > 1):
         end_flight(flight, None)
-        raise _fail(parsed, _final_error(parsed, error, past))
+        return _give_up(parsed, _final_error(parsed, error, past), errors_as_results)
     fallback = endpoint_from_args(route[1])
     if metered:  # the fallback is another call: re-priced at its own endpoint
         try:
@@ -73,11 +87,12 @@ def call_endpoint(
                     worst_case(parsed, fallback))
         except AimeshError as exc:
             end_flight(flight, None)
-            raise _fail(parsed, exc) from None
+            return _give_up(parsed, exc, errors_as_results)
     raise self.replace(call_endpoint.signature(
         (message, route[1:], [a.model_dump(mode="json") for a in past],
          first_started.isoformat()),
-        {"metered": metered, "flight": flight},
+        {"metered": metered, "flight": flight,
+         **({"errors_as_results": True} if errors_as_results else {})},
         queue=fallback.queue,
         expires=parsed.deadline,
     ))

@@ -1,0 +1,17 @@
+"""Scatter-gather workflows: DAGs of agent steps run as Celery chains, groups and chords.
+
+    from aimesh_tasks import Step, Workflow, submit_workflow
+    run_id, result = submit_workflow(Workflow(agent_id="planner", steps=[...]))
+    result.get(timeout=60)  # {"status", "outputs", "failures", "skipped", "cost_usd", ...}
+
+Modules: `model` (definitions, YAML/JSON), `template` and `dag` (pure rules), `steps`
+(a step's message), `budget` (the run's worst case), `compile` (the canvas), `state`
+(runs and steps in the database), `run` (`submit_workflow`).
+"""
+
+from aimesh_tasks.workflows.model import Step, Workflow, load_workflow, parse_workflow
+from aimesh_tasks.workflows.run import Submitted, submit_workflow
+from aimesh_tasks.workflows.state import run_view
+
+__all__ = ["Step", "Submitted", "Workflow", "load_workflow", "parse_workflow", "run_view",
+           "submit_workflow"]

@@ -1,0 +1,116 @@
+"""Graph rules of a workflow (pure): what is refused at submit, and the topological levels.
+
+Refused, each with an InvalidInput naming the step and the fix:
+- no steps at all, or more than AIMESH_WORKFLOW_MAX_STEPS;
+- two steps with one id;
+- a `depends_on` naming a step the workflow does not have;
+- a prompt template that is malformed, or quotes a step that is not a dependency;
+- a cycle, named in full: `a -> b -> c -> a`.
+
+`levels()` orders the steps into topological levels: a step's level is one more than the
+highest level among its dependencies, so every step of a level can run at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from aimesh_tasks.errors import InvalidInput
+from aimesh_tasks.workflows.model import Step, Workflow
+from aimesh_tasks.workflows.template import TemplateError, references
+
+
+def _refuse(field: str, reason: str, **fields: object) -> InvalidInput:
+    return InvalidInput(f"{field}: {reason}", field=field, errors=[], **fields)
+
+
+def _check_size(steps: Sequence[Step], max_steps: int) -> None:
+    if not steps:
+        raise _refuse("steps", "a workflow needs at least one step")
+    if len(steps) > max_steps:
+        raise _refuse("steps", f"{len(steps)} steps is more than the {max_steps} allowed "
+                      "(AIMESH_WORKFLOW_MAX_STEPS); split the workflow or raise the setting")
+
+
+def _check_ids(steps: Sequence[Step]) -> None:
+    seen: set[str] = set()
+    for step in steps:
+        if step.id in seen:
+            raise _refuse(f"steps.{step.id}", f"two steps have the id '{step.id}'; "
+                          "give each step its own id", step_id=step.id)
+        seen.add(step.id)
+
+
+def _check_dependencies(steps: Sequence[Step]) -> None:
+    known = {step.id for step in steps}
+    for step in steps:
+        for dep in step.depends_on:
+            if dep not in known:
+                raise _refuse(f"steps.{step.id}.depends_on",
+                              f"'{dep}' is not a step of this workflow (steps: "
+                              f"{', '.join(sorted(known))})", step_id=step.id)
+
+
+def _check_templates(steps: Sequence[Step]) -> None:
+    for step in steps:
+        try:
+            quoted = references(step.prompt)
+        except TemplateError as exc:
+            raise _refuse(f"steps.{step.id}.prompt", str(exc), step_id=step.id) from None
+        for ref in quoted:
+            if ref not in step.depends_on:
+                raise _refuse(f"steps.{step.id}.prompt",
+                              f"quotes steps.{ref}.text but '{ref}' is not in its depends_on;"
+                              f" add '{ref}' to depends_on", step_id=step.id)
+
+
+def find_cycle(graph: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """One cycle of `graph` (node -> the nodes it depends on) as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+    for root in graph:
+        if state.get(root):
+            continue
+        path: list[str] = [root]
+        stack = [iter(graph[root])]
+        state[root] = 1
+        while stack:
+            node = next(stack[-1], None)
+            if node is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(node) == 1:
+                return [*path[path.index(node):], node]
+            elif not state.get(node):
+                state[node] = 1
+                path.append(node)
+                stack.append(iter(graph[node]))
+    return None
+
+
+def levels(steps: Sequence[Step]) -> list[list[str]]:
+    """Step ids by topological level (a valid, acyclic workflow), in definition order."""
+    level: dict[str, int] = {}
+    waiting = {step.id: set(step.depends_on) for step in steps}
+    while len(level) < len(steps):
+        ready = [s for s, deps in waiting.items() if s not in level and deps <= level.keys()]
+        for step_id in ready:
+            level[step_id] = 1 + max((level[d] for d in waiting[step_id]), default=-1)
+    grouped: list[list[str]] = [[] for _ in range(max(level.values()) + 1)]
+    for step in steps:
+        grouped[level[step.id]].append(step.id)
+    return grouped
+
+
+def validate_workflow(workflow: Workflow, max_steps: int) -> list[list[str]]:
+    """Check every graph rule; the topological levels of a valid workflow."""
+    steps = workflow.steps
+    _check_size(steps, max_steps)
+    _check_ids(steps)
+    _check_dependencies(steps)
+    _check_templates(steps)
+    cycle = find_cycle({step.id: step.depends_on for step in steps})
+    if cycle is not None:
+        raise _refuse(f"steps.{cycle[0]}.depends_on",
+                      f"the steps form a cycle: {' -> '.join(cycle)}; remove one of these "
+                      "dependencies", step_id=cycle[0], cycle=cycle)
+    return levels(steps)

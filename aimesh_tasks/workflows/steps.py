@@ -1,0 +1,46 @@
+"""A step's message (pure): the rendered prompt plus the step's hints, sent as the run's agent.
+
+Message ids are `<run id>.<step id>`: a step task that runs twice (a redelivery) sends the
+same message, so its budget reservation and charge are found again, never doubled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from aimesh_tasks.messages import AiMessage, parse_message
+from aimesh_tasks.workflows.model import Step, Workflow
+from aimesh_tasks.workflows.template import render
+
+
+def message_id(run_id: str, step_id: str) -> str:
+    """The id of the message a step sends."""
+    return f"{run_id}.{step_id}"
+
+
+def step_message_dict(workflow: Workflow, step: Step, run_id: str, prompt: str
+                      ) -> dict[str, Any]:
+    """The message fields of a step whose prompt is already rendered."""
+    chat = [{"role": "system", "content": step.system}] if step.system else []
+    chat.append({"role": "user", "content": prompt})
+    fields: dict[str, Any] = {
+        "id": message_id(run_id, step.id),
+        "agent_id": workflow.agent_id,
+        "messages": chat,
+        "max_tokens": step.max_tokens,
+        "no_cache": step.no_cache,
+        "metadata": {"workflow_run": run_id, "workflow_step": step.id},
+    }
+    for hint in ("model", "capability", "temperature"):
+        if getattr(step, hint) is not None:
+            fields[hint] = getattr(step, hint)
+    return fields
+
+
+def step_message(workflow: Workflow, step: Step, run_id: str,
+                 outputs: Mapping[str, str]) -> AiMessage:
+    """The validated message of a step, its prompt rendered from its dependencies' outputs
+    (InvalidMessage names the field, e.g. a rendered prompt over the payload cap)."""
+    prompt = render(step.prompt, outputs)
+    return parse_message(step_message_dict(workflow, step, run_id, prompt))
