@@ -11,6 +11,8 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_REDIS_URL                  | memory://           | live figures; memory:// = in-proc |
 | AIMESH_DEDUP_TTL_SECS             | 300                 | cache TTL (also DEDUP_TTL_SECS)   |
 | AIMESH_CACHE_GROUPS               | (empty)             | 'group=agent-a,agent-b;...'       |
+| AIMESH_SEMANTIC_AGENTS            | (empty)             | semantic cache on for: ids or '*' |
+| AIMESH_SEMANTIC_THRESHOLD         | 0.85                | cosine a semantic candidate needs |
 | AIMESH_SINGLE_FLIGHT_LEASE_S      | 120                 | a silent leader is replaced after |
 | AIMESH_ROUTE_WEIGHT_COST          | 0.4                 | weight of normalised cost         |
 | AIMESH_ROUTE_WEIGHT_LOAD          | 0.3                 | weight of normalised load         |
@@ -69,6 +71,12 @@ class Settings(BaseSettings):
     )
     cache_groups: str = Field(
         "", description="Agents sharing cached answers: 'group=agent-a,agent-b;other=...'."
+    )
+    semantic_agents: str = Field(
+        "", description="Agents with the semantic cache on: comma-separated ids, or '*'."
+    )
+    semantic_threshold: float = Field(
+        0.85, gt=0, le=1, description="Cosine similarity a semantic candidate needs."
     )
     single_flight_lease_s: float = Field(
         120, gt=0, description="A single-flight leader that has not finished by then is replaced."

@@ -33,6 +33,8 @@ TEST_ENV = {
     "AIMESH_DATABASE_URL": DATABASE,
     "AIMESH_FOLLOW_INTERVAL_S": "0.2",
     "AIMESH_HEALTH_RETRY_S": "30",
+    # The semantic cache is on for these two agents only (tests/test_dedup.py).
+    "AIMESH_SEMANTIC_AGENTS": "semantic-agent,semantic-other",
     # Budget kill tests pause these agents' messages at one point each (aimesh_tasks.failpoints).
     "AIMESH_FAILPOINTS": "after_reserve@kill-after-reserve=20,before_settle@kill-before-settle=20",
 }

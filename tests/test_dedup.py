@@ -150,3 +150,27 @@ def _call_pid(timeout_s: float = 20) -> int:
                 if task["name"] == "aimesh.call":
                     return int(task["worker_pid"])
     raise AssertionError("no aimesh.call task became active")
+
+
+def test_semantic_cache_hits_paraphrases_only_within_the_agent(
+    simulator: Sim, endpoint: MakeEndpoint
+) -> None:
+    pytest.importorskip("sentence_transformers", reason="needs the [semantic] extra")
+    sim = simulator()
+    endpoint(sim, "semantic")
+
+    def ask(agent: str, prompt: str) -> dict[str, object]:
+        result: dict[str, object] = submit(agent_id=agent, prompt=prompt,
+                                           max_tokens=32).get(timeout=90)
+        return result
+
+    first = ask("semantic-agent", "What is the capital city of France?")
+    paraphrase = ask("semantic-agent", "What's the capital of France?")
+    assert (first["cached"], paraphrase["cached"]) == (False, True)
+    assert paraphrase["text"] == first["text"] and sim.stats()["calls"] == 1
+    assert ask("semantic-other", "What's the capital of France?")["cached"] is False
+    assert sim.stats()["calls"] == 2  # another agent's answer is never a candidate
+    ask("semantic-agent", "Give me 3 facts about Paris")
+    assert ask("semantic-agent", "Give me 5 facts about Paris")["cached"] is False
+    assert sim.stats()["calls"] == 4
+    assert cache.counters()["semantic_hits"] >= 1

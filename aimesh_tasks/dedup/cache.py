@@ -124,6 +124,12 @@ def peek(request_key: str) -> dict[str, Any] | None:
     return dict(json.loads(cached))
 
 
+def entry(request_key: str) -> dict[str, Any] | None:
+    """The cached answer for a request key, without counting a lookup."""
+    cached = get_redis().get(keys.cache_entry(request_key))
+    return None if cached is None else dict(json.loads(cached))
+
+
 def finish(request_key: str, token: str, result: dict[str, Any] | None, ttl_s: int
            ) -> list[dict[str, Any]]:
     """Store `result` (None: store nothing), end the lease, return the followers."""

@@ -10,6 +10,7 @@ from aimesh_tasks.dedup.request_key import cache_scope, request_key
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage, AiResult, utcnow
 from aimesh_tasks.money import usd_to_nusd
+from aimesh_tasks.pipeline import semantic
 from aimesh_tasks.settings import get_settings
 
 
@@ -19,7 +20,8 @@ def join_flight(message: AiMessage, task_id: str, *, may_follow: bool = True
     may_follow=False (a task in a canvas): a cache hit still answers, but an identical
     call in flight is not waited for; this message leads its own call."""
     settings = get_settings()
-    key = request_key(message, cache_scope(message, settings.cache_group_members))
+    scope = cache_scope(message, settings.cache_group_members)
+    key = request_key(message, scope)
     hit = None if message.no_cache or may_follow else cache.peek(key)
     if hit is not None:
         return cache.Joined("hit", cached=hit), {}
@@ -30,8 +32,19 @@ def join_flight(message: AiMessage, task_id: str, *, may_follow: bool = True
         audit("cached", message_id=message.id, agent_id=message.agent_id,
               reason="single_flight", detail={"request_key": key})
     plan = {"key": key, "token": joined.token, "store": not message.no_store,
-            "ttl_s": message.cache_ttl_s or settings.dedup_ttl_secs}
+            "ttl_s": message.cache_ttl_s or settings.dedup_ttl_secs, "scope": scope}
+    if semantic.enabled_for(message.agent_id):
+        plan["semantic_text"] = semantic.prompt_text(message)
     return joined, plan
+
+
+def semantic_answer(message: AiMessage, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """For a leader whose agent has the semantic cache on: an equivalent prompt's answer,
+    re-issued for this message (cached=True), or None."""
+    if "semantic_text" not in plan or message.no_cache:
+        return None
+    found = semantic.lookup(message, plan["scope"])
+    return None if found is None else _reissued(found, message, cached=True)
 
 
 def _reissued(result: dict[str, Any], message: AiMessage, **flags: bool) -> dict[str, Any]:
@@ -64,4 +77,7 @@ def finish_flight(plan: dict[str, Any], result: AiResult | None) -> list[dict[st
     """End the flight; store the answer unless it is an error, truncated or no_store."""
     storable = (result is not None and plan["store"] and result.finish_reason != "length")
     stored = result.to_json_dict() if storable and result is not None else None
-    return cache.finish(plan["key"], plan["token"], stored, int(plan["ttl_s"]))
+    followers = cache.finish(plan["key"], plan["token"], stored, int(plan["ttl_s"]))
+    if stored is not None and "semantic_text" in plan:
+        semantic.remember(plan["semantic_text"], plan["scope"], plan["key"], int(plan["ttl_s"]))
+    return followers

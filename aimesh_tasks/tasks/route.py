@@ -9,13 +9,14 @@ from celery import Task
 from celery.exceptions import Ignore
 from celery.result import AsyncResult
 
+from aimesh_tasks import events
 from aimesh_tasks.app import app
 from aimesh_tasks.errors import AimeshError, InvalidMessage
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.keys import ROUTE_QUEUE
-from aimesh_tasks.messages import AiMessage, parse_message
+from aimesh_tasks.messages import AiMessage, AiResult, parse_message
 from aimesh_tasks.pipeline.call import endpoint_to_args
-from aimesh_tasks.pipeline.dedup import answer_from_cache, join_flight
+from aimesh_tasks.pipeline.dedup import answer_from_cache, join_flight, semantic_answer
 from aimesh_tasks.pipeline.route import admit, plan_route
 from aimesh_tasks.tasks.call import call_endpoint, error_result
 from aimesh_tasks.tasks.flight import end_flight
@@ -66,10 +67,17 @@ def route_message(self: Task, message: dict[str, Any], errors_as_results: bool =
     parsed = AiMessage.model_validate(message)
     joined, flight = join_flight(parsed, self.request.id,
                                  may_follow=not _in_canvas(self.request))
+    events.message_deduplicated.send(
+        sender=route_message, message=parsed, result=joined.cached,
+        outcome="bypass" if parsed.no_cache else DEDUP_OUTCOMES[joined.decision])
     if joined.decision == "hit":
         return answer_from_cache(parsed, joined.cached or {})
     if joined.decision == "follow":
         raise Ignore()  # the leader stores this task's result when it has the answer
+    equivalent = semantic_answer(parsed, flight)
+    if equivalent is not None:
+        end_flight(flight, AiResult.model_validate(equivalent))
+        return equivalent
     try:
         decision = plan_route(parsed)
         metered = admit(parsed, decision)
