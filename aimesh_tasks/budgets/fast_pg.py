@@ -10,7 +10,7 @@ for the row lock, so concurrent reservations still never exceed a limit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import text
 
@@ -44,7 +44,8 @@ upd AS (
     AND (token_limit IS NULL OR spent_tokens + reserved_tokens + :tokens <= token_limit)
     AND (usd_limit_nusd IS NULL OR spent_nusd + reserved_nusd + :nusd <= usd_limit_nusd)
   RETURNING 1)
-SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM upd) AS reserved
+SELECT (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM upd) AS reserved,
+       EXISTS (SELECT 1 FROM budgets WHERE agent_id = :agent_id) AS metered
 """)
 
 _CLAIM = text("""
@@ -97,12 +98,19 @@ def _decide(statement: Any, params: dict[str, Any], accept: Any) -> Any:
 
 
 def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
-            need: Estimate) -> bool | None:
-    """True if reserved in one statement; None when the general path must decide."""
+            need: Estimate) -> Literal["reserved", "unmetered"] | None:
+    """'reserved' if reserved in one statement, 'unmetered' if the agent has no budget
+    (nothing is kept), None when the general path must decide."""
     params = {"agent_id": agent_id, "message_id": message_id, "endpoint_id": endpoint_id,
               "call_key": call_key, "tokens": need.tokens, "nusd": need.nusd}
-    return _decide(_RESERVE, params,  # type: ignore[no-any-return]
-                   lambda row: True if row.inserted == 1 and row.reserved == 1 else None)
+    with get_engine().connect() as connection:
+        transaction = connection.begin()
+        row = connection.execute(_RESERVE, params).one()
+        if row.inserted == 1 and row.reserved == 1:
+            transaction.commit()
+            return "reserved"
+        transaction.rollback()
+        return "unmetered" if row.inserted == 1 and not row.metered else None
 
 
 def claim(call_key: str) -> bool | None:

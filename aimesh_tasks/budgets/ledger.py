@@ -103,9 +103,12 @@ def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
     Idempotent: a call_key already reserved or settled returns what is held; a released
     one is reserved again. Raises BudgetExceeded (and audits 'denied') if it cannot fit.
     """
-    if fast_pg.available() and fast_pg.reserve(agent_id, message_id, endpoint_id, call_key,
-                                               need):
+    fast = fast_pg.reserve(agent_id, message_id, endpoint_id, call_key, need) if (
+        fast_pg.available()) else None
+    if fast == "reserved":
         return Held(call_key, need.tokens, need.nusd, "reserved")
+    if fast == "unmetered":
+        return None
     denial: BudgetExceeded | None = None
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
