@@ -10,9 +10,9 @@ from aimesh_tasks.periodic import Periodic
 
 
 class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """For the life of the worker: flush the outbox to the database, and reap budget
-    reservations whose task died (each job takes a lock or is idempotent, so any number of
-    workers may run them).
+    """For the life of the worker: flush the outbox to the database, reap budget
+    reservations whose task died, and give orphaned single-flights a new leader (each job
+    takes a lock, or is atomic, or idempotent, so any number of workers may run them).
 
     It starts after the pool, so prefork children are forked before these threads exist
     (forking while a thread holds a lock can leave the child waiting on it forever).
@@ -28,11 +28,14 @@ class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         from aimesh_tasks.budgets.reaper import reap
         from aimesh_tasks.outbox import flush
         from aimesh_tasks.settings import get_settings
+        from aimesh_tasks.tasks.flight import adopt_orphans
 
         settings = get_settings()
         self.jobs = [
             Periodic("aimesh-outbox", settings.outbox_flush_interval_s, flush),
             Periodic("aimesh-reaper", settings.reaper_interval_s, reap),
+            Periodic("aimesh-flights", min(5.0, settings.single_flight_lease_s / 4),
+                     adopt_orphans),
         ]
         for job in self.jobs:
             job.start()

@@ -174,3 +174,27 @@ def test_semantic_cache_hits_paraphrases_only_within_the_agent(
     assert ask("semantic-agent", "Give me 5 facts about Paris")["cached"] is False
     assert sim.stats()["calls"] == 4
     assert cache.counters()["semantic_hits"] >= 1
+
+
+def test_orphaned_flight_is_adopted_by_its_first_follower(simulator: Sim, endpoint: MakeEndpoint
+                                                         ) -> None:
+    import json
+
+    from aimesh_tasks import keys
+    from aimesh_tasks.redis_client import get_redis
+    from aimesh_tasks.tasks.flight import adopt_orphans
+
+    sim = simulator()
+    endpoint(sim, "orphan")
+    followers = [parse_message({"agent_id": "orphan-agent", "prompt": "left behind",
+                                "max_tokens": 32}) for _ in range(3)]
+    key = request_key(followers[0], cache_scope(followers[0], {}))
+    # A leader took the flight, three followers joined, then the leader's lease ran out.
+    for message in followers:
+        get_redis().rpush(keys.flight_followers(key),
+                          json.dumps({"task_id": message.id, "message": message.to_json_dict()}))
+    assert adopt_orphans() == 1
+    results = [app.AsyncResult(m.id).get(timeout=30) for m in followers]
+    assert len({r["text"] for r in results}) == 1
+    assert sim.stats()["calls"] == 1  # the adopted follower led; the others were answered
+    assert not get_redis().exists(keys.flight_followers(key))

@@ -7,9 +7,11 @@ from typing import Any
 from celery import states
 
 from aimesh_tasks.app import app
+from aimesh_tasks.dedup.cache import adopt_orphan, orphaned_flights
 from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.messages import AiResult
 from aimesh_tasks.pipeline.dedup import answer_for_follower, finish_flight
+from aimesh_tasks.settings import get_settings
 
 
 def end_flight(flight: dict[str, Any] | None, result: AiResult | None) -> int:
@@ -27,3 +29,20 @@ def end_flight(flight: dict[str, Any] | None, result: AiResult | None) -> int:
             app.signature("aimesh.route", args=(follower["message"],)).apply_async(
                 task_id=follower["task_id"], queue=ROUTE_QUEUE)
     return len(followers)
+
+
+def adopt_orphans() -> int:
+    """Give every flight whose leader's lease ran out (its worker died and the message was
+    not redelivered in time) a new leader: its first follower, routed again under the new
+    fencing token; the remaining followers stay and are answered by it. How many."""
+    lease_s = get_settings().single_flight_lease_s
+    adopted = 0
+    for request_key in orphaned_flights():
+        taken = adopt_orphan(request_key, lease_s)
+        if taken is None:
+            continue
+        follower, _token = taken
+        app.signature("aimesh.route", args=(follower["message"],)).apply_async(
+            task_id=follower["task_id"], queue=ROUTE_QUEUE)
+        adopted += 1
+    return adopted
