@@ -11,13 +11,16 @@ the configuration that allows storing its prompts.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aimesh_tasks.dedup import cache
-from aimesh_tasks.dedup.semantic import SemanticCache
+from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage
 from aimesh_tasks.settings import get_settings
+
+if TYPE_CHECKING:  # numpy and the model come with the optional [semantic] extra
+    from aimesh_tasks.dedup.semantic import SemanticCache
 
 
 def enabled_for(agent_id: str) -> bool:
@@ -33,6 +36,14 @@ def prompt_text(message: AiMessage) -> str:
 
 @lru_cache(maxsize=4)
 def _semantic_cache(threshold: float) -> SemanticCache:
+    try:
+        from aimesh_tasks.dedup.semantic import SemanticCache
+    except ImportError as exc:
+        raise ConfigError(
+            "AIMESH_SEMANTIC_AGENTS is set but the semantic cache is not installed: "
+            "pip install torch==2.13.0 && pip install 'aimesh-tasks[semantic]'",
+            setting="AIMESH_SEMANTIC_AGENTS",
+        ) from exc
     return SemanticCache(threshold=threshold)
 
 
