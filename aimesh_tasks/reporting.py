@@ -207,8 +207,26 @@ def _group(records: Records) -> tuple[dict[str, EndpointFigures], dict[str, Agen
     return by_endpoint, by_agent, total
 
 
+def savings_and_refusals(since: datetime | None, agent_id: str | None) -> dict[str, Any]:
+    """Messages answered without a call (cache, single-flight), what that saved, and
+    messages refused by a budget, from the audit records."""
+    with session_scope() as session:
+        cached = list(session.scalars(_filtered(
+            select(AuditRow).where(AuditRow.event == "cached"), AuditRow, since, agent_id)))
+        denied = {a.message_id for a in session.scalars(_filtered(
+            select(AuditRow).where(AuditRow.event == "denied"), AuditRow, since, agent_id))}
+    by_reason: dict[str, int] = {"exact": 0, "semantic": 0, "single_flight": 0}
+    for row in cached:
+        by_reason[row.reason or "exact"] = by_reason.get(row.reason or "exact", 0) + 1
+    saved = sum(int(row.detail.get("cost_saved_nusd", 0)) for row in cached)
+    return {"cache": {"answers": len({r.message_id for r in cached}), **by_reason,
+                      "saved_usd": str(nusd_to_usd(saved))},
+            "budget_rejections": len(denied)}
+
+
 def traffic_report(since: datetime | None = None, agent_id: str | None = None) -> dict[str, Any]:
-    """Per-endpoint and per-agent figures, totals, and the cost of other routing policies."""
+    """Per-endpoint and per-agent figures, totals, the cost of other routing policies,
+    cache savings and budget refusals."""
     records = load_records(since, agent_id)
     by_endpoint, by_agent, total = _group(records)
     costs = policy_costs(records, list_endpoints())
@@ -221,4 +239,5 @@ def traffic_report(since: datetime | None = None, agent_id: str | None = None) -
         "routed_cost_usd": str(nusd_to_usd(costs["routed_nusd"])),
         "round_robin_cost_usd": str(nusd_to_usd(costs["round_robin_nusd"])),
         "cheapest_cost_usd": str(nusd_to_usd(costs["cheapest_nusd"])),
+        **savings_and_refusals(since, agent_id),
     }

@@ -4,6 +4,7 @@ figures are recomputed here from the database tables it wrote."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 from collections import defaultdict
@@ -68,6 +69,10 @@ def recompute(engine: Engine) -> dict[str, Any]:
         routes = {d.message_id: [d.winner, *d.fallbacks]
                   for d in session.scalars(select(RoutingDecisionRow)) if d.winner}
         failed = len(list(session.scalars(select(AuditRow).where(AuditRow.event == "failed"))))
+        cached = {a.message_id for a in session.scalars(
+            select(AuditRow).where(AuditRow.event == "cached"))}
+        denied = {a.message_id for a in session.scalars(
+            select(AuditRow).where(AuditRow.event == "denied"))}
     ok = [r for r in rows if r.ok]
     assert all(r.cost_nusd == _cost_nusd(r) for r in rows if r.ok)  # recorded cost = prices
     by_endpoint: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -86,6 +91,8 @@ def recompute(engine: Engine) -> dict[str, Any]:
         "agents": per_agent,
         "failed": failed,
         "fallbacks": len({r.message_id for r in ok} & failed_first),
+        "cached": len(cached),
+        "denied": len(denied),
         "routed_nusd": sum(r.cost_nusd for r in rows),
         "round_robin_nusd": _round_robin_nusd(ok, routes),
         "cheapest_nusd": sum(min(
@@ -96,8 +103,12 @@ def recompute(engine: Engine) -> dict[str, Any]:
 
 
 def assert_report_matches(report: dict[str, Any], figures: dict[str, Any], sent: int) -> None:
-    """Every count and sum of the demo's report equals the recomputed one."""
-    assert figures["answered"] == sent and report["total"]["answered"] == sent
+    """Every count and sum of the demo's report equals the recomputed one; every message
+    sent was answered by a call, answered without one, or refused by a budget."""
+    assert figures["answered"] + figures["cached"] + figures["denied"] == sent
+    assert report["total"]["answered"] == figures["answered"]
+    assert report["cache"]["answers"] == figures["cached"] > 0  # the demo repeats questions
+    assert report["budget_rejections"] == figures["denied"]
     assert report["total"]["failed"] == figures["failed"] == 0
     assert report["total"]["fallbacks"] == figures["fallbacks"]
     assert set(report["endpoints"]) == set(figures["endpoints"])
@@ -133,8 +144,11 @@ def test_embedded_demo_prints_the_report_and_exits_zero(tmp_path: Path) -> None:
     done = _demo(["--messages", "40"], _no_aimesh_env(), tmp_path)
     for expected in ("Per endpoint", "Per agent", "p50/p99 ms", "failed calls", "fallbacks",
                      "round-robin would have cost", "always-cheapest",
-                     "40 answered, 0 failed"):
+                     "answered without a call", "refused by a budget"):
         assert expected in done.stdout, expected
+    answered = re.search(r"(\d+) answered, 0 failed", done.stdout)
+    refused = re.search(r"refused by a budget: (\d+)", done.stdout)
+    assert answered and refused and int(answered[1]) + int(refused[1]) == 40, done.stdout
     assert any(endpoint_id in done.stdout for endpoint_id, *_ in DEMO_ENDPOINTS)
     assert not (tmp_path / "aimesh.db").exists()  # the demo used its own throw-away database
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 SCRIPT = """
 import json
+import re
 from aimesh_tasks import add_endpoint, submit
 from aimesh_tasks.routing import decisions_for
 from aimesh_tasks.simulator import SimulatorConfig, start_simulator
@@ -53,4 +55,7 @@ def test_demo_runs_embedded_and_exits_zero(tmp_path: Path) -> None:
                           env=_clean_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "budget-llm" in done.stdout and "round-robin" in done.stdout
-    assert "40 answered, 0 failed" in done.stdout
+    answered = re.search(r"(\d+) answered, 0 failed", done.stdout)
+    refused = re.search(r"refused by a budget: (\d+)", done.stdout)
+    assert answered and refused, done.stdout
+    assert int(answered.group(1)) + int(refused.group(1)) == 40

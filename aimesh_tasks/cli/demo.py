@@ -36,6 +36,9 @@ DEMO_AGENTS = {
     "planner": "demo: breaks work into steps",
 }
 TOPICS = ["caching", "queues", "budgets", "routing", "retries"]
+# The planner's budget runs out part-way through the demo (its refusals are in the report).
+PLANNER_BUDGET_USD = "0.004"
+REPEAT_SHARE = 0.3  # messages that repeat a common question: answered from cache or joined
 
 
 def _configure(broker: str | None, db: str | None, redis_url: str | None) -> bool:
@@ -62,6 +65,7 @@ def _configure(broker: str | None, db: str | None, redis_url: str | None) -> boo
 
 
 def _register_agents() -> None:
+    from aimesh_tasks.budgets import set_budget
     from aimesh_tasks.errors import NotFound
     from aimesh_tasks.governance import add_agent, get_agent
 
@@ -70,6 +74,7 @@ def _register_agents() -> None:
             get_agent(agent_id)
         except NotFound:
             add_agent(agent_id, description)
+    set_budget("planner", usd=PLANNER_BUDGET_USD)
 
 
 def _replace_leftover(endpoint_id: str) -> None:
@@ -108,16 +113,20 @@ def _start_endpoints(stack: ExitStack) -> list[str]:
 
 
 def _submit_all(count: int, console: Console) -> tuple[int, list[str]]:
-    """Send `count` messages from the demo agents; (answered, failure reasons)."""
+    """Send `count` messages from the demo agents; (answered, failure reasons); a budget
+    refusal is neither."""
     from aimesh_tasks import submit
+    from aimesh_tasks.errors import BudgetExceeded
 
     rng = random.Random(7)
     agents = list(DEMO_AGENTS)
-    pending = [
-        submit(agent_id=agents[n % len(agents)], model=DEMO_MODEL, max_tokens=64,
-               prompt=f"Explain {rng.choice(TOPICS)} in one line (#{n})")
-        for n in range(count)
-    ]
+    pending = []
+    for n in range(count):
+        topic = rng.choice(TOPICS)
+        unique = rng.random() >= REPEAT_SHARE
+        prompt = f"Explain {topic} in one line (#{n})" if unique else f"Explain {topic}"
+        pending.append(submit(agent_id=agents[n % len(agents)], model=DEMO_MODEL,
+                              max_tokens=64, prompt=prompt))
     answered, failures = 0, []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("messages", total=count)
@@ -125,6 +134,8 @@ def _submit_all(count: int, console: Console) -> tuple[int, list[str]]:
             try:
                 async_result.get(timeout=60)
                 answered += 1
+            except BudgetExceeded:
+                pass  # the planner's budget running out is part of the demo
             except Exception as exc:  # a failed message is part of the report, not a crash
                 failures.append(f"{type(exc).__name__}: {exc}")
             progress.advance(task)

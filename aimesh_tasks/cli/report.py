@@ -85,6 +85,12 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(agent_table(report))
     for line in policy_lines(report):
         console.print(line, highlight=False)
+    cache = report["cache"]
+    console.print(
+        f"answered without a call: {cache['answers']} (cache {cache['exact']}, semantic "
+        f"{cache['semantic']}, joined an identical call {cache['single_flight']}), saving "
+        f"${cache['saved_usd']}; refused by a budget: {report['budget_rejections']}",
+        highlight=False)
 
 
 def report(

@@ -28,9 +28,6 @@ def join_flight(message: AiMessage, task_id: str, *, may_follow: bool = True
     joined = cache.join(key, {"task_id": task_id, "message": message.to_json_dict()},
                         lease_s=settings.single_flight_lease_s,
                         lookup=not message.no_cache and may_follow)
-    if joined.decision == "follow":
-        audit("cached", message_id=message.id, agent_id=message.agent_id,
-              reason="single_flight", detail={"request_key": key})
     plan = {"key": key, "token": joined.token, "store": not message.no_store,
             "ttl_s": message.cache_ttl_s or settings.dedup_ttl_secs, "scope": scope}
     if semantic.enabled_for(message.agent_id):
@@ -69,8 +66,13 @@ def answer_from_cache(message: AiMessage, cached: dict[str, Any]) -> dict[str, A
 
 
 def answer_for_follower(result: dict[str, Any], follower: dict[str, Any]) -> dict[str, Any]:
-    """The leader's answer, re-issued for a follower that joined its flight."""
-    return _reissued(result, AiMessage.model_validate(follower["message"]), dedup=True)
+    """The leader's answer, re-issued (and audited) for a follower that joined its flight."""
+    message = AiMessage.model_validate(follower["message"])
+    answer = _reissued(result, message, dedup=True)
+    audit("cached", message_id=message.id, agent_id=message.agent_id,
+          endpoint_id=answer["endpoint_id"], reason="single_flight",
+          detail={"cost_saved_nusd": usd_to_nusd(answer["cost_saved_usd"])})
+    return answer
 
 
 def finish_flight(plan: dict[str, Any], result: AiResult | None) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from aimesh_tasks.dedup import cache
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage
+from aimesh_tasks.money import usd_to_nusd
 from aimesh_tasks.settings import get_settings
 
 if TYPE_CHECKING:  # numpy and the model come with the optional [semantic] extra
@@ -56,7 +57,9 @@ def lookup(message: AiMessage, scope: str) -> dict[str, Any] | None:
     if result is not None:
         audit("cached", message_id=message.id, agent_id=message.agent_id,
               endpoint_id=result.get("endpoint_id"), reason="semantic",
-              detail={"score": round(hit.score, 4), "request_key": hit.result_key})
+              detail={"score": round(hit.score, 4), "request_key": hit.result_key,
+                      "cost_saved_nusd": usd_to_nusd(result["cost_usd"])
+                      + usd_to_nusd(result.get("cost_saved_usd", "0"))})
     return result
 
 
