@@ -4,8 +4,8 @@ figures are recomputed here from the database tables it wrote."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 from collections import defaultdict
 from decimal import Decimal

@@ -50,7 +50,7 @@ def _give_up(message: AiMessage, error: AimeshError, as_result: bool) -> dict[st
     raise failed
 
 
-@app.task(name="aimesh.call", bind=True)
+@app.task(name="aimesh.call", bind=True, throws=(AimeshError,))
 def call_endpoint(
     self: Task,
     message: dict[str, Any],

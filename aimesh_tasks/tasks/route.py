@@ -59,7 +59,9 @@ def _in_canvas(request: Any) -> bool:
     return bool(request.chord or request.callbacks or request.chain or request.group)
 
 
-@app.task(name="aimesh.route", base=RouteTask, bind=True)
+# AimeshError outcomes (budget refused, no endpoint, provider failed) are expected: Celery
+# logs them as one line, without a traceback.
+@app.task(name="aimesh.route", base=RouteTask, bind=True, throws=(AimeshError,))
 def route_message(self: Task, message: dict[str, Any], errors_as_results: bool = False) -> Any:
     """Answer from cache, join an identical message in flight, or route the message and
     replace this task by the call on the winner's queue. With errors_as_results (workflow
