@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,10 @@ def publish(kind: str, i: int) -> Any:
     """Publish one message of the kind ('raw' or 'spine')."""
     if kind == "raw":
         return hop_a.apply_async(({"published_at": time.time(), "i": i},), queue="bench.a")
-    return submit(agent_id="bench", prompt=f"benchmark message {i}", max_tokens=16)
+    # A fresh prompt every time: the spine is measured on cache misses (the dedup check
+    # included), never answered from the result cache.
+    return submit(agent_id="bench", prompt=f"benchmark message {i} {uuid.uuid4().hex}",
+                  max_tokens=16)
 
 
 def paced_latencies_ms(kind: str, rate: float, seconds: float) -> list[float]:
