@@ -100,3 +100,13 @@ def semantic_index(scope: str) -> str:
 def semantic_entry(scope: str, entry_id: str) -> str:
     """One semantic-cache entry of a scope: result key, prompt text and vector, with a TTL."""
     return f"{PREFIX}:semantic:{scope}:entry:{entry_id}"
+
+
+def metered_agents() -> str:
+    """Set of agents that have a budget (a mirror of the budgets table)."""
+    return f"{PREFIX}:budgets:metered"
+
+
+def metered_agents_ready() -> str:
+    """Present while the metered-agents set is complete; absent means ask Postgres."""
+    return f"{PREFIX}:budgets:metered:ready"

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from aimesh_tasks.budgets.metered import add_metered
 from aimesh_tasks.budgets.periods import PERIODS, current_period_start
 from aimesh_tasks.db import AgentRow, BudgetRow, session_scope
 from aimesh_tasks.errors import InvalidInput, NotFound
@@ -125,7 +126,9 @@ def set_budget(
         row.period, row.rolling_s, row.expires_at, row.updated_at = (
             period, rolling_s, expires_at, now)
         session.flush()
-        return _view(row)
+        view = _view(row)
+    add_metered(agent_id)
+    return view
 
 
 def get_budget(agent_id: str) -> BudgetView:

@@ -43,7 +43,10 @@ def get_engine(url: str | None = None) -> Engine:
             url_for_driver = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         else:
             url_for_driver = url
-        engine = create_engine(url_for_driver, pool_pre_ping=True)
+        # No pre-ping: it costs a round trip per transaction on the message path; pooled
+        # connections are recycled instead, and a broken one fails its task, which the
+        # broker redelivers (acks_late).
+        engine = create_engine(url_for_driver, pool_recycle=1800)
         _engines[url] = engine
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)

@@ -7,6 +7,7 @@ import time
 from aimesh_tasks import events, keys
 from aimesh_tasks.budgets.estimate import worst_case
 from aimesh_tasks.budgets.ledger import reserve
+from aimesh_tasks.budgets.metered import is_metered, rebuild
 from aimesh_tasks.errors import NoEndpointAvailable
 from aimesh_tasks.failpoints import failpoint
 from aimesh_tasks.governance.audit import audit
@@ -58,6 +59,11 @@ def plan_route(message: AiMessage) -> RoutingDecision:
 def admit(message: AiMessage, decision: RoutingDecision) -> bool:
     """Reserve the first call's worst case at the winner's prices; False if the agent has
     no budget (unmetered). BudgetExceeded (audited) if it cannot fit."""
+    metered = is_metered(message.agent_id)
+    if metered is False:
+        return False
+    if metered is None:
+        rebuild()
     winner = decision.winner
     held = reserve(message.agent_id, message.id, winner.id, keys.call_key(message.id, 0),
                    worst_case(message, winner))
