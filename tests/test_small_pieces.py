@@ -27,6 +27,18 @@ def test_key_and_queue_formats_are_pinned() -> None:
     assert keys.registry_version() == "aimesh:registry:version"
     assert keys.outbox() == "aimesh:outbox"
     assert keys.outbox_lock() == "aimesh:outbox:lock"
+    assert keys.call_key("m1", 2) == "m1:2"
+    assert keys.call_journal("m1:2") == "aimesh:journal:m1:2"
+    assert keys.failpoint("before_settle") == "aimesh:failpoint:before_settle"
+    assert keys.cache_entry("k") == "aimesh:cache:k"
+    assert keys.flight("k") == "aimesh:flight:k"
+    assert keys.flight_followers("k") == "aimesh:flight:k:followers"
+    assert keys.flight_tokens() == "aimesh:flight:tokens"
+    assert keys.dedup_counters() == "aimesh:dedup:counters"
+    assert keys.semantic_index("agent:a") == "aimesh:semantic:agent:a:index"
+    assert keys.semantic_entry("agent:a", "e1") == "aimesh:semantic:agent:a:entry:e1"
+    assert keys.metered_agents() == "aimesh:budgets:metered"
+    assert keys.metered_agents_ready() == "aimesh:budgets:metered:ready"
 
 
 def test_money_is_exact_and_rounds_costs_up() -> None:
