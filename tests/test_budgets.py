@@ -298,3 +298,17 @@ def test_budgets_cli_sets_and_shows_and_refuses_bad_input(clean: None) -> None:
     bad = runner.invoke(cli, ["budgets", "set", agent, "--usd", "lots"])
     assert bad.exit_code == 2 and "usd: 'lots' is not a decimal number" in bad.stderr
     assert get_budget(agent).usd_limit == Decimal("1.25")
+
+
+def test_metered_mirror_is_trusted_only_while_complete(clean: None) -> None:
+    from aimesh_tasks.budgets.metered import is_metered, rebuild
+
+    agent = _agent("mirror")
+    set_budget(agent, tokens=10)
+    get_redis().flushdb()  # Redis lost the mirror: unsure, never "unmetered"
+    assert is_metered(agent) is None and is_metered("someone-else") is None
+    rebuild()
+    assert is_metered(agent) is True and is_metered("someone-else") is False
+    later = _agent("mirror-later")
+    set_budget(later, tokens=10)
+    assert is_metered(later) is True
