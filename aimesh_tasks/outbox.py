@@ -24,6 +24,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from aimesh_tasks import keys
 from aimesh_tasks.db import AuditRow, CallAttemptRow, RoutingDecisionRow, get_engine
+from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.redis_client import get_redis
 
 logger = logging.getLogger(__name__)
@@ -37,12 +38,17 @@ BATCH = 1000
 LOCK_TTL_MS = 30_000
 
 
-def append(kind: str, row: dict[str, Any]) -> None:
-    """Queue one record for Postgres; `row` holds the table's columns (JSON-safe values)."""
+def append(kind: str, row: dict[str, Any], *, batch: Batch | None = None) -> None:
+    """Queue one record for Postgres; `row` holds the table's columns (JSON-safe values).
+    With a batch, the record goes with the batch's round trip (and only when it is sent)."""
     if kind not in TABLES:
         raise ValueError(f"unknown outbox record kind '{kind}'; known: {sorted(TABLES)}")
     record = {"kind": kind, "row": {**row, "row_key": uuid.uuid4().hex}}
-    get_redis().rpush(keys.outbox(), json.dumps(record, default=_json_default))
+    encoded = json.dumps(record, default=_json_default)
+    if batch is not None:
+        batch.call("RPUSH", keys.outbox(), encoded)
+    else:
+        get_redis().rpush(keys.outbox(), encoded)
 
 
 def _json_default(value: Any) -> str:

@@ -1,7 +1,8 @@
 """Baseline tasks: a raw Celery two-hop no-op on the spine's own app, broker and backend.
 
-`bench.hop_a` (on queue bench.a) replaces itself by `bench.hop_b` (on queue bench.b), the
-same mechanism the spine's route task uses; B's result lands in the same result backend.
+`bench.hop_a` (on queue bench.a) hands the payload to `bench.hop_b` (on queue bench.b)
+under its own task id, the same hand-off the spine's route task uses (see
+aimesh_tasks/tasks/handoff.py); B's result lands in the same result backend.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from typing import Any
 from celery import Task
 
 from aimesh_tasks.app import app
+from aimesh_tasks.tasks.handoff import hand_off
 
 
 @app.task(name="bench.hop_a", bind=True)
 def hop_a(self: Task, payload: dict[str, Any]) -> Any:
     """First hop: hand the payload to the second queue."""
-    raise self.replace(hop_b.signature((payload,), queue="bench.b"))
+    hand_off(self, hop_b.signature((payload,), queue="bench.b"))
 
 
 @app.task(name="bench.hop_b")

@@ -13,18 +13,20 @@ from sqlalchemy import select
 
 from aimesh_tasks import keys
 from aimesh_tasks.db import BudgetRow, session_scope
+from aimesh_tasks.redis_batch import Batch, Reader, run
 from aimesh_tasks.redis_client import get_redis
+
+
+def queue_is_metered(batch: Batch, agent_id: str) -> Reader[bool | None]:
+    """Queue `is_metered` on a batch."""
+    ready = batch.call("EXISTS", keys.metered_agents_ready())
+    member = batch.call("SISMEMBER", keys.metered_agents(), agent_id)
+    return lambda: bool(batch[member]) if batch[ready] else None
 
 
 def is_metered(agent_id: str) -> bool | None:
     """True or False from the mirror, or None when the mirror cannot say (ask Postgres)."""
-    pipe = get_redis().pipeline(transaction=False)
-    pipe.exists(keys.metered_agents_ready())
-    pipe.sismember(keys.metered_agents(), agent_id)
-    ready, member = pipe.execute()
-    if not ready:
-        return None
-    return bool(member)
+    return run(lambda batch: queue_is_metered(batch, agent_id))
 
 
 def add_metered(agent_id: str) -> None:

@@ -25,19 +25,22 @@ import redis
 from redis.commands.core import Script
 
 from aimesh_tasks import keys
+from aimesh_tasks.redis_batch import Batch, Reader, run
 from aimesh_tasks.redis_client import get_redis
 
 # KEYS: entry, flight, followers, counters, tokens.
-# ARGV: follower_json, lease_ms, lookup (1/0), task_id. The flight holds 'token|task_id'.
+# ARGV: follower_json, lease_ms, mode, task_id. The flight holds 'token|task_id'.
+# mode: 'follow' (cache, then an identical call in flight, then lead), 'cache' (cache,
+# then lead: never wait on another call), 'lead' (no lookup at all).
 _JOIN = """
-if ARGV[3] == '1' then
+if ARGV[3] ~= 'lead' then
   local cached = redis.call('GET', KEYS[1])
   if cached then
     redis.call('HINCRBY', KEYS[4], 'hits', 1)
     return {'hit', cached}
   end
   local leader = redis.call('GET', KEYS[2])
-  if leader then
+  if leader and ARGV[3] == 'follow' then
     local sep = string.find(leader, '|', 1, true)
     if string.sub(leader, sep + 1) == ARGV[4] then
       return {'lead', leader}
@@ -79,6 +82,7 @@ return {first, token}
 """
 
 Decision = Literal["hit", "follow", "lead"]
+Mode = Literal["follow", "cache", "lead"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,22 +100,33 @@ def _script(client: redis.Redis, source: str) -> Script:
     return client.register_script(source)
 
 
-def join(request_key: str, follower: dict[str, Any], *, lease_s: float, lookup: bool = True
-         ) -> Joined:
-    """Hit the cache, follow the leader, or lead (lookup=False: always lead, no waiting).
-    `follower` is {"task_id", "message"}; a redelivered leader finds its own lease."""
-    client = get_redis()
-    decision, value = _script(client, _JOIN)(
+def queue_join(batch: Batch, request_key: str, follower: dict[str, Any], *, lease_s: float,
+               mode: Mode = "follow") -> Reader[Joined]:
+    """Queue `join` on a batch; the reader gives the decision after the batch is sent."""
+    index = batch.script(
+        _JOIN,
         keys=[keys.cache_entry(request_key), keys.flight(request_key),
               keys.flight_followers(request_key), keys.dedup_counters(), keys.flight_tokens()],
-        args=[json.dumps(follower), int(lease_s * 1000), "1" if lookup else "0",
-              follower["task_id"]],
+        args=[json.dumps(follower), int(lease_s * 1000), mode, follower["task_id"]],
     )
-    if decision == "hit":
-        return Joined("hit", cached=json.loads(value))
-    if decision == "follow":
-        return Joined("follow")
-    return Joined("lead", token=str(value))
+
+    def read() -> Joined:
+        decision, value = batch[index]
+        if decision == "hit":
+            return Joined("hit", cached=json.loads(value))
+        if decision == "follow":
+            return Joined("follow")
+        return Joined("lead", token=str(value))
+
+    return read
+
+
+def join(request_key: str, follower: dict[str, Any], *, lease_s: float,
+         mode: Mode = "follow") -> Joined:
+    """Hit the cache, follow the leader, or lead (see Mode). `follower` is
+    {"task_id", "message"}; a redelivered leader finds its own lease."""
+    return run(lambda batch: queue_join(batch, request_key, follower, lease_s=lease_s,
+                                        mode=mode))
 
 
 def peek(request_key: str) -> dict[str, Any] | None:
@@ -130,16 +145,22 @@ def entry(request_key: str) -> dict[str, Any] | None:
     return None if cached is None else dict(json.loads(cached))
 
 
-def finish(request_key: str, token: str, result: dict[str, Any] | None, ttl_s: int
-           ) -> list[dict[str, Any]]:
-    """Store `result` (None: store nothing), end the lease, return the followers."""
-    client = get_redis()
-    followers = _script(client, _FINISH)(
+def queue_finish(batch: Batch, request_key: str, token: str, result: dict[str, Any] | None,
+                 ttl_s: int) -> Reader[list[dict[str, Any]]]:
+    """Queue `finish` on a batch; the reader gives the followers after the batch is sent."""
+    index = batch.script(
+        _FINISH,
         keys=[keys.cache_entry(request_key), keys.flight(request_key),
               keys.flight_followers(request_key)],
         args=[token, json.dumps(result) if result is not None else "", ttl_s],
     )
-    return [json.loads(f) for f in followers]
+    return lambda: [json.loads(f) for f in batch[index]]
+
+
+def finish(request_key: str, token: str, result: dict[str, Any] | None, ttl_s: int
+           ) -> list[dict[str, Any]]:
+    """Store `result` (None: store nothing), end the lease, return the followers."""
+    return run(lambda batch: queue_finish(batch, request_key, token, result, ttl_s))
 
 
 def adopt_orphan(request_key: str, lease_s: float) -> tuple[dict[str, Any], str] | None:

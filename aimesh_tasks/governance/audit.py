@@ -12,6 +12,7 @@ from typing import Any
 
 from aimesh_tasks import outbox
 from aimesh_tasks.messages import utcnow
+from aimesh_tasks.redis_batch import Batch
 
 EVENTS = frozenset({"rejected", "denied", "routed", "cached", "completed", "failed"})
 
@@ -26,8 +27,9 @@ def audit(
     cost_nusd: int = 0,
     reason: str | None = None,
     detail: dict[str, Any] | None = None,
+    batch: Batch | None = None,
 ) -> None:
-    """Record one decision."""
+    """Record one decision (with a batch: when the batch is sent)."""
     if event not in EVENTS:
         raise ValueError(f"unknown audit event '{event}'; known: {', '.join(sorted(EVENTS))}")
     outbox.append(
@@ -43,4 +45,5 @@ def audit(
             "detail": detail or {},
             "created_at": utcnow(),
         },
+        batch=batch,
     )

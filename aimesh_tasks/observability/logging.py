@@ -44,6 +44,9 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s:@]*:[^/\s@]+@"), rf"\g<1>{REDACTED}@"),
     (re.compile(r"input_value=.*?(?=, input_type=|$)", re.DOTALL), f"input_value={REDACTED}"),
 )
+# Matches wherever any of _PATTERNS could: text without it skips the six substitutions.
+_TRIGGER = re.compile(r"(?i)authorization|bearer|basic|api[_-]?key|input_value=|://|"
+                      r"[?&](?:key|api_key|apikey|token|access_token|password|secret)=")
 # Attributes Celery and others attach to records that may hold task arguments or results.
 _DROPPED_ARGS = ("args", "kwargs", "return_value", "argsrepr", "kwargsrepr")
 # Attributes of a LogRecord itself; everything else on a record is an `extra` field.
@@ -57,7 +60,7 @@ class Redactor:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._secrets: frozenset[str] = frozenset()
+        self._secrets: tuple[str, ...] = ()  # longest first
         self._envs_seen: set[str] = set()
 
     def add_secret(self, value: str | None) -> None:
@@ -67,7 +70,7 @@ class Redactor:
         parts = {value, *re.split(r"[:,]", value)}
         new = {p for p in parts if len(p) >= _MIN_SECRET_LEN}
         with self._lock:
-            self._secrets = self._secrets | new
+            self._secrets = tuple(sorted(set(self._secrets) | new, key=len, reverse=True))
 
     def add_env(self, name: str | None) -> None:
         """Treat the value of environment variable `name` as a secret."""
@@ -84,9 +87,11 @@ class Redactor:
 
     def scrub(self, text: str) -> str:
         """`text` with every credential pattern and known secret replaced."""
-        for secret in sorted(self._secrets, key=len, reverse=True):
+        for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        if _TRIGGER.search(text) is None:
+            return text
         for pattern, replacement in _PATTERNS:
             text = pattern.sub(replacement, text)
         return text

@@ -18,8 +18,9 @@ from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
 from aimesh_tasks.pipeline import journal
 from aimesh_tasks.providers.base import Completion
 from aimesh_tasks.providers.http import call_provider
+from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.registry.endpoints import Endpoint
-from aimesh_tasks.registry.live import call_finished, call_started
+from aimesh_tasks.registry.live import call_abandoned, queue_call_finished, queue_call_started
 
 
 def endpoint_to_args(endpoint: Endpoint) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def cost_of(endpoint: Endpoint, completion: Completion) -> int:
 
 
 def _record_attempt(message: AiMessage, endpoint: Endpoint, attempt: Attempt,
-                    completion: Completion | None, cost_nusd: int) -> None:
+                    completion: Completion | None, cost_nusd: int, batch: Batch) -> None:
     error = attempt.error or {}
     outbox.append("call_attempt", {
         "message_id": message.id,
@@ -53,7 +54,7 @@ def _record_attempt(message: AiMessage, endpoint: Endpoint, attempt: Attempt,
         "cost_nusd": cost_nusd,
         "error": str(error.get("message", ""))[:512] or None,
         "created_at": utcnow(),
-    })
+    }, batch=batch)
 
 
 def _claimed_key(message: AiMessage, endpoint: Endpoint, call_key: str) -> str:
@@ -76,7 +77,6 @@ def _claimed_key(message: AiMessage, endpoint: Endpoint, call_key: str) -> str:
 
 def _call(message: AiMessage, endpoint: Endpoint, call_key: str
           ) -> tuple[Attempt, Completion | None, ProviderError | None]:
-    call_started(endpoint.id, call_key)
     started = time.perf_counter()
     completion: Completion | None = None
     error: ProviderError | None = None
@@ -85,33 +85,50 @@ def _call(message: AiMessage, endpoint: Endpoint, call_key: str
     except ProviderError as exc:
         error = exc
     latency_ms = (time.perf_counter() - started) * 1000
-    call_finished(endpoint.id, call_key, latency_ms, ok=error is None)
     attempt = Attempt(endpoint_id=endpoint.id, ok=error is None, latency_ms=round(latency_ms, 3),
                       error=error.to_dict() if error else None)
     return attempt, completion, error
 
 
-def attempt_call(message: AiMessage, endpoint: Endpoint, attempt_no: int, *, metered: bool
-                 ) -> tuple[Attempt, Completion | None, ProviderError | None]:
-    """Make (or, after a redelivery, recover) one call and charge it exactly once."""
+def _journalled(message: AiMessage, endpoint: Endpoint, call_key: str
+                ) -> tuple[Completion, int] | None:
+    """In one round trip: the journalled answer of this call if an earlier delivery made
+    it, else nothing, with the call counted in flight at the endpoint."""
+    batch = Batch()
+    read_journal = journal.queue_lookup(batch, call_key)
+    queue_call_started(batch, endpoint.id, call_key)
+    batch.send()
+    journalled = read_journal()
+    if journalled is not None:
+        call_abandoned(endpoint.id, call_key)
+    return journalled
+
+
+def attempt_call(message: AiMessage, endpoint: Endpoint, attempt_no: int, *, metered: bool,
+                 tail: Batch) -> tuple[Attempt, Completion | None, ProviderError | None]:
+    """Make (or, after a redelivery, recover) one call and charge it exactly once. The
+    call's records go on `tail`, which the caller must send before the task ends; a
+    metered call's journal and live figures are sent before it is settled."""
     call_key = keys.call_key(message.id, attempt_no)
-    journalled = journal.lookup(call_key)
+    journalled = _journalled(message, endpoint, call_key)
     if journalled is not None:  # an earlier delivery made this call; settle it, don't repeat
         done, paid_nusd = journalled
         if metered:
             settle(call_key, done.input_tokens + done.output_tokens, paid_nusd)
         return Attempt(endpoint_id=endpoint.id, ok=True, latency_ms=0.0), done, None
-    if metered:
-        call_key = _claimed_key(message, endpoint, call_key)
-    attempt, completion, error = _call(message, endpoint, call_key)
+    charged_key = _claimed_key(message, endpoint, call_key) if metered else call_key
+    attempt, completion, error = _call(message, endpoint, charged_key)
     cost_nusd = cost_of(endpoint, completion) if completion else 0
+    before_settle = Batch() if metered else tail
+    queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms, attempt.ok)
     if completion is not None:
-        journal.record(call_key, completion, cost_nusd)
-    failpoint("before_settle", message.agent_id)
+        journal.queue_record(before_settle, charged_key, completion, cost_nusd)
     if metered:
+        before_settle.send()
+        failpoint("before_settle", message.agent_id)
         used = completion.input_tokens + completion.output_tokens if completion else 0
-        settle(call_key, used, cost_nusd)
-    _record_attempt(message, endpoint, attempt, completion, cost_nusd)
+        settle(charged_key, used, cost_nusd)
+    _record_attempt(message, endpoint, attempt, completion, cost_nusd, tail)
     events.call_finished.send(sender=attempt_call, message=message, endpoint=endpoint,
                               attempt=attempt, completion=completion, cost_nusd=cost_nusd)
     return attempt, completion, error

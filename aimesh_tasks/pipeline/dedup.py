@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -11,28 +12,37 @@ from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage, AiResult, utcnow
 from aimesh_tasks.money import usd_to_nusd
 from aimesh_tasks.pipeline import semantic
+from aimesh_tasks.redis_batch import Batch, Reader
 from aimesh_tasks.settings import get_settings
 
+Flight = tuple[cache.Joined, dict[str, Any]]
 
-def join_flight(message: AiMessage, task_id: str, *, may_follow: bool = True
-                ) -> tuple[cache.Joined, dict[str, Any]]:
-    """Join the message's flight; the decision and the flight plan the call task carries.
-    may_follow=False (a task in a canvas): a cache hit still answers, but an identical
-    call in flight is not waited for; this message leads its own call."""
+
+def queue_join_flight(batch: Batch, message: AiMessage, task_id: str, *,
+                      may_follow: bool = True) -> Reader[Flight]:
+    """Queue joining the message's flight; the reader gives the decision and the flight
+    plan the call task carries. may_follow=False (a task in a canvas): a cache hit still
+    answers, but an identical call in flight is not waited for; this message leads its
+    own call."""
     settings = get_settings()
     scope = cache_scope(message, settings.cache_group_members)
     key = request_key(message, scope)
-    hit = None if message.no_cache or may_follow else cache.peek(key)
-    if hit is not None:
-        return cache.Joined("hit", cached=hit), {}
-    joined = cache.join(key, {"task_id": task_id, "message": message.to_json_dict()},
-                        lease_s=settings.single_flight_lease_s,
-                        lookup=not message.no_cache and may_follow)
-    plan = {"key": key, "token": joined.token, "store": not message.no_store,
-            "ttl_s": message.cache_ttl_s or settings.dedup_ttl_secs, "scope": scope}
-    if semantic.enabled_for(message.agent_id):
-        plan["semantic_text"] = semantic.prompt_text(message)
-    return joined, plan
+    mode: cache.Mode = "lead" if message.no_cache else "follow" if may_follow else "cache"
+    read_joined = cache.queue_join(
+        batch, key, {"task_id": task_id, "message": message.to_json_dict()},
+        lease_s=settings.single_flight_lease_s, mode=mode)
+
+    def read() -> Flight:
+        joined = read_joined()
+        if joined.decision == "hit":
+            return joined, {}
+        plan = {"key": key, "token": joined.token, "store": not message.no_store,
+                "ttl_s": message.cache_ttl_s or settings.dedup_ttl_secs, "scope": scope}
+        if semantic.enabled_for(message.agent_id):
+            plan["semantic_text"] = semantic.prompt_text(message)
+        return joined, plan
+
+    return read
 
 
 def semantic_answer(message: AiMessage, plan: dict[str, Any]) -> dict[str, Any] | None:
@@ -75,11 +85,19 @@ def answer_for_follower(result: dict[str, Any], follower: dict[str, Any]) -> dic
     return answer
 
 
-def finish_flight(plan: dict[str, Any], result: AiResult | None) -> list[dict[str, Any]]:
-    """End the flight; store the answer unless it is an error, truncated or no_store."""
+def queue_finish_flight(batch: Batch, plan: dict[str, Any], result: AiResult | None
+                        ) -> Callable[[], list[dict[str, Any]]]:
+    """Queue ending the flight, storing the answer unless it is an error, truncated or
+    no_store. Call the returned function once the batch is sent: it remembers the prompt
+    for the semantic cache (when on) and gives the followers to answer."""
     storable = (result is not None and plan["store"] and result.finish_reason != "length")
     stored = result.to_json_dict() if storable and result is not None else None
-    followers = cache.finish(plan["key"], plan["token"], stored, int(plan["ttl_s"]))
-    if stored is not None and "semantic_text" in plan:
-        semantic.remember(plan["semantic_text"], plan["scope"], plan["key"], int(plan["ttl_s"]))
-    return followers
+    ttl_s = int(plan["ttl_s"])
+    read_followers = cache.queue_finish(batch, plan["key"], plan["token"], stored, ttl_s)
+
+    def finished() -> list[dict[str, Any]]:
+        if stored is not None and "semantic_text" in plan:
+            semantic.remember(plan["semantic_text"], plan["scope"], plan["key"], ttl_s)
+        return read_followers()
+
+    return finished

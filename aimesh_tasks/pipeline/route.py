@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from aimesh_tasks import events, keys
 from aimesh_tasks.budgets.estimate import worst_case
 from aimesh_tasks.budgets.ledger import reserve
-from aimesh_tasks.budgets.metered import is_metered, rebuild
+from aimesh_tasks.budgets.metered import queue_is_metered, rebuild
 from aimesh_tasks.errors import NoEndpointAvailable
 from aimesh_tasks.failpoints import failpoint
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage
+from aimesh_tasks.redis_batch import Batch, Reader
 from aimesh_tasks.registry.cache import ENDPOINTS
-from aimesh_tasks.registry.live import read_figures
+from aimesh_tasks.registry.live import LiveFigures, queue_figures, read_figures
 from aimesh_tasks.routing.decisions import record_decision
 from aimesh_tasks.routing.selection import RoutingDecision, decide
 from aimesh_tasks.settings import get_settings
@@ -23,15 +25,36 @@ def _weights_record() -> dict[str, float]:
     return dict(zip(("cost", "load", "latency"), get_settings().route_weights, strict=True))
 
 
-def plan_route(message: AiMessage) -> RoutingDecision:
+@dataclass(frozen=True, slots=True)
+class RouteInputs:
+    """What routing reads from Redis: live figures, the registry version they were read
+    at, and whether the agent is metered (None: the mirror cannot say)."""
+
+    figures: dict[str, LiveFigures]
+    version: str
+    metered: bool | None
+
+
+def queue_route_inputs(batch: Batch, message: AiMessage) -> Reader[RouteInputs]:
+    """Queue reading the routing inputs for `message` on a batch."""
+    read_figures_of = queue_figures(batch, ENDPOINTS.ids())
+    read_metered = queue_is_metered(batch, message.agent_id)
+
+    def read() -> RouteInputs:
+        figures, version = read_figures_of()
+        return RouteInputs(figures, version, read_metered())
+
+    return read
+
+
+def plan_route(message: AiMessage, inputs: RouteInputs) -> RoutingDecision:
     """The ranked endpoints for `message`, recorded; NoEndpointAvailable (recorded) if none."""
     settings = get_settings()
-    # One round trip reads the registry version and every known endpoint's figures; if the
-    # version moved, the endpoint list is reloaded and the figures read again for it.
-    figures, version = read_figures(ENDPOINTS.ids())
-    endpoints = ENDPOINTS.at(version)
-    if set(figures) != {e.id for e in endpoints}:
+    figures = inputs.figures
+    endpoints = ENDPOINTS.at(inputs.version)
+    if set(figures) != {e.id for e in endpoints}:  # the registry moved: read its figures
         figures, _ = read_figures(e.id for e in endpoints)
+    records = Batch()
     try:
         decision = decide(message, endpoints, figures, weights=settings.route_weights,
                           now=time.time(), health_retry_s=settings.health_retry_s)
@@ -40,26 +63,29 @@ def plan_route(message: AiMessage) -> RoutingDecision:
             {"message_id": message.id, "agent_id": message.agent_id, "winner": None,
              "fallbacks": [], "candidates": [], "excluded": exc.excluded,
              "weights": _weights_record()},
-            error=exc.message[:512],
+            error=exc.message[:512], batch=records,
         )
         audit("failed", message_id=message.id, agent_id=message.agent_id, reason=exc.message,
-              detail={"excluded": exc.excluded})
+              detail={"excluded": exc.excluded}, batch=records)
+        records.send()
         events.routing_failed.send(sender=plan_route, message=message, error=exc)
         raise
     record = decision.to_record()
-    record_decision(record)
+    record_decision(record, batch=records)
     audit("routed", message_id=message.id, agent_id=message.agent_id,
           endpoint_id=decision.winner.id,
           detail={"fallbacks": record["fallbacks"],
-                  "scores": {c["endpoint_id"]: c["score"] for c in record["candidates"]}})
+                  "scores": {c["endpoint_id"]: c["score"] for c in record["candidates"]}},
+          batch=records)
+    records.send()
     events.message_routed.send(sender=plan_route, message=message, decision=decision)
     return decision
 
 
-def admit(message: AiMessage, decision: RoutingDecision) -> bool:
+def admit(message: AiMessage, decision: RoutingDecision, metered: bool | None) -> bool:
     """Reserve the first call's worst case at the winner's prices; False if the agent has
-    no budget (unmetered). BudgetExceeded (audited) if it cannot fit."""
-    metered = is_metered(message.agent_id)
+    no budget (unmetered; `metered` is the mirror's answer, None when it cannot say).
+    BudgetExceeded (audited) if it cannot fit."""
     if metered is False:
         return False
     if metered is None:

@@ -12,13 +12,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
-import redis
-from redis.commands.core import Script
-
 from aimesh_tasks import keys
+from aimesh_tasks.redis_batch import Batch, Reader, run, send
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.settings import get_settings
 
@@ -58,11 +55,6 @@ end
 redis.call('HSET', KEYS[3], unpack(fields))
 return 1
 """
-
-
-@lru_cache(maxsize=4)
-def _record_end_script(client: redis.Redis) -> Script:
-    return client.register_script(_RECORD_END)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,47 +101,65 @@ def _figures(stats: dict[str, str], in_flight: int) -> LiveFigures:
     )
 
 
+def queue_call_started(batch: Batch, endpoint_id: str, call_key: str) -> None:
+    """Queue counting a call in flight at the endpoint."""
+    batch.call("ZADD", keys.live_inflight(endpoint_id), time.time(), call_key)
+
+
 def call_started(endpoint_id: str, call_key: str) -> None:
     """Count a call in flight at the endpoint."""
-    get_redis().zadd(keys.live_inflight(endpoint_id), {call_key: time.time()})
+    send(lambda batch: queue_call_started(batch, endpoint_id, call_key))
+
+
+def queue_call_finished(batch: Batch, endpoint_id: str, call_key: str, latency_ms: float,
+                        ok: bool) -> None:
+    """Queue taking the call out of flight and folding its latency and outcome into the
+    endpoint's figures."""
+    settings = get_settings()
+    batch.script(
+        _RECORD_END,
+        keys=[keys.live_inflight(endpoint_id), keys.live_window(endpoint_id),
+              keys.live_stats(endpoint_id)],
+        args=[call_key, f"{latency_ms:.3f}", 1 if ok else 0, settings.live_window,
+              settings.unhealthy_after_failures, f"{time.time():.3f}"],
+    )
 
 
 def call_finished(endpoint_id: str, call_key: str, latency_ms: float, ok: bool) -> None:
     """Take the call out of flight and fold its latency and outcome into the figures."""
-    settings = get_settings()
-    _record_end_script(get_redis())(
-        keys=[
-            keys.live_inflight(endpoint_id),
-            keys.live_window(endpoint_id),
-            keys.live_stats(endpoint_id),
-        ],
-        args=[
-            call_key,
-            f"{latency_ms:.3f}",
-            1 if ok else 0,
-            settings.live_window,
-            settings.unhealthy_after_failures,
-            f"{time.time():.3f}",
-        ],
-    )
+    send(lambda batch: queue_call_finished(batch, endpoint_id, call_key, latency_ms, ok))
 
 
-def read_figures(endpoint_ids: Iterable[str]) -> tuple[dict[str, LiveFigures], str]:
-    """Every endpoint's figures plus the registry version, in one pipelined round trip."""
+def call_abandoned(endpoint_id: str, call_key: str) -> None:
+    """Take a call out of flight that was never made (its answer was found journalled)."""
+    get_redis().zrem(keys.live_inflight(endpoint_id), call_key)
+
+
+Figures = tuple[dict[str, "LiveFigures"], str]
+
+
+def queue_figures(batch: Batch, endpoint_ids: Iterable[str]) -> Reader[Figures]:
+    """Queue reading every endpoint's figures plus the registry version."""
     ids = list(endpoint_ids)
     oldest_live_start = time.time() - get_settings().task_time_limit_s
-    pipe = get_redis().pipeline(transaction=False)
-    pipe.get(keys.registry_version())
+    first = batch.call("GET", keys.registry_version())
     for endpoint_id in ids:
-        pipe.hgetall(keys.live_stats(endpoint_id))
-        pipe.zcount(keys.live_inflight(endpoint_id), oldest_live_start, "+inf")
-    replies = pipe.execute()
-    version = str(replies[0] or "")
-    figures = {
-        endpoint_id: _figures(replies[1 + 2 * i], int(replies[2 + 2 * i]))
-        for i, endpoint_id in enumerate(ids)
-    }
-    return figures, version
+        batch.call("HGETALL", keys.live_stats(endpoint_id))
+        batch.call("ZCOUNT", keys.live_inflight(endpoint_id), oldest_live_start, "+inf")
+
+    def read() -> Figures:
+        figures = {
+            endpoint_id: _figures(batch[first + 1 + 2 * i], int(batch[first + 2 + 2 * i]))
+            for i, endpoint_id in enumerate(ids)
+        }
+        return figures, str(batch[first] or "")
+
+    return read
+
+
+def read_figures(endpoint_ids: Iterable[str]) -> Figures:
+    """Every endpoint's figures plus the registry version, in one pipelined round trip."""
+    return run(lambda batch: queue_figures(batch, endpoint_ids))
 
 
 def registry_version() -> str:

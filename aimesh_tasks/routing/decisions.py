@@ -9,11 +9,14 @@ from sqlalchemy import select
 from aimesh_tasks import outbox
 from aimesh_tasks.db import RoutingDecisionRow, session_scope
 from aimesh_tasks.messages import utcnow
+from aimesh_tasks.redis_batch import Batch
 
 
-def record_decision(record: dict[str, Any], *, error: str | None = None) -> None:
-    """Record one routing decision (through the outbox: one Redis round trip)."""
-    outbox.append("routing_decision", {**record, "error": error, "created_at": utcnow()})
+def record_decision(record: dict[str, Any], *, error: str | None = None,
+                    batch: Batch | None = None) -> None:
+    """Record one routing decision through the outbox (with a batch: when it is sent)."""
+    outbox.append("routing_decision", {**record, "error": error, "created_at": utcnow()},
+                  batch=batch)
 
 
 def decisions_for(message_id: str) -> list[dict[str, Any]]:

@@ -16,7 +16,10 @@ from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage, Attempt, utcnow
 from aimesh_tasks.money import usd_to_nusd
 from aimesh_tasks.pipeline.call import attempt_call, build_result, endpoint_from_args
-from aimesh_tasks.tasks.flight import end_flight
+from aimesh_tasks.redis_batch import Batch
+from aimesh_tasks.tasks.flight import end_flight, queue_end_flight
+from aimesh_tasks.tasks.handoff import hand_off
+from aimesh_tasks.tasks.reprs import message_reprs
 
 
 def _final_error(message: AiMessage, error: ProviderError, past: list[Attempt]) -> AimeshError:
@@ -61,21 +64,26 @@ def call_endpoint(
     flight: dict[str, Any] | None = None,
     errors_as_results: bool = False,
 ) -> dict[str, Any]:
-    """Call route[0]; on a retryable failure, replace this task by a call to route[1]."""
+    """Call route[0]; on a retryable failure, hand the message to a call to route[1]."""
     parsed = AiMessage.model_validate(message)
     endpoint = endpoint_from_args(route[0])
     past = [Attempt.model_validate(a) for a in attempts or []]
     first_started = utcnow() if started_at is None else datetime.fromisoformat(started_at)
-    attempt, completion, error = attempt_call(parsed, endpoint, len(past), metered=metered)
+    tail = Batch()  # the call's records, the audit and the flight's end: one round trip
+    attempt, completion, error = attempt_call(parsed, endpoint, len(past), metered=metered,
+                                              tail=tail)
     past.append(attempt)
     if completion is not None:
         result = build_result(parsed, endpoint, completion, past, first_started)
         audit("completed", message_id=parsed.id, agent_id=parsed.agent_id,
               endpoint_id=endpoint.id, tokens=result.input_tokens + result.output_tokens,
-              cost_nusd=usd_to_nusd(result.cost_usd))
+              cost_nusd=usd_to_nusd(result.cost_usd), batch=tail)
+        answer_followers = queue_end_flight(tail, flight, result)
+        tail.send()
         events.message_completed.send(sender=call_endpoint, message=parsed, result=result)
-        end_flight(flight, result)
+        answer_followers()
         return result.to_json_dict()
+    tail.send()
     assert error is not None
     if not (error.retryable and len(route) > 1):
         end_flight(flight, None)
@@ -88,11 +96,11 @@ def call_endpoint(
         except AimeshError as exc:
             end_flight(flight, None)
             return _give_up(parsed, exc, errors_as_results)
-    raise self.replace(call_endpoint.signature(
+    call_kwargs = {"metered": metered, "flight": flight,
+                   **({"errors_as_results": True} if errors_as_results else {})}
+    hand_off(self, call_endpoint.signature(
         (message, route[1:], [a.model_dump(mode="json") for a in past],
-         first_started.isoformat()),
-        {"metered": metered, "flight": flight,
-         **({"errors_as_results": True} if errors_as_results else {})},
-        queue=fallback.queue,
-        expires=parsed.deadline,
+         first_started.isoformat()), call_kwargs,
+        queue=fallback.queue, expires=parsed.deadline, **message_reprs(parsed, call_kwargs),
     ))
+    return {}  # discarded: the fallback call's result is this message's

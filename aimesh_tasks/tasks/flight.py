@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import states
@@ -10,25 +11,42 @@ from aimesh_tasks.app import app
 from aimesh_tasks.dedup.cache import adopt_orphan, orphaned_flights
 from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.messages import AiResult
-from aimesh_tasks.pipeline.dedup import answer_for_follower, finish_flight
+from aimesh_tasks.pipeline.dedup import answer_for_follower, queue_finish_flight
+from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.settings import get_settings
 
 
-def end_flight(flight: dict[str, Any] | None, result: AiResult | None) -> int:
-    """With an answer, store it as each follower's result; without one (the leader failed),
-    send each follower back to routing, where the first leads again. How many followers."""
+def queue_end_flight(batch: Batch, flight: dict[str, Any] | None, result: AiResult | None
+                     ) -> Callable[[], int]:
+    """Queue ending the flight; call the returned function once the batch is sent. With an
+    answer, it stores that answer as each follower's result; without one (the leader
+    failed), it sends each follower back to routing, where the first leads again. It
+    returns how many followers there were."""
     if flight is None:
-        return 0
-    followers = finish_flight(flight, result)
-    answer = result.to_json_dict() if result is not None else None
-    for follower in followers:
-        if answer is not None:
-            app.backend.store_result(follower["task_id"],
-                                     answer_for_follower(answer, follower), states.SUCCESS)
-        else:
-            app.signature("aimesh.route", args=(follower["message"],)).apply_async(
-                task_id=follower["task_id"], queue=ROUTE_QUEUE)
-    return len(followers)
+        return lambda: 0
+    finished = queue_finish_flight(batch, flight, result)
+
+    def answer_followers() -> int:
+        followers = finished()
+        answer = result.to_json_dict() if result is not None else None
+        for follower in followers:
+            if answer is not None:
+                app.backend.store_result(follower["task_id"],
+                                         answer_for_follower(answer, follower), states.SUCCESS)
+            else:
+                app.signature("aimesh.route", args=(follower["message"],)).apply_async(
+                    task_id=follower["task_id"], queue=ROUTE_QUEUE)
+        return len(followers)
+
+    return answer_followers
+
+
+def end_flight(flight: dict[str, Any] | None, result: AiResult | None) -> int:
+    """End the flight on its own round trip (see queue_end_flight); how many followers."""
+    batch = Batch()
+    answer_followers = queue_end_flight(batch, flight, result)
+    batch.send()
+    return answer_followers()
 
 
 def adopt_orphans() -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore
 from celery.result import AsyncResult
 
 from aimesh_tasks import events
@@ -16,10 +15,13 @@ from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.messages import AiMessage, AiResult, parse_message
 from aimesh_tasks.pipeline.call import endpoint_to_args
-from aimesh_tasks.pipeline.dedup import answer_from_cache, join_flight, semantic_answer
-from aimesh_tasks.pipeline.route import admit, plan_route
+from aimesh_tasks.pipeline.dedup import answer_from_cache, queue_join_flight, semantic_answer
+from aimesh_tasks.pipeline.route import admit, plan_route, queue_route_inputs
+from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.tasks.call import call_endpoint, error_result
 from aimesh_tasks.tasks.flight import end_flight
+from aimesh_tasks.tasks.handoff import discard_result, hand_off, in_canvas
+from aimesh_tasks.tasks.reprs import message_reprs
 
 
 def validate_or_audit(data: Any) -> AiMessage:
@@ -49,14 +51,9 @@ class RouteTask(Task):  # type: ignore[misc]
         if message.deadline is not None:
             options.setdefault("expires", message.deadline)
         extra = {k: v for k, v in (kwargs or {}).items() if k != "message"} or None
+        for option, shown in message_reprs(message, extra).items():
+            options.setdefault(option, shown)
         return super().apply_async((message.to_json_dict(),), extra, **options)
-
-
-def _in_canvas(request: Any) -> bool:
-    """A task that is part of a chain, group or chord: its result must come from its own
-    return, so it may not wait as a single-flight follower (whose result the leader writes
-    straight into the result backend, bypassing callbacks and chord counting)."""
-    return bool(request.chord or request.callbacks or request.chain or request.group)
 
 
 # AimeshError outcomes (budget refused, no endpoint, provider failed) are expected: Celery
@@ -64,35 +61,43 @@ def _in_canvas(request: Any) -> bool:
 @app.task(name="aimesh.route", base=RouteTask, bind=True, throws=(AimeshError,))
 def route_message(self: Task, message: dict[str, Any], errors_as_results: bool = False) -> Any:
     """Answer from cache, join an identical message in flight, or route the message and
-    replace this task by the call on the winner's queue. With errors_as_results (workflow
-    steps), a refusal or failure is returned as {"error": {...}} instead of raised."""
+    hand it to the call on the winner's queue, under this task's id. With errors_as_results
+    (workflow steps), a refusal or failure is returned as {"error": {...}}, not raised."""
     parsed = AiMessage.model_validate(message)
-    joined, flight = join_flight(parsed, self.request.id,
-                                 may_follow=not _in_canvas(self.request))
+    # One round trip: the dedup decision, and what routing needs if the message leads.
+    batch = Batch()
+    read_flight = queue_join_flight(batch, parsed, self.request.id,
+                                    may_follow=not in_canvas(self.request))
+    read_inputs = queue_route_inputs(batch, parsed)
+    batch.send()
+    joined, flight = read_flight()
     events.message_deduplicated.send(
         sender=route_message, message=parsed, result=joined.cached,
         outcome="bypass" if parsed.no_cache else DEDUP_OUTCOMES[joined.decision])
     if joined.decision == "hit":
         return answer_from_cache(parsed, joined.cached or {})
     if joined.decision == "follow":
-        raise Ignore()  # the leader stores this task's result when it has the answer
+        discard_result(self)  # the leader stores this task's result when it has the answer
+        return None
     equivalent = semantic_answer(parsed, flight)
     if equivalent is not None:
         end_flight(flight, AiResult.model_validate(equivalent))
         return equivalent
     try:
-        decision = plan_route(parsed)
-        metered = admit(parsed, decision)
+        inputs = read_inputs()
+        decision = plan_route(parsed, inputs)
+        metered = admit(parsed, decision, inputs.metered)
     except AimeshError as exc:
         end_flight(flight, None)
         if errors_as_results:
             return error_result(exc)
         raise
+    call_kwargs = {"metered": metered, "flight": flight,
+                   **({"errors_as_results": True} if errors_as_results else {})}
     call = call_endpoint.signature(
-        (message, [endpoint_to_args(e) for e in decision.route]),
-        {"metered": metered, "flight": flight,
-         **({"errors_as_results": True} if errors_as_results else {})},
-        queue=decision.winner.queue,
-        expires=parsed.deadline,
+        (message, [endpoint_to_args(e) for e in decision.route]), call_kwargs,
+        queue=decision.winner.queue, expires=parsed.deadline,
+        **message_reprs(parsed, call_kwargs),
     )
-    raise self.replace(call)
+    hand_off(self, call)
+    return None
