@@ -8,6 +8,9 @@ Starts the simulator (0 ms latency) and two worker processes: a router worker on
 aimesh.route + bench.a and an endpoint worker on the endpoint queue + bench.b. Measures
 (a) raw two-hop burst throughput, (b) spine burst throughput, (c) per-message latency
 at a paced 50 msg/s for both (publish → result written, from timestamps on one clock).
+The raw two-hop hands off the way the spine does (same task id, see
+aimesh_tasks/tasks/handoff.py); a raw two-hop with Celery's Task.replace is measured
+too, for reference (raw_replace_msgs_s).
 Prints one JSON line last. Needs Redis and Postgres on loopback (uses Redis dbs 2/3
 and the Postgres database aimesh_bench, created if missing).
 """
@@ -47,7 +50,7 @@ from aimesh_tasks import submit  # noqa: E402
 from aimesh_tasks.app import app  # noqa: E402
 from aimesh_tasks.db.migrate import upgrade  # noqa: E402
 from aimesh_tasks.registry import add_endpoint, list_endpoints, remove_endpoint  # noqa: E402
-from benchmarks.raw_tasks import hop_a  # noqa: E402
+from benchmarks.raw_tasks import hop_a, hop_a_replace  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -112,6 +115,9 @@ def publish(kind: str, i: int) -> Any:
     """Publish one message of the kind ('raw' or 'spine')."""
     if kind == "raw":
         return hop_a.apply_async(({"published_at": time.time(), "i": i},), queue="bench.a")
+    if kind == "raw_replace":
+        return hop_a_replace.apply_async(({"published_at": time.time(), "i": i},),
+                                         queue="bench.a")
     # A fresh prompt every time: the spine is measured on cache misses (the dedup check
     # included), never answered from the result cache.
     return submit(agent_id="bench", prompt=f"benchmark message {i} {uuid.uuid4().hex}",
@@ -179,11 +185,13 @@ def main() -> None:
         wait_workers([f"brouter{tag}", f"bendpoint{tag}"])
         burst("raw", 100)
         burst("spine", 100)  # warm-up: connections, caches
-        raw, spine = [], []
+        raw, spine, raw_replace = [], [], []
         for _ in range(args.repeats):
             raw.append(burst("raw", args.messages))
             spine.append(burst("spine", args.messages))
-            print(f"burst: raw {raw[-1]:.0f} msgs/s, spine {spine[-1]:.0f} msgs/s", flush=True)
+            raw_replace.append(burst("raw_replace", args.messages))
+            print(f"burst: raw {raw[-1]:.0f} msgs/s, spine {spine[-1]:.0f} msgs/s, "
+                  f"raw with Task.replace {raw_replace[-1]:.0f} msgs/s", flush=True)
         raw_lat = paced_latencies_ms("raw", 50, args.paced_seconds)
         spine_lat = paced_latencies_ms("spine", 50, args.paced_seconds)
     finally:
@@ -199,6 +207,8 @@ def main() -> None:
         "added_p50_ms": round(spine_p50 - raw_p50, 2),
         "spine_p99_ms": round(percentile(spine_lat, 0.99), 2),
         "raw_p99_ms": round(percentile(raw_lat, 0.99), 2),
+        "raw_replace_msgs_s": round(statistics.median(raw_replace), 1),
+        "ratio_to_raw_replace": round(spine_tp / statistics.median(raw_replace), 3),
         "router_pool": args.router_pool,
         "endpoint_pool": args.endpoint_pool,
         "concurrency": args.concurrency,

@@ -3,6 +3,7 @@
 `bench.hop_a` (on queue bench.a) hands the payload to `bench.hop_b` (on queue bench.b)
 under its own task id, the same hand-off the spine's route task uses (see
 aimesh_tasks/tasks/handoff.py); B's result lands in the same result backend.
+`bench.hop_a_replace` does the same with Celery's Task.replace, for comparison.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from aimesh_tasks.tasks.handoff import hand_off
 def hop_a(self: Task, payload: dict[str, Any]) -> Any:
     """First hop: hand the payload to the second queue."""
     hand_off(self, hop_b.signature((payload,), queue="bench.b"))
+
+
+@app.task(name="bench.hop_a_replace", bind=True)
+def hop_a_replace(self: Task, payload: dict[str, Any]) -> Any:
+    """First hop the stock Celery way, Task.replace (for comparison with the hand-off)."""
+    raise self.replace(hop_b.signature((payload,), queue="bench.b"))
 
 
 @app.task(name="bench.hop_b")
