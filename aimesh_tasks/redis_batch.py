@@ -29,7 +29,8 @@ Reader = Callable[[], T]
 
 
 @lru_cache(maxsize=32)
-def _script(client: redis.Redis, source: str) -> Script:
+def registered_script(client: redis.Redis, source: str) -> Script:
+    """The script object for `source` on `client` (its SHA computed once per process)."""
     return client.register_script(source)
 
 
@@ -51,7 +52,7 @@ class Batch:
 
     def script(self, source: str, keys: list[str], args: list[Any]) -> int:
         """Queue a Lua script; its reply's index."""
-        script = _script(self._client, source)
+        script = registered_script(self._client, source)
         index = self.call("EVALSHA", script.sha, len(keys), *keys, *args)
         self._scripts[index] = (script, keys, args)
         return index

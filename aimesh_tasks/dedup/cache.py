@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Literal
 
-import redis
-from redis.commands.core import Script
-
 from aimesh_tasks import keys
-from aimesh_tasks.redis_batch import Batch, Reader, run
+from aimesh_tasks.redis_batch import Batch, Reader, registered_script, run
 from aimesh_tasks.redis_client import get_redis
 
 # KEYS: entry, flight, followers, counters, tokens.
@@ -95,11 +91,6 @@ class Joined:
     token: str | None = None
 
 
-@lru_cache(maxsize=12)
-def _script(client: redis.Redis, source: str) -> Script:
-    return client.register_script(source)
-
-
 def queue_join(batch: Batch, request_key: str, follower: dict[str, Any], *, lease_s: float,
                mode: Mode = "follow") -> Reader[Joined]:
     """Queue `join` on a batch; the reader gives the decision after the batch is sent."""
@@ -129,16 +120,6 @@ def join(request_key: str, follower: dict[str, Any], *, lease_s: float,
                                         mode=mode))
 
 
-def peek(request_key: str) -> dict[str, Any] | None:
-    """The cached answer for a request key (counted as a hit), or None; never follows."""
-    client = get_redis()
-    cached = client.get(keys.cache_entry(request_key))
-    if cached is None:
-        return None
-    client.hincrby(keys.dedup_counters(), "hits", 1)
-    return dict(json.loads(cached))
-
-
 def entry(request_key: str) -> dict[str, Any] | None:
     """The cached answer for a request key, without counting a lookup."""
     cached = get_redis().get(keys.cache_entry(request_key))
@@ -166,7 +147,7 @@ def finish(request_key: str, token: str, result: dict[str, Any] | None, ttl_s: i
 def adopt_orphan(request_key: str, lease_s: float) -> tuple[dict[str, Any], str] | None:
     """If the flight has followers but no leader, make the first follower leader."""
     client = get_redis()
-    adopted = _script(client, _ADOPT)(
+    adopted = registered_script(client, _ADOPT)(
         keys=[keys.flight(request_key), keys.flight_followers(request_key), keys.flight_tokens()],
         args=[int(lease_s * 1000)],
     )

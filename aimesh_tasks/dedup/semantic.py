@@ -41,10 +41,10 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 import redis
-from redis.commands.core import Script
 
 from aimesh_tasks import keys
 from aimesh_tasks.dedup import embedding, guards
+from aimesh_tasks.redis_batch import registered_script
 from aimesh_tasks.redis_client import get_redis
 
 DEFAULT_THRESHOLD = 0.85
@@ -76,11 +76,6 @@ class SemanticHit:
     result_key: str
     score: float
     text: str
-
-
-@lru_cache(maxsize=4)
-def _script(client: redis.Redis, source: str) -> Script:
-    return client.register_script(source)
 
 
 def _entry_id(text: str) -> str:
@@ -180,6 +175,6 @@ class SemanticCache:
     def _fetch(self, scope: str) -> list[bytes]:
         """Every live entry of the scope (raw bytes), in one round trip."""
         client = _binary(self.client)
-        values = _script(client, _FETCH)(keys=[keys.semantic_index(scope)],
+        values = registered_script(client, _FETCH)(keys=[keys.semantic_index(scope)],
                                          args=[time.time(), keys.semantic_entry(scope, "")])
         return [bytes(v) for v in values]
