@@ -58,7 +58,8 @@ class Batch:
         return index
 
     def send(self) -> None:
-        """Send everything queued in one round trip (nothing queued: no round trip)."""
+        """Send everything queued in one round trip (nothing queued: no round trip). A
+        command that fails raises its error after the whole batch has run."""
         if self._replies is not None:
             raise RuntimeError("this batch was sent already")
         replies = self._pipe.execute(raise_on_error=False) if self._size else []
