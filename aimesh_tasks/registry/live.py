@@ -135,7 +135,7 @@ def call_abandoned(endpoint_id: str, call_key: str) -> None:
     get_redis().zrem(keys.live_inflight(endpoint_id), call_key)
 
 
-Figures = tuple[dict[str, "LiveFigures"], str]
+Figures = tuple[dict[str, LiveFigures], str]
 
 
 def queue_figures(batch: Batch, endpoint_ids: Iterable[str]) -> Reader[Figures]:
