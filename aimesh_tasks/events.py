@@ -12,6 +12,9 @@ exception in a receiver is logged by Celery's dispatcher and does not stop the m
 |                    | completion: Completion | None, cost_nusd: int                       |
 | message_completed  | message: AiMessage, result: AiResult                               |
 | message_failed     | message: AiMessage, error: AimeshError                             |
+| message_deduplicated | message, outcome: hit, join, miss or bypass,                     |
+|                    | result: the cached AiResult dict on a hit, else None               |
+| budget_settled     | agent_id: str, tokens_left: int | None, nusd_left: int | None       |
 
     from aimesh_tasks import events
 

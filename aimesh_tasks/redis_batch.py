@@ -42,13 +42,11 @@ class Batch:
         self._pipe = self._client.pipeline(transaction=False)
         self._scripts: dict[int, tuple[Script, list[str], list[Any]]] = {}
         self._replies: list[Any] | None = None
-        self._size = 0
 
     def call(self, *command: Any) -> int:
         """Queue one command (name first); its reply's index."""
         self._pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-        self._size += 1
-        return self._size - 1
+        return len(self._pipe) - 1
 
     def script(self, source: str, keys: list[str], args: list[Any]) -> int:
         """Queue a Lua script; its reply's index."""
@@ -58,11 +56,11 @@ class Batch:
         return index
 
     def send(self) -> None:
-        """Send everything queued in one round trip (nothing queued: no round trip). A
-        command that fails raises its error after the whole batch has run."""
+        """Send everything queued in one round trip. A command that fails raises its
+        error after the whole batch has run."""
         if self._replies is not None:
             raise RuntimeError("this batch was sent already")
-        replies = self._pipe.execute(raise_on_error=False) if self._size else []
+        replies = self._pipe.execute(raise_on_error=False)  # nothing queued: no round trip
         for index, reply in enumerate(replies):
             if isinstance(reply, NoScriptError) and index in self._scripts:
                 script, keys, args = self._scripts[index]
@@ -75,9 +73,6 @@ class Batch:
         if self._replies is None:
             raise RuntimeError("read a batch's replies after send()")
         return self._replies[index]
-
-    def __len__(self) -> int:
-        return self._size
 
 
 def send(queue: Callable[[Batch], object]) -> None:

@@ -90,8 +90,7 @@ def _call(message: AiMessage, endpoint: Endpoint, call_key: str
     return attempt, completion, error
 
 
-def _journalled(message: AiMessage, endpoint: Endpoint, call_key: str
-                ) -> tuple[Completion, int] | None:
+def _journalled(endpoint: Endpoint, call_key: str) -> tuple[Completion, int] | None:
     """In one round trip: the journalled answer of this call if an earlier delivery made
     it, else nothing, with the call counted in flight at the endpoint."""
     batch = Batch()
@@ -110,7 +109,7 @@ def attempt_call(message: AiMessage, endpoint: Endpoint, attempt_no: int, *, met
     call's records go on `tail`, which the caller must send before the task ends; a
     metered call's journal and live figures are sent before it is settled."""
     call_key = keys.call_key(message.id, attempt_no)
-    journalled = _journalled(message, endpoint, call_key)
+    journalled = _journalled(endpoint, call_key)
     if journalled is not None:  # an earlier delivery made this call; settle it, don't repeat
         done, paid_nusd = journalled
         if metered:

@@ -16,6 +16,12 @@ from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.settings import get_settings
 
 
+def _route_again(follower: dict[str, Any]) -> None:
+    """Send a waiting follower's message back to routing under its own task id."""
+    app.signature("aimesh.route", args=(follower["message"],)).apply_async(
+        task_id=follower["task_id"], queue=ROUTE_QUEUE)
+
+
 def queue_end_flight(batch: Batch, flight: dict[str, Any] | None, result: AiResult | None
                      ) -> Callable[[], int]:
     """Queue ending the flight; call the returned function once the batch is sent. With an
@@ -34,8 +40,7 @@ def queue_end_flight(batch: Batch, flight: dict[str, Any] | None, result: AiResu
                 app.backend.store_result(follower["task_id"],
                                          answer_for_follower(answer, follower), states.SUCCESS)
             else:
-                app.signature("aimesh.route", args=(follower["message"],)).apply_async(
-                    task_id=follower["task_id"], queue=ROUTE_QUEUE)
+                _route_again(follower)
         return len(followers)
 
     return answer_followers
@@ -60,7 +65,6 @@ def adopt_orphans() -> int:
         if taken is None:
             continue
         follower, _token = taken
-        app.signature("aimesh.route", args=(follower["message"],)).apply_async(
-            task_id=follower["task_id"], queue=ROUTE_QUEUE)
+        _route_again(follower)
         adopted += 1
     return adopted
