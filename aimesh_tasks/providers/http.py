@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,13 +21,11 @@ import httpx
 from aimesh_tasks.errors import ProviderError
 from aimesh_tasks.messages import AiMessage
 from aimesh_tasks.providers import PROVIDERS
-from aimesh_tasks.providers.base import Completion
+from aimesh_tasks.providers.base import Completion, Provider, excerpt, retry_after_s
 from aimesh_tasks.registry.endpoints import Endpoint
 from aimesh_tasks.settings import get_settings
 
 CALL_KEY_HEADER = "X-Aimesh-Call-Key"
-# Statuses after which another endpoint may well succeed; any other 4xx is the request's fault.
-_RETRYABLE_STATUSES = frozenset({401, 403, 404, 408, 409, 425, 429})
 
 
 class ClientPool:
@@ -78,22 +77,27 @@ class ClientPool:
 CLIENTS = ClientPool()
 
 
-def _retry_after_s(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _status_error(endpoint: Endpoint, response: httpx.Response) -> ProviderError:
+def _status_error(endpoint: Endpoint, adapter: Provider, response: httpx.Response
+                  ) -> ProviderError:
+    """The adapter's reading of a failed answer, as a ProviderError keeping its data."""
     status = response.status_code
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = None
+    headers = {name.lower(): value for name, value in response.headers.items()}
+    verdict = adapter.classify_error(status, body, headers)
+    detail = verdict.detail or (excerpt(response.text) if body is None else "")
     return ProviderError(
-        f"endpoint '{endpoint.id}' answered HTTP {status}",
+        f"endpoint '{endpoint.id}' answered HTTP {status} ({verdict.reason})"
+        + (f": {detail}" if detail else ""),
         endpoint_id=endpoint.id,
         status=status,
-        retryable=status >= 500 or status in _RETRYABLE_STATUSES,
-        retry_after_s=_retry_after_s(response),
+        action=verdict.action,
+        reason=verdict.reason,
+        detail=detail or None,
+        retryable=verdict.action != "fail",
+        retry_after_s=retry_after_s(headers, time.time()),
     )
 
 
@@ -106,6 +110,8 @@ def _send(endpoint: Endpoint, request_json: dict[str, Any], headers: dict[str, s
         raise ProviderError(
             f"endpoint '{endpoint.id}': {type(exc).__name__} calling {endpoint.base_url}",
             endpoint_id=endpoint.id,
+            action="fallback",
+            reason="transport",
             retryable=True,
         ) from exc
 
@@ -119,7 +125,7 @@ def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str) -> Comp
         endpoint, request.json, {**request.headers, CALL_KEY_HEADER: call_key}, request.path
     )
     if response.status_code != 200:
-        raise _status_error(endpoint, response)
+        raise _status_error(endpoint, adapter, response)
     try:
         return adapter.parse_response(response.json())
     except ValueError as exc:
@@ -127,5 +133,7 @@ def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str) -> Comp
             f"endpoint '{endpoint.id}' sent a response we cannot read: {exc}",
             endpoint_id=endpoint.id,
             status=200,
+            action="fallback",
+            reason="malformed_response",
             retryable=True,
         ) from exc

@@ -1,13 +1,38 @@
-"""OpenAI-compatible Chat Completions (OpenAI, vLLM, Ollama, LiteLLM, Groq, the simulator)."""
+"""OpenAI-compatible Chat Completions (OpenAI, vLLM, Ollama, LiteLLM, Groq, the simulator).
+
+Error bodies are `{"error": {"message", "type", "param", "code"}}`; rate-limit headers are
+`x-ratelimit-remaining-requests`, `x-ratelimit-remaining-tokens` and
+`x-ratelimit-reset-requests` (a duration such as '1s' or '6m0s').
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from aimesh_tasks.messages import AiMessage
-from aimesh_tasks.providers.base import Completion, ProviderRequest
+from aimesh_tasks.providers.base import (
+    Completion,
+    ErrorClass,
+    ProviderRequest,
+    RateLimits,
+    duration_s,
+    excerpt,
+    int_header,
+    status_class,
+)
 
 _OPTIONAL_PARAMETERS = ("temperature", "top_p", "stop")
+# A 400/404 whose code says the endpoint (its model or key), not the message, is wrong.
+_ENDPOINT_CODES = frozenset({"model_not_found", "invalid_api_key", "invalid_model"})
+_QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+
+
+def _error_fields(body: Any) -> tuple[str, str]:
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return "", excerpt(error) if isinstance(error, str) else ""
+    return str(error.get("code") or error.get("type") or ""), excerpt(error.get("message", ""))
 
 
 class OpenAICompatible:
@@ -33,14 +58,34 @@ class OpenAICompatible:
         """Text of the first choice, and the provider's usage figures."""
         try:
             choice = body["choices"][0]
-            usage = body["usage"]
+            usage = body.get("usage")
+            usage = usage if isinstance(usage, dict) and "prompt_tokens" in usage else None
             return Completion(
                 text=choice["message"].get("content") or "",
-                input_tokens=int(usage["prompt_tokens"]),
-                output_tokens=int(usage["completion_tokens"]),
+                input_tokens=int(usage["prompt_tokens"]) if usage else 0,
+                output_tokens=int(usage.get("completion_tokens") or 0) if usage else 0,
                 model=str(body.get("model", "")),
                 finish_reason=choice.get("finish_reason"),
                 request_id=body.get("id"),
+                usage_known=usage is not None,
             )
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed chat completion: missing or bad {exc}") from exc
+
+    def classify_error(self, status: int, body: Any, headers: Mapping[str, str]) -> ErrorClass:
+        """By status, refined by the error code: an unknown model or a bad key is the
+        endpoint's fault (fall back); an exhausted quota is not worth a retry here."""
+        code, detail = _error_fields(body)
+        if code in _ENDPOINT_CODES:
+            return ErrorClass("fallback", "unknown_model" if "model" in code else "auth", detail)
+        if status == 429 and code in _QUOTA_CODES:
+            return ErrorClass("fallback", "quota_exhausted", detail)
+        return status_class(status, detail)
+
+    def rate_limits(self, headers: Mapping[str, str]) -> RateLimits:
+        """x-ratelimit-remaining-requests/-tokens and x-ratelimit-reset-requests."""
+        return RateLimits(
+            requests_remaining=int_header(headers, "x-ratelimit-remaining-requests"),
+            tokens_remaining=int_header(headers, "x-ratelimit-remaining-tokens"),
+            reset_s=duration_s(headers.get("x-ratelimit-reset-requests")),
+        )

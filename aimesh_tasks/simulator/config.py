@@ -18,10 +18,22 @@ RUNTIME_FIELDS: Final = (
     "jitter_ms",
     "error_rate",
     "throttle_rate",
+    "overload_rate",
+    "malformed_rate",
+    "no_usage_rate",
     "retry_after_s",
     "completion_tokens",
     "model_name",
 )
+
+# The injected faults, in the order one roll per request is compared against their rates.
+FAULT_RATES: Final = {
+    "error_rate": "server_error",
+    "throttle_rate": "throttled",
+    "overload_rate": "overloaded",
+    "malformed_rate": "malformed",
+    "no_usage_rate": "no_usage",
+}
 
 # field -> (lowest, highest) allowed value
 _FLOAT_RANGES: Final[dict[str, tuple[float, float]]] = {
@@ -29,6 +41,9 @@ _FLOAT_RANGES: Final[dict[str, tuple[float, float]]] = {
     "jitter_ms": (0.0, math.inf),
     "error_rate": (0.0, 1.0),
     "throttle_rate": (0.0, 1.0),
+    "overload_rate": (0.0, 1.0),
+    "malformed_rate": (0.0, 1.0),
+    "no_usage_rate": (0.0, 1.0),
 }
 _INT_RANGES: Final[dict[str, tuple[float, float]]] = {
     "retry_after_s": (0, math.inf),
@@ -49,14 +64,20 @@ class ConfigFieldError(ValueError):
 class SimulatorConfig:
     """How a simulator answers: latency, failure rates, completion size, seed, model name.
 
-    `error_rate` and `throttle_rate` share one roll per request: a request fails with 500 when
-    the roll is below `error_rate`, else with 429 when it is below `error_rate + throttle_rate`.
+    The fault rates share one roll per request, in this order: `error_rate` (the format's
+    500 server error), `throttle_rate` (429 rate limited, with Retry-After),
+    `overload_rate` (the format's overload answer: 529 for Anthropic, 503 elsewhere, with
+    Retry-After), `malformed_rate` (200 with a truncated JSON body), `no_usage_rate` (200
+    with the usage fields left out). Their sum must not exceed 1.
     """
 
     latency_ms: float = 0
     jitter_ms: float = 0
     error_rate: float = 0
     throttle_rate: float = 0
+    overload_rate: float = 0
+    malformed_rate: float = 0
+    no_usage_rate: float = 0
     retry_after_s: int = 1
     completion_tokens: int = 16
     seed: int = 0
@@ -67,6 +88,8 @@ class SimulatorConfig:
             setattr(self, name, _checked_float(name, getattr(self, name), low, high))
         for name, (low, high) in _INT_RANGES.items():
             _check_int(name, getattr(self, name), low, high)
+        if sum(getattr(self, name) for name in FAULT_RATES) > 1:
+            raise ConfigFieldError("error_rate", "plus the other fault rates must not exceed 1")
         if self.model_name is not None and not (
             isinstance(self.model_name, str) and self.model_name
         ):

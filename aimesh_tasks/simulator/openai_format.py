@@ -23,18 +23,23 @@ if TYPE_CHECKING:
 DEFAULT_MODEL: Final = "sim-model"
 
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), check_circular=False)
-_FAULT_ERRORS: Final[dict[int, dict[str, Any]]] = {
-    500: {
+# Injected fault -> (status, error object), from the documented OpenAI error bodies.
+_FAULT_ERRORS: Final[dict[str, tuple[int, dict[str, Any]]]] = {
+    "server_error": (500, {
         "message": "The server had an error while processing your request. (simulated)",
         "type": "server_error", "param": None, "code": None,
-    },
-    429: {
+    }),
+    "throttled": (429, {
         "message": "Rate limit reached for requests. (simulated)",
         "type": "requests", "param": None, "code": "rate_limit_exceeded",
-    },
+    }),
+    "overloaded": (503, {
+        "message": "The engine is currently overloaded, please try again later. (simulated)",
+        "type": "server_error", "param": None, "code": None,
+    }),
 }
-_FAULT_BODIES: Final = {status: _ENCODER.encode({"error": e}).encode()
-                        for status, e in _FAULT_ERRORS.items()}
+_FAULT_BODIES: Final = {fault: (status, _ENCODER.encode({"error": e}).encode())
+                        for fault, (status, e) in _FAULT_ERRORS.items()}
 
 
 class RequestError(ValueError):
@@ -176,9 +181,10 @@ def _json(payload: object, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
-def _fault_response(status: int, retry_after_s: int) -> web.Response:
-    headers = {"Retry-After": str(retry_after_s)} if status == 429 else None
-    return web.Response(body=_FAULT_BODIES[status], status=status, headers=headers,
+def _fault_response(fault: str, retry_after_s: int) -> web.Response:
+    status, body = _FAULT_BODIES[fault]
+    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
+    return web.Response(body=body, status=status, headers=headers,
                         content_type="application/json")
 
 
@@ -205,8 +211,9 @@ def chat_completions(state: SimState) -> Handler:
             return _json(error_body(str(exc), exc.param), status=400)
         config = state.config
         model = config.model_name or chat.model
-        if call.fault is not None:
-            state.finish(call, call.fault, model)
+        if call.fault in _FAULT_BODIES:
+            status = _FAULT_BODIES[call.fault][0]
+            state.finish(call, status, model)
             return _fault_response(call.fault, config.retry_after_s)
         completion = tokens.complete(config.seed, config.completion_tokens, chat.messages,
                                      chat.max_tokens)
@@ -215,7 +222,13 @@ def chat_completions(state: SimState) -> Handler:
         if chat.stream:
             chunks = chunk_bodies(id_, model, completion, chat.include_usage)
             return await _stream(request, sse_body(chunks))
-        return _json(completion_body(id_, model, completion))
+        body = completion_body(id_, model, completion)
+        if call.fault == "no_usage":
+            del body["usage"]
+        if call.fault == "malformed":
+            return web.Response(body=_ENCODER.encode(body).encode()[:-7], status=200,
+                                content_type="application/json")
+        return _json(body)
 
     return handle
 

@@ -16,13 +16,13 @@ import signal
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from aimesh_tasks.simulator import openai_format
-from aimesh_tasks.simulator.config import ConfigFieldError, SimulatorConfig
+from aimesh_tasks.simulator.config import FAULT_RATES, ConfigFieldError, SimulatorConfig
 
 CALL_KEY_HEADER: Final = "X-Aimesh-Call-Key"
 CALL_LOG_SIZE: Final = 100_000
@@ -36,6 +36,10 @@ _STATUS_COUNTERS: Final = {
     200: "ok", 500: "errors_500", 429: "throttled_429", 400: "bad_request_400",
 }
 _COUNTERS: Final = ("calls", *_STATUS_COUNTERS.values(), "prompt_tokens", "completion_tokens")
+# Counted besides, and shown in stats() once they happen: the newer injected faults and
+# any other status a format answers (the wave-1 counters above keep their exact shape).
+_EXTRA_COUNTERS: Final = ("overloaded", "malformed", "no_usage")
+Fault = Literal["server_error", "throttled", "overloaded", "malformed", "no_usage"]
 
 
 @dataclass(slots=True)
@@ -46,7 +50,7 @@ class Call:
     serial: int
     call_key: str | None
     delay_s: float
-    fault: int | None  # 500 or 429 when a failure is injected
+    fault: Fault | None  # the injected fault, if any (see SimulatorConfig)
 
 
 class SimState:
@@ -68,11 +72,13 @@ class SimState:
         delay_ms = config.latency_ms
         if config.jitter_ms:
             delay_ms += self._dice.uniform(0.0, config.jitter_ms)
-        fault = None
-        if roll < config.error_rate:
-            fault = 500
-        elif roll < config.error_rate + config.throttle_rate:
-            fault = 429
+        fault: Fault | None = None
+        bound = 0.0
+        for rate_name, name in FAULT_RATES.items():
+            bound += getattr(config, rate_name)
+            if roll < bound:
+                fault = name  # type: ignore[assignment]
+                break
         key = request.headers.get(CALL_KEY_HEADER)
         return Call(self._counts["calls"], next(self._serials), key, delay_ms / 1000.0, fault)
 
@@ -87,14 +93,18 @@ class SimState:
     ) -> None:
         """Record the outcome of a call in the counters and the call log."""
         counts = self._counts
-        counts[_STATUS_COUNTERS[status]] += 1
+        name = _STATUS_COUNTERS.get(status, f"status_{status}")
+        counts[name] = counts.get(name, 0) + 1
+        if call.fault in _EXTRA_COUNTERS:
+            counts[call.fault] = counts.get(call.fault, 0) + 1
         if status == 200:
             counts["prompt_tokens"] += prompt_tokens
             counts["completion_tokens"] += completion_tokens
         self._log.append((call.n, model, status, prompt_tokens, completion_tokens, call.call_key))
 
     def stats(self) -> dict[str, int]:
-        """Request and token counters since start or the last reset."""
+        """Request and token counters since start or the last reset (counters beyond the
+        base set appear once they are non-zero)."""
         return dict(self._counts)
 
     def calls(self) -> list[dict[str, Any]]:
