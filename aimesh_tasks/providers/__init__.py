@@ -2,10 +2,12 @@
 
 from aimesh_tasks.providers.anthropic import AnthropicMessages
 from aimesh_tasks.providers.base import Completion, Provider, ProviderRequest
+from aimesh_tasks.providers.cohere import CohereChat
 from aimesh_tasks.providers.openai_compat import OpenAICompatible
 
 PROVIDERS: dict[str, Provider] = {
     "openai": OpenAICompatible(),
+    "cohere": CohereChat(),
     "anthropic": AnthropicMessages(),
 }
 
