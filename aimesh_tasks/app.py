@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from aimesh_tasks.delivery import install as install_delivery_guards
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.follow import FollowEndpoints
 from aimesh_tasks.observability.worker import install as install_observability
@@ -17,6 +18,7 @@ app.config_from_object("celeryconfig")
 app.steps["consumer"].add(FollowEndpoints)
 app.steps["worker"].add(BackgroundJobsStep)
 install_observability()
+install_delivery_guards(app)
 
 _VISIBILITY_BROKERS = ("redis://", "rediss://", "sqs://", "redis+socket://")
 # RabbitMQ closes a channel whose delivery stays unacked past consumer_timeout (30 min).

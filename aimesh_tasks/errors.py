@@ -7,6 +7,7 @@
     ├── NotFound                    an endpoint or agent id that the registry does not hold
     ├── NoEndpointAvailable         routing found no candidate; `excluded` says why for each
     ├── BudgetExceeded              the agent's budget cannot cover the call's worst case
+    ├── UndeliverableMessage        a worker could not run a message; it is in the dead letters
     └── ProviderError               an upstream call failed (transport error or bad status)
         └── AllEndpointsFailed      every ranked endpoint was tried and failed
 
@@ -86,6 +87,28 @@ class BudgetExceeded(AimeshError):
     """
 
     code = "budget_exceeded"
+
+
+class UndeliverableMessage(AimeshError):
+    """A worker could not run a message (bad envelope or arguments, unknown task, or a task
+    that killed its worker on every delivery) and moved it to the dead letters of `queue`.
+
+    Fields: queue, reason, dead_letter_id, task_id, detail (`aimesh dead show <id>`).
+    """
+
+    code = "undeliverable_message"
+
+    @property
+    def queue(self) -> str:
+        return str(self.fields.get("queue", ""))
+
+    @property
+    def reason(self) -> str:
+        return str(self.fields.get("reason", ""))
+
+    @property
+    def dead_letter_id(self) -> str:
+        return str(self.fields.get("dead_letter_id", ""))
 
 
 class ProviderError(AimeshError):

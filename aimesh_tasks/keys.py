@@ -110,3 +110,23 @@ def metered_agents() -> str:
 def metered_agents_ready() -> str:
     """Present while the metered-agents set is complete; absent means ask Postgres."""
     return f"{PREFIX}:budgets:metered:ready"
+
+
+def dead_letters(queue: str) -> str:
+    """Stream of the dead letters of one Celery queue, oldest first (delivery/dead_letters)."""
+    return f"{PREFIX}:dead:queue:{queue}"
+
+
+def dead_letter_queues() -> str:
+    """Set of the queues that have a dead-letter stream."""
+    return f"{PREFIX}:dead:queues"
+
+
+def deliveries(task_id: str) -> str:
+    """Counter of a task message's redeliveries (its first delivery is not counted)."""
+    return f"{PREFIX}:deliveries:{task_id}"
+
+
+def delivery_history(task_id: str) -> str:
+    """List of a task message's deliveries that lost their worker (JSON, oldest first)."""
+    return f"{PREFIX}:deliveries:{task_id}:history"
