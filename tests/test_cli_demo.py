@@ -20,7 +20,8 @@ from aimesh_tasks.app import app
 from aimesh_tasks.cli.demo import DEMO_AGENTS, DEMO_ENDPOINTS
 from aimesh_tasks.db import AuditRow, CallAttemptRow, RoutingDecisionRow
 from aimesh_tasks.registry import list_endpoints
-from tests.conftest import AIMESH, DATABASE, TEST_ENV
+from tests.conftest import DATABASE, TEST_ENV
+from tests.processes import AIMESH
 
 pytestmark = pytest.mark.slow
 NANO = Decimal(10) ** 9
