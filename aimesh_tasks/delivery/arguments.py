@@ -1,8 +1,9 @@
-"""Do a task message's arguments fit the task function? (pure, cached per function)
+"""Is a task message's body, headers and arguments what the worker can run? (pure)
 
-Two checks, both before a worker process is given the message: the arguments bind to the
-signature (what Python would raise as a TypeError inside the task), and each argument
-annotated with a JSON type (dict, list, str, int, float, bool, None, and unions of them)
+The body must be [args, kwargs, embed] and the headers the main process reads as numbers
+must be numbers. Then two checks of the arguments, cached per task function, both before
+a worker process is given the message: the arguments bind to the signature (what Python
+would raise as a TypeError inside the task), and each argument annotated with a JSON type (dict, list, str, int, float, bool, None, and unions of them)
 holds that type. Anything else (Any, classes, unresolvable annotations) is not checked.
 Without the second check, `aimesh.route` given `[42]` fails inside pydantic with an error
 that reaches the producer as an empty message.
@@ -48,6 +49,40 @@ def _shape(fun: Callable[..., Any]) -> tuple[inspect.Signature, dict[str, tuple[
 
 def _describe(kinds: tuple[type, ...]) -> str:
     return " or ".join(dict.fromkeys(_NAMES.get(k, k.__name__) for k in kinds))
+
+
+def _seconds(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def header_problem(headers: dict[str, Any]) -> str | None:
+    """Why headers the worker's main process reads as numbers are not numbers, or None
+    (a `timelimit` of "xx" stopped the worker in the pool's float())."""
+    limits = headers.get("timelimit") or (None, None)
+    if not (isinstance(limits, list | tuple) and len(limits) == 2
+            and all(_seconds(v) for v in limits)):
+        return "header 'timelimit' must be [soft seconds or null, hard seconds or null]"
+    retries = headers.get("retries") or 0
+    if not isinstance(retries, int) or isinstance(retries, bool):
+        return "header 'retries' must be an integer"
+    return None
+
+
+def body_problem(payload: Any) -> str | None:
+    """Why a decoded task message body is not Celery's [args, kwargs, embed], or None.
+
+    A dict is a protocol-1 or hybrid body, which Celery checks itself."""
+    if isinstance(payload, dict):
+        return None
+    if not isinstance(payload, list | tuple) or len(payload) != 3:
+        return (f"a task message's body must be [args, kwargs, embed], not a JSON "
+                f"{type(payload).__name__}" + (f" of {len(payload)}" if isinstance(
+                    payload, list | tuple) else ""))
+    args, kwargs, embed = payload
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict) or not isinstance(
+            embed, dict | type(None)):
+        return "a task message's body must be [list, object, object or null]"
+    return None
 
 
 def argument_problem(fun: Callable[..., Any], args: Any, kwargs: Any) -> str | None:

@@ -7,20 +7,26 @@ each one is moved to the dead-letter store, logged once without the payload, cou
 acked, and its task id (when the headers give one) gets an UndeliverableMessage result.
 If the store cannot be reached, Celery's own handler runs, as before.
 
-It also gives every task that still has Celery's default Request the GuardedRequest
-(`delivery.request`) when the consumer builds its strategies, after every task module has
-been imported.
+When the consumer builds its strategies (after every task module has been imported) it
+gives every task that still has Celery's default Request the GuardedRequest
+(`delivery.request`), and puts a check of the body's shape in front of each strategy:
+Celery's strategy indexes the decoded body as [args, kwargs, embed] in the consumer's main
+loop, so a body of `42` stopped the worker ("Unrecoverable error: TypeError"); now it is
+an invalid task, dead-lettered like the others.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from celery.exceptions import InvalidTaskError
 from celery.utils.collections import AttributeDict
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 
+from aimesh_tasks.delivery.arguments import body_problem
 from aimesh_tasks.delivery.dead_letters import OTHER_QUEUE
 from aimesh_tasks.delivery.request import message_queue, raw_message
 from aimesh_tasks.delivery.terminal import bury_task
@@ -45,15 +51,31 @@ def _result_request(message: Any, name: str | None) -> AttributeDict:
     )
 
 
+def checked_body(strategy: Callable[..., Any]) -> Callable[..., Any]:
+    """`strategy`, refusing a body that is not [args, kwargs, embed] as an invalid task
+    (raised inside Celery's `on_task_received`, which hands it to `on_invalid_task`)."""
+
+    def handler(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        problem = body_problem(message.payload if body is None else body)
+        if problem is not None:
+            raise InvalidTaskError(problem)
+        return strategy(message, body, *args, **kwargs)
+
+    return handler
+
+
 class GuardedConsumer(Consumer):  # type: ignore[misc]
     """A consumer that dead-letters what it cannot run and keeps consuming."""
 
     def update_strategies(self) -> None:
-        """Guard every task with Celery's default Request class, then build strategies."""
+        """Guard every task with Celery's default Request class, then build strategies
+        that check the body first."""
         for task in self.app.tasks.values():
             if task.Request == DEFAULT_REQUEST:
                 task.Request = GUARDED_REQUEST
         super().update_strategies()
+        for name, strategy in self.strategies.items():
+            self.strategies[name] = checked_body(strategy)
 
     def _queue_label(self, message: Any) -> str:
         # The routing key comes from whoever wrote the message: only the queues this

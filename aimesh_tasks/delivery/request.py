@@ -7,8 +7,10 @@ delivery, when the request is handed to the pool (the first thing Celery's gener
 `execute_using_pool` does is ask `revoked()`; a True answer skips the message), so a child
 that dies still leaves the count behind in Redis:
 
-- arguments that do not fit the task function (`delivery.arguments`) are dead-lettered
-  as `bad_arguments`, instead of failing inside the task with an unreadable error;
+- headers the main process reads as numbers that are not (`timelimit`, `retries`) are
+  dead-lettered as `invalid_task`, and arguments that do not fit the task function
+  (`delivery.arguments`) as `bad_arguments`, instead of failing inside the task with an
+  unreadable error;
 - a redelivered message is counted per task id; beyond AIMESH_MAX_DELIVERIES it is
   dead-lettered as `max_deliveries` with the deliveries that lost their worker. Without
   the cap, `task_reject_on_worker_lost` requeues a task that segfaults, calls `os._exit`
@@ -31,7 +33,7 @@ from celery.worker import state
 from celery.worker.request import Request
 
 from aimesh_tasks.delivery import deliveries
-from aimesh_tasks.delivery.arguments import argument_problem
+from aimesh_tasks.delivery.arguments import argument_problem, header_problem
 from aimesh_tasks.delivery.terminal import bury_task
 from aimesh_tasks.settings import get_settings
 
@@ -71,6 +73,9 @@ class GuardedRequest(Request):  # type: ignore[misc]
         return self._screened or bool(super().revoked())
 
     def _screen(self) -> bool:
+        problem = header_problem(self.request_dict)
+        if problem is not None:
+            return self._bury("invalid_task", problem)
         problem = argument_problem(self.task.run, self.args, self.kwargs)
         if problem is not None:
             return self._bury("bad_arguments", problem)
