@@ -3,10 +3,11 @@
 The body must be [args, kwargs, embed] and the headers the main process reads as numbers
 must be numbers. Then two checks of the arguments, cached per task function, both before
 a worker process is given the message: the arguments bind to the signature (what Python
-would raise as a TypeError inside the task), and each argument annotated with a JSON type (dict, list, str, int, float, bool, None, and unions of them)
-holds that type. Anything else (Any, classes, unresolvable annotations) is not checked.
-Without the second check, `aimesh.route` given `[42]` fails inside pydantic with an error
-that reaches the producer as an empty message.
+would raise as a TypeError inside the task), and each argument annotated with a JSON type
+(dict, list, str, int, float, bool, None, and unions of them) holds that type. Anything
+else (Any, classes, unresolvable annotations) is not checked. Without the second check,
+`aimesh.route` given `[42]` fails inside pydantic with an error that reaches the producer
+as an empty message.
 """
 
 from __future__ import annotations

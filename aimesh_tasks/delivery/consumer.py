@@ -27,7 +27,6 @@ from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 
 from aimesh_tasks.delivery.arguments import body_problem
-from aimesh_tasks.delivery.dead_letters import OTHER_QUEUE
 from aimesh_tasks.delivery.request import message_queue, raw_message
 from aimesh_tasks.delivery.terminal import bury_task
 
@@ -77,13 +76,6 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         for name, strategy in self.strategies.items():
             self.strategies[name] = checked_body(strategy)
 
-    def _queue_label(self, message: Any) -> str:
-        # The routing key comes from whoever wrote the message: only the queues this
-        # consumer reads become metric labels and dead-letter streams.
-        queue = message_queue(message)
-        consuming = {q.name for q in getattr(self.task_consumer, "queues", ())}
-        return queue if queue in consuming else OTHER_QUEUE
-
     def _bury(self, message: Any, reason: str, exc: BaseException | None) -> bool:
         headers = _headers(message)
         task_id, name = headers.get("id"), headers.get("task")
@@ -91,7 +83,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         name = name if isinstance(name, str) else None
         detail = f"{type(exc).__name__}: {exc}" if exc is not None else "no task in the message"
         buried = bury_task(self.app, _result_request(message, name),
-                           queue=self._queue_label(message), raw=raw_message(message),
+                           queue=message_queue(self.app, message), raw=raw_message(message),
                            reason=reason, detail=detail, task_id=task_id, task=name)
         if buried:
             message.ack_log_error(logger, self.connection_errors)

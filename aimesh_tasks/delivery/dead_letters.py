@@ -41,7 +41,7 @@ from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.settings import get_settings
 
 RAW_LIMIT_BYTES = 64 * 1024
-# Dead letters whose routing key names no queue the worker reads (it cannot be requeued).
+# Dead letters whose routing key names no queue the worker reads (delivery.request).
 OTHER_QUEUE = "_other"
 MAX_ENTRIES_PER_QUEUE = 10_000
 ENTRY_VERSION = 1

@@ -25,6 +25,7 @@ InvalidTaskError, which the consumer handles (rejects it, or dead-letters it wit
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -34,8 +35,11 @@ from celery.worker.request import Request
 
 from aimesh_tasks.delivery import deliveries
 from aimesh_tasks.delivery.arguments import argument_problem, header_problem
+from aimesh_tasks.delivery.dead_letters import OTHER_QUEUE
 from aimesh_tasks.delivery.terminal import bury_task
 from aimesh_tasks.settings import get_settings
+
+logger = logging.getLogger(__name__)
 
 
 def raw_message(message: Any) -> bytes:
@@ -48,10 +52,13 @@ def raw_message(message: Any) -> bytes:
     return body if isinstance(body, bytes) else str(body).encode()
 
 
-def message_queue(message: Any) -> str:
-    """The queue a message was published to (its routing key on our direct exchanges)."""
+def message_queue(app: Any, message: Any) -> str:
+    """The queue a message was published to (its routing key on our direct exchanges), if
+    this worker consumes it, else '_other': the key comes from whoever wrote the message,
+    and only queues the worker reads may become metric labels and dead-letter streams."""
     info = message.delivery_info or {}
-    return str(info.get("routing_key") or info.get("exchange") or "unknown")
+    queue = str(info.get("routing_key") or info.get("exchange") or "")
+    return queue if queue in app.amqp.queues.consume_from else OTHER_QUEUE
 
 
 class GuardedRequest(Request):  # type: ignore[misc]
@@ -69,7 +76,11 @@ class GuardedRequest(Request):  # type: ignore[misc]
     def revoked(self) -> bool:
         """True when revoked, expired, or set aside by the screening (once per delivery)."""
         if self._screened is None:
-            self._screened = self._screen()
+            try:
+                self._screened = self._screen()
+            except Exception:  # fail open: without Redis, the message runs as unguarded
+                logger.exception("delivery.screening_failed", extra={"task_id": self.id})
+                self._screened = False
         return self._screened or bool(super().revoked())
 
     def _screen(self) -> bool:
@@ -91,7 +102,7 @@ class GuardedRequest(Request):  # type: ignore[misc]
 
     def _bury(self, reason: str, detail: str, history: list[dict[str, Any]] | None = None
               ) -> bool:
-        buried = bury_task(self.app, self._context, queue=message_queue(self.message),
+        buried = bury_task(self.app, self._context, queue=message_queue(self.app, self.message),
                            raw=raw_message(self.message), reason=reason, detail=detail,
                            task_id=self.id, task=self.name, history=history or [])
         if buried:
@@ -109,6 +120,6 @@ class GuardedRequest(Request):  # type: ignore[misc]
                 deliveries.record_lost_worker(self.id, self.hostname,
                                               f"{type(exc).__name__}: {exc}")
             except Exception:  # the history is a nicety; Celery's handling must still run
-                pass
+                logger.exception("delivery.history_failed", extra={"task_id": self.id})
         return super().on_failure(exc_info, send_failed_event=send_failed_event,
                                   return_ok=return_ok)
