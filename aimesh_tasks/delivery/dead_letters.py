@@ -14,7 +14,8 @@ once (`message.dead_lettered`, without the payload). `aimesh dead` is the shell 
 | unknown_task     | names a task no worker registers                                     |
 | content_type     | has a content type the workers refuse (pickle, yaml, ...)            |
 | undecodable_body | has a body that does not decode (bad JSON, too deep, bad encoding)   |
-| invalid_task     | is a task message Celery refuses (bad eta/expires, bad shape)        |
+| invalid_task     | is a task message Celery refuses (bad eta, expires, timelimit; a     |
+|                  | body that is not [args, kwargs, embed])                              |
 | bad_arguments    | has arguments that do not fit the task's signature                   |
 | max_deliveries   | lost its worker on each of AIMESH_MAX_DELIVERIES deliveries          |
 
