@@ -110,3 +110,24 @@ def metered_agents() -> str:
 def metered_agents_ready() -> str:
     """Present while the metered-agents set is complete; absent means ask Postgres."""
     return f"{PREFIX}:budgets:metered:ready"
+
+
+def handoff(message_id: str) -> str:
+    """The envelope a message was first handed to its call with: a duplicate delivery of
+    its routing task reuses it instead of routing and reserving again."""
+    return f"{PREFIX}:handoff:{message_id}"
+
+
+def call_lease(call_key: str) -> str:
+    """The lease of the one delivery allowed to make a call: 'token|host|pid'."""
+    return f"{PREFIX}:call:{call_key}:lease"
+
+
+def call_charged(call_key: str) -> str:
+    """The call key a call is charged under, when a takeover had to use a new one."""
+    return f"{PREFIX}:call:{call_key}:charged"
+
+
+def call_lease_tokens() -> str:
+    """Counter of call-lease fencing tokens."""
+    return f"{PREFIX}:call:lease-tokens"
