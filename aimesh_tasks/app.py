@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Celery, signals
 
+from aimesh_tasks.delivery import install as install_delivery_guards
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.follow import FollowEndpoints
 from aimesh_tasks.observability.worker import install as install_observability
@@ -34,6 +35,7 @@ def build_app() -> Celery:
     built.config_from_object("aimesh_tasks.celery_config")
     built.steps["consumer"].add(FollowEndpoints)
     built.steps["worker"].add(BackgroundJobsStep)
+    install_delivery_guards(built)
     return built
 
 

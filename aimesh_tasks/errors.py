@@ -10,6 +10,7 @@
     ├── Refused                     a policy on the message path said no (`policy`, `reason`)
     ├── DeadlineExceeded            the message's deadline passed before it was answered
     ├── ServiceUnavailable          Redis or Postgres stayed unreachable past the retries
+    ├── UndeliverableMessage        a worker could not run a message; it is in the dead letters
     └── ProviderError               an upstream call failed (transport error or bad status)
         └── AllEndpointsFailed      every ranked endpoint was tried and failed
 
@@ -137,6 +138,28 @@ class ServiceUnavailable(AimeshError):
     nothing the message bought was lost (its answer is journalled)."""
 
     code = "service_unavailable"
+
+
+class UndeliverableMessage(AimeshError):
+    """A worker could not run a message (bad envelope or arguments, unknown task, or a task
+    that killed its worker on every delivery) and moved it to the dead letters of `queue`.
+
+    Fields: queue, reason, dead_letter_id, task_id, detail (`aimesh dead show <id>`).
+    """
+
+    code = "undeliverable_message"
+
+    @property
+    def queue(self) -> str:
+        return str(self.fields.get("queue", ""))
+
+    @property
+    def reason(self) -> str:
+        return str(self.fields.get("reason", ""))
+
+    @property
+    def dead_letter_id(self) -> str:
+        return str(self.fields.get("dead_letter_id", ""))
 
 
 class ProviderError(AimeshError):

@@ -131,3 +131,21 @@ def call_charged(call_key: str) -> str:
 def call_lease_tokens() -> str:
     """Counter of call-lease fencing tokens."""
     return f"{PREFIX}:call:lease-tokens"
+def dead_letters(queue: str) -> str:
+    """Stream of the dead letters of one Celery queue, oldest first (delivery/dead_letters)."""
+    return f"{PREFIX}:dead:queue:{queue}"
+
+
+def dead_letter_queues() -> str:
+    """Set of the queues that have a dead-letter stream."""
+    return f"{PREFIX}:dead:queues"
+
+
+def deliveries(task_id: str) -> str:
+    """Counter of a task message's redeliveries (its first delivery is not counted)."""
+    return f"{PREFIX}:deliveries:{task_id}"
+
+
+def delivery_history(task_id: str) -> str:
+    """List of a task message's deliveries that lost their worker (JSON, oldest first)."""
+    return f"{PREFIX}:deliveries:{task_id}:history"

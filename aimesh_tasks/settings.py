@@ -20,6 +20,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_TASK_SOFT_TIME_LIMIT_S     | 60                  | soft time limit of every task     |
 | AIMESH_TASK_TIME_LIMIT_S          | 90                  | hard limit: the worker child dies |
 | AIMESH_VISIBILITY_TIMEOUT_S       | 300                 | Redis redelivery of unacked msgs  |
+| AIMESH_MAX_DELIVERIES             | 5                   | deliveries, then dead-lettered    |
 | AIMESH_PROVIDER_TIMEOUT_S         | 30                  | read timeout of an upstream call  |
 | AIMESH_PROVIDER_CONNECT_TIMEOUT_S | 5                   | connect timeout of an upstream call|
 | AIMESH_MAX_TOKENS_CAP             | 32768               | largest max_tokens of a message   |
@@ -92,6 +93,11 @@ class Settings(BaseSettings):
         300, gt=0,
         description="Broker redelivery of unacked messages (Redis); above the hard time limit, "
                     "and small: what a killed worker held comes back after it.")
+    max_deliveries: int = Field(
+        5, ge=1, le=1000,
+        description="Deliveries of one task message before it is dead-lettered instead of run "
+        "again (a task whose worker dies on every delivery would otherwise loop forever).",
+    )
     provider_timeout_s: float = Field(30, gt=0, description="Read timeout of an upstream call.")
     provider_connect_timeout_s: float = Field(5, gt=0, description="Connect timeout upstream.")
     max_tokens_cap: int = Field(32768, gt=0, description="Largest max_tokens allowed.")

@@ -4,19 +4,18 @@ The broker and result backend use Redis db 14 (flushed once per session, before 
 workers start); live figures use db 15 (flushed around every test); the database is
 Postgres `test`, migrated from empty once per session and truncated around every test.
 AIMESH_TEST_SLOT=N (1..5) moves a run to dbs 14-2N/15-2N and database aimesh_test_N,
-so that several runs can share one machine.
+so that several runs can share one machine. AIMESH_TEST_REDIS and AIMESH_TEST_POSTGRES
+point the run at other servers (e.g. a closed port, to show which tests need none).
+
+Only tests that use Redis or Postgres depend on the `servers` fixture (through `database`,
+`clean`, `workers`, or directly); pure unit tests run with both servers stopped.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +23,7 @@ import pytest
 SLOT = int(os.environ.get("AIMESH_TEST_SLOT", "0"))
 REDIS = os.environ.get("AIMESH_TEST_REDIS", "redis://127.0.0.1:6379")
 BROKER_DB, LIVE_DB = 14 - 2 * SLOT, 15 - 2 * SLOT
-PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
+PG_SERVER = os.environ.get("AIMESH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 DATABASE = f"{PG_SERVER}/test" if SLOT == 0 else f"{PG_SERVER}/aimesh_test_{SLOT}"
 TEST_ENV = {
     "AIMESH_BROKER_URL": f"{REDIS}/{BROKER_DB}",
@@ -35,24 +34,23 @@ TEST_ENV = {
     "AIMESH_HEALTH_RETRY_S": "30",
     # The semantic cache is on for these two agents only (tests/test_dedup.py).
     "AIMESH_SEMANTIC_AGENTS": "semantic-agent,semantic-other",
-    # Budget kill tests pause these agents' messages at one point each (aimesh_tasks.failpoints).
-    "AIMESH_FAILPOINTS": "after_reserve@kill-after-reserve=20,before_settle@kill-before-settle=20",
+    # Budget kill tests pause these agents' messages at one point each (aimesh_tasks.failpoints)
+    # until the test SIGKILLs the paused process; the bound only ends a pause nobody killed.
+    "AIMESH_FAILPOINTS": ("after_reserve@kill-after-reserve=120,"
+                          "before_settle@kill-before-settle=120"),
 }
 os.environ.update(TEST_ENV)  # before aimesh_tasks reads its settings
 
 import redis  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
-from aimesh_tasks.app import app  # noqa: E402
 from aimesh_tasks.db import Base, dispose_engines  # noqa: E402
 from aimesh_tasks.db.migrate import downgrade, upgrade  # noqa: E402
 from aimesh_tasks.registry import Endpoint, add_endpoint  # noqa: E402
 from aimesh_tasks.registry.cache import ENDPOINTS  # noqa: E402
 from aimesh_tasks.simulator import RunningSimulator, SimulatorConfig, start_simulator  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-AIMESH = str(Path(sys.executable).with_name("aimesh"))
-CELERY = str(Path(sys.executable).with_name("celery"))
+from tests.gate import Gate  # noqa: E402
+from tests.processes import WorkerProcess, start_workers  # noqa: E402
 
 
 def _require_servers() -> None:
@@ -83,9 +81,10 @@ def _require_servers() -> None:
         )
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def servers() -> None:
-    """Real Redis and Postgres, or the session stops with the command that starts them."""
+    """Real Redis and Postgres, or the session stops with the command that starts them.
+    Every fixture that touches either depends on this one; pure tests do not."""
     _require_servers()
 
 
@@ -120,60 +119,6 @@ def clean(database: str) -> Iterator[None]:
     _reset_state()
 
 
-class WorkerProcess:
-    """A `aimesh worker` subprocess in its own process group."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.log = Path(f"/tmp/aimesh-test-{name}.log")
-        self.log_file = self.log.open("w")
-        # args starting with "celery" run the plain Celery command line; others `aimesh worker`.
-        command = ([CELERY, "-A", "aimesh_tasks.app", "worker"] if args[:1] == ["celery"]
-                   else [AIMESH, "worker"])
-        self.proc = subprocess.Popen(
-            [*command, "-n", f"{name}@%h", "-l", "INFO", *args[args[:1] == ["celery"]:]],
-            env={**os.environ, **(env or {})},
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-
-    @property
-    def hostname(self) -> str:
-        import socket
-
-        return f"{self.name}@{socket.gethostname()}"
-
-    def wait_ready(self, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited: {self.log.read_text()[-3000:]}")
-            if app.control.ping(destination=[self.hostname], timeout=0.5):
-                return
-        raise RuntimeError(f"worker {self.name} not ready: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.log_file.close()
-
-
-def start_workers(specs: list[tuple[str, list[str]]], env: dict[str, str] | None = None
-                  ) -> list[WorkerProcess]:
-    """Start worker subprocesses and wait until each answers a ping."""
-    workers = [WorkerProcess(name, args, env) for name, args in specs]
-    for worker in workers:
-        worker.wait_ready()
-    return workers
-
-
 @pytest.fixture(scope="session")
 def workers(database: str) -> Iterator[list[WorkerProcess]]:
     """A router worker (plain `celery worker`) and an endpoint worker (`aimesh worker`)
@@ -205,10 +150,24 @@ def simulator() -> Iterator[Callable[..., RunningSimulator]]:
 
 
 @pytest.fixture()
+def gate() -> Iterator[Callable[[RunningSimulator], Gate]]:
+    """Put a gate (tests/gate.py) in front of a simulator: gate(sim); closed after the test."""
+    made: list[Gate] = []
+
+    def make(sim: RunningSimulator) -> Gate:
+        made.append(Gate(sim.url))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+@pytest.fixture()
 def endpoint(clean: None) -> Callable[..., Endpoint]:
     """Register an endpoint with a unique id: endpoint(sim, 'cheap', input=..., output=...)."""
 
-    def make(sim: RunningSimulator, name: str, *, price_in: str = "0.001",
+    def make(sim: RunningSimulator | Gate, name: str, *, price_in: str = "0.001",
              price_out: str = "0.002", **fields: Any) -> Endpoint:
         return add_endpoint(
             id=f"{name}-{uuid.uuid4().hex[:6]}",

@@ -13,7 +13,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from aimesh_tasks.app import app
-from tests.conftest import WorkerProcess, start_workers
+from tests.processes import RUNNING, WorkerProcess, start_workers
+from tests.waits import wait_until
 
 CANARY_KEY = f"sk-canary-{uuid.uuid4().hex}"
 CANARY_PROMPT = f"canary prompt {uuid.uuid4().hex}"
@@ -95,34 +96,48 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 30, what: str = "
         time.sleep(0.05)
 
 
-def _active_queues(hosts: list[str] | None = None) -> dict[str, list[str]]:
-    replies = app.control.inspect(timeout=1, destination=hosts).active_queues() or {}
-    return {host: [q["name"] for q in queues] for host, queues in replies.items()}
+def _queues_of(host: str) -> list[str]:
+    """The queues worker `host` consumes, asked of it alone until it answers."""
+
+    def reply() -> list[str] | None:
+        replies = app.control.inspect(timeout=1, destination=[host]).active_queues() or {}
+        return [q["name"] for q in replies[host]] if host in replies else None
+
+    return wait_until(reply, f"worker {host} to report its queues")
+
+
+def _wait_queues(host: str, check: Callable[[set[str]], bool], what: str) -> None:
+    wait_until(lambda: check(set(_queues_of(host))) or None, f"worker {host}: {what}",
+                   seen=lambda: _queues_of(host))
 
 
 @contextmanager
 def only_these_workers(mine: set[str], endpoint_queues: list[str]) -> Iterator[None]:
-    """Pause every other worker on this broker (e.g. the session's `workers`) so that all
-    traffic goes through `mine`; resume them afterwards.
+    """Pause every other worker on this broker (the session's `workers`, any other this
+    session started: conftest.RUNNING lists them all) so that all traffic goes through
+    `mine`; resume them afterwards.
 
     Workers that follow the registry pick up `endpoint_queues` on their own: wait until
     they have, then cancel, so that they do not add them back behind our back."""
-    others = {h: q for h, q in _active_queues().items() if h not in mine}
-    followers = [h for h, q in others.items()
-                 if any(n.startswith("aimesh.endpoint.") or n == "aimesh.idle" for n in q)]
-    if followers:
-        wait_for(lambda: all(set(endpoint_queues) <= set(q)
-                             for q in _active_queues(followers).values()),
-                 what="other workers following the new endpoint queues")
-    others = {h: q for h, q in _active_queues(list(others) or None).items() if h not in mine} \
-        if others else {}
-    for host, queues in others.items():
+    others = [h for h, w in RUNNING.items() if h not in mine and w.proc.poll() is None]
+    paused: dict[str, list[str]] = {}
+    for host in others:
+        queues = _queues_of(host)
+        if any(n.startswith("aimesh.endpoint.") or n == "aimesh.idle" for n in queues):
+            _wait_queues(host, lambda names: set(endpoint_queues) <= names,
+                         f"following the new endpoint queues {endpoint_queues}")
+            queues = _queues_of(host)
+        paused[host] = queues
         for queue in queues:
             app.control.cancel_consumer(queue, destination=[host], reply=True)
+        _wait_queues(host, lambda names, gone=set(queues): not names & gone,
+                     f"no longer consuming {queues}")
     try:
         yield
     finally:
-        for host, queues in others.items():
-            for queue in queues:
-                if queue not in endpoint_queues:
-                    app.control.add_consumer(queue, destination=[host], reply=True)
+        for host, queues in paused.items():
+            back = [q for q in queues if q not in endpoint_queues]
+            for queue in back:
+                app.control.add_consumer(queue, destination=[host], reply=True)
+            _wait_queues(host, lambda names, back=set(back): back <= names,
+                         f"consuming {back} again")

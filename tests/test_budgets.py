@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -32,6 +32,7 @@ from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint, add_endpoint
 from aimesh_tasks.simulator import RunningSimulator
 from tests.budget_checks import assert_budget_invariants
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")
 
@@ -156,14 +157,10 @@ def test_redelivered_message_is_charged_once(simulator: Sim, endpoint: MakeEndpo
     assert_budget_invariants()
 
 
-def _failpoint_pid(name: str, timeout_s: float = 30) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        pid = get_redis().get(keys.failpoint(name))
-        if pid:
-            return int(pid)
-        time.sleep(0.05)
-    raise AssertionError(f"no worker reached failpoint {name}")
+def _failpoint_pid(name: str) -> int:
+    """The pid of the worker process paused at failpoint `name` (it writes it on arrival)."""
+    return int(wait_until(lambda: get_redis().get(keys.failpoint(name)),
+                          f"a worker paused at failpoint {name}"))
 
 
 @pytest.mark.parametrize(("point", "agent_prefix"), [
@@ -228,22 +225,39 @@ def test_reaper_settles_by_what_it_knows_of_each_stale_reservation(
     assert_budget_invariants()
 
 
+def _backdate_period(agent_id: str, by: timedelta) -> None:
+    """Move the budget's period start back: to the budget, exactly as if `by` had passed
+    (the fast path compares with Postgres now(), the general path with utcnow())."""
+    from aimesh_tasks.db import BudgetRow
+
+    with session_scope() as session:
+        row = session.get(BudgetRow, agent_id, with_for_update=True)
+        assert row is not None
+        row.period_start -= by
+
+
 def test_rolling_period_reset_is_recorded(simulator: Sim, endpoint: MakeEndpoint) -> None:
+    from aimesh_tasks.db import BudgetResetRow
+
     sim = simulator()
     endpoint(sim, "rolling")
     agent = _agent("rolling")
-    set_budget(agent, tokens=100_000, period="rolling", rolling_s=1)
+    window = timedelta(hours=1)  # no wall-clock window can close during the test
+    set_budget(agent, tokens=100_000, period="rolling", rolling_s=int(window.total_seconds()))
     submit(agent_id=agent, prompt=PROMPT, no_cache=True).get(timeout=30)
     spent = get_budget(agent).spent_tokens
-    time.sleep(1.2)
+    assert spent > 0
+    _backdate_period(agent, 1.5 * window)  # the first call now lies one and a half windows ago
+    started = get_budget(agent).period_start
     submit(agent_id=agent, prompt=PROMPT, no_cache=True).get(timeout=30)
-    from aimesh_tasks.db import BudgetResetRow
-
     with session_scope() as session:
         resets = list(session.scalars(select(BudgetResetRow)
                                       .where(BudgetResetRow.agent_id == agent)))
-    assert [r.spent_tokens for r in resets] == [spent]
-    assert get_budget(agent).spent_tokens == spent  # the second call alone, same size
+    assert [(r.spent_tokens, r.period_start, r.new_period_start) for r in resets] == [
+        (spent, started, started + window)]  # the window it fell in, counted from the start
+    budget = get_budget(agent)
+    assert budget.period_start == started + window
+    assert budget.spent_tokens == spent  # the second call alone, same size
     assert_budget_invariants()
 
 

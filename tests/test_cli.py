@@ -23,7 +23,7 @@ from aimesh_tasks.db import CallAttemptRow, session_scope
 from aimesh_tasks.governance import get_agent
 from aimesh_tasks.registry import Endpoint, get_endpoint, list_endpoints
 from aimesh_tasks.simulator import RunningSimulator
-from tests.conftest import AIMESH, ROOT
+from tests.processes import AIMESH, ROOT
 
 Sim = Callable[..., RunningSimulator]
 MakeEndpoint = Callable[..., Endpoint]

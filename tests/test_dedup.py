@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -16,7 +15,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import select
 
-from aimesh_tasks import submit
+from aimesh_tasks import keys, submit
 from aimesh_tasks.app import app
 from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.db import LedgerRow, session_scope
@@ -24,34 +23,18 @@ from aimesh_tasks.dedup import cache
 from aimesh_tasks.dedup.request_key import cache_scope, request_key
 from aimesh_tasks.governance.agents import add_agent
 from aimesh_tasks.messages import parse_message
+from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint
 from aimesh_tasks.simulator import RunningSimulator
 from tests.budget_checks import assert_budget_invariants
+from tests.gate import Gate
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")
 
 Sim = Callable[..., RunningSimulator]
 MakeEndpoint = Callable[..., Endpoint]
-
-
-def test_request_key_covers_what_shapes_the_answer_and_nothing_else() -> None:
-    base = {"agent_id": "a", "prompt": "What is the capital of France?", "max_tokens": 50}
-    key = request_key(parse_message(base), "agent:a")
-    assert key == request_key(parse_message({**base, "priority": 9, "metadata": {"x": 1}}),
-                              "agent:a")
-    for change in ({"max_tokens": 51}, {"temperature": 0.7}, {"model": "m"},
-                   {"prompt": "What is the capital of Spain?"}, {"stop": ["\n"]}):
-        assert request_key(parse_message({**base, **change}), "agent:a") != key
-    assert request_key(parse_message(base), "agent:b") != key
-    assert len(key) == 64  # blake3, hex
-
-
-def test_cache_groups_are_opt_in_per_member() -> None:
-    groups = {"team": frozenset({"a", "b"})}
-    member = parse_message({"agent_id": "a", "prompt": "x", "cache_group": "team"})
-    outsider = parse_message({"agent_id": "c", "prompt": "x", "cache_group": "team"})
-    assert cache_scope(member, groups) == "group:team"
-    assert cache_scope(outsider, groups) == "agent:c"  # naming a group is not joining it
+MakeGate = Callable[[RunningSimulator], Gate]
 
 
 def test_100_identical_messages_make_one_upstream_call(simulator: Sim, endpoint: MakeEndpoint
@@ -76,16 +59,23 @@ def test_100_identical_messages_make_one_upstream_call(simulator: Sim, endpoint:
     assert joined_or_hit == 99
 
 
-def test_cache_is_scoped_per_agent_and_expires(simulator: Sim, endpoint: MakeEndpoint) -> None:
+def test_cache_is_scoped_per_agent_and_kept_for_the_message_ttl(
+    simulator: Sim, endpoint: MakeEndpoint
+) -> None:
     sim = simulator()
     endpoint(sim, "scoped")
-    ask = dict(prompt="Define entropy", max_tokens=20, cache_ttl_s=1)
+    ask = dict(prompt="Define entropy", max_tokens=20, cache_ttl_s=60)
     first = submit(agent_id="agent-one", **ask).get(timeout=30)
     hit = submit(agent_id="agent-one", **ask).get(timeout=30)
     other = submit(agent_id="agent-two", **ask).get(timeout=30)
     assert (first["cached"], hit["cached"], other["cached"]) == (False, True, False)
     assert hit["text"] == first["text"] and sim.stats()["calls"] == 2
-    time.sleep(1.3)
+    message = parse_message({"agent_id": "agent-one", **ask})
+    entry = keys.cache_entry(request_key(message, cache_scope(message, {})))
+    assert 0 < get_redis().ttl(entry) <= 60  # the message's TTL, not the default 300 s
+    # Expiring is Redis's own work (SET ... EX): end the TTL now instead of waiting it out.
+    get_redis().pexpire(entry, 1)
+    wait_until(lambda: get_redis().exists(entry) == 0, "Redis to expire the cache entry")
     assert submit(agent_id="agent-one", **ask).get(timeout=30)["cached"] is False
     assert sim.stats()["calls"] == 3
 
@@ -121,35 +111,25 @@ def test_no_cache_and_no_store(simulator: Sim, endpoint: MakeEndpoint) -> None:
 
 
 def test_leader_killed_mid_call_every_follower_answered_every_call_charged_once(
-    simulator: Sim, endpoint: MakeEndpoint
+    simulator: Sim, endpoint: MakeEndpoint, gate: MakeGate
 ) -> None:
-    sim = simulator(latency_ms=3000)
-    endpoint(sim, "kill-leader")
+    sim = simulator()
+    held = gate(sim)
+    endpoint(held, "kill-leader")
     agent = f"sf-kill-{uuid.uuid4().hex[:6]}"
     add_agent(agent)
     set_budget(agent, tokens=1_000_000)
     pending = [submit(agent_id=agent, prompt="survive the leader", max_tokens=16)
                for _ in range(20)]
-    deadline = time.monotonic() + 20
-    while sim.stats()["calls"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(_call_pid(), signal.SIGKILL)
+    leader = held.wait_held()[0]  # the provider answered; the leader waits for the bytes
+    os.kill(held.caller_pid(leader), signal.SIGKILL)
+    held.open()
     results = [p.get(timeout=60) for p in pending]
     assert len({r["text"] for r in results}) == 1
     with session_scope() as session:
         ledger = list(session.scalars(select(LedgerRow).where(LedgerRow.agent_id == agent)))
     assert len(ledger) == sim.stats()["calls"] == 2  # the killed call and its redo, once each
     assert_budget_invariants()
-
-
-def _call_pid(timeout_s: float = 20) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for tasks in (app.control.inspect(timeout=0.5).active() or {}).values():
-            for task in tasks:
-                if task["name"] == "aimesh.call":
-                    return int(task["worker_pid"])
-    raise AssertionError("no aimesh.call task became active")
 
 
 def test_semantic_cache_hits_paraphrases_only_within_the_agent(
@@ -180,8 +160,6 @@ def test_orphaned_flight_is_adopted_by_its_first_follower(simulator: Sim, endpoi
                                                          ) -> None:
     import json
 
-    from aimesh_tasks import keys
-    from aimesh_tasks.redis_client import get_redis
     from aimesh_tasks.tasks.flight import adopt_orphans
 
     sim = simulator()

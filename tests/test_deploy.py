@@ -111,15 +111,31 @@ def test_compose_has_every_role_and_each_aimesh_command_parses() -> None:
     assert {"redis", "postgres", "prometheus", "grafana"} <= set(SERVICES)
 
 
-def test_compose_serves_every_queue_of_the_registered_endpoints() -> None:
+def test_compose_serves_every_queue_of_the_registered_endpoints(clean: None) -> None:
+    """Register the endpoints with compose's own commands (the real CLI, the test
+    database), then resolve each worker command's queues as `aimesh worker` does at start.
+    A worker given `--endpoints all` also follows later registrations (the session's
+    test workers run that way, so every end-to-end test relies on it)."""
+    from typer.testing import CliRunner
+
+    from aimesh_tasks.cli.worker import worker_queues
+    from aimesh_tasks.registry import list_endpoints
+
     commands = [s["command"] for s in _aimesh_services().values()]
-    registered = {c[3] for c in commands if c[1:3] == ["endpoints", "add"]}
-    assert registered, "no endpoint is registered"
-    workers = [c for c in commands if c[1] == "worker"]
-    served = set().union(*(_worker_queues(c) for c in workers))
-    follows_all = any(_parse_aimesh(c).params.get("endpoints") == "all" for c in workers)
+    adds = [c for c in commands if c[1:3] == ["endpoints", "add"]]
+    assert adds, "no endpoint is registered"
+    for command in adds:
+        done = CliRunner().invoke(cli, command[1:])
+        assert done.exit_code == 0, done.output
+    registered = {e.id for e in list_endpoints()}
+    assert registered == {c[3] for c in adds}
+    served: set[str] = set()
+    for command in (c for c in commands if c[1] == "worker"):
+        params = _parse_aimesh(command).params
+        served |= set(worker_queues(params["router"], params["endpoints"], params["queues"]))
     assert keys.ROUTE_QUEUE in served
-    assert follows_all or {keys.endpoint_queue(e) for e in registered} <= served
+    missing = {keys.endpoint_queue(e) for e in registered} - served
+    assert not missing, f"registered endpoints no worker serves: {missing}"
 
 
 def test_compose_redis_keeps_every_message() -> None:

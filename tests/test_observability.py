@@ -26,7 +26,7 @@ from aimesh_tasks.providers import PROVIDERS
 from aimesh_tasks.registry import Endpoint
 from aimesh_tasks.simulator import RunningSimulator
 from aimesh_tasks.tasks import call_endpoint
-from tests.conftest import AIMESH, BROKER_DB, LIVE_DB, REDIS, ROOT
+from tests.conftest import BROKER_DB, LIVE_DB, REDIS
 from tests.observability_parts import (
     CANARY_KEY,
     CANARY_PROMPT,
@@ -39,6 +39,7 @@ from tests.observability_parts import (
     wait_for,
 )
 from tests.observability_parts import only_these_workers as exclusive
+from tests.processes import AIMESH, ROOT
 
 pytestmark = pytest.mark.slow
 

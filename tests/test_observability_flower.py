@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AIMESH, ROOT, WorkerProcess
 from tests.observability_parts import wait_for
+from tests.processes import AIMESH, ROOT, WorkerProcess
 
 pytestmark = pytest.mark.slow
 PASSWORD = f"pw-{uuid.uuid4().hex}"

@@ -80,7 +80,7 @@ def model() -> None:
 
 
 @pytest.fixture()
-def cache(model: None) -> Iterator[object]:
+def cache(model: None, servers: None) -> Iterator[object]:
     """A SemanticCache on this slot's live Redis db, flushed before and after."""
     from aimesh_tasks.dedup.semantic import SemanticCache
 
@@ -131,15 +131,30 @@ def test_another_scope_is_never_a_candidate(cache: object) -> None:
     assert hit is not None and hit.result_key == "r-mine"
 
 
-def test_ttl_expiry_removes_the_entry(cache: object) -> None:
-    from aimesh_tasks.dedup.semantic import SemanticCache
+class _Clock:
+    """Stands in for the `time` module of aimesh_tasks.dedup.semantic: real time plus an
+    offset the test moves, so an entry's TTL passes without waiting for it."""
 
-    assert isinstance(cache, SemanticCache)
-    scope = _scope()
-    cache.store(scope, "How do I reverse a list in Python?", "r-1", 1)
-    assert cache.lookup(scope, "How can I reverse a list in Python?") is not None
-    time.sleep(1.3)
-    assert cache.lookup(scope, "How can I reverse a list in Python?") is None
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+
+def test_ttl_expiry_removes_the_entry(cache: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aimesh_tasks.dedup import semantic
+
+    assert isinstance(cache, semantic.SemanticCache)
+    clock = _Clock()
+    monkeypatch.setattr(semantic, "time", clock)
+    scope, question = _scope(), "How can I reverse a list in Python?"
+    cache.store(scope, "How do I reverse a list in Python?", "r-1", 60)
+    assert 0 < get_redis().ttl(keys.semantic_index(scope)) <= 60  # Redis drops it too
+    clock.offset_s = 55
+    assert cache.lookup(scope, question) is not None  # still live near the end of its TTL
+    clock.offset_s = 61
+    assert cache.lookup(scope, question) is None
     assert get_redis().zcard(keys.semantic_index(scope)) == 0
 
 

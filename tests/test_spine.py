@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
-import time
+import uuid
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -27,12 +27,16 @@ from aimesh_tasks.registry.live import call_finished, call_started
 from aimesh_tasks.routing import decisions_for
 from aimesh_tasks.simulator import RunningSimulator
 from aimesh_tasks.tasks import route_message
-from tests.conftest import BROKER_DB, REDIS, WorkerProcess
+from tests.conftest import BROKER_DB, REDIS
+from tests.gate import Gate
+from tests.processes import WorkerProcess
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")
 
 Sim = Callable[..., RunningSimulator]
 MakeEndpoint = Callable[..., Endpoint]
+MakeGate = Callable[[RunningSimulator], Gate]
 
 
 def _ask(agent: str = "spine-test", **fields: Any) -> dict[str, Any]:
@@ -45,8 +49,9 @@ def test_submit_resolves_to_the_result_of_the_cheapest_endpoint(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
     sim = simulator(completion_tokens=12)
-    cheap = endpoint(sim, "cheap", price_in="0.001", price_out="0.002")
-    dear = endpoint(sim, "dear", price_in="0.010", price_out="0.020")
+    # ids chosen so that the id tie-break would pick the dear one: the score must decide
+    cheap = endpoint(sim, "z-cheap", price_in="0.001", price_out="0.002")
+    dear = endpoint(sim, "a-dear", price_in="0.010", price_out="0.020")
     result = _ask()
     assert result["endpoint_id"] == cheap.id
     assert result["output_tokens"] == 12 and result["input_tokens"] > 0
@@ -58,6 +63,8 @@ def test_submit_resolves_to_the_result_of_the_cheapest_endpoint(
     assert sim.stats()["calls"] == 1
     [decision] = decisions_for(result["message_id"])
     assert decision["winner"] == cheap.id and decision["fallbacks"] == [dear.id]
+    by_id = {c["endpoint_id"]: c for c in decision["candidates"]}
+    assert by_id[cheap.id]["score"] < by_id[dear.id]["score"]
 
 
 def test_recorded_breakdown_matches_the_weights(simulator: Sim, endpoint: MakeEndpoint) -> None:
@@ -91,8 +98,9 @@ def test_slow_endpoint_loses_to_a_fast_one_at_equal_price(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
     sim = simulator()
-    slow = endpoint(sim, "slow")
-    fast = endpoint(sim, "fast")
+    # ids chosen so that the id tie-break would pick the slow one: the score must decide
+    slow = endpoint(sim, "a-slow")
+    fast = endpoint(sim, "z-fast")
     for n in range(5):
         call_finished(slow.id, f"s{n}", 900.0, ok=True)
         call_finished(fast.id, f"f{n}", 20.0, ok=True)
@@ -101,6 +109,7 @@ def test_slow_endpoint_loses_to_a_fast_one_at_equal_price(
     [decision] = decisions_for(result["message_id"])
     by_id = {c["endpoint_id"]: c for c in decision["candidates"]}
     assert by_id[slow.id]["latency_norm"] == 1.0 and by_id[fast.id]["latency_norm"] == 0.0
+    assert by_id[fast.id]["score"] < by_id[slow.id]["score"]
 
 
 def test_disabled_unhealthy_and_full_endpoints_are_never_chosen(
@@ -177,7 +186,7 @@ def test_bad_messages_are_refused_before_anything_is_queued() -> None:
 
 
 def test_pickle_message_is_refused_and_the_queue_keeps_flowing(
-    simulator: Sim, endpoint: MakeEndpoint, tmp_path: Any
+    simulator: Sim, endpoint: MakeEndpoint, tmp_path: Any, workers: list[WorkerProcess]
 ) -> None:
     sim = simulator()
     endpoint(sim, "after-pickle")
@@ -193,21 +202,34 @@ def test_pickle_message_is_refused_and_the_queue_keeps_flowing(
             serializer="pickle",
             routing_key="aimesh.route",
             exchange="aimesh.route",
-            headers={"task": "aimesh.route", "id": "pickled-1", "lang": "py"},
+            headers={"task": "aimesh.route", "id": f"pickled-{uuid.uuid4().hex}", "lang": "py"},
         )
+    [router] = [w for w in workers if w.name.startswith("router-")]
+
+    def refusal() -> str | None:  # the router's line for this very message (its body)
+        return next((line for line in router.log.read_text().splitlines()
+                     if "untrusted content of type pickle" in line and str(marker) in line),
+                    None)
+
+    wait_until(refusal, "the router worker to receive and refuse the pickled message",
+               seen=lambda: router.log.read_text()[-2000:])
+    broker = redis.Redis.from_url(f"{REDIS}/{BROKER_DB}")
+    parked = [*broker.lrange("aimesh.route", 0, -1), *broker.hvals("unacked")]
+    assert not [m for m in parked if str(marker).encode() in m]  # discarded, not parked
     assert _ask()["text"]
     assert not marker.exists()
 
 
 def test_sigkill_of_the_process_running_a_call_still_completes_once(
-    simulator: Sim, endpoint: MakeEndpoint, workers: list[WorkerProcess]
+    simulator: Sim, endpoint: MakeEndpoint, gate: MakeGate
 ) -> None:
-    sim = simulator(latency_ms=4000)
-    only = endpoint(sim, "slow-kill")
+    sim = simulator()
+    held = gate(sim)
+    only = endpoint(held, "slow-kill")
     async_result = submit(agent_id="spine-test", prompt="survive a kill", max_tokens=16)
-    pid = _pid_running(async_result.id)
-    _wait_for(lambda: sim.stats()["calls"] == 1)  # the provider call is under way
-    os.kill(pid, signal.SIGKILL)
+    [caller] = held.wait_held()  # the provider answered; the calling process waits for it
+    os.kill(held.caller_pid(caller), signal.SIGKILL)
+    held.open()
     result = async_result.get(timeout=60)
     assert result["endpoint_id"] == only.id
     assert sim.stats()["calls"] == 2  # the killed call, then the redelivered one
@@ -217,22 +239,3 @@ def test_sigkill_of_the_process_running_a_call_still_completes_once(
             select(CallAttemptRow).where(CallAttemptRow.message_id == async_result.id,
                                          CallAttemptRow.ok.is_(True))).all()
         assert len(ok_rows) == 1
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
-def _pid_running(task_id: str, timeout_s: float = 20) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for tasks in (app.control.inspect(timeout=0.5).active() or {}).values():
-            for task in tasks:
-                if task["id"] == task_id and task["name"] == "aimesh.call":
-                    return int(task["worker_pid"])
-        time.sleep(0.05)
-    raise AssertionError(f"call {task_id} never showed up as active")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,6 @@ import redis
 from sqlalchemy import func, select
 
 from aimesh_tasks import Step, Workflow, outbox, submit_workflow
-from aimesh_tasks.app import app
 from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.db import CallAttemptRow, WorkflowRunRow, WorkflowStepRow, session_scope
 from aimesh_tasks.errors import BudgetExceeded, InvalidInput
@@ -25,11 +23,14 @@ from aimesh_tasks.simulator import RunningSimulator
 from aimesh_tasks.simulator.tokens import complete
 from aimesh_tasks.workflows import run_view
 from tests.conftest import BROKER_DB, REDIS
+from tests.gate import Gate
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")
 
 Sim = Callable[..., RunningSimulator]
 MakeEndpoint = Callable[..., Endpoint]
+MakeGate = Callable[[RunningSimulator], Gate]
 AGENT = "wf-agent"
 SIM_WORDS = 16
 GOOD = "good-model"  # the simulator's default completion_tokens
@@ -118,16 +119,16 @@ def test_fan_out_of_fifty_then_gather_runs_the_gather_once(
 
 
 def _assert_no_chord_bookkeeping_left() -> None:
-    deadline = time.monotonic() + 10
-    while True:  # the chord's keys are deleted just after its callback is published
-        # .j/.t/.s (results, count, size) must be gone; .c/.d (Celery's done markers)
-        # and saved group results may stay, but only with a TTL
-        left = {k: ttl for k, ttl in _chord_keys().items()
+    """The chord's keys are deleted just after its callback is published: .j/.t/.s
+    (results, count, size) must go; .c/.d (Celery's done markers) and saved group results
+    may stay, but only with a TTL."""
+
+    def left() -> dict[str, int]:
+        return {k: ttl for k, ttl in _chord_keys().items()
                 if k.endswith((".j", ".t", ".s")) or ttl < 0}
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert left == {}, f"chord bookkeeping keys left (ttl -1 = never expires): {left}"
+
+    wait_until(lambda: left() == {}, "no chord bookkeeping keys left (ttl -1: never expires)",
+               seen=left)
 
 
 def test_diamond(simulator: Sim, endpoint: MakeEndpoint) -> None:
@@ -169,19 +170,21 @@ def test_cycle_and_unknown_dependency_are_refused_and_nothing_runs(
     assert sim.stats()["calls"] == 0
 
 
-def _broken_pair(simulator: Sim, endpoint: MakeEndpoint, good_latency_ms: float = 0
-                 ) -> tuple[RunningSimulator, RunningSimulator]:
-    good, bad = simulator(latency_ms=good_latency_ms), simulator(error_rate=1.0)
+def _broken_pair(simulator: Sim, endpoint: MakeEndpoint, gate: MakeGate | None = None
+                 ) -> tuple[RunningSimulator, RunningSimulator, list[Gate]]:
+    """A good and an always-failing simulator; with `gate`, each is reached through one."""
+    good, bad = simulator(), simulator(error_rate=1.0)
+    gates = [gate(good), gate(bad)] if gate is not None else []
     # each step names its model, so routing sends it to one simulator only
-    endpoint(good, "good", model=GOOD)
-    endpoint(bad, "bad", model="broken-model")
-    return good, bad
+    endpoint(gates[0] if gates else good, "good", model=GOOD)
+    endpoint(gates[1] if gates else bad, "bad", model="broken-model")
+    return good, bad, gates
 
 
 def test_continue_policy_skips_only_the_failed_branch(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
-    good, bad = _broken_pair(simulator, endpoint)
+    good, bad, _ = _broken_pair(simulator, endpoint)
     tag = _tag()
     flow = Workflow(agent_id=AGENT, policy="continue", steps=[
         Step(id="root", prompt=f"Plan {tag}", model=GOOD),
@@ -206,8 +209,14 @@ def test_continue_policy_skips_only_the_failed_branch(
         "tail": "done"}
 
 
-def test_fail_fast_cancels_what_has_not_started(simulator: Sim, endpoint: MakeEndpoint) -> None:
-    good, bad = _broken_pair(simulator, endpoint, good_latency_ms=1500)
+def _statuses(run_id: str) -> dict[str, str]:
+    return {k: s.status for k, s in _steps(run_id).items()}
+
+
+def test_fail_fast_cancels_what_has_not_started(
+    simulator: Sim, endpoint: MakeEndpoint, gate: MakeGate
+) -> None:
+    good, bad, (slow_gate, broken_gate) = _broken_pair(simulator, endpoint, gate)
     tag = _tag()
     flow = Workflow(agent_id=AGENT, policy="fail_fast", steps=[
         Step(id="broken", prompt=f"Fail {tag}", model="broken-model"),
@@ -216,7 +225,16 @@ def test_fail_fast_cancels_what_has_not_started(simulator: Sim, endpoint: MakeEn
              model=GOOD),
         Step(id="last", prompt="End {{ steps.next.text }}", depends_on=["next"], model=GOOD),
     ])
-    run_id, result = _run(flow)
+    run_id, pending = submit_workflow(flow)
+    # Both roots are in their provider calls; then `broken` fails while `slow` still runs.
+    slow_gate.wait_held()
+    broken_gate.wait_held()
+    broken_gate.open()
+    wanted = {"broken": "failed", "slow": "running", "next": "skipped", "last": "skipped"}
+    wait_until(lambda: _statuses(run_id) == wanted, f"step states {wanted}",
+               seen=lambda: _statuses(run_id))
+    slow_gate.open()
+    result: dict[str, Any] = pending.get(timeout=90)
     assert result["status"] == "failed"
     assert set(result["failures"]) == {"broken"}
     assert set(result["skipped"]) == {"next", "last"}
@@ -250,30 +268,20 @@ def test_workflow_over_budget_is_refused_before_any_step(
     assert result["status"] == "done"
 
 
-def _active_call_pid(run_id: str, timeout_s: float = 30) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for tasks in (app.control.inspect(timeout=0.5).active() or {}).values():
-            for task in tasks:
-                if task["name"] == "aimesh.call" and run_id in str(task["args"]):
-                    return int(task["worker_pid"])
-        time.sleep(0.05)
-    raise AssertionError(f"no call of run {run_id} showed up as active")
-
-
 def test_sigkill_during_a_chord_header_still_ends_the_run_and_gathers_once(
-    simulator: Sim, endpoint: MakeEndpoint
+    simulator: Sim, endpoint: MakeEndpoint, gate: MakeGate
 ) -> None:
-    sim = simulator(latency_ms=3000)
-    endpoint(sim, "kill", capacity=100)
+    sim = simulator()
+    held = gate(sim)
+    endpoint(held, "kill", capacity=100)
     tag = _tag()
     header = [Step(id=f"h{n}", prompt=f"Header {n} {tag}") for n in range(3)]
     gather = Step(id="gather", prompt="All: " + " ".join(
         f"{{{{ steps.h{n}.text }}}}" for n in range(3)), depends_on=[s.id for s in header])
     run_id, pending = submit_workflow(Workflow(agent_id=AGENT, steps=[*header, gather]))
-    pid = _active_call_pid(run_id)
-    time.sleep(0.5)  # the provider call is under way
-    os.kill(pid, signal.SIGKILL)
+    victim = held.wait_held()[0]  # a header step's call: answered, not yet received
+    os.kill(held.caller_pid(victim), signal.SIGKILL)
+    held.open()
     result = pending.get(timeout=120)
     answers = [_answer(f"Header {n} {tag}", 256) for n in range(3)]
     assert result["status"] == "done"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from aimesh_tasks.cli import agents, budgets, db, demo, endpoints, enqueue, report, simulate, worker
+from aimesh_tasks.cli import dead as dead_cli
 from aimesh_tasks.cli import workflow as workflow_cli
 from aimesh_tasks.cli.flower import flower as flower_command
 from aimesh_tasks.cli.metrics import metrics as metrics_command
@@ -22,6 +23,7 @@ cli.add_typer(endpoints.cli, name="endpoints")
 cli.add_typer(agents.cli, name="agents")
 cli.add_typer(budgets.cli, name="budgets")
 cli.add_typer(workflow_cli.cli, name="workflow")
+cli.add_typer(dead_cli.cli, name="dead")
 cli.command("enqueue")(enqueue.enqueue)
 cli.command("report")(report.report)
 cli.command(

@@ -57,7 +57,26 @@ def worker(
     if pool in GREEN_POOLS:
         _exec_celery(argv, follow=endpoints == "all")
     app.conf[FOLLOW_SETTING] = endpoints == "all"
-    app.worker_main(argv)
+    status = run_celery(argv)
+    if status:
+        raise typer.Exit(status)
+
+
+def run_celery(argv: list[str]) -> int:
+    """Run `celery <argv>` on the app in this process; Celery's exit status.
+
+    `app.worker_main()` (through `app.start()`) drops the status that `celery worker`
+    returns, so a worker that stops on an unrecoverable error would exit 0 and a
+    supervisor that restarts on failure would leave it dead.
+    """
+    from celery.bin.celery import celery
+
+    celery.params[0].default = app  # what app.start() does: the --app option's default
+    try:
+        status = celery.main(args=argv, standalone_mode=False)
+    finally:
+        celery.params[0].default = None
+    return status if isinstance(status, int) else 0
 
 
 # gevent and eventlet must monkey-patch before anything imports threading or sockets; by

@@ -25,6 +25,7 @@ come from Redis through the cluster exporter (`aimesh_tasks.observability.export
 | aimesh_agent_messages_total              | counter   | agent, outcome        |
 | aimesh_agent_tokens_total                | counter   | agent, direction      |
 | aimesh_agent_cost_usd_total              | counter   | agent                 |
+| aimesh_dead_letters_total                | counter   | queue, reason         |
 
 Labels are bounded: `endpoint` is a registry id (admin-created) or 'none'; `outcome`,
 `direction` are fixed sets; `agent` exists only on the aimesh_agent_* metrics, which are
@@ -101,6 +102,11 @@ CACHE_LOOKUPS = Counter(
     "call), bypass (no_cache).",
     ["outcome"],
 )
+DEAD_LETTERS = Counter(
+    "aimesh_dead_letters",
+    "Messages moved to the dead-letter store, by queue and reason (aimesh_tasks.delivery).",
+    ["queue", "reason"],
+)
 # Gauges from many processes: the value most recently written by any of them.
 AGENT_BUDGET_TOKENS_LEFT = Gauge(
     "aimesh_agent_budget_tokens_left", "Tokens left in the agent's budget period.", ["agent"],
@@ -113,7 +119,7 @@ AGENT_BUDGET_USD_LEFT = Gauge(
 
 ALL_METRICS = (MESSAGES_ROUTED, MESSAGES, PROVIDER_CALLS, PROVIDER_LATENCY, QUEUE_WAIT,
                END_TO_END, TOKENS, COST, AGENT_MESSAGES, AGENT_TOKENS, AGENT_COST,
-               CACHE_LOOKUPS, AGENT_BUDGET_TOKENS_LEFT, AGENT_BUDGET_USD_LEFT)
+               CACHE_LOOKUPS, AGENT_BUDGET_TOKENS_LEFT, AGENT_BUDGET_USD_LEFT, DEAD_LETTERS)
 
 
 class AgentLabels:

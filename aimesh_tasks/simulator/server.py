@@ -21,7 +21,7 @@ from typing import Any, Final, Literal
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from aimesh_tasks.simulator import openai_format
+from aimesh_tasks.simulator import anthropic_format, cohere_format, gemini_format, openai_format
 from aimesh_tasks.simulator.config import FAULT_RATES, ConfigFieldError, SimulatorConfig
 
 CALL_KEY_HEADER: Final = "X-Aimesh-Call-Key"
@@ -29,7 +29,10 @@ CALL_LOG_SIZE: Final = 100_000
 MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 
 Route = tuple[str, str, Callable[["SimState"], Handler]]
-WIRE_FORMATS: Final[tuple[Sequence[Route], ...]] = (openai_format.ROUTES,)
+WIRE_FORMATS: Final[tuple[Sequence[Route], ...]] = (
+    openai_format.ROUTES, anthropic_format.ROUTES, cohere_format.ROUTES,
+    gemini_format.ROUTES,
+)
 
 _CALL_FIELDS: Final = ("n", "model", "status", "prompt_tokens", "completion_tokens", "call_key")
 _STATUS_COUNTERS: Final = {

@@ -1,0 +1,97 @@
+"""`GuardedConsumer`: Celery's consumer, with every message it cannot run dead-lettered.
+
+Celery's own handlers for a message it cannot run log its body (payload text in the logs),
+drop it without a result (`on_decode_error`: a body nested 100,000 deep leaves its
+producer waiting for ever; `on_invalid_task`: a pickle content type), or reject it. Here
+each one is moved to the dead-letter store, logged once without the payload, counted,
+acked, and its task id (when the headers give one) gets an UndeliverableMessage result.
+If the store cannot be reached, Celery's own handler runs, as before.
+
+It also gives every task that still has Celery's default Request the GuardedRequest
+(`delivery.request`) when the consumer builds its strategies, after every task module has
+been imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.utils.collections import AttributeDict
+from celery.worker.consumer import Consumer
+from kombu.exceptions import ContentDisallowed
+
+from aimesh_tasks.delivery.dead_letters import OTHER_QUEUE
+from aimesh_tasks.delivery.request import message_queue, raw_message
+from aimesh_tasks.delivery.terminal import bury_task
+
+DEFAULT_REQUEST = "celery.worker.request:Request"
+GUARDED_REQUEST = "aimesh_tasks.delivery.request:GuardedRequest"
+logger = logging.getLogger(__name__)
+
+
+def _headers(message: Any) -> dict[str, Any]:
+    headers = message.headers
+    return headers if isinstance(headers, dict) else {}
+
+
+def _result_request(message: Any, name: str | None) -> AttributeDict:
+    """What the result backend needs to store a failure (as Celery's on_unknown_task)."""
+    properties = message.properties or {}
+    return AttributeDict(
+        name=name, chord=None, root_id=_headers(message).get("root_id"), errbacks=None,
+        correlation_id=properties.get("correlation_id"),
+        reply_to=properties.get("reply_to"), ignore_result=False,
+    )
+
+
+class GuardedConsumer(Consumer):  # type: ignore[misc]
+    """A consumer that dead-letters what it cannot run and keeps consuming."""
+
+    def update_strategies(self) -> None:
+        """Guard every task with Celery's default Request class, then build strategies."""
+        for task in self.app.tasks.values():
+            if task.Request == DEFAULT_REQUEST:
+                task.Request = GUARDED_REQUEST
+        super().update_strategies()
+
+    def _queue_label(self, message: Any) -> str:
+        # The routing key comes from whoever wrote the message: only the queues this
+        # consumer reads become metric labels and dead-letter streams.
+        queue = message_queue(message)
+        consuming = {q.name for q in getattr(self.task_consumer, "queues", ())}
+        return queue if queue in consuming else OTHER_QUEUE
+
+    def _bury(self, message: Any, reason: str, exc: BaseException | None) -> bool:
+        headers = _headers(message)
+        task_id, name = headers.get("id"), headers.get("task")
+        task_id = task_id if isinstance(task_id, str) else None
+        name = name if isinstance(name, str) else None
+        detail = f"{type(exc).__name__}: {exc}" if exc is not None else "no task in the message"
+        buried = bury_task(self.app, _result_request(message, name),
+                           queue=self._queue_label(message), raw=raw_message(message),
+                           reason=reason, detail=detail, task_id=task_id, task=name)
+        if buried:
+            message.ack_log_error(logger, self.connection_errors)
+        return buried
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        """The body does not decode: bad JSON, nested too deep, unknown encoding."""
+        if not self._bury(message, "undecodable_body", exc):
+            super().on_decode_error(message, exc)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        """An envelope that names no task."""
+        if not self._bury(message, "not_a_task", None):
+            super().on_unknown_message(body, message)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        """A task name no worker registers."""
+        if not self._bury(message, "unknown_task", exc):
+            super().on_unknown_task(body, message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        """A refused content type (pickle, yaml) or a task message Celery refuses."""
+        reason = "content_type" if isinstance(exc, ContentDisallowed) else "invalid_task"
+        if not self._bury(message, reason, exc):
+            super().on_invalid_task(body, message, exc)

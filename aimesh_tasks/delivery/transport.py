@@ -1,0 +1,89 @@
+"""kombu's Redis transport, with a guard on the decoding of what it pops off a queue.
+
+Works around celery/celery#4308 ("Worker dies if unable to decode a message") and
+celery/kombu#2421 (a consumer crashes with JSONDecodeError on a non-Celery message), both
+open: kombu's `Channel._brpop_read` runs `loads()` on the popped bytes, and the virtual
+`Message` indexes the result, in the consumer's main loop with no error handling, so 17
+bytes of invalid JSON on `aimesh.route` stop the worker ("Unrecoverable error:
+JSONDecodeError"). Here an item that is not JSON, or not a message envelope
+(`delivery.envelope`), goes to the dead-letter store instead and the loop goes on; it was
+already popped, so there is nothing to ack. Installed by `aimesh_tasks.delivery.install`
+(the `broker_transport` setting, for redis:// and rediss:// broker URLs).
+"""
+
+from __future__ import annotations
+
+import logging
+from queue import Empty
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import Message
+
+from aimesh_tasks.delivery import dead_letters
+from aimesh_tasks.delivery.envelope import (
+    NOT_AN_ENVELOPE,
+    BadEnvelope,
+    check_envelope,
+    decode_envelope,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class GuardedMessage(Message):
+    """A virtual-transport message that refuses an envelope the consumer would trip on."""
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        check_envelope(payload)
+        try:
+            super().__init__(payload, channel=channel, **kwargs)  # type: ignore[no-untyped-call]
+        except Exception as exc:  # the body does not decode (bad base64, unknown encoding)
+            raise BadEnvelope(NOT_AN_ENVELOPE, f"body: {type(exc).__name__}: {exc}") from exc
+
+
+def bury(queue: str, raw: bytes, error: BadEnvelope) -> None:
+    """Dead-letter an item popped off `queue`; if even that fails, log it (it is gone)."""
+    try:
+        dead_letters.add(queue, raw, error.reason, error.detail)
+    except Exception:
+        logger.exception("dead_letter.store_failed", extra={
+            "queue": queue, "reason": error.reason, "bytes": len(raw)})
+
+
+class GuardedChannel(kombu_redis.Channel):
+    """A Redis channel whose consumer survives any bytes on its queues."""
+
+    Message = GuardedMessage
+
+    def _brpop_read(self, **options: Any) -> bool:
+        # kombu 5.7's Channel._brpop_read, except for the guarded decode and delivery.
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP",
+                                                        **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            name = dest.decode() if isinstance(dest, bytes) else str(dest)
+            dest = name.rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            try:
+                self.connection._deliver(decode_envelope(item), dest)
+            except BadEnvelope as exc:
+                bury(dest, item if isinstance(item, bytes) else str(item).encode(), exc)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.7
+            if flush_reauth is not None:
+                flush_reauth()
+
+
+class GuardedTransport(kombu_redis.Transport):
+    """kombu's Redis transport with GuardedChannel."""
+
+    Channel = GuardedChannel
