@@ -81,6 +81,14 @@ redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
 return {first, token}
 """
 
+# KEYS: key. ARGV: value, ttl_s. Keep the value unless one is kept; the kept one or false.
+_KEEP_FIRST = """
+local kept = redis.call('GET', KEYS[1])
+if kept then return kept end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
 Decision = Literal["hit", "follow", "lead", "handed"]
 Mode = Literal["follow", "cache", "lead"]
 
@@ -140,8 +148,8 @@ def queue_remember_handoff(batch: Batch, message_id: str, envelope: dict[str, An
                            ttl_s: int) -> Reader[dict[str, Any]]:
     """Queue keeping the envelope a message is handed off with, unless a concurrent
     delivery of the same message kept one first; the reader gives the one to use."""
-    index = batch.call("SET", keys.handoff(message_id), json.dumps(envelope), "NX", "GET",
-                       "EX", ttl_s)
+    index = batch.script(_KEEP_FIRST, keys=[keys.handoff(message_id)],
+                         args=[json.dumps(envelope), ttl_s])
 
     def read() -> dict[str, Any]:
         earlier = batch[index]
