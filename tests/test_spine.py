@@ -196,20 +196,19 @@ def test_pickle_message_is_refused_and_the_queue_keeps_flowing(
         def __reduce__(self) -> tuple[Any, ...]:
             return (os.system, (f"touch {marker}",))
 
-    task_id = f"pickled-{uuid.uuid4().hex}"
     with app.producer_or_acquire() as producer:
         producer.publish(
             [[Exploit()], {}, {}],
             serializer="pickle",
             routing_key="aimesh.route",
             exchange="aimesh.route",
-            headers={"task": "aimesh.route", "id": task_id, "lang": "py"},
+            headers={"task": "aimesh.route", "id": f"pickled-{uuid.uuid4().hex}", "lang": "py"},
         )
     [router] = [w for w in workers if w.name.startswith("router-")]
 
-    def refusal() -> str | None:  # the router's line for this very message (its task id)
+    def refusal() -> str | None:  # the router's line for this very message (its body)
         return next((line for line in router.log.read_text().splitlines()
-                     if "untrusted content of type pickle" in line and task_id in line),
+                     if "untrusted content of type pickle" in line and str(marker) in line),
                     None)
 
     wait_until(refusal, "the router worker to receive and refuse the pickled message",
