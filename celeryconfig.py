@@ -1,65 +1,18 @@
-"""Celery settings of aimesh-tasks, loaded by `aimesh_tasks.app` on first use.
+"""A deployment's own Celery overrides for aimesh-tasks (optional; this file is an example).
 
-Values that differ per deployment come from the typed settings object (AIMESH_* variables,
-see aimesh_tasks/settings.py); the rest are fixed here because the delivery guarantees
-depend on them. Override by setting the AIMESH_* variables, not by editing this file.
+aimesh-tasks keeps its Celery settings inside the package (`aimesh_tasks/celery_config.py`)
+and reads AIMESH_* variables for what differs per deployment. When the app is built, a
+module named `celeryconfig` found on `sys.path` (e.g. this file, in the directory a worker
+starts from) is applied on top, if it declares `AIMESH_OVERRIDES = True`:
+
+- any Celery setting may be overridden (e.g. `worker_send_task_events`, `broker_pool_limit`);
+- the delivery guarantees cannot be (JSON only, acks_late, reject_on_worker_lost): a value
+  that would change one is ignored, with a warning naming this file and the setting;
+- a `celeryconfig` without the marker (another project's) is ignored, with a warning.
 """
 
-from aimesh_tasks import keys
-from aimesh_tasks.settings import get_settings
+AIMESH_OVERRIDES = True
 
-_settings = get_settings()
-
-# Where messages and results live. memory:// and cache+memory:// are the embedded mode.
-broker_url = _settings.broker_url
-result_backend = _settings.result_backend
-
-# JSON only, in and out: a pickle-typed message is refused by the worker, never executed.
-task_serializer = "json"
-result_serializer = "json"
-accept_content = ["json"]
-result_accept_content = ["json"]
-event_serializer = "json"
-
-# At-least-once delivery: a message is acked only after its task returned, and a message
-# whose worker process died (SIGKILL, OOM) goes back to the queue instead of being lost.
-task_acks_late = True
-task_reject_on_worker_lost = True
-# On a lost broker connection, stop running tasks whose messages will be redelivered
-# anyway, rather than let them finish and produce a second copy.
-worker_cancel_long_running_tasks_on_connection_loss = True
-
-# Time limits: soft raises SoftTimeLimitExceeded in the task; hard kills the worker child.
-task_soft_time_limit = _settings.task_soft_time_limit_s
-task_time_limit = _settings.task_time_limit_s
-
-# Broker: keep retrying at start-up; the visibility timeout (redelivery of unacked
-# messages on Redis) must exceed the hard time limit, checked by aimesh_tasks.app.
-broker_connection_retry_on_startup = True
-broker_transport_options = {
-    "visibility_timeout": _settings.visibility_timeout_s,
-    # kombu's default of 10 broker connections fails under gevent/threads concurrency
-    # (MEASURED.md finding 3); this is a ceiling, not a number opened up front.
-    "max_connections": 1000,
-    # The in-memory transport polls; 5 ms takes embedded mode from ~15 to ~220 msgs/s.
-    **({"polling_interval": 0.005} if _settings.embedded else {}),
-}
-result_backend_transport_options = {"max_connections": 1000}
-
-# Queues: routing tasks on one queue, each endpoint's calls on its own queue
-# (aimesh.endpoint.<endpoint_id>), created on first use.
-task_default_queue = keys.ROUTE_QUEUE
-task_create_missing_queues = True
-task_routes = {"aimesh.route": {"queue": keys.ROUTE_QUEUE}}
-
-# Short tasks: prefetching 1 vs 4 made no difference, 16 was ~15 % slower (MEASURED.md).
-worker_prefetch_multiplier = 1
-
-# Results are kept a day; producers read them with AsyncResult.get().
-result_expires = 86400
-task_track_started = False
-
-# Keep the application's own logging configuration.
-worker_hijack_root_logger = False
-
-imports = ("aimesh_tasks.tasks", "aimesh_tasks.tasks.workflow")
+# Examples (uncomment to use):
+# worker_send_task_events = True
+# task_send_sent_event = True

@@ -5,18 +5,26 @@
     result.get(timeout=30)  # -> AiResult as a JSON dict
 """
 
-from aimesh_tasks.app import app
+import importlib as _importlib
+import typing as _typing
+
+from aimesh_tasks.envelope import Envelope, Flight
 from aimesh_tasks.errors import (
     AimeshError,
     AllEndpointsFailed,
+    BudgetExceeded,
     ConfigError,
+    DeadlineExceeded,
     InvalidInput,
     InvalidMessage,
     NoEndpointAvailable,
     NotFound,
     ProviderError,
+    Refused,
+    ServiceUnavailable,
 )
 from aimesh_tasks.messages import AiMessage, AiResult, ChatMessage
+from aimesh_tasks.policies.base import Policy
 from aimesh_tasks.registry import (
     Endpoint,
     add_endpoint,
@@ -27,9 +35,38 @@ from aimesh_tasks.registry import (
     update_endpoint,
 )
 from aimesh_tasks.settings import Settings, get_settings
-from aimesh_tasks.submit import submit
-from aimesh_tasks.tasks import call_endpoint, route_message
-from aimesh_tasks.workflows import Step, Workflow, submit_workflow
+from aimesh_tasks.workflows.model import Step, Workflow
+
+if _typing.TYPE_CHECKING:
+    from celery import Celery
+
+    from aimesh_tasks.producer import submit
+    from aimesh_tasks.tasks import call_endpoint, route_message
+    from aimesh_tasks.workflows.run import submit_workflow
+
+    app: Celery
+
+# Importing the package builds no Celery app: these are loaded on first use.
+_LAZY = {
+    "app": "aimesh_tasks.app",
+    "submit": "aimesh_tasks.producer",
+    "route_message": "aimesh_tasks.tasks",
+    "call_endpoint": "aimesh_tasks.tasks",
+    "submit_workflow": "aimesh_tasks.workflows.run",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'aimesh_tasks' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
@@ -55,16 +92,24 @@ __all__ = [
     "remove_endpoint",
     "set_enabled",
     "update_endpoint",
+    # the message path
+    "Envelope",
+    "Flight",
+    "Policy",
     # settings
     "Settings",
     "get_settings",
     # errors
     "AimeshError",
     "AllEndpointsFailed",
+    "BudgetExceeded",
     "ConfigError",
+    "DeadlineExceeded",
     "InvalidInput",
     "InvalidMessage",
     "NoEndpointAvailable",
     "NotFound",
     "ProviderError",
+    "Refused",
+    "ServiceUnavailable",
 ]

@@ -1,7 +1,16 @@
-"""The Celery application and its start-up checks."""
+"""The Celery application and its start-up checks.
+
+Importing this module builds the app (importing `aimesh_tasks` or a pure-core module
+does not: the package exposes `app` lazily). Its settings come from
+`aimesh_tasks.celery_config` (inside the package), then a deployment's own
+`celeryconfig` module when one is found and declares `AIMESH_OVERRIDES = True`; the
+delivery guarantees in `celery_config.GUARANTEED` are applied last, whatever it says.
+"""
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 from celery import Celery, signals
@@ -13,16 +22,25 @@ from aimesh_tasks.observability.worker import install as install_observability
 from aimesh_tasks.settings import get_settings
 from aimesh_tasks.worker_steps import BackgroundJobsStep
 
-app = Celery("aimesh_tasks")
-app.config_from_object("celeryconfig")
-app.steps["consumer"].add(FollowEndpoints)
-app.steps["worker"].add(BackgroundJobsStep)
-install_observability()
-install_delivery_guards(app)
-
 _VISIBILITY_BROKERS = ("redis://", "rediss://", "sqs://", "redis+socket://")
 # RabbitMQ closes a channel whose delivery stays unacked past consumer_timeout (30 min).
 RABBITMQ_CONSUMER_TIMEOUT_S = 1800
+
+
+def build_app() -> Celery:
+    """A configured aimesh-tasks Celery app."""
+    built = Celery("aimesh_tasks")
+    # Loaded on first use of the configuration (Celery reads it lazily), so settings
+    # changed before then (the CLI's --broker, say) are the ones used.
+    built.config_from_object("aimesh_tasks.celery_config")
+    built.steps["consumer"].add(FollowEndpoints)
+    built.steps["worker"].add(BackgroundJobsStep)
+    install_delivery_guards(built)
+    return built
+
+
+app = build_app()
+install_observability()
 
 
 def check_delivery_settings() -> None:
@@ -56,3 +74,16 @@ def _fresh_connections_after_fork(**_: Any) -> None:
     from aimesh_tasks.db import dispose_engines
 
     dispose_engines(close=False)
+
+
+class _AppModule(types.ModuleType):
+    """This module, as `aimesh_tasks.app`, stands for the app: the package exports `app`
+    lazily (importing the package builds nothing), but once this module is imported,
+    Python binds the package's `app` attribute to the module itself. Attributes the
+    module lacks (`control`, `send_task`, `conf`, ...) are therefore the app's."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(app, name)
+
+
+sys.modules[__name__].__class__ = _AppModule

@@ -7,6 +7,9 @@
     ├── NotFound                    an endpoint or agent id that the registry does not hold
     ├── NoEndpointAvailable         routing found no candidate; `excluded` says why for each
     ├── BudgetExceeded              the agent's budget cannot cover the call's worst case
+    ├── Refused                     a policy on the message path said no (`policy`, `reason`)
+    ├── DeadlineExceeded            the message's deadline passed before it was answered
+    ├── ServiceUnavailable          Redis or Postgres stayed unreachable past the retries
     ├── UndeliverableMessage        a worker could not run a message; it is in the dead letters
     └── ProviderError               an upstream call failed (transport error or bad status)
         └── AllEndpointsFailed      every ranked endpoint was tried and failed
@@ -88,6 +91,54 @@ class BudgetExceeded(AimeshError):
 
     code = "budget_exceeded"
 
+    @property
+    def agent_id(self) -> str:
+        return str(self.fields.get("agent_id", ""))
+
+    @property
+    def needed(self) -> int:
+        """Tokens the call's worst case needs."""
+        return int(self.fields.get("needed_tokens") or 0)
+
+    @property
+    def left(self) -> int | None:
+        """Tokens left in the budget (None: no token limit)."""
+        left = self.fields.get("left_tokens")
+        return None if left is None else int(left)
+
+    @property
+    def needed_usd(self) -> str | None:
+        return self.fields.get("needed_usd")
+
+    @property
+    def left_usd(self) -> str | None:
+        return self.fields.get("left_usd")
+
+
+class Refused(AimeshError):
+    """A policy on the message path refused the message before budget and dispatch;
+    `policy` names it, `reason` says why."""
+
+    code = "refused"
+
+    @property
+    def policy(self) -> str:
+        return str(self.fields.get("policy", ""))
+
+
+class DeadlineExceeded(AimeshError):
+    """The message's deadline (`deadline`, ISO 8601) passed before it was answered,
+    while it waited in a queue or followed an identical message in flight."""
+
+    code = "deadline_exceeded"
+
+
+class ServiceUnavailable(AimeshError):
+    """Redis or Postgres (`service`) stayed unreachable through every retry of a task;
+    nothing the message bought was lost (its answer is journalled)."""
+
+    code = "service_unavailable"
+
 
 class UndeliverableMessage(AimeshError):
     """A worker could not run a message (bad envelope or arguments, unknown task, or a task
@@ -124,6 +175,20 @@ class ProviderError(AimeshError):
     def status(self) -> int | None:
         status = self.fields.get("status")
         return int(status) if status is not None else None
+
+    @property
+    def retry_after_s(self) -> float | None:
+        value = self.fields.get("retry_after_s")
+        return float(value) if value is not None else None
+
+    @property
+    def action(self) -> str:
+        """'retry' (same endpoint), 'fallback' (next endpoint) or 'fail' (neither)."""
+        return str(self.fields.get("action") or ("fallback" if self.retryable else "fail"))
+
+    @property
+    def endpoint_id(self) -> str | None:
+        return self.fields.get("endpoint_id")
 
 
 class AllEndpointsFailed(ProviderError):

@@ -112,6 +112,25 @@ def metered_agents_ready() -> str:
     return f"{PREFIX}:budgets:metered:ready"
 
 
+def handoff(message_id: str) -> str:
+    """The envelope a message was first handed to its call with: a duplicate delivery of
+    its routing task reuses it instead of routing and reserving again."""
+    return f"{PREFIX}:handoff:{message_id}"
+
+
+def call_lease(call_key: str) -> str:
+    """The lease of the one delivery allowed to make a call: 'token|host|pid'."""
+    return f"{PREFIX}:call:{call_key}:lease"
+
+
+def call_charged(call_key: str) -> str:
+    """The call key a call is charged under, when a takeover had to use a new one."""
+    return f"{PREFIX}:call:{call_key}:charged"
+
+
+def call_lease_tokens() -> str:
+    """Counter of call-lease fencing tokens."""
+    return f"{PREFIX}:call:lease-tokens"
 def dead_letters(queue: str) -> str:
     """Stream of the dead letters of one Celery queue, oldest first (delivery/dead_letters)."""
     return f"{PREFIX}:dead:queue:{queue}"

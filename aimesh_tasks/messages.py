@@ -1,7 +1,11 @@
 """AiMessage and AiResult: validation, canonical JSON and the error mapping.
 
-A message is validated in full before anything is queued; every failure becomes one
-`InvalidMessage` naming the field, the rule and, where it helps, the fix.
+A message is validated in full where it enters (`parse_message`: `submit()`,
+`apply_async`, the ingress); every failure becomes one `InvalidMessage` naming the field,
+the rule and, where it helps, the fix. Inside tasks a message is only decoded
+(`AiMessage.decode`): its shape is checked, but not the clock or the caps of settings that
+may have changed since it was accepted, so a message that grew late is answered with a
+`DeadlineExceeded`, never a validation crash.
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ import re
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -39,6 +44,14 @@ def canonical_json(value: Any) -> str:
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+# Validation context of `AiMessage.decode`: shape only, no clock, no settings caps.
+_DECODE: Final = {"decode": True}
+
+
+def _decoding(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("decode"))
 
 
 class TextPart(BaseModel):
@@ -129,7 +142,9 @@ class AiMessage(BaseModel):
 
     @field_validator("max_tokens")
     @classmethod
-    def _max_tokens_in_range(cls, value: int) -> int:
+    def _max_tokens_in_range(cls, value: int, info: ValidationInfo) -> int:
+        if _decoding(info):
+            return value
         cap = get_settings().max_tokens_cap
         if not 1 <= value <= cap:
             raise ValueError(f"must be between 1 and {cap} (AIMESH_MAX_TOKENS_CAP), got {value}")
@@ -137,12 +152,13 @@ class AiMessage(BaseModel):
 
     @field_validator("deadline")
     @classmethod
-    def _deadline_in_future(cls, value: datetime | None) -> datetime | None:
+    def _deadline_in_future(cls, value: datetime | None, info: ValidationInfo
+                            ) -> datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("must be timezone-aware (e.g. '2026-01-01T12:00:00Z')")
-        if value <= utcnow():
+        if not _decoding(info) and value <= utcnow():
             raise ValueError(f"{value.isoformat()} is already in the past")
         return value
 
@@ -157,9 +173,11 @@ class AiMessage(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _payload_present_and_small(self) -> AiMessage:
+    def _payload_present_and_small(self, info: ValidationInfo) -> AiMessage:
         if not self.messages:
             raise ValueError("messages: give at least one chat message (or a 'prompt')")
+        if _decoding(info):
+            return self
         size = len(canonical_json([m.model_dump(exclude_none=True) for m in self.messages]))
         cap = get_settings().max_payload_bytes
         if size > cap:
@@ -169,6 +187,16 @@ class AiMessage(BaseModel):
     @field_serializer("submitted_at", "deadline")
     def _iso(self, value: datetime | None) -> str | None:
         return value.isoformat() if value is not None else None
+
+    @classmethod
+    def decode(cls, data: dict[str, Any]) -> AiMessage:
+        """A message that was validated where it entered, read back inside a task: its
+        shape is checked, the clock and the settings caps are not."""
+        return cls.model_validate(data, context=_DECODE)
+
+    def expired(self, now: datetime | None = None) -> bool:
+        """The deadline has passed (never, without a deadline)."""
+        return self.deadline is not None and self.deadline <= (now or utcnow())
 
     def to_json_dict(self) -> dict[str, Any]:
         """The JSON-safe dict that travels in task arguments."""
@@ -212,6 +240,10 @@ class AiResult(BaseModel):
     cached: bool = False
     dedup: bool = False
     cost_saved_usd: Decimal = Decimal(0)
+    # What the agent was charged for this message, all its calls (lost ones included).
+    charged_usd: Decimal = Decimal(0)
+    # True when the provider sent no usage: tokens and cost are the reserved worst case.
+    usage_estimated: bool = False
     request_id: str | None = None
     submitted_at: datetime
     started_at: datetime
@@ -219,7 +251,7 @@ class AiResult(BaseModel):
     attempts: list[Attempt] = Field(default_factory=list)
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
 
-    @field_serializer("cost_usd", "cost_saved_usd")
+    @field_serializer("cost_usd", "cost_saved_usd", "charged_usd")
     def _exact_cost(self, value: Decimal) -> str:
         return format(value, "f")
 

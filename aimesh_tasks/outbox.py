@@ -38,12 +38,15 @@ BATCH = 1000
 LOCK_TTL_MS = 30_000
 
 
-def append(kind: str, row: dict[str, Any], *, batch: Batch | None = None) -> None:
+def append(kind: str, row: dict[str, Any], *, batch: Batch | None = None,
+           row_key: str | None = None) -> None:
     """Queue one record for Postgres; `row` holds the table's columns (JSON-safe values).
-    With a batch, the record goes with the batch's round trip (and only when it is sent)."""
+    With a batch, the record goes with the batch's round trip (and only when it is sent).
+    A `row_key` derived from what the record is about makes a redelivered task's second
+    copy of it land once (inserts ignore keys already present); default: a random one."""
     if kind not in TABLES:
         raise ValueError(f"unknown outbox record kind '{kind}'; known: {sorted(TABLES)}")
-    record = {"kind": kind, "row": {**row, "row_key": uuid.uuid4().hex}}
+    record = {"kind": kind, "row": {**row, "row_key": row_key or uuid.uuid4().hex}}
     encoded = json.dumps(record, default=_json_default)
     if batch is not None:
         batch.call("RPUSH", keys.outbox(), encoded)

@@ -19,7 +19,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_ROUTE_WEIGHT_LATENCY       | 0.3                 | weight of normalised p50 latency  |
 | AIMESH_TASK_SOFT_TIME_LIMIT_S     | 60                  | soft time limit of every task     |
 | AIMESH_TASK_TIME_LIMIT_S          | 90                  | hard limit: the worker child dies |
-| AIMESH_VISIBILITY_TIMEOUT_S       | 3600                | Redis redelivery of unacked msgs  |
+| AIMESH_VISIBILITY_TIMEOUT_S       | 300                 | Redis redelivery of unacked msgs  |
 | AIMESH_MAX_DELIVERIES             | 5                   | deliveries, then dead-lettered    |
 | AIMESH_PROVIDER_TIMEOUT_S         | 30                  | read timeout of an upstream call  |
 | AIMESH_PROVIDER_CONNECT_TIMEOUT_S | 5                   | connect timeout of an upstream call|
@@ -41,6 +41,8 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_METRICS_AGENT_LABELS       | 0                   | agents labelled per process; 0=off|
 | AIMESH_FLOWER_BASIC_AUTH          | (empty)             | 'user:password' for aimesh flower |
 | AIMESH_WORKFLOW_MAX_STEPS         | 500                 | most steps in one workflow        |
+| AIMESH_POLICIES                   | (empty)             | extra policies 'pkg.mod:Class,...'|
+| AIMESH_TRANSIENT_RETRIES          | 8                   | task retries on a Redis/PG outage |
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ class Settings(BaseSettings):
     route_weight_latency: float = Field(0.3, ge=0, description="Weight of latency.")
     task_soft_time_limit_s: float = Field(60, gt=0, description="Soft time limit per task.")
     task_time_limit_s: float = Field(90, gt=0, description="Hard time limit per task.")
-    visibility_timeout_s: int = Field(3600, gt=0, description="Broker redelivery timeout.")
+    visibility_timeout_s: int = Field(
+        300, gt=0,
+        description="Broker redelivery of unacked messages (Redis); above the hard time limit, "
+                    "and small: what a killed worker held comes back after it.")
     max_deliveries: int = Field(
         5, ge=1, le=1000,
         description="Deliveries of one task message before it is dead-lettered instead of run "
@@ -135,6 +140,13 @@ class Settings(BaseSettings):
     )
     workflow_max_steps: int = Field(
         500, ge=1, le=10000, description="Most steps one workflow may have; more is refused."
+    )
+    policies: str = Field(
+        "", description="Extra message-path policies: 'package.module:ClassName,...'."
+    )
+    transient_retries: int = Field(
+        8, ge=0, le=100,
+        description="Retries of a task after a transient Redis/Postgres error, with backoff.",
     )
 
     @model_validator(mode="after")

@@ -27,15 +27,15 @@ class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, parent: Any) -> None:
         from aimesh_tasks.budgets.reaper import reap
         from aimesh_tasks.outbox import flush
+        from aimesh_tasks.pipeline.flight import adopt_orphans
         from aimesh_tasks.settings import get_settings
-        from aimesh_tasks.tasks.flight import adopt_orphans
 
         settings = get_settings()
         self.jobs = [
             Periodic("aimesh-outbox", settings.outbox_flush_interval_s, flush),
             Periodic("aimesh-reaper", settings.reaper_interval_s, reap),
             Periodic("aimesh-flights", min(5.0, settings.single_flight_lease_s / 4),
-                     adopt_orphans),
+                     lambda: adopt_orphans(parent.app)),
         ]
         for job in self.jobs:
             job.start()

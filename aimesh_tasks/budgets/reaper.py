@@ -23,10 +23,5 @@ def reap(older_than_s: float | None = None) -> dict[str, int]:
         older_than_s = get_settings().reservation_timeout_s
     outcomes: Counter[str] = Counter()
     for call_key in stale_reservations(older_than_s):
-        found = journal.lookup(call_key)
-        usage = None
-        if found is not None:
-            completion, cost_nusd = found
-            usage = (completion.input_tokens + completion.output_tokens, cost_nusd)
-        outcomes[reap_one(call_key, usage)] += 1
+        outcomes[reap_one(call_key, journal.usage_of(call_key))] += 1
     return dict(outcomes)

@@ -28,8 +28,8 @@ from aimesh_tasks.cli.shell import (
     table,
 )
 from aimesh_tasks.errors import AimeshError, InvalidInput, InvalidMessage
+from aimesh_tasks.producer import submit
 from aimesh_tasks.settings import get_settings
-from aimesh_tasks.submit import submit
 
 DEFAULT_AGENT = "cli"
 

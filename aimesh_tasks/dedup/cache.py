@@ -24,11 +24,15 @@ from aimesh_tasks import keys
 from aimesh_tasks.redis_batch import Batch, Reader, registered_script, run
 from aimesh_tasks.redis_client import get_redis
 
-# KEYS: entry, flight, followers, counters, tokens.
+# KEYS: entry, flight, followers, counters, tokens, handoff.
 # ARGV: follower_json, lease_ms, mode, task_id. The flight holds 'token|task_id'.
 # mode: 'follow' (cache, then an identical call in flight, then lead), 'cache' (cache,
-# then lead: never wait on another call), 'lead' (no lookup at all).
+# then lead: never wait on another call), 'lead' (no lookup at all). First of all, a
+# message already handed to its call (a duplicate delivery or publish of the same id)
+# gets that hand-off back, and touches neither the cache counters nor the flight.
 _JOIN = """
+local handed = redis.call('GET', KEYS[6])
+if handed then return {'handed', handed} end
 if ARGV[3] ~= 'lead' then
   local cached = redis.call('GET', KEYS[1])
   if cached then
@@ -77,32 +81,46 @@ redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
 return {first, token}
 """
 
-Decision = Literal["hit", "follow", "lead"]
+# KEYS: key. ARGV: value, ttl_s. Keep the value unless one is kept; the kept one or false.
+_KEEP_FIRST = """
+local kept = redis.call('GET', KEYS[1])
+if kept then return kept end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+
+Decision = Literal["hit", "follow", "lead", "handed"]
 Mode = Literal["follow", "cache", "lead"]
 
 
 @dataclass(frozen=True, slots=True)
 class Joined:
     """What join() decided; `cached` is the cached AiResult dict on a hit, `token` the
-    leader's fencing token when leading."""
+    leader's fencing token when leading, `handed` the envelope (JSON) of a message that
+    was already handed to its call."""
 
     decision: Decision
     cached: dict[str, Any] | None = None
     token: str | None = None
+    handed: dict[str, Any] | None = None
 
 
 def queue_join(batch: Batch, request_key: str, follower: dict[str, Any], *, lease_s: float,
                mode: Mode = "follow") -> Reader[Joined]:
-    """Queue `join` on a batch; the reader gives the decision after the batch is sent."""
+    """Queue `join` on a batch; the reader gives the decision after the batch is sent.
+    `follower` is {"task_id", "message"}; the task id is the message id."""
     index = batch.script(
         _JOIN,
         keys=[keys.cache_entry(request_key), keys.flight(request_key),
-              keys.flight_followers(request_key), keys.dedup_counters(), keys.flight_tokens()],
+              keys.flight_followers(request_key), keys.dedup_counters(), keys.flight_tokens(),
+              keys.handoff(follower["task_id"])],
         args=[json.dumps(follower), int(lease_s * 1000), mode, follower["task_id"]],
     )
 
     def read() -> Joined:
         decision, value = batch[index]
+        if decision == "handed":
+            return Joined("handed", handed=json.loads(value))
         if decision == "hit":
             return Joined("hit", cached=json.loads(value))
         if decision == "follow":
@@ -124,6 +142,20 @@ def entry(request_key: str) -> dict[str, Any] | None:
     """The cached answer for a request key, without counting a lookup."""
     cached = get_redis().get(keys.cache_entry(request_key))
     return None if cached is None else dict(json.loads(cached))
+
+
+def queue_remember_handoff(batch: Batch, message_id: str, envelope: dict[str, Any],
+                           ttl_s: int) -> Reader[dict[str, Any]]:
+    """Queue keeping the envelope a message is handed off with, unless a concurrent
+    delivery of the same message kept one first; the reader gives the one to use."""
+    index = batch.script(_KEEP_FIRST, keys=[keys.handoff(message_id)],
+                         args=[json.dumps(envelope), ttl_s])
+
+    def read() -> dict[str, Any]:
+        earlier = batch[index]
+        return envelope if earlier is None else dict(json.loads(earlier))
+
+    return read
 
 
 def queue_finish(batch: Batch, request_key: str, token: str, result: dict[str, Any] | None,

@@ -1,5 +1,8 @@
 """Audit: one record per decision about a message, written through the outbox.
 
+A message has at most one record of each event (its row key is derived from the event and
+the message id), so a task that runs twice after a redelivery audits once.
+
 Events: rejected (invalid message), denied (budget), routed (with scores), cached (an
 exact or semantic cache hit, or a single-flight join), completed, failed; later issues
 add rate_limited and acl_denied. A record is in Redis before
@@ -9,6 +12,8 @@ the task that made the decision is acked, so a killed worker loses none.
 from __future__ import annotations
 
 from typing import Any
+
+from blake3 import blake3
 
 from aimesh_tasks import outbox
 from aimesh_tasks.messages import utcnow
@@ -29,9 +34,12 @@ def audit(
     detail: dict[str, Any] | None = None,
     batch: Batch | None = None,
 ) -> None:
-    """Record one decision (with a batch: when the batch is sent)."""
+    """Record one decision (with a batch: when the batch is sent); one per event and
+    message (a record without a message id is always kept)."""
     if event not in EVENTS:
         raise ValueError(f"unknown audit event '{event}'; known: {', '.join(sorted(EVENTS))}")
+    row_key = (blake3(f"audit|{event}|{message_id}".encode()).hexdigest()[:32]
+               if message_id else None)
     outbox.append(
         "audit",
         {
@@ -46,4 +54,5 @@ def audit(
             "created_at": utcnow(),
         },
         batch=batch,
+        row_key=row_key,
     )

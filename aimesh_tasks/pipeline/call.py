@@ -1,35 +1,50 @@
-"""Call one endpoint for a message: budget claim, the call, journal, settlement, records."""
+"""One call for one envelope, charged exactly once: lease, claim, call, journal, settle.
+
+    begin (one round trip: journalled outcome? lease held? take it; in flight at the
+    endpoint; policies' reads) → [journalled: settle it, don't repeat] → [held: wait for
+    the holder's journal] → claim the reservation → call → journal → settle → records
+
+A call that may have reached the provider is charged once: by its own delivery, by a
+later delivery that finds its journal, or (a delivery that died mid-call) as `lost` at
+its reservation by the delivery that takes over — never twice, and never for a call
+that certainly was not made.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from aimesh_tasks import events, keys, outbox
-from aimesh_tasks.budgets.estimate import worst_case
+from aimesh_tasks import events, outbox
+from aimesh_tasks.budgets.estimate import Estimate, worst_case
 from aimesh_tasks.budgets.ledger import claim, estimate_of, reserve, settle
+from aimesh_tasks.envelope import RouteEntry
 from aimesh_tasks.errors import ProviderError
 from aimesh_tasks.failpoints import failpoint
 from aimesh_tasks.messages import AiMessage, AiResult, Attempt, utcnow
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
-from aimesh_tasks.pipeline import journal
+from aimesh_tasks.pipeline import journal, lease
 from aimesh_tasks.providers.base import Completion
 from aimesh_tasks.providers.http import call_provider
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.registry.endpoints import Endpoint
 from aimesh_tasks.registry.live import call_abandoned, queue_call_finished, queue_call_started
+from aimesh_tasks.settings import get_settings
+
+WAIT_POLL_S = 0.05
 
 
-def endpoint_to_args(endpoint: Endpoint) -> dict[str, Any]:
-    """An endpoint as a JSON-safe task argument."""
-    return {**asdict(endpoint), "tags": sorted(endpoint.tags)}
+def endpoint_to_args(endpoint: Endpoint) -> RouteEntry:
+    """An endpoint as it travels in an envelope."""
+    return {**asdict(endpoint), "tags": sorted(endpoint.tags)}  # type: ignore[typeddict-item]
 
 
-def endpoint_from_args(data: dict[str, Any]) -> Endpoint:
-    """The endpoint carried in a task argument."""
+def endpoint_from_args(data: RouteEntry | dict[str, Any]) -> Endpoint:
+    """The endpoint carried in an envelope."""
     return Endpoint(**{**data, "tags": frozenset(data.get("tags", ()))})
 
 
@@ -37,6 +52,30 @@ def cost_of(endpoint: Endpoint, completion: Completion) -> int:
     """What a completion cost at the endpoint's prices, in nano-USD."""
     return call_cost_nusd(completion.input_tokens, completion.output_tokens,
                           endpoint.input_nusd_per_1k, endpoint.output_nusd_per_1k)
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """One call's outcome: the attempt record, the answer or the error, what the call
+    was charged (nano-USD, lost predecessors included), and whether its usage was the
+    reserved worst case because the provider sent none."""
+
+    attempt: Attempt
+    completion: Completion | None
+    error: ProviderError | None
+    charged_nusd: int
+    estimated: bool = False
+
+
+def _estimated(message: AiMessage, endpoint: Endpoint, done: Completion
+               ) -> tuple[Completion, int]:
+    """A completion without usage, at the reserved worst case (never at zero)."""
+    need = worst_case(message, endpoint)
+    priced = Completion(text=done.text, input_tokens=need.input_tokens,
+                        output_tokens=need.output_tokens, model=done.model,
+                        finish_reason=done.finish_reason, request_id=done.request_id,
+                        usage_known=False)
+    return priced, need.nusd
 
 
 def _record_attempt(message: AiMessage, endpoint: Endpoint, attempt: Attempt,
@@ -57,22 +96,29 @@ def _record_attempt(message: AiMessage, endpoint: Endpoint, attempt: Attempt,
     }, batch=batch)
 
 
-def _claimed_key(message: AiMessage, endpoint: Endpoint, call_key: str) -> str:
+def _take_over(message: AiMessage, endpoint: Endpoint, call_key: str, charged_key: str
+               ) -> tuple[str, int]:
     """Claim the call's reservation (reserving again if it was released or never made);
-    the key to call under. A claim found from an earlier delivery means the provider may
-    have been called then: that call is charged at its estimate and a new key is used."""
-    state = claim(call_key)
+    the key to call under and what a predecessor was charged. A claim found from an
+    earlier delivery that left no journal means the provider may have been called then:
+    that call is charged `lost` at its reservation, and a new key is used."""
+    state = claim(charged_key)
     if state == "claimed":
-        return call_key
+        return charged_key, 0
+    lost_nusd = 0
     if state == "called_before":
-        held = estimate_of(call_key)
-        if held is not None:
-            settle(call_key, held.tokens, held.nusd, kind="lost")
+        held = estimate_of(charged_key)
+        if held is not None and settle(charged_key, held.tokens, held.nusd, kind="lost"):
+            lost_nusd = held.nusd
     if state in ("called_before", "settled"):
-        call_key = f"{call_key}:redo-{uuid.uuid4().hex[:8]}"
-    reserve(message.agent_id, message.id, endpoint.id, call_key, worst_case(message, endpoint))
-    claim(call_key)
-    return call_key
+        charged_key = f"{call_key}:redo-{uuid.uuid4().hex[:8]}"
+        ttl_s = int(get_settings().reservation_timeout_s) + 86400
+        batch = Batch()
+        lease.queue_charge_under(batch, call_key, charged_key, ttl_s)
+        batch.send()
+    reserve(message.agent_id, message.id, endpoint.id, charged_key, worst_case(message, endpoint))
+    claim(charged_key)
+    return charged_key, lost_nusd
 
 
 def _call(message: AiMessage, endpoint: Endpoint, call_key: str
@@ -90,52 +136,111 @@ def _call(message: AiMessage, endpoint: Endpoint, call_key: str
     return attempt, completion, error
 
 
-def _journalled(endpoint: Endpoint, call_key: str) -> tuple[Completion, int] | None:
-    """In one round trip: the journalled answer of this call if an earlier delivery made
-    it, else nothing, with the call counted in flight at the endpoint."""
+def begin(call_key: str, endpoint: Endpoint, queue_more: Callable[[Batch], Any] | None = None,
+          stale: str = "") -> lease.Began:
+    """One round trip: the call's journalled outcome, its lease held, or the lease taken
+    (then the call counts in flight at the endpoint); `queue_more` adds reads to it."""
+    settings = get_settings()
     batch = Batch()
-    read_journal = journal.queue_lookup(batch, call_key)
+    read = lease.queue_begin(batch, call_key, settings.task_time_limit_s + 5, stale)
     queue_call_started(batch, endpoint.id, call_key)
+    if queue_more is not None:
+        queue_more(batch)
     batch.send()
-    journalled = read_journal()
-    if journalled is not None:
+    began = read()
+    if began.state != "acquired":
         call_abandoned(endpoint.id, call_key)
-    return journalled
+    return began
 
 
-def attempt_call(message: AiMessage, endpoint: Endpoint, attempt_no: int, *, metered: bool,
-                 tail: Batch) -> tuple[Attempt, Completion | None, ProviderError | None]:
-    """Make (or, after a redelivery, recover) one call and charge it exactly once. The
-    call's records go on `tail`, which the caller must send before the task ends; a
-    metered call's journal and live figures are sent before it is settled."""
-    call_key = keys.call_key(message.id, attempt_no)
-    journalled = _journalled(endpoint, call_key)
-    if journalled is not None:  # an earlier delivery made this call; settle it, don't repeat
-        done, paid_nusd = journalled
+def wait_for_holder(call_key: str, endpoint: Endpoint, holder: str, wait_s: float
+                    ) -> lease.Began:
+    """Wait (up to `wait_s`) for the delivery holding the lease to journal the call; take
+    the lease over if it expires or its holder died on this host. Still `held` after
+    `wait_s`: the caller retries later rather than pin a worker slot."""
+    deadline = time.monotonic() + wait_s
+    began = lease.Began("held", holder, call_key)
+    while began.state == "held" and time.monotonic() < deadline:
+        stale = began.value if lease.holder_is_dead(began.value) else ""
+        if not stale:
+            time.sleep(WAIT_POLL_S)
+        began = begin(call_key, endpoint, stale=stale)
+    return began
+
+
+def recover(message: AiMessage, endpoint: Endpoint, began: lease.Began, metered: bool
+            ) -> CallResult:
+    """The outcome an earlier delivery journalled; settled (idempotently) if metered."""
+    entry = journal.parse(began.value)
+    if entry.completion is None:
+        error = ProviderError(str(entry.error.get("message", "call failed")) if entry.error
+                              else "call failed", entry.error or {})
         if metered:
-            settle(call_key, done.input_tokens + done.output_tokens, paid_nusd)
-        return Attempt(endpoint_id=endpoint.id, ok=True, latency_ms=0.0), done, None
-    charged_key = _claimed_key(message, endpoint, call_key) if metered else call_key
+            settle(began.charged_key, 0, 0)
+        attempt = Attempt(endpoint_id=endpoint.id, ok=False, latency_ms=0.0,
+                          error=error.to_dict())
+        return CallResult(attempt, None, error, 0)
+    done = entry.completion
+    if metered:
+        settle(began.charged_key, done.input_tokens + done.output_tokens, entry.cost_nusd,
+               kind="call" if done.usage_known else "estimated")
+    return CallResult(Attempt(endpoint_id=endpoint.id, ok=True, latency_ms=0.0), done, None,
+                      entry.cost_nusd, estimated=not done.usage_known)
+
+
+def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: lease.Began, *,
+              metered: bool, tail: Batch) -> CallResult:
+    """Holding the lease: make the call and charge it exactly once. The call's records
+    and the lease's release go on `tail`, which the caller sends before the task ends;
+    a metered call's journal is sent before it is settled."""
+    charged_key, lost_nusd = (_take_over(message, endpoint, call_key, began.charged_key)
+                              if metered else (call_key, 0))
     attempt, completion, error = _call(message, endpoint, charged_key)
-    cost_nusd = cost_of(endpoint, completion) if completion else 0
+    estimate: Estimate | None = None
+    if completion is not None and not completion.usage_known:
+        completion, cost_nusd = _estimated(message, endpoint, completion)
+    elif completion is not None:
+        cost_nusd = cost_of(endpoint, completion)
+    elif error is not None and error.fields.get("reason") == "malformed_response":
+        # The provider answered 200 and billed it; we cannot read how much: the worst case.
+        estimate = worst_case(message, endpoint)
+        cost_nusd = estimate.nusd
+    else:
+        cost_nusd = 0
     before_settle = Batch() if metered else tail
-    queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms, attempt.ok)
+    healthy = error is None or error.action == "fail"  # the message's fault is not the endpoint's
+    queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms, healthy)
     if completion is not None:
         journal.queue_record(before_settle, charged_key, completion, cost_nusd)
+    elif error is not None:
+        journal.queue_record_failure(before_settle, charged_key, error.to_dict())
     if metered:
         before_settle.send()
         failpoint("before_settle", message.agent_id)
-        used = completion.input_tokens + completion.output_tokens if completion else 0
-        settle(charged_key, used, cost_nusd)
+        _settle(charged_key, completion, estimate, cost_nusd)
+    lease.queue_release(tail, call_key, began.value)
     _record_attempt(message, endpoint, attempt, completion, cost_nusd, tail)
-    events.call_finished.send(sender=attempt_call, message=message, endpoint=endpoint,
+    events.call_finished.send(sender=make_call, message=message, endpoint=endpoint,
                               attempt=attempt, completion=completion, cost_nusd=cost_nusd)
-    return attempt, completion, error
+    estimated = (completion is not None and not completion.usage_known) or estimate is not None
+    return CallResult(attempt, completion, error, cost_nusd + lost_nusd, estimated)
+
+
+def _settle(charged_key: str, completion: Completion | None, estimate: Estimate | None,
+            cost_nusd: int) -> None:
+    if completion is not None:
+        settle(charged_key, completion.input_tokens + completion.output_tokens, cost_nusd,
+               kind="call" if completion.usage_known else "estimated")
+    elif estimate is not None:
+        settle(charged_key, estimate.tokens, estimate.nusd, kind="estimated")
+    else:
+        settle(charged_key, 0, 0)
 
 
 def build_result(message: AiMessage, endpoint: Endpoint, completion: Completion,
-                 attempts: list[Attempt], started_at: datetime) -> AiResult:
-    """The AiResult of a successful call."""
+                 attempts: list[Attempt], started_at: datetime, charged_nusd: int
+                 ) -> AiResult:
+    """The AiResult of a successful call; `charged_nusd` is the message's whole charge."""
     finished_at = utcnow()
     return AiResult(
         message_id=message.id,
@@ -147,6 +252,8 @@ def build_result(message: AiMessage, endpoint: Endpoint, completion: Completion,
         input_tokens=completion.input_tokens,
         output_tokens=completion.output_tokens,
         cost_usd=nusd_to_usd(cost_of(endpoint, completion)),
+        charged_usd=nusd_to_usd(charged_nusd),
+        usage_estimated=not completion.usage_known,
         queue_wait_ms=round((started_at - message.submitted_at).total_seconds() * 1000, 3),
         processing_ms=round((finished_at - started_at).total_seconds() * 1000, 3),
         request_id=completion.request_id,
@@ -156,3 +263,5 @@ def build_result(message: AiMessage, endpoint: Endpoint, completion: Completion,
         attempts=attempts,
         metadata=message.metadata,
     )
+
+

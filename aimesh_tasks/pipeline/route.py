@@ -1,20 +1,19 @@
-"""Route one message: read the registry and live figures, decide, record, reserve budget."""
+"""Route one message: read the registry and live figures, decide, record."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from aimesh_tasks import events, keys
-from aimesh_tasks.budgets.estimate import worst_case
-from aimesh_tasks.budgets.ledger import reserve
-from aimesh_tasks.budgets.metered import queue_is_metered, rebuild
+from aimesh_tasks import events
+from aimesh_tasks.budgets.metered import queue_is_metered
 from aimesh_tasks.errors import NoEndpointAvailable
-from aimesh_tasks.failpoints import failpoint
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage
 from aimesh_tasks.redis_batch import Batch, Reader
 from aimesh_tasks.registry.cache import ENDPOINTS
+from aimesh_tasks.registry.endpoints import Endpoint
 from aimesh_tasks.registry.live import LiveFigures, queue_figures, read_figures
 from aimesh_tasks.routing.decisions import record_decision
 from aimesh_tasks.routing.selection import RoutingDecision, decide
@@ -47,16 +46,20 @@ def queue_route_inputs(batch: Batch, message: AiMessage) -> Reader[RouteInputs]:
     return read
 
 
-def plan_route(message: AiMessage, inputs: RouteInputs) -> RoutingDecision:
-    """The ranked endpoints for `message`, recorded; NoEndpointAvailable (recorded) if none."""
+def plan_route(message: AiMessage, inputs: RouteInputs, records: Batch,
+               choose: Callable[[list[Endpoint]], list[Endpoint]] | None = None
+               ) -> RoutingDecision:
+    """The ranked endpoints for `message` among the candidates `choose` leaves (all, by
+    default), recorded on `records` (the caller sends it); NoEndpointAvailable (recorded
+    and sent) if none."""
     settings = get_settings()
     figures = inputs.figures
     endpoints = ENDPOINTS.at(inputs.version)
     if set(figures) != {e.id for e in endpoints}:  # the registry moved: read its figures
         figures, _ = read_figures(e.id for e in endpoints)
-    records = Batch()
+    candidates = tuple(choose(list(endpoints))) if choose is not None else endpoints
     try:
-        decision = decide(message, endpoints, figures, weights=settings.route_weights,
+        decision = decide(message, candidates, figures, weights=settings.route_weights,
                           now=time.time(), health_retry_s=settings.health_retry_s)
     except NoEndpointAvailable as exc:
         record_decision(
@@ -77,21 +80,5 @@ def plan_route(message: AiMessage, inputs: RouteInputs) -> RoutingDecision:
           detail={"fallbacks": record["fallbacks"],
                   "scores": {c["endpoint_id"]: c["score"] for c in record["candidates"]}},
           batch=records)
-    records.send()
     events.message_routed.send(sender=plan_route, message=message, decision=decision)
     return decision
-
-
-def admit(message: AiMessage, decision: RoutingDecision, metered: bool | None) -> bool:
-    """Reserve the first call's worst case at the winner's prices; False if the agent has
-    no budget (unmetered; `metered` is the mirror's answer, None when it cannot say).
-    BudgetExceeded (audited) if it cannot fit."""
-    if metered is False:
-        return False
-    if metered is None:
-        rebuild()
-    winner = decision.winner
-    held = reserve(message.agent_id, message.id, winner.id, keys.call_key(message.id, 0),
-                   worst_case(message, winner))
-    failpoint("after_reserve", message.agent_id)
-    return held is not None

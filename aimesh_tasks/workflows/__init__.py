@@ -9,9 +9,28 @@ Modules: `model` (definitions, YAML/JSON), `template` and `dag` (pure rules), `s
 (runs and steps in the database), `run` (`submit_workflow`).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from aimesh_tasks.workflows.model import Step, Workflow, load_workflow, parse_workflow
-from aimesh_tasks.workflows.run import Submitted, submit_workflow
-from aimesh_tasks.workflows.state import run_view
+
+if TYPE_CHECKING:
+    from aimesh_tasks.workflows.run import Submitted, submit_workflow
+    from aimesh_tasks.workflows.state import run_view
+
+# Running a workflow needs the Celery app; importing the package does not build it.
+_LAZY = {"Submitted": "aimesh_tasks.workflows.run", "submit_workflow": "aimesh_tasks.workflows.run",
+         "run_view": "aimesh_tasks.workflows.state"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'aimesh_tasks.workflows' has no attribute '{name}'")
+
 
 __all__ = ["Step", "Submitted", "Workflow", "load_workflow", "parse_workflow", "run_view",
            "submit_workflow"]

@@ -11,7 +11,7 @@ from typing import Any
 
 from aimesh_tasks.messages import AiMessage
 
-SHOWN_KWARGS = ("metered", "errors_as_results")
+SHOWN_KWARGS = ("errors_as_results",)
 
 
 def message_reprs(message: AiMessage, kwargs: dict[str, Any] | None = None) -> dict[str, str]:

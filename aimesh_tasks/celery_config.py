@@ -1,0 +1,81 @@
+"""Celery settings of aimesh-tasks, loaded by `aimesh_tasks.app` when the app is built.
+
+Values that differ per deployment come from the typed settings object (AIMESH_* variables,
+see aimesh_tasks/settings.py); the rest are fixed here because the delivery guarantees
+depend on them (`GUARANTEED`: a deployment's `celeryconfig.py` cannot change those).
+This module lives inside the package, so a stray top-level `celeryconfig` module on
+`sys.path` can never replace it.
+"""
+
+from aimesh_tasks import keys
+from aimesh_tasks.celery_overrides import deployment_overrides, find_overrides
+from aimesh_tasks.settings import get_settings
+
+_settings = get_settings()
+
+# Where messages and results live. memory:// and cache+memory:// are the embedded mode.
+broker_url = _settings.broker_url
+result_backend = _settings.result_backend
+
+# JSON only, in and out: a pickle-typed message is refused by the worker, never executed.
+# At-least-once delivery: a message is acked only after its task returned, and a message
+# whose worker process died (SIGKILL, OOM) goes back to the queue instead of being lost.
+GUARANTEED = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+    "event_serializer": "json",
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+}
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+event_serializer = "json"
+task_acks_late = True
+task_reject_on_worker_lost = True
+# On a lost broker connection, stop running tasks whose messages will be redelivered
+# anyway, rather than let them finish and produce a second copy.
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+# Time limits: soft raises SoftTimeLimitExceeded in the task; hard kills the worker child.
+task_soft_time_limit = _settings.task_soft_time_limit_s
+task_time_limit = _settings.task_time_limit_s
+
+# Broker: keep retrying at start-up; the visibility timeout (redelivery of unacked
+# messages on Redis) must exceed the hard time limit, checked by aimesh_tasks.app.
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    "visibility_timeout": _settings.visibility_timeout_s,
+    # kombu's default of 10 broker connections fails under gevent/threads concurrency
+    # (MEASURED.md finding 3); this is a ceiling, not a number opened up front.
+    "max_connections": 1000,
+    # The in-memory transport polls; 5 ms takes embedded mode from ~15 to ~220 msgs/s.
+    **({"polling_interval": 0.005} if _settings.embedded else {}),
+}
+result_backend_transport_options = {"max_connections": 1000}
+
+# Queues: routing tasks on one queue, each endpoint's calls on its own queue
+# (aimesh.endpoint.<endpoint_id>), created on first use.
+task_default_queue = keys.ROUTE_QUEUE
+task_create_missing_queues = True
+task_routes = {"aimesh.route": {"queue": keys.ROUTE_QUEUE}}
+
+# Short tasks: prefetching 1 vs 4 made no difference, 16 was ~15 % slower (MEASURED.md).
+worker_prefetch_multiplier = 1
+
+# Results are kept a day; producers read them with AsyncResult.get().
+result_expires = 86400
+task_track_started = False
+
+# Keep the application's own logging configuration.
+worker_hijack_root_logger = False
+
+imports = ("aimesh_tasks.tasks", "aimesh_tasks.tasks.workflow")
+
+# A deployment's own celeryconfig (see aimesh_tasks/celery_overrides.py), then the
+# guarantees again, whatever it said.
+globals().update(deployment_overrides(find_overrides(), GUARANTEED))
+globals().update(GUARANTEED)

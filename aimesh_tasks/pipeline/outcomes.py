@@ -1,0 +1,86 @@
+"""What a step of the message path decided, as values the task shells map to Celery.
+
+Routing gives one of `Hit` (answered without a call: exact or semantic cache), `Joined`
+(an identical message is in flight; its leader answers this one), `HandOff` (call the
+envelope's first endpoint on its queue) or `Refused` (a policy, the budget or routing
+said no). A call gives `Done`, `Fallback` (hand the envelope to the next endpoint),
+`Retry` (run this call again after `countdown_s`) or `Failed`.
+
+| outcome   | the shell                                                         |
+|-----------|-------------------------------------------------------------------|
+| Hit, Done | returns the result                                                |
+| Joined    | returns, storing nothing (the leader stores this task's result)   |
+| HandOff,  | publishes the call task on the endpoint's queue under this id     |
+| Fallback  |                                                                   |
+| Retry     | publishes this task again with a countdown                        |
+| Refused,  | raises the error, or returns {"error": ...} when the envelope asks |
+| Failed    | for errors as results (workflow steps)                            |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from aimesh_tasks.envelope import Envelope
+from aimesh_tasks.errors import AimeshError
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """Answered without a call; `result` is the AiResult dict."""
+
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """Following an identical message in flight; its leader stores this one's result."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    """Call `envelope.route[0]` on its queue."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Stopped before any call (`error` says by what)."""
+
+    error: AimeshError
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The call answered (or an earlier delivery's journalled answer was found)."""
+
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Fallback:
+    """The call failed in a way another endpoint may not: try `envelope.route[0]`."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Run the same call task again after `countdown_s` (a lease held elsewhere, a
+    transient outage)."""
+
+    countdown_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The message failed for good."""
+
+    error: AimeshError
+
+
+RouteOutcome = Hit | Joined | HandOff | Refused
+CallOutcome = Done | Fallback | Retry | Failed

@@ -1,0 +1,126 @@
+"""Routing one message, start to end, as a plain function that returns an outcome.
+
+    deadline → one Redis round trip (dedup join, live figures, metered flag, policies'
+    reads) → already handed off? / cache hit / join a flight → policies.before_route →
+    semantic cache → decide among the candidates policies.choose leaves → policies.admit
+    (the budget reservation) → remember the hand-off (and send the routing records) →
+    HandOff
+
+Every step either adds to the outcome or ends it; the routing task maps the outcome
+to Celery (aimesh_tasks/tasks/route.py). Nothing here needs a worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aimesh_tasks import events
+from aimesh_tasks.dedup.cache import queue_remember_handoff
+from aimesh_tasks.envelope import Envelope, Flight, Reply
+from aimesh_tasks.errors import AimeshError
+from aimesh_tasks.governance.audit import audit
+from aimesh_tasks.messages import AiMessage, AiResult
+from aimesh_tasks.pipeline import semantic
+from aimesh_tasks.pipeline.call import endpoint_to_args
+from aimesh_tasks.pipeline.dedup import answer_from_cache, queue_join_flight, semantic_answer
+from aimesh_tasks.pipeline.flight import deadline_exceeded, end_flight
+from aimesh_tasks.pipeline.outcomes import HandOff, Hit, Joined, Refused, RouteOutcome
+from aimesh_tasks.pipeline.route import plan_route, queue_route_inputs
+from aimesh_tasks.policies import Policies, RouteContext, active
+from aimesh_tasks.redis_batch import Batch
+from aimesh_tasks.settings import get_settings
+
+DEDUP_OUTCOMES = {"hit": "hit", "follow": "join", "lead": "miss", "handed": "miss"}
+
+
+def route(app: Any, message: AiMessage, *, in_canvas: bool = False, reply: Reply = "raise",
+          policies: Policies | None = None) -> RouteOutcome:
+    """Route `message` (its id is the task id); `app` publishes to followers of a flight
+    this message ends without an answer."""
+    if message.expired():
+        error = deadline_exceeded(message, "while it waited in the routing queue")
+        _audit_failed(message, error)
+        return Refused(error)
+    policies = policies or active()
+    batch = Batch()
+    read_flight = queue_join_flight(batch, message, message.id, may_follow=not in_canvas)
+    read_inputs = queue_route_inputs(batch, message)
+    read_policies = policies.queue_route_reads(batch, message)
+    batch.send()
+    joined, flight = read_flight()
+    if joined.decision == "handed" and joined.handed is not None:
+        return HandOff(_with_message(joined.handed, message))
+    events.message_deduplicated.send(
+        sender=route, message=message, result=joined.cached,
+        outcome="bypass" if message.no_cache else DEDUP_OUTCOMES[joined.decision])
+    if joined.decision == "hit":
+        return Hit(answer_from_cache(message, joined.cached or {}))
+    if joined.decision == "follow":
+        return Joined()
+    inputs = read_inputs()
+    ctx = RouteContext(message, metered_hint=inputs.metered, reads=read_policies())
+    try:
+        return _lead(app, message, ctx, policies, flight, inputs, reply)
+    except AimeshError as exc:
+        end_flight(app, flight, None)
+        return Refused(exc)
+
+
+def _lead(app: Any, message: AiMessage, ctx: RouteContext, policies: Policies,
+          flight: Flight | None, inputs: Any, reply: Reply) -> RouteOutcome:
+    try:
+        policies.before_route(ctx)
+    except AimeshError as exc:
+        audit("denied", message_id=message.id, agent_id=message.agent_id,
+              reason=exc.message[:512], detail={"policy": _policy_of(exc), **exc.to_dict()})
+        raise
+    if flight is not None:
+        equivalent = semantic_answer(message, flight)
+        if equivalent is not None:
+            end_flight(app, flight, AiResult.model_validate(equivalent))
+            return Hit(equivalent)
+    records = Batch()
+    decision = plan_route(message, inputs, records,
+                          choose=lambda candidates: policies.choose(ctx, candidates))
+    try:
+        policies.admit(ctx, decision)
+    except AimeshError:
+        records.send()  # the decision is recorded whether or not it was admitted
+        raise
+    envelope = Envelope(message=message.to_json_dict(),
+                        route=[endpoint_to_args(e) for e in decision.route],
+                        metered=ctx.metered, flight=flight, reply=reply)
+    # Kept with the records, in their round trip: a duplicate delivery of this message
+    # that routed at the same moment gets the envelope kept first, so both hand off the
+    # same call (whose lease then makes it one call, one charge).
+    ttl_s = int(get_settings().reservation_timeout_s) + 86400
+    read_kept = queue_remember_handoff(records, message.id, _without_prompt(envelope), ttl_s)
+    records.send()
+    return HandOff(_with_message(read_kept(), message))
+
+
+def _without_prompt(envelope: Envelope) -> dict[str, Any]:
+    """The hand-off as kept in Redis: no message and no prompt text (prompts are stored
+    only where configured); a duplicate delivery carries the same message itself."""
+    kept = envelope.to_json()
+    kept["message"] = {}
+    if kept.get("flight"):
+        kept["flight"] = {k: v for k, v in kept["flight"].items() if k != "semantic_text"}
+    return kept
+
+
+def _with_message(kept: dict[str, Any], message: AiMessage) -> Envelope:
+    """The kept hand-off, completed with this delivery's own copy of the message."""
+    flight = kept.get("flight")
+    if flight and semantic.enabled_for(message.agent_id):
+        flight = {**flight, "semantic_text": semantic.prompt_text(message)}
+    return Envelope.from_json({**kept, "message": message.to_json_dict(), "flight": flight})
+
+
+def _policy_of(error: AimeshError) -> str:
+    return str(error.fields.get("policy") or type(error).__name__)
+
+
+def _audit_failed(message: AiMessage, error: AimeshError) -> None:
+    audit("failed", message_id=message.id, agent_id=message.agent_id, reason=error.message)
+    events.message_failed.send(sender=route, message=message, error=error)
