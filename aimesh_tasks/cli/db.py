@@ -11,7 +11,7 @@ cli = typer.Typer(help="Database migrations (alembic).", no_args_is_help=True)
 
 @cli.command("upgrade")
 def upgrade(
-    revision: str = typer.Argument("head", help="Target revision."),
+    revision: str = typer.Argument("heads", help="Target revision (every head by default)."),
     url: str = typer.Option(None, "--url", help="Database URL (default AIMESH_DATABASE_URL)."),
 ) -> None:
     """Apply migrations up to REVISION (default: the newest)."""

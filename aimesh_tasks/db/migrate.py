@@ -27,7 +27,7 @@ def alembic_config(url: str | None = None) -> Config:
     return config
 
 
-def upgrade(url: str | None = None, revision: str = "head") -> None:
+def upgrade(url: str | None = None, revision: str = "heads") -> None:
     """Bring the database up to `revision` (default: the newest)."""
     command.upgrade(alembic_config(url), revision)
 
