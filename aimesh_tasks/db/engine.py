@@ -13,8 +13,6 @@ from aimesh_tasks.settings import get_settings
 
 _engines: dict[str, Engine] = {}
 _sessionmakers: dict[str, sessionmaker[Session]] = {}
-# SQLite URLs already migrated (or being migrated) in this process.
-_migrated: set[str] = set()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -51,21 +49,16 @@ def get_engine(url: str | None = None) -> Engine:
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
             event.listen(engine, "begin", _sqlite_begin)
-            if get_settings().embedded and url not in _migrated:
+            if get_settings().embedded:
                 _migrate_embedded(url)
     return engine
 
 
-def mark_migrated(url: str) -> None:
-    """Note that `url` is being migrated explicitly, so get_engine need not do it."""
-    _migrated.add(url)
-
-
 def _migrate_embedded(url: str) -> None:
     # Embedded mode needs no `aimesh db upgrade`: its SQLite file is migrated on first use.
-    from aimesh_tasks.db.migrate import upgrade
+    from aimesh_tasks.db.migrate import upgrade_once
 
-    upgrade(url)
+    upgrade_once(url)
 
 
 def _sessionmaker(url: str | None) -> sessionmaker[Session]:

@@ -7,10 +7,18 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-from aimesh_tasks.db.engine import mark_migrated
 from aimesh_tasks.settings import get_settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# URLs already migrated (or being migrated) in this process. This module imports nothing
+# of db.engine (the engine imports it, lazily, to migrate an embedded database once).
+_migrated: set[str] = set()
+
+
+def upgrade_once(url: str) -> None:
+    """Migrate `url` unless this process migrated it already (the embedded database)."""
+    if url not in _migrated:
+        upgrade(url)
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -23,7 +31,7 @@ def alembic_config(url: str | None = None) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["url"] = url or get_settings().database_url
-    mark_migrated(config.attributes["url"])
+    _migrated.add(config.attributes["url"])
     return config
 
 
