@@ -48,6 +48,7 @@ from aimesh_tasks.db import Base, dispose_engines  # noqa: E402
 from aimesh_tasks.db.migrate import downgrade, upgrade  # noqa: E402
 from aimesh_tasks.registry import Endpoint, add_endpoint  # noqa: E402
 from aimesh_tasks.registry.cache import ENDPOINTS  # noqa: E402
+from aimesh_tasks.settings import reset_settings  # noqa: E402
 from aimesh_tasks.simulator import RunningSimulator, SimulatorConfig, start_simulator  # noqa: E402
 from tests.gate import Gate  # noqa: E402
 from tests.processes import WorkerProcess, start_workers  # noqa: E402
@@ -79,6 +80,18 @@ def _require_servers() -> None:
             "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
             returncode=3,
         )
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ() -> Iterator[None]:
+    """Undo what a test put in os.environ (an in-process CLI command sets AIMESH_LOG_LEVEL:
+    cli.shell.quiet_embedded_logs), so workers started later get the test settings only."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+        reset_settings()
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ router worker and a prefork endpoint worker), real HTTP to the simulated provide
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import os
 import signal
@@ -21,7 +23,9 @@ from sqlalchemy import select
 from aimesh_tasks import outbox, submit
 from aimesh_tasks.app import app
 from aimesh_tasks.db import CallAttemptRow, session_scope
+from aimesh_tasks.delivery import dead_letters
 from aimesh_tasks.errors import InvalidMessage, NoEndpointAvailable
+from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.registry import Endpoint, set_enabled
 from aimesh_tasks.registry.live import call_finished, call_started
 from aimesh_tasks.routing import decisions_for
@@ -29,7 +33,6 @@ from aimesh_tasks.simulator import RunningSimulator
 from aimesh_tasks.tasks import route_message
 from tests.conftest import BROKER_DB, REDIS
 from tests.gate import Gate
-from tests.processes import WorkerProcess
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")
@@ -186,11 +189,12 @@ def test_bad_messages_are_refused_before_anything_is_queued() -> None:
 
 
 def test_pickle_message_is_refused_and_the_queue_keeps_flowing(
-    simulator: Sim, endpoint: MakeEndpoint, tmp_path: Any, workers: list[WorkerProcess]
+    simulator: Sim, endpoint: MakeEndpoint, tmp_path: Any
 ) -> None:
     sim = simulator()
     endpoint(sim, "after-pickle")
     marker = tmp_path / "pickle-was-executed"
+    task_id = f"pickled-{uuid.uuid4().hex}"
 
     class Exploit:
         def __reduce__(self) -> tuple[Any, ...]:
@@ -202,20 +206,21 @@ def test_pickle_message_is_refused_and_the_queue_keeps_flowing(
             serializer="pickle",
             routing_key="aimesh.route",
             exchange="aimesh.route",
-            headers={"task": "aimesh.route", "id": f"pickled-{uuid.uuid4().hex}", "lang": "py"},
+            headers={"task": "aimesh.route", "id": task_id, "lang": "py"},
         )
-    [router] = [w for w in workers if w.name.startswith("router-")]
 
-    def refusal() -> str | None:  # the router's line for this very message (its body)
-        return next((line for line in router.log.read_text().splitlines()
-                     if "untrusted content of type pickle" in line and str(marker) in line),
-                    None)
+    def refused() -> dead_letters.DeadLetter | None:  # the router set this very message aside
+        return next((e for e in dead_letters.list_entries(ROUTE_QUEUE)
+                     if e["task_id"] == task_id), None)
 
-    wait_until(refusal, "the router worker to receive and refuse the pickled message",
-               seen=lambda: router.log.read_text()[-2000:])
+    entry = wait_until(refused, f"the router to dead-letter the pickled message {task_id}",
+                       seen=lambda: dead_letters.list_entries(ROUTE_QUEUE))
+    assert entry["reason"] == "content_type" and "pickle" in entry["detail"]
+    body = base64.b64decode(json.loads(entry["raw"])["body"])  # the envelope, as queued
+    assert str(marker).encode() in body  # the pickle kept as bytes, never loaded
     broker = redis.Redis.from_url(f"{REDIS}/{BROKER_DB}")
-    parked = [*broker.lrange("aimesh.route", 0, -1), *broker.hvals("unacked")]
-    assert not [m for m in parked if str(marker).encode() in m]  # discarded, not parked
+    parked = [*broker.lrange(ROUTE_QUEUE, 0, -1), *broker.hvals("unacked")]
+    assert not [m for m in parked if task_id.encode() in m]  # off the queue for good
     assert _ask()["text"]
     assert not marker.exists()
 
