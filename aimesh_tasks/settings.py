@@ -31,7 +31,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_EMBEDDED_CONCURRENCY       | 8                   | threads of the embedded worker    |
 | AIMESH_WORKER_FOLLOW_ENDPOINTS    | false               | worker follows all endpoint queues|
 | AIMESH_FOLLOW_INTERVAL_S          | 1.0                 | registry check for endpoint queues|
-| AIMESH_RESERVATION_TIMEOUT_S      | 4000                | held reservations are reaped after|
+| AIMESH_RESERVATION_TIMEOUT_S      | 600                 | held reservations are reaped after|
 | AIMESH_REAPER_INTERVAL_S          | 60                  | how often each worker reaps       |
 | AIMESH_OUTBOX_FLUSH_INTERVAL_S    | 0.2                 | outbox → database flush period    |
 | AIMESH_FAILPOINTS                 | (empty)             | tests: 'name@agent=s' pauses      |
@@ -43,6 +43,11 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_WORKFLOW_MAX_STEPS         | 500                 | most steps in one workflow        |
 | AIMESH_POLICIES                   | (empty)             | extra policies 'pkg.mod:Class,...'|
 | AIMESH_TRANSIENT_RETRIES          | 8                   | task retries on a Redis/PG outage |
+| AIMESH_INGRESS_MAX_BODY_BYTES     | 1048576             | ingress: largest JSON body (413)  |
+| AIMESH_INGRESS_MAX_FILE_BYTES     | 52428800            | ingress: largest /v1/files upload |
+| AIMESH_INGRESS_WAIT_S             | 600                 | ingress: a sync request waits up to|
+| AIMESH_INGRESS_KEY_CACHE_S        | 0.5                 | ingress: API key checks cached for|
+| AIMESH_INGRESS_RESULT_POLL_S      | 1.0                 | ingress: result re-read if no news|
 """
 
 from __future__ import annotations
@@ -113,8 +118,9 @@ class Settings(BaseSettings):
         1.0, gt=0, description="How often workers check the registry for endpoint queues."
     )
     reservation_timeout_s: float = Field(
-        4000, gt=0, description="A budget reservation held this long is reaped."
-    )
+        600, gt=0,
+        description="A budget reservation held this long is reaped (after any redelivery: "
+                    "above the visibility timeout plus the hard time limit).")
     reaper_interval_s: float = Field(60, gt=0, description="How often workers run the reaper.")
     outbox_flush_interval_s: float = Field(
         0.2, gt=0, description="How often each worker moves outbox records to the database."
@@ -148,6 +154,22 @@ class Settings(BaseSettings):
         8, ge=0, le=100,
         description="Retries of a task after a transient Redis/Postgres error, with backoff.",
     )
+    ingress_max_body_bytes: int = Field(
+        1_048_576, ge=1024,
+        description="Largest request body the ingress reads; a larger one is refused (413) "
+        "before it is parsed.")
+    ingress_max_file_bytes: int = Field(
+        52_428_800, ge=1024, description="Largest upload to the ingress's POST /v1/files.")
+    ingress_wait_s: float = Field(
+        600, gt=0, description="Longest a synchronous ingress request waits for its answer "
+        "(then 504 with the message id to poll; the message stays queued).")
+    ingress_key_cache_s: float = Field(
+        0.5, ge=0, le=1,
+        description="How long an ingress process trusts an API key check (a revoked key is "
+        "refused by every process after at most this long).")
+    ingress_result_poll_s: float = Field(
+        1.0, gt=0, description="Besides the result backend's pub/sub, the ingress re-reads a "
+        "waited result this often (a missed publish costs at most this much).")
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> Settings:
@@ -156,6 +178,12 @@ class Settings(BaseSettings):
                 "AIMESH_TASK_SOFT_TIME_LIMIT_S must be below AIMESH_TASK_TIME_LIMIT_S "
                 f"({self.task_soft_time_limit_s} >= {self.task_time_limit_s})"
             )
+        if self.reservation_timeout_s <= self.visibility_timeout_s + self.task_time_limit_s:
+            raise ValueError(
+                f"AIMESH_RESERVATION_TIMEOUT_S ({self.reservation_timeout_s:g}) must exceed "
+                f"AIMESH_VISIBILITY_TIMEOUT_S + AIMESH_TASK_TIME_LIMIT_S "
+                f"({self.visibility_timeout_s + self.task_time_limit_s:g}): a reservation is "
+                "reaped only after every redelivery of its task has had its chance")
         if self.route_weight_cost + self.route_weight_load + self.route_weight_latency <= 0:
             raise ValueError("AIMESH_ROUTE_WEIGHT_*: at least one weight must be above 0")
         return self
