@@ -31,12 +31,14 @@ from pathlib import Path
 from typing import Any
 
 REDIS = os.environ.get("AIMESH_BENCH_REDIS", "redis://127.0.0.1:6379")
+# Redis dbs for the broker/results and the live figures (AIMESH_BENCH_DBS="2,3").
+BROKER_DB, LIVE_DB = os.environ.get("AIMESH_BENCH_DBS", "2,3").split(",")
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 BENCH_DB = "postgresql://postgres@127.0.0.1:5432/aimesh_bench"
 ENV = {
-    "AIMESH_BROKER_URL": f"{REDIS}/2",
-    "AIMESH_RESULT_BACKEND": f"{REDIS}/2",
-    "AIMESH_REDIS_URL": f"{REDIS}/3",
+    "AIMESH_BROKER_URL": f"{REDIS}/{BROKER_DB}",
+    "AIMESH_RESULT_BACKEND": f"{REDIS}/{BROKER_DB}",
+    "AIMESH_REDIS_URL": f"{REDIS}/{LIVE_DB}",
     "AIMESH_DATABASE_URL": BENCH_DB,
 }
 os.environ.update(ENV)
@@ -62,12 +64,12 @@ def _free_port() -> int:
 
 
 def prepare_database() -> None:
-    """Create and migrate the benchmark database; empty Redis dbs 12 and 13."""
+    """Create and migrate the benchmark database; empty its Redis dbs."""
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         if not conn.execute("SELECT 1 FROM pg_database WHERE datname='aimesh_bench'").fetchone():
             conn.execute("CREATE DATABASE aimesh_bench")
     upgrade(BENCH_DB)
-    for db in (2, 3):
+    for db in (BROKER_DB, LIVE_DB):
         redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
     for endpoint in list_endpoints():
         remove_endpoint(endpoint.id)
