@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from aimesh_tasks import events, outbox
 from aimesh_tasks.budgets.estimate import Estimate, worst_case
 from aimesh_tasks.budgets.ledger import claim, estimate_of, reserve, settle
@@ -130,6 +132,11 @@ def _call(message: AiMessage, endpoint: Endpoint, call_key: str
         completion = call_provider(endpoint, message, call_key)
     except ProviderError as exc:
         error = exc
+    except SoftTimeLimitExceeded:  # a hang past the soft time limit: the request was sent
+        error = ProviderError(
+            f"endpoint '{endpoint.id}' did not answer within the task's soft time limit",
+            endpoint_id=endpoint.id, action="fallback", reason="timeout", maybe_billed=True,
+            retryable=True)
     latency_ms = (time.perf_counter() - started) * 1000
     attempt = Attempt(endpoint_id=endpoint.id, ok=error is None, latency_ms=round(latency_ms, 3),
                       error=error.to_dict() if error else None)
@@ -201,8 +208,9 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
         completion, cost_nusd = _estimated(message, endpoint, completion)
     elif completion is not None:
         cost_nusd = cost_of(endpoint, completion)
-    elif error is not None and error.fields.get("reason") == "malformed_response":
-        # The provider answered 200 and billed it; we cannot read how much: the worst case.
+    elif error is not None and error.fields.get("maybe_billed"):
+        # The request reached the provider (an unreadable 200, a timeout or a connection
+        # lost after sending): we cannot know what it billed, so the worst case.
         estimate = worst_case(message, endpoint)
         cost_nusd = estimate.nusd
     else:
@@ -217,7 +225,9 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
     if metered:
         before_settle.send()
         failpoint("before_settle", message.agent_id)
-        _settle(charged_key, completion, estimate, cost_nusd)
+        _settle(charged_key, completion, estimate, cost_nusd,
+                "estimated" if error is not None and error.fields.get("reason") ==
+                "malformed_response" else "lost")
     lease.queue_release(tail, call_key, began.value)
     _record_attempt(message, endpoint, attempt, completion, cost_nusd, tail)
     events.call_finished.send(sender=make_call, message=message, endpoint=endpoint,
@@ -227,12 +237,12 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
 
 
 def _settle(charged_key: str, completion: Completion | None, estimate: Estimate | None,
-            cost_nusd: int) -> None:
+            cost_nusd: int, estimate_kind: str) -> None:
     if completion is not None:
         settle(charged_key, completion.input_tokens + completion.output_tokens, cost_nusd,
                kind="call" if completion.usage_known else "estimated")
     elif estimate is not None:
-        settle(charged_key, estimate.tokens, estimate.nusd, kind="estimated")
+        settle(charged_key, estimate.tokens, estimate.nusd, kind=estimate_kind)
     else:
         settle(charged_key, 0, 0)
 

@@ -71,7 +71,14 @@ def call(app: Any, envelope: Envelope, *, wait_s: float, policies: Policies | No
         tail.send()
         end_flight(app, envelope.flight, None)
         return Failed(_fail(message, exc))
-    done = make_call(message, endpoint, call_key, began, metered=envelope.metered, tail=tail)
+    try:
+        done = make_call(message, endpoint, call_key, began, metered=envelope.metered,
+                         tail=tail)
+    except AimeshError as exc:  # the reservation could not be made again (a takeover)
+        lease.queue_release(tail, call_key, began.value)
+        tail.send()
+        end_flight(app, envelope.flight, None)
+        return Failed(_fail(message, exc))
     return _decide(app, envelope, message, done, started_at, tail, policies, ctx)
 
 

@@ -107,11 +107,16 @@ def _send(endpoint: Endpoint, request_json: dict[str, Any], headers: dict[str, s
         with CLIENTS.borrow(endpoint.base_url) as client:
             return client.post(path, json=request_json, headers=headers)
     except httpx.HTTPError as exc:
+        # A request that never connected cannot have been billed; one that failed later
+        # (read timeout, dropped connection) may have been: the path charges it at the
+        # reservation (`maybe_billed`).
+        unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
         raise ProviderError(
             f"endpoint '{endpoint.id}': {type(exc).__name__} calling {endpoint.base_url}",
             endpoint_id=endpoint.id,
             action="fallback",
-            reason="transport",
+            reason="connect" if unsent else "transport",
+            maybe_billed=not unsent,
             retryable=True,
         ) from exc
 
@@ -135,5 +140,6 @@ def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str) -> Comp
             status=200,
             action="fallback",
             reason="malformed_response",
+            maybe_billed=True,
             retryable=True,
         ) from exc
