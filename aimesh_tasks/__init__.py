@@ -8,7 +8,7 @@
 import importlib as _importlib
 import typing as _typing
 
-from aimesh_tasks.envelope import Envelope, Flight
+from aimesh_tasks.envelope import Envelope, Flight, InvalidEnvelope
 from aimesh_tasks.errors import (
     AimeshError,
     AllEndpointsFailed,
@@ -22,6 +22,7 @@ from aimesh_tasks.errors import (
     ProviderError,
     Refused,
     ServiceUnavailable,
+    UndeliverableMessage,
 )
 from aimesh_tasks.messages import AiMessage, AiResult, ChatMessage
 from aimesh_tasks.policies.base import Policy
@@ -112,4 +113,6 @@ __all__ = [
     "ProviderError",
     "Refused",
     "ServiceUnavailable",
+    "UndeliverableMessage",
+    "InvalidEnvelope",
 ]

@@ -94,3 +94,18 @@ def test_deployment_overrides_apply_but_never_to_the_guarantees(tmp_path: Path) 
     assert conf["worker_send_task_events"] is True
     assert "ignoring task_acks_late = False" in stderr
     assert "ignoring accept_content = ['pickle']" in stderr
+
+
+def test_every_error_a_producer_can_catch_is_exported() -> None:
+    import inspect
+
+    import aimesh_tasks
+    from aimesh_tasks import envelope, errors
+
+    tree = [cls for module in (errors, envelope) for _, cls in inspect.getmembers(module)
+            if inspect.isclass(cls) and issubclass(cls, errors.AimeshError)
+            and cls.__module__ == module.__name__]
+    missing = sorted(cls.__name__ for cls in tree if cls.__name__ not in aimesh_tasks.__all__)
+    assert not missing, f"errors not exported from aimesh_tasks: {missing}"
+    for cls in tree:
+        assert getattr(aimesh_tasks, cls.__name__) is cls
