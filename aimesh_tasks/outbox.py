@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import defaultdict
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from sqlalchemy import DateTime, Table
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -36,9 +36,58 @@ TABLES: dict[str, Table] = {
 }
 BATCH = 1000
 LOCK_TTL_MS = 30_000
+Kind = Literal["routing_decision", "call_attempt", "audit"]
 
 
-def append(kind: str, row: dict[str, Any], *, batch: Batch | None = None,
+class DecisionRecord(TypedDict):
+    """A routing decision (routing/decisions.py): the ranked candidates and why others
+    were left out."""
+
+    message_id: str
+    agent_id: str
+    winner: str | None
+    fallbacks: list[str]
+    candidates: list[dict[str, Any]]
+    excluded: dict[str, str]
+    weights: dict[str, float]
+    error: str | None
+    created_at: datetime
+
+
+class CallAttemptRecord(TypedDict):
+    """One upstream call (pipeline/call.py)."""
+
+    message_id: str
+    agent_id: str
+    endpoint_id: str
+    ok: bool
+    status: int | None
+    latency_ms: float
+    input_tokens: int
+    output_tokens: int
+    cost_nusd: int
+    error: str | None
+    created_at: datetime
+
+
+class AuditRecord(TypedDict):
+    """One decision about a message (governance/audit.py)."""
+
+    event: str
+    message_id: str
+    agent_id: str
+    endpoint_id: str | None
+    tokens: int
+    cost_nusd: int
+    reason: str | None
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+Record = DecisionRecord | CallAttemptRecord | AuditRecord
+
+
+def append(kind: Kind, row: Record, *, batch: Batch | None = None,
            row_key: str | None = None) -> None:
     """Queue one record for Postgres; `row` holds the table's columns (JSON-safe values).
     With a batch, the record goes with the batch's round trip (and only when it is sent).

@@ -15,8 +15,12 @@ from aimesh_tasks.redis_batch import Batch
 def record_decision(record: dict[str, Any], *, error: str | None = None,
                     batch: Batch | None = None) -> None:
     """Record one routing decision through the outbox (with a batch: when it is sent)."""
-    outbox.append("routing_decision", {**record, "error": error, "created_at": utcnow()},
-                  batch=batch)
+    row: outbox.DecisionRecord = {
+        "message_id": record["message_id"], "agent_id": record["agent_id"],
+        "winner": record["winner"], "fallbacks": record["fallbacks"],
+        "candidates": record["candidates"], "excluded": record["excluded"],
+        "weights": record["weights"], "error": error, "created_at": utcnow()}
+    outbox.append("routing_decision", row, batch=batch)
 
 
 def decisions_for(message_id: str) -> list[dict[str, Any]]:
