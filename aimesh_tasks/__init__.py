@@ -8,52 +8,70 @@
 import importlib as _importlib
 import typing as _typing
 
-from aimesh_tasks.envelope import Envelope, Flight, InvalidEnvelope
-from aimesh_tasks.errors import (
-    AimeshError,
-    AllEndpointsFailed,
-    BudgetExceeded,
-    ConfigError,
-    DeadlineExceeded,
-    InvalidInput,
-    InvalidMessage,
-    NoEndpointAvailable,
-    NotFound,
-    ProviderError,
-    Refused,
-    ServiceUnavailable,
-    UndeliverableMessage,
-)
-from aimesh_tasks.messages import AiMessage, AiResult, ChatMessage
-from aimesh_tasks.policies.base import Policy
-from aimesh_tasks.registry import (
-    Endpoint,
-    add_endpoint,
-    get_endpoint,
-    list_endpoints,
-    remove_endpoint,
-    set_enabled,
-    update_endpoint,
-)
-from aimesh_tasks.settings import Settings, get_settings
-from aimesh_tasks.workflows.model import Step, Workflow
-
 if _typing.TYPE_CHECKING:
     from celery import Celery
 
+    from aimesh_tasks.envelope import Envelope, Flight, InvalidEnvelope
+    from aimesh_tasks.errors import (
+        AimeshError,
+        AllEndpointsFailed,
+        BudgetExceeded,
+        ConfigError,
+        DeadlineExceeded,
+        InvalidInput,
+        InvalidMessage,
+        NoEndpointAvailable,
+        NotFound,
+        ProviderError,
+        Refused,
+        ServiceUnavailable,
+        UndeliverableMessage,
+    )
+    from aimesh_tasks.messages import AiMessage, AiResult, ChatMessage
+    from aimesh_tasks.policies.base import Policy
     from aimesh_tasks.producer import submit
+    from aimesh_tasks.registry import (
+        Endpoint,
+        add_endpoint,
+        get_endpoint,
+        list_endpoints,
+        remove_endpoint,
+        set_enabled,
+        update_endpoint,
+    )
+    from aimesh_tasks.settings import Settings, get_settings
     from aimesh_tasks.tasks import call_endpoint, route_message
+    from aimesh_tasks.workflows.model import Step, Workflow
     from aimesh_tasks.workflows.run import submit_workflow
 
     app: Celery
 
-# Importing the package builds no Celery app: these are loaded on first use.
+# Importing the package builds no Celery app and imports none of its modules: every name
+# is loaded on first use (so `aimesh --help` starts without pydantic, SQLAlchemy, Celery).
 _LAZY = {
     "app": "aimesh_tasks.app",
     "submit": "aimesh_tasks.producer",
     "route_message": "aimesh_tasks.tasks",
     "call_endpoint": "aimesh_tasks.tasks",
     "submit_workflow": "aimesh_tasks.workflows.run",
+    "Workflow": "aimesh_tasks.workflows.model",
+    "Step": "aimesh_tasks.workflows.model",
+    "AiMessage": "aimesh_tasks.messages",
+    "AiResult": "aimesh_tasks.messages",
+    "ChatMessage": "aimesh_tasks.messages",
+    "Envelope": "aimesh_tasks.envelope",
+    "Flight": "aimesh_tasks.envelope",
+    "InvalidEnvelope": "aimesh_tasks.envelope",
+    "Policy": "aimesh_tasks.policies.base",
+    "Settings": "aimesh_tasks.settings",
+    "get_settings": "aimesh_tasks.settings",
+    **{name: "aimesh_tasks.registry" for name in (
+        "Endpoint", "add_endpoint", "get_endpoint", "list_endpoints", "remove_endpoint",
+        "set_enabled", "update_endpoint")},
+    **{name: "aimesh_tasks.errors" for name in (
+        "AimeshError", "AllEndpointsFailed", "BudgetExceeded", "ConfigError",
+        "DeadlineExceeded", "InvalidInput", "InvalidMessage", "NoEndpointAvailable",
+        "NotFound", "ProviderError", "Refused", "ServiceUnavailable", "UndeliverableMessage")},
 }
 
 

@@ -43,23 +43,59 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_WORKFLOW_MAX_STEPS         | 500                 | most steps in one workflow        |
 | AIMESH_POLICIES                   | (empty)             | extra policies 'pkg.mod:Class,...'|
 | AIMESH_TRANSIENT_RETRIES          | 8                   | task retries on a Redis/PG outage |
+| AIMESH_ACCEPTED_LOG               | true                | accepted messages kept in Postgres|
+| AIMESH_REPUBLISH_AFTER_S          | 300                 | unseen accepted msg re-published  |
+| AIMESH_RECONCILE_INTERVAL_S       | 10                  | how often workers reconcile       |
+| AIMESH_DB_STATEMENT_TIMEOUT_S     | 30                  | Postgres statement_timeout; 0=off |
+| AIMESH_DB_LOCK_TIMEOUT_S          | 5                   | Postgres lock_timeout; 0 = off    |
+| AIMESH_INTENT_MIN_SCORE           | 0.40                | intent routing: least best score  |
+| AIMESH_INTENT_AMBIGUITY_THRESHOLD | 0.05                | top two closer than this: 409     |
+| AIMESH_MAX_HOPS                   | 8                   | agent-to-agent hops before refusal|
+| AIMESH_HOPS_TTL_S                 | 86400               | a message's hop count is kept for |
 | AIMESH_INGRESS_MAX_BODY_BYTES     | 1048576             | ingress: largest JSON body (413)  |
 | AIMESH_INGRESS_MAX_FILE_BYTES     | 52428800            | ingress: largest /v1/files upload |
 | AIMESH_INGRESS_WAIT_S             | 600                 | ingress: a sync request waits up to|
 | AIMESH_INGRESS_KEY_CACHE_S        | 0.5                 | ingress: API key checks cached for|
 | AIMESH_INGRESS_RESULT_POLL_S      | 1.0                 | ingress: result re-read if no news|
+| AIMESH_RETRY_MAX_ATTEMPTS         | 2                   | same-endpoint retries (429/503/529)|
+| AIMESH_RETRY_BASE_S               | 0.5                 | first backoff window (full jitter)|
+| AIMESH_RETRY_MAX_DELAY_S          | 30                  | longest wait; longer: fall back   |
+| AIMESH_RETRY_MAX_TOTAL_DELAY_S    | 60                  | all retry waits of one message    |
+| AIMESH_RETRY_SLEEP_MAX_S          | 1                   | shorter waits sleep in the worker |
+| AIMESH_BREAKER_ENABLED            | true                | circuit breaker per endpoint      |
+| AIMESH_BREAKER_FAILURES           | 5                   | consecutive failures: open        |
+| AIMESH_BREAKER_FAILURE_RATE       | 0.5                 | or failure share above this, over |
+| AIMESH_BREAKER_MIN_CALLS          | 20                  | at least this many calls, in      |
+| AIMESH_BREAKER_WINDOW_S           | 60                  | a sliding window this long        |
+| AIMESH_BREAKER_COOLDOWN_S         | 30                  | open this long, then half-open    |
+| AIMESH_BREAKER_COOLDOWN_MAX_S     | 120                 | cap of the doubling cooldown      |
+| AIMESH_BREAKER_PROBES             | 1                   | half-open probe calls, cluster-wide|
+| AIMESH_BREAKER_ALL_OPEN           | fail                | all open: 'fail' or 'soonest'     |
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aimesh_tasks.errors import ConfigError
 
 MEMORY_URL = "memory://"
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+# The fix an error message suggests, by the type of the setting.
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a text value"}
 
 
 class Settings(BaseSettings):
@@ -154,6 +190,34 @@ class Settings(BaseSettings):
         8, ge=0, le=100,
         description="Retries of a task after a transient Redis/Postgres error, with backoff.",
     )
+    accepted_log: bool = Field(
+        True,
+        description="Keep every accepted message in Postgres until it finishes, and have "
+        "workers re-publish those the broker lost (off in embedded mode).")
+    republish_after_s: float = Field(
+        300, gt=0,
+        description="An accepted message no worker has seen this long is re-published; set "
+        "it above the longest wait in the routing queue.")
+    reconcile_interval_s: float = Field(
+        10, gt=0, description="How often workers reconcile the accepted messages.")
+    db_statement_timeout_s: float = Field(
+        30, ge=0, description="Postgres statement_timeout of every connection; 0 = none.")
+    db_lock_timeout_s: float = Field(
+        5, ge=0, description="Postgres lock_timeout of every connection; 0 = none.")
+    intent_min_score: float = Field(
+        0.40, ge=-1, le=1,
+        description="Intent routing: a best route scoring below this sends the message to "
+        "that route's fallback (or refuses it: no route matches).")
+    intent_ambiguity_threshold: float = Field(
+        0.05, ge=0, le=2,
+        description="Intent routing: top two routes closer than this are refused as "
+        "ambiguous (409) instead of guessed.")
+    max_hops: int = Field(
+        8, ge=1, le=1000,
+        description="Most agent-to-agent hops (a message fed from another message's output, "
+        "metadata 'aimesh.parent_id') before the chain is refused and dead-lettered.")
+    hops_ttl_s: int = Field(
+        86400, ge=60, description="How long a message's hop count is kept for its children.")
     ingress_max_body_bytes: int = Field(
         1_048_576, ge=1024,
         description="Largest request body the ingress reads; a larger one is refused (413) "
@@ -170,13 +234,57 @@ class Settings(BaseSettings):
     ingress_result_poll_s: float = Field(
         1.0, gt=0, description="Besides the result backend's pub/sub, the ingress re-reads a "
         "waited result this often (a missed publish costs at most this much).")
+    retry_max_attempts: int = Field(
+        2, ge=0, le=20,
+        description="Retries of a call at the same endpoint after a short overload (429, 503, "
+        "529), each a new call; 0 = fall back at once.")
+    retry_base_s: float = Field(0.5, gt=0, description="First backoff window, in seconds.")
+    retry_max_delay_s: float = Field(
+        30, gt=0, description="Longest single retry wait; a longer Retry-After falls back.")
+    retry_max_total_delay_s: float = Field(
+        60, ge=0, description="All retry waits of one message together, in seconds.")
+    retry_sleep_max_s: float = Field(
+        1, ge=0, description="Retry waits up to this sleep in the worker; longer ones "
+        "re-publish the call with a countdown.")
+    breaker_enabled: bool = Field(True, description="A circuit breaker per endpoint.")
+    breaker_failures: int = Field(5, ge=1, description="Consecutive failures that open it.")
+    breaker_failure_rate: float = Field(
+        0.5, gt=0, le=1, description="A failure share above this over the window opens it.")
+    breaker_min_calls: int = Field(20, ge=1, description="Calls the failure share needs.")
+    breaker_window_s: float = Field(60, gt=0, description="Sliding window of the share.")
+    breaker_cooldown_s: float = Field(30, gt=0, description="Open this long, then half-open.")
+    breaker_cooldown_max_s: float = Field(
+        120, gt=0, description="Cap of the cooldown, doubled by every failed probe.")
+    breaker_probes: int = Field(
+        1, ge=1, le=100, description="Probe calls admitted in half-open, cluster-wide.")
+    breaker_all_open: Literal["fail", "soonest"] = Field(
+        "fail", description="Every candidate's breaker open: fail fast ('fail'), or send to "
+        "the endpoint whose cooldown ends first ('soonest').")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if not _SCHEME.match(value):
+            raise ValueError("not a database URL. Fix: give one such as "
+                             "postgresql://user@host:5432/aimesh or sqlite:///aimesh.db")
+        # `postgres://` is what Heroku, Render and many tools print; SQLAlchemy only knows
+        # the dialect as `postgresql`, so the common spelling is accepted and corrected.
+        return re.sub(r"^postgres(?=[:+])", "postgresql", value, flags=re.IGNORECASE)
+
+    @field_validator("broker_url", "result_backend", "redis_url")
+    @classmethod
+    def _server_url(cls, value: str) -> str:
+        if not _SCHEME.match(value):
+            raise ValueError("not a URL. Fix: give one such as redis://127.0.0.1:6379/0")
+        return value
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> Settings:
         if self.task_soft_time_limit_s >= self.task_time_limit_s:
             raise ValueError(
                 "AIMESH_TASK_SOFT_TIME_LIMIT_S must be below AIMESH_TASK_TIME_LIMIT_S "
-                f"({self.task_soft_time_limit_s} >= {self.task_time_limit_s})"
+                f"({self.task_soft_time_limit_s:g} >= {self.task_time_limit_s:g}). Fix: lower "
+                "the soft limit or raise the hard one (defaults 60 and 90)"
             )
         if self.reservation_timeout_s <= self.visibility_timeout_s + self.task_time_limit_s:
             raise ValueError(
@@ -186,6 +294,10 @@ class Settings(BaseSettings):
                 "reaped only after every redelivery of its task has had its chance")
         if self.route_weight_cost + self.route_weight_load + self.route_weight_latency <= 0:
             raise ValueError("AIMESH_ROUTE_WEIGHT_*: at least one weight must be above 0")
+        if self.breaker_cooldown_s > self.breaker_cooldown_max_s:
+            raise ValueError(
+                f"AIMESH_BREAKER_COOLDOWN_S ({self.breaker_cooldown_s:g}) must not exceed "
+                f"AIMESH_BREAKER_COOLDOWN_MAX_S ({self.breaker_cooldown_max_s:g})")
         return self
 
     @property
@@ -208,15 +320,50 @@ class Settings(BaseSettings):
         return (self.route_weight_cost, self.route_weight_load, self.route_weight_latency)
 
 
+def _shown(name: str, value: Any) -> str:
+    """The bad value as an error may show it: secrets never, URL passwords masked."""
+    field = Settings.model_fields.get(name)
+    if field is not None and field.annotation in (SecretStr, SecretStr | None):
+        return "(hidden)"
+    return repr(_PASSWORD.sub(r"\1***@", str(value)))
+
+
+def _fix(name: str) -> str:
+    field = Settings.model_fields[name]
+    kind = _KINDS.get(field.annotation, "a valid value")  # type: ignore[arg-type]
+    default = field.default
+    shown = "empty" if default in ("", None) else str(default).lower() if isinstance(
+        default, bool) else f"{default}"
+    what = (field.description or "").rstrip(".")
+    return f"Fix: set {kind}, or unset it for the default ({shown}); it is: {what[:1].lower()}" \
+        f"{what[1:]}"
+
+
+def describe_error(error: Any) -> tuple[str, str]:
+    """(variable, one line: the variable, its bad value, the problem and the fix) for one
+    pydantic error of Settings()."""
+    reason = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(p) for p in error["loc"])
+    if not where:  # a rule across settings: the message names the variables
+        variable = reason.split(" ", 1)[0].rstrip(":")
+        fix = "" if "Fix:" in reason else ". Fix: change one of the variables it names"
+        return variable, reason + fix
+    field = where.lower().removeprefix("aimesh_")
+    variable = where if where.startswith("AIMESH_") else f"AIMESH_{where.upper()}"
+    line = f"{variable}={_shown(field, error.get('input'))}: {reason}"
+    if "Fix:" not in reason and field in Settings.model_fields:
+        line += f". {_fix(field)}"
+    return variable, line
+
+
 def load_settings() -> Settings:
-    """Read the environment into a Settings, or raise ConfigError naming the variable."""
+    """Read the environment into a Settings, or raise ConfigError naming the variable,
+    the value's problem and the fix in one line."""
     try:
         return Settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        name = where if where.startswith("AIMESH_") else f"AIMESH_{where.upper()}"
-        raise ConfigError(f"{name}: {first['msg']}", setting=name) from exc
+        variable, line = describe_error(exc.errors()[0])
+        raise ConfigError(line, setting=variable) from exc
 
 
 @lru_cache(maxsize=1)

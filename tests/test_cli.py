@@ -125,10 +125,10 @@ def test_unknown_endpoint_is_one_line_error(clean: None, command: list[str]) -> 
 def test_bad_endpoint_input_names_the_field(clean: None) -> None:
     bad_price = run("endpoints", "add", "ep-x", "--url", "http://127.0.0.1:9", "--model", "m",
                     "--input-price", "cheap", "--output-price", "0.001")
-    assert_one_line_error(bad_price, "input_usd_per_1k", "'cheap' is not a decimal number")
+    assert_one_line_error(bad_price, "--input-price", "'cheap' is not a decimal number")
     bad_url = run("endpoints", "add", "ep-x", "--url", "ftp://host", "--model", "m",
                   "--input-price", "0.001", "--output-price", "0.001")
-    assert_one_line_error(bad_url, "base_url", "ftp://host")
+    assert_one_line_error(bad_url, "--url", "ftp://host")
     assert list_endpoints() == []
     run("endpoints", "add", "ep-x", "--url", "http://127.0.0.1:9", "--model", "m",
         "--input-price", "0.001", "--output-price", "0.001")

@@ -1,30 +1,41 @@
 """What every `aimesh` command shares: errors as one line on stderr, consoles, URLs.
 
-An error the user can fix (an AimeshError, an unreachable broker, Redis or database)
-becomes `error: ...` on stderr and exit code 2, never a traceback; `aimesh --help` lists
-the exit codes.
+An error the user can fix (an AimeshError, an invalid AIMESH_* setting, an unreachable
+broker, Redis or database) becomes `error: ...` on stderr and exit code 2, never a
+traceback; `aimesh --help` lists the exit codes. Importing this module is cheap (typer
+only): rich, kombu, redis and SQLAlchemy are imported by the functions that use them, so
+that `aimesh --help` starts fast.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import kombu.exceptions
-import redis
-import sqlalchemy.exc
 import typer
-from rich import box
-from rich.console import Console
-from rich.table import Table
-from sqlalchemy.engine import make_url
 from typer.core import TyperGroup
 
 from aimesh_tasks.errors import AimeshError
-from aimesh_tasks.settings import get_settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from aimesh_tasks.settings import Settings
+
+
+
+def get_settings() -> Settings:
+    """The process-wide settings (imported here on first use: pydantic is not cheap)."""
+    from aimesh_tasks.settings import get_settings as read
+
+    return read()
+
 
 EXIT_FAILED = 1  # the command ran, but some messages failed or were rejected
 EXIT_ERROR = 2  # the command could not run: bad input, unknown id, a server unreachable
@@ -38,6 +49,8 @@ SHORT_PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0
 def stdout() -> Console:
     """A console on stdout (created per call: CliRunner swaps sys.stdout). Piped into a
     file or another program, tables get room instead of the 80 columns rich assumes."""
+    from rich.console import Console
+
     console = Console()
     if not console.is_terminal:
         console = Console(width=PIPED_WIDTH)
@@ -46,6 +59,9 @@ def stdout() -> Console:
 
 def table(*headers: str, title: str | None = None) -> Table:
     """A compact table; the first column (an id) is never cut short."""
+    from rich import box
+    from rich.table import Table
+
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     for n, header in enumerate(headers):
         # Figures are folded onto a second line rather than cut with an ellipsis.
@@ -61,6 +77,8 @@ def usd(amount: str, places: int = 6) -> str:
 
 def stderr() -> Console:
     """A console on stderr, for progress bars and notes that must not mix with data."""
+    from rich.console import Console
+
     return Console(stderr=True)
 
 
@@ -78,9 +96,12 @@ def safe_url(url: str) -> str:
 
 
 def _safe_db_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
+    except ArgumentError:
         return url
 
 
@@ -89,41 +110,92 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def database_error(exc: sqlalchemy.exc.DBAPIError) -> str:
-    """One line on a database error: not migrated, or not reachable."""
+_MISSING_DATABASE = re.compile(r'database "([^"]+)" does not exist')
+
+
+def database_error(exc: BaseException) -> str:
+    """One line on a database error: missing, not migrated, or not reachable."""
     url = _safe_db_url(get_settings().database_url)
     reason = _first_line(exc)
+    missing = _MISSING_DATABASE.search(str(getattr(exc, "orig", None) or exc))
+    if missing:
+        return (f"the database '{missing.group(1)}' does not exist on the server of {url}; "
+                "`aimesh db upgrade` creates it (when the server lets this user create "
+                "databases) and its tables")
     if "no such table" in reason or "does not exist" in reason:
-        return (f"the database at {url} is not migrated ({reason}); run `aimesh db upgrade`")
+        return f"the database at {url} is not migrated ({reason}); run `aimesh db upgrade`"
     return (f"cannot reach the database at {url} ({reason}); start it, or point "
             "AIMESH_DATABASE_URL at a running one")
 
 
-def _describe(exc: Exception) -> str | None:
+def _loaded(module: str) -> Any:
+    # An exception of a library this process never imported cannot be raised: looking the
+    # module up instead of importing it keeps `aimesh --help` from loading it.
+    return sys.modules.get(module)
+
+
+def _server_error(exc: Exception) -> str | None:
     settings = get_settings()
-    if isinstance(exc, AimeshError):
-        return exc.message
-    if isinstance(exc, kombu.exceptions.OperationalError):
+    kombu_exc, redis_mod, sa_exc = (_loaded("kombu.exceptions"), _loaded("redis"),
+                                    _loaded("sqlalchemy.exc"))
+    if kombu_exc is not None and isinstance(exc, kombu_exc.OperationalError):
         return (f"cannot reach the broker at {safe_url(settings.broker_url)} "
                 f"({_first_line(exc)}); start it, or set AIMESH_BROKER_URL")
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+    if redis_mod is not None and isinstance(exc, redis_mod.ConnectionError
+                                            | redis_mod.TimeoutError):
         return (f"cannot reach Redis ({_first_line(exc)}); check AIMESH_REDIS_URL="
                 f"{safe_url(settings.redis_url)} and AIMESH_RESULT_BACKEND="
                 f"{safe_url(settings.result_backend)}")
-    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
         return database_error(exc)
     return None
 
 
+# Library fields and functions an error may name, as the CLI user knows them.
+CLI_NAMES = {
+    "input_usd_per_1k": "--input-price",
+    "output_usd_per_1k": "--output-price",
+    "base_url": "--url",
+    "api_key_env": "--api-key-env",
+    "rolling_s": "--rolling-s",
+    "expires_at": "--expires",
+    "update_endpoint": "`aimesh endpoints update`",
+    "add_endpoint": "`aimesh endpoints add`",
+    "set_budget": "`aimesh budgets set`",
+}
+_CLI_NAME = re.compile(r"\b(" + "|".join(CLI_NAMES) + r")\b")
+
+
+def in_cli_terms(message: str) -> str:
+    """The message with library field and function names replaced by the CLI's flags and
+    commands (`input_usd_per_1k` -> `--input-price`)."""
+    return _CLI_NAME.sub(lambda m: CLI_NAMES[m.group(1)], message)
+
+
+def describe(exc: Exception) -> str | None:
+    """The one line a user sees for an error they can fix, or None for a bug."""
+    if isinstance(exc, AimeshError):
+        return in_cli_terms(exc.message)
+    return _server_error(exc)
+
+
+def _asks_for_help(ctx: Any) -> bool:
+    words = [*getattr(ctx, "protected_args", []), *ctx.args]
+    return not words or any(w in ("--help", "-h") for w in words)
+
+
 class AimeshGroup(TyperGroup):
-    """The root command group: maps the errors a user can fix to one line and exit 2."""
+    """The root command group: reads the settings before any command runs, and maps the
+    errors a user can fix to one line and exit 2."""
 
     def invoke(self, ctx: Any) -> Any:
         """Run the command; a known error becomes `error: ...` on stderr."""
         try:
+            if not _asks_for_help(ctx):
+                get_settings()  # an invalid AIMESH_* value stops every command here
             return super().invoke(ctx)
         except Exception as exc:
-            described = _describe(exc)
+            described = describe(exc)
             if described is None:
                 raise
             fail(described)
@@ -141,6 +213,8 @@ def check_servers(timeout_s: float = CHECK_TIMEOUT_S) -> None:
                                      timeout=timeout_s)
     backend = settings.result_backend
     if backend.startswith(("redis://", "rediss://")):
+        import redis
+
         client = redis.Redis.from_url(backend, socket_connect_timeout=timeout_s,
                                       socket_timeout=timeout_s)
         try:
