@@ -37,6 +37,12 @@ def live_inflight(endpoint_id: str) -> str:
     return f"{PREFIX}:live:{endpoint_id}:inflight"
 
 
+def key_missing(endpoint_id: str) -> str:
+    """Sorted set of the workers serving an endpoint without its API key, each scored by
+    when its report expires (epoch s); the follow step refreshes it."""
+    return f"{PREFIX}:keys:missing:{endpoint_id}"
+
+
 def registry_version() -> str:
     """Random token replaced on every endpoint change; routers reload when it moves."""
     return f"{PREFIX}:registry:version"
@@ -149,3 +155,70 @@ def deliveries(task_id: str) -> str:
 def delivery_history(task_id: str) -> str:
     """List of a task message's deliveries that lost their worker (JSON, oldest first)."""
     return f"{PREFIX}:deliveries:{task_id}:history"
+
+
+def ingress_message(message_id: str) -> str:
+    """Hash of a message the HTTP ingress accepted: its agent and when (to poll it by id)."""
+    return f"{PREFIX}:ingress:message:{message_id}"
+
+
+def governance_version() -> str:
+    """Random token replaced on every change of routes, agents or rate limits; each process
+    reloads its governance table when it moves."""
+    return f"{PREFIX}:governance:version"
+
+
+def rate_log(subject: str, window_s: int) -> str:
+    """Sorted set of the messages a subject ('agent:<id>') sent in a moving window, scored
+    by the time they were admitted (epoch ms)."""
+    return f"{PREFIX}:rate:{subject}:{window_s}:log"
+
+
+def rate_tokens(subject: str, window_s: int) -> str:
+    """Hash of the tokens each message in a subject's window is charged, plus '_total'."""
+    return f"{PREFIX}:rate:{subject}:{window_s}:tokens"
+
+
+def hops(message_id: str) -> str:
+    """How many agent-to-agent hops a message is from its origin (absent: 0), with a TTL."""
+    return f"{PREFIX}:hops:{message_id}"
+
+
+def loop_refused(message_id: str) -> str:
+    """Set once when a message is refused at the hop cap: it is dead-lettered once."""
+    return f"{PREFIX}:hops:{message_id}:refused"
+
+
+def accepted_seen() -> str:
+    """Set of accepted messages whose routing task started, not yet noted in Postgres."""
+    return f"{PREFIX}:accepted:seen"
+
+
+def accepted_finished() -> str:
+    """Set of accepted messages that reached a terminal state, not yet noted in Postgres."""
+    return f"{PREFIX}:accepted:finished"
+
+
+def reconcile_lock() -> str:
+    """Lock held by the one worker reconciling accepted messages at a time."""
+    return f"{PREFIX}:accepted:reconcile:lock"
+
+
+def breaker(endpoint_id: str) -> str:
+    """Hash of an endpoint's circuit breaker: state, epoch, failures, open_until, cooldown_s."""
+    return f"{PREFIX}:breaker:{endpoint_id}"
+
+
+def breaker_calls(endpoint_id: str) -> str:
+    """Sorted set of the call keys the breaker counted in its window, scored by time (s)."""
+    return f"{PREFIX}:breaker:{endpoint_id}:calls"
+
+
+def breaker_failures(endpoint_id: str) -> str:
+    """Sorted set of the failed call keys in the breaker's window, scored by time (s)."""
+    return f"{PREFIX}:breaker:{endpoint_id}:failures"
+
+
+def breaker_probes(endpoint_id: str) -> str:
+    """Sorted set of the half-open probe calls admitted, scored by admission time (s)."""
+    return f"{PREFIX}:breaker:{endpoint_id}:probes"

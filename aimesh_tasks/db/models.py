@@ -37,6 +37,8 @@ class EndpointRow(Base):
     base_url: Mapped[str] = mapped_column(String(512))
     model: Mapped[str] = mapped_column(String(128))
     api_key_env: Mapped[str | None] = mapped_column(String(128))
+    # A path on the endpoint's workers (migration 0005_endpoint_keys); never the key.
+    api_key_file: Mapped[str | None] = mapped_column(String(1024))
     input_nusd_per_1k: Mapped[int] = mapped_column(BigInteger)
     output_nusd_per_1k: Mapped[int] = mapped_column(BigInteger)
     capacity: Mapped[int] = mapped_column(Integer)
@@ -222,4 +224,68 @@ class WorkflowStepRow(Base):
     output: Mapped[str | None] = mapped_column(Text)
     error: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class IngressKeyRow(Base):
+    """An ingress API key: only its SHA-256 is kept, found by its public prefix."""
+
+    __tablename__ = "ingress_keys"
+
+    prefix: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    # Other agents the key may act for, chosen per request with X-Source-Agent.
+    acts_for: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    note: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RouteRow(Base):
+    """A named route: example intents, the endpoints it targets (`target`: endpoint ids,
+    tags or a model), who may use it (`allowed`: agent ids, ['*'] = any registered agent,
+    None = open) and the route a weak intent match falls back to."""
+
+    __tablename__ = "routes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    description: Mapped[str] = mapped_column(String(512), default="")
+    intents: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    target: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    allowed: Mapped[list[str] | None] = mapped_column(JsonType)
+    fallback: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RateLimitRow(Base):
+    """An agent's rate limits: requests and tokens per minute and per day (None: no limit)."""
+
+    __tablename__ = "rate_limits"
+
+    agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id"), primary_key=True)
+    requests_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class AcceptedMessageRow(Base):
+    """A message a producer's `submit()` accepted, until it reaches a terminal state: the
+    durable record the reconciler re-publishes from when the broker lost the message
+    (aimesh_tasks/delivery/accepted.py). `message` is kept only while it may be needed."""
+
+    __tablename__ = "accepted_messages"
+
+    message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # accepted, seen, finished
+    message: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    republished: Mapped[int] = mapped_column(Integer, default=0)
+    accepted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # When the state last changed or the message was last re-published.
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,0 +1,146 @@
+"""What the ingress's routes share: queue a message with `submit()`, await its result.
+
+`accept` runs the producer's own entry (`aimesh_tasks.producer.submit`: full validation,
+then publish) in a thread, and notes the message in Redis (agent, time) so that it can be
+polled by id. A broker that cannot take the message is a 503: a 2xx is never answered for
+a message that was not queued. `answer` awaits the result on the event loop
+(`aimesh_tasks.results.ResultWaiter`), no thread held per waiting request.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import kombu.exceptions
+import redis
+from starlette.concurrency import run_in_threadpool
+
+from aimesh_tasks import keys
+from aimesh_tasks.errors import InvalidMessage, NotFound, ServiceUnavailable
+from aimesh_tasks.ingress.auth import Caller
+from aimesh_tasks.redis_client import get_redis
+from aimesh_tasks.registry.cache import ENDPOINTS
+from aimesh_tasks.registry.endpoints import Endpoint
+from aimesh_tasks.registry.live import registry_version
+from aimesh_tasks.results import Finished, ResultWaiter
+
+AUTO = "auto"
+RECORD_TTL_S = 86400  # as long as Celery keeps results (celery_config.result_expires)
+PRIORITY_HEADER = "x-aimesh-priority"
+DEADLINE_HEADER = "x-aimesh-deadline-s"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A queued message: its id, and when the ingress queued it (epoch seconds)."""
+
+    message_id: str
+    accepted_at: float
+
+
+def enabled_endpoints() -> tuple[Endpoint, ...]:
+    """The enabled endpoints (the per-process registry copy, reloaded when it changes)."""
+    return tuple(e for e in ENDPOINTS.at(registry_version()) if e.enabled)
+
+
+def routable_names() -> list[str]:
+    """What `model` may say: 'auto', every enabled endpoint's model and tag."""
+    endpoints = enabled_endpoints()
+    names = {e.model for e in endpoints} | {t for e in endpoints for t in e.tags}
+    return [AUTO, *sorted(names)]
+
+
+def model_hint(model: str) -> dict[str, str]:
+    """The AiMessage hint for OpenAI's `model`: an endpoint's model name, a tag (as a
+    capability), or nothing for 'auto'; NotFound (404) for anything else."""
+    if model == AUTO:
+        return {}
+    endpoints = enabled_endpoints()
+    if any(e.model == model for e in endpoints):
+        return {"model": model}
+    if any(model in e.tags for e in endpoints):
+        return {"capability": model}
+    raise NotFound(f"model '{model[:128]}' is not served here: give 'auto', an endpoint's "
+                   "model or a tag (GET /v1/models lists them)", kind="model", id=model[:128],
+                   field="model")
+
+
+def _int_header(headers: Any, name: str) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidMessage(f"{name}: '{value[:32]}' is not an integer", field=name,
+                             errors=[]) from None
+
+
+def header_fields(headers: Any) -> dict[str, Any]:
+    """AiMessage fields given as headers: Idempotency-Key, X-Aimesh-Priority (0..9),
+    X-Aimesh-Deadline-S (seconds from now)."""
+    fields: dict[str, Any] = {}
+    if (key := headers.get("idempotency-key")) is not None:
+        fields["idempotency_key"] = key
+    if (priority := _int_header(headers, PRIORITY_HEADER)) is not None:
+        fields["priority"] = priority
+    deadline_s = headers.get(DEADLINE_HEADER)
+    if deadline_s is not None:
+        try:
+            seconds = float(deadline_s)
+            if not 0 < seconds < 30 * 86400:
+                raise ValueError
+        except ValueError:
+            raise InvalidMessage(f"{DEADLINE_HEADER}: '{deadline_s[:32]}' is not a number of "
+                                 "seconds between 0 and 30 days", field=DEADLINE_HEADER,
+                                 errors=[]) from None
+        fields["deadline"] = datetime.now(UTC) + timedelta(seconds=seconds)
+    return fields
+
+
+def _accept_sync(data: dict[str, Any]) -> Accepted:
+    from aimesh_tasks.producer import submit
+
+    try:
+        pending = submit(data)
+    except (kombu.exceptions.OperationalError, redis.ConnectionError, OSError) as exc:
+        raise ServiceUnavailable(f"the broker cannot take the message now "
+                                 f"({type(exc).__name__}); nothing was queued, try again",
+                                 service="broker", retry_after_s=1) from exc
+    accepted = Accepted(message_id=str(pending.id), accepted_at=time.time())
+    try:
+        pipe = get_redis().pipeline(transaction=False)
+        record = keys.ingress_message(accepted.message_id)
+        pipe.hset(record, mapping={"agent_id": data["agent_id"],
+                                   "accepted_at": f"{accepted.accepted_at:.3f}"})
+        pipe.expire(record, RECORD_TTL_S)
+        pipe.execute()
+    except redis.RedisError:
+        pass  # the message is queued; only polling it by id is lost
+    return accepted
+
+
+class Ingress:
+    """The ingress's shared state: the result waiter of this process."""
+
+    def __init__(self, waiter: ResultWaiter) -> None:
+        self.waiter = waiter
+
+    async def accept(self, caller: Caller, fields: dict[str, Any]) -> Accepted:
+        """Validate and queue a message for `caller` (InvalidMessage, ServiceUnavailable)."""
+        data = {**fields, "agent_id": caller.agent_id, "id": uuid.uuid4().hex}
+        return await run_in_threadpool(_accept_sync, data)
+
+    async def wait(self, message_id: str, timeout_s: float) -> Finished | None:
+        """The message's final state, or None if it is not finished after `timeout_s`."""
+        return await self.waiter.wait(message_id, timeout_s)
+
+
+def owner_of(message_id: str) -> str | None:
+    """The agent of a message this ingress accepted (None: unknown or expired)."""
+    value = get_redis().hget(keys.ingress_message(message_id), "agent_id")
+    return str(value) if value is not None else None

@@ -1,0 +1,378 @@
+"""The HTTP ingress end to end: a real uvicorn process, real workers, Redis, Postgres and
+the simulator; clients are the official `openai` SDK and plain `httpx`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import select, text
+
+from aimesh_tasks.api_keys import create_key, revoke_key
+from aimesh_tasks.budgets import set_budget
+from aimesh_tasks.db import session_scope
+from aimesh_tasks.db.models import IngressKeyRow
+from aimesh_tasks.governance.agents import add_agent
+from aimesh_tasks.registry import Endpoint
+from aimesh_tasks.simulator import RunningSimulator
+from tests.gate import Gate
+from tests.waits import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
+
+ROOT = Path(__file__).resolve().parents[1]
+UVICORN = str(Path(sys.executable).with_name("uvicorn"))
+Sim = Callable[..., RunningSimulator]
+MakeEndpoint = Callable[..., Endpoint]
+MakeGate = Callable[[RunningSimulator], Gate]
+AGENT = "ingress-agent"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ingress_url(workers: Any) -> Iterator[str]:
+    """A real `uvicorn aimesh_tasks.ingress.app:app` on a free port of 127.0.0.1."""
+    port = _free_port()
+    log = Path(f"/tmp/aimesh-test-ingress-{port}.log")
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [UVICORN, "aimesh_tasks.ingress.app:app", "--host", "127.0.0.1", "--port",
+             str(port), "--log-level", "warning"],
+            cwd=ROOT, env={**os.environ}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"the ingress exited: {log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(healthy, "the ingress to answer /healthz", 60)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.fixture()
+def api_key(clean: None) -> str:
+    """A fresh key for AGENT."""
+    return create_key(AGENT).key
+
+
+def _client(url: str, key: str) -> openai.OpenAI:
+    # No SDK retries: a test sees the first answer the ingress gives.
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def _chat(url: str, key: str, **body: Any) -> httpx.Response:
+    body.setdefault("model", "auto")
+    body.setdefault("messages", [{"role": "user", "content": "hello ingress"}])
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"})
+
+
+def test_openai_sdk_chat_completion_comes_through_the_queue(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    sim = simulator(completion_tokens=9)
+    served = endpoint(sim, "ing", model="sim-chat")
+    reply = _client(ingress_url, api_key).chat.completions.create(
+        model="sim-chat", messages=[{"role": "user", "content": "Say hi through the door"}],
+        max_tokens=32)
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens == 9
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 9
+    extras = reply.model_extra["aimesh"]  # type: ignore[index]
+    assert extras["endpoint_id"] == served.id and reply.id == f"chatcmpl-{extras['message_id']}"
+    assert sim.stats()["calls"] == 1
+
+
+def test_openai_sdk_stream_with_usage(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    sim = simulator(completion_tokens=20)
+    endpoint(sim, "ing")
+    stream = _client(ingress_url, api_key).chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Stream to me"}], max_tokens=40,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(text_chunks) >= 2
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None and usage.completion_tokens == 20
+    assert all(c.usage is None for c in chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_plain_httpx_client_and_models_list(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    sim = simulator()
+    endpoint(sim, "ing", model="sim-plain", tags=["fast"])
+    listed = httpx.get(f"{ingress_url}/v1/models", headers={"Authorization": f"Bearer {api_key}"})
+    assert listed.status_code == 200
+    assert {m["id"] for m in listed.json()["data"]} == {"auto", "sim-plain", "fast"}
+    answer = _chat(ingress_url, api_key, model="fast", max_tokens=16)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["choices"][0]["message"]["content"] and body["model"]
+    assert sim.stats()["calls"] == 1
+
+
+def _expect(error: type[openai.APIStatusError], call: Callable[[], Any]) -> Any:
+    with pytest.raises(error) as caught:
+        call()
+    body = caught.value.body
+    assert isinstance(body, dict) and {"message", "type", "param", "code"} <= set(body)
+    return caught.value
+
+
+def test_each_error_class_raises_the_sdks_matching_exception(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    sim = simulator()
+    endpoint(sim, "ing", model="sim-errors")
+    client = _client(ingress_url, api_key)
+    ask = client.chat.completions.create
+    hello = [{"role": "user", "content": "hi"}]
+    bad = _expect(openai.BadRequestError, lambda: ask(model="auto", messages=hello,
+                                                      max_tokens=10**9))
+    assert bad.body["param"] == "max_tokens" and "AIMESH_MAX_TOKENS_CAP" in bad.message
+    empty = _expect(openai.BadRequestError, lambda: ask(model="auto", messages=[
+        {"role": "user", "content": ""}]))
+    assert empty.body["param"].startswith("messages.0")
+    _expect(openai.BadRequestError, lambda: ask(model="auto", messages=hello, n=2))
+    _expect(openai.NotFoundError, lambda: ask(model="no-such-model", messages=hello))
+    _expect(openai.AuthenticationError,
+            lambda: _client(ingress_url, "amk_000000000000_" + "0" * 40)
+            .chat.completions.create(model="auto", messages=hello))
+    forbidden = _expect(openai.PermissionDeniedError, lambda: ask(
+        model="auto", messages=hello, extra_headers={"X-Source-Agent": "someone-else"}))
+    assert forbidden.body["code"] == "agent_not_allowed"
+    add_agent(AGENT)
+    set_budget(AGENT, tokens=5)
+    budget = _expect(openai.RateLimitError, lambda: ask(model="auto", messages=hello))
+    assert budget.body["code"] == "budget_exceeded"
+    assert budget.body["type"] == "insufficient_quota"
+    assert sim.stats()["calls"] == 0
+
+
+def test_no_endpoint_is_a_503_and_a_failing_provider_a_502(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    hello = [{"role": "user", "content": "anyone there?"}]
+    ask = _client(ingress_url, api_key).chat.completions.create
+    unavailable = _expect(openai.InternalServerError, lambda: ask(model="auto", messages=hello))
+    assert unavailable.status_code == 503
+    assert unavailable.body["code"] == "no_endpoint_available"
+    endpoint(simulator(error_rate=1.0), "broken")
+    failed = _expect(openai.InternalServerError, lambda: ask(model="auto", messages=hello))
+    assert failed.status_code == 502
+
+
+def _hold_the_endpoint(url: str, key: str, held: Gate, calls: int = 3) -> None:
+    """Fill the endpoint worker's children (prefork -c 3) with calls held at the gate."""
+    for n in range(calls):
+        queued = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                            headers={"Authorization": f"Bearer {key}",
+                                     "Prefer": "respond-async"},
+                            json={"model": "auto", "max_tokens": 8,
+                                  "messages": [{"role": "user", "content": f"hold {n}"}]})
+        assert queued.status_code == 202, queued.text
+    held.wait_held(calls)
+
+
+def test_a_message_past_its_deadline_is_a_504(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint,
+        gate: MakeGate) -> None:
+    held = gate(simulator())
+    endpoint(held, "slow")
+    _hold_the_endpoint(ingress_url, api_key, held)
+    replies: list[httpx.Response] = []
+    deadline = time.time() + 1
+    waiter = threading.Thread(target=lambda: replies.append(httpx.post(
+        f"{ingress_url}/v1/chat/completions", timeout=60,
+        json={"model": "auto", "messages": [{"role": "user", "content": "late"}]},
+        headers={"Authorization": f"Bearer {api_key}", "X-Aimesh-Deadline-S": "1"})))
+    waiter.start()
+    # Its deadline passes while it waits behind the held calls (an event, not a duration).
+    wait_until(lambda: time.time() > deadline + 0.2, "the message's deadline to pass")
+    held.open()
+    waiter.join(60)
+    [reply] = replies
+    assert reply.status_code == 504, reply.text
+    assert reply.json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_keys_unknown_revoked_expired_are_401_and_only_hashes_are_stored(
+        ingress_url: str, clean: None, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    endpoint(simulator(), "ing")
+    good = create_key(AGENT)
+    expired = create_key(AGENT, expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    assert _chat(ingress_url, good.key, max_tokens=8).status_code == 200
+    for key in ("not-a-key", "amk_000000000000_" + "0" * 40, expired.key,
+                good.key[:-1] + ("0" if good.key[-1] != "0" else "1")):
+        refused = _chat(ingress_url, key)
+        assert refused.status_code == 401, (key, refused.text)
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+    missing = httpx.post(f"{ingress_url}/v1/chat/completions", json={"messages": []})
+    assert missing.status_code == 401
+    revoke_key(good.info.prefix)
+    wait_until(lambda: _chat(ingress_url, good.key).status_code == 401,
+               "the revoked key to be refused", 10)
+    with session_scope() as session:
+        rows = session.scalars(select(IngressKeyRow)).all()
+        dumped = session.execute(text("SELECT * FROM ingress_keys")).all()
+    assert {r.prefix for r in rows} == {good.info.prefix, expired.info.prefix}
+    everything = json.dumps([list(map(str, row)) for row in dumped])
+    for created in (good, expired):
+        assert created.key not in everything
+        assert created.key.split("_")[2] not in everything
+
+
+def test_source_agent_picks_among_the_agents_a_key_acts_for(
+        ingress_url: str, clean: None, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    endpoint(simulator(), "ing")
+    key = create_key(AGENT, acts_for=["helper-bot"]).key
+    acting = httpx.post(f"{ingress_url}/v1/chat/completions", timeout=60,
+                        json={"model": "auto", "messages": [{"role": "user", "content": "x"}]},
+                        headers={"Authorization": f"Bearer {key}",
+                                 "X-Source-Agent": "helper-bot"})
+    assert acting.status_code == 200, acting.text
+    assert acting.json()["aimesh"]["agent_id"] == "helper-bot"
+    plain = _chat(ingress_url, key, max_tokens=8)
+    assert plain.json()["aimesh"]["agent_id"] == AGENT
+
+
+def test_bodies_are_capped_and_bad_bodies_are_4xx(ingress_url: str, api_key: str) -> None:
+    auth = {"Authorization": f"Bearer {api_key}"}
+    url = f"{ingress_url}/v1/chat/completions"
+    huge = b'{"messages": "' + b"x" * (10 * 1024 * 1024) + b'"}'
+    big = httpx.post(url, content=huge, headers={**auth, "Content-Type": "application/json"},
+                     timeout=60)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+
+    def chunked() -> Iterator[bytes]:
+        yield b'{"messages": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}'
+
+    streamed = httpx.post(url, content=chunked(), timeout=60,
+                          headers={**auth, "Content-Type": "application/json"})
+    assert streamed.status_code == 413
+    nested = httpx.post(url, content=b"[" * 100_000 + b"]" * 100_000, timeout=60,
+                        headers={**auth, "Content-Type": "application/json"})
+    assert nested.status_code in (400, 413) and "error" in nested.json()
+    deep_ok_size = b'{"model": "auto", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    deep = httpx.post(url, content=deep_ok_size, timeout=60,
+                      headers={**auth, "Content-Type": "application/json"})
+    assert deep.status_code == 400, deep.text
+    wrong_type = httpx.post(url, content=b"model=auto", timeout=60,
+                            headers={**auth, "Content-Type": "application/x-www-form-urlencoded"})
+    assert wrong_type.status_code == 415, wrong_type.text
+    not_json = httpx.post(url, content=b"{nope", timeout=60,
+                          headers={**auth, "Content-Type": "application/json"})
+    assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "body"
+    unknown = httpx.get(f"{ingress_url}/v1/nothing-here", headers=auth)
+    assert unknown.status_code == 404 and "error" in unknown.json()
+
+
+def test_respond_async_gives_202_a_position_while_queued_then_the_result(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint,
+        gate: MakeGate) -> None:
+    sim = simulator()
+    held = gate(sim)
+    endpoint(held, "busy")
+    auth = {"Authorization": f"Bearer {api_key}", "Prefer": "respond-async"}
+    ids = []
+    for n in range(8):
+        accepted = httpx.post(f"{ingress_url}/v1/chat/completions", headers=auth, timeout=30,
+                              json={"model": "auto", "max_tokens": 8,
+                                    "messages": [{"role": "user", "content": f"n{n}"}]})
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.headers["Location"] == f"/v1/aimesh/messages/{accepted.json()['id']}"
+        ids.append(accepted.json()["id"])
+
+    def state(message_id: str) -> dict[str, Any]:
+        reply = httpx.get(f"{ingress_url}/v1/aimesh/messages/{message_id}", headers=auth)
+        assert reply.status_code == 200, reply.text
+        body: dict[str, Any] = reply.json()
+        return body
+
+    last = ids[-1]
+    queued = wait_until(lambda: (s := state(last))["state"] == "queued" and s.get("endpoint_id")
+                        and s, "the last message to wait in its endpoint's queue",
+                        seen=lambda: state(last))
+    assert queued["position"] >= 1 and queued["depth"] > queued["position"]
+    held.open()
+    done = wait_until(lambda: (s := state(last))["state"] == "completed" and s,
+                      "the last message's result", seen=lambda: state(last))
+    assert done["result"]["choices"][0]["message"]["content"]
+    other = create_key("someone-else").key
+    hidden = httpx.get(f"{ingress_url}/v1/aimesh/messages/{last}",
+                       headers={"Authorization": f"Bearer {other}"})
+    assert hidden.status_code == 404
+
+
+def test_batch_route_answers_each_request_in_place(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    endpoint(simulator(), "ing")
+    requests = [{"model": "auto", "messages": [{"role": "user", "content": f"b{n}"}]}
+                for n in range(3)]
+    requests.insert(1, {"model": "auto", "messages": [{"role": "user", "content": "x"}],
+                        "max_tokens": 0})
+    reply = httpx.post(f"{ingress_url}/v1/batch", json={"requests": requests}, timeout=60,
+                       headers={"Authorization": f"Bearer {api_key}"})
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    assert [d["status"] for d in data] == [200, 400, 200, 200]
+    assert data[1]["error"]["param"] == "max_tokens"
+
+
+def test_status_metrics_and_openapi(ingress_url: str, clean: None, simulator: Sim,
+                                    endpoint: MakeEndpoint) -> None:
+    served = endpoint(simulator(), "ing")
+    user, admin = create_key(AGENT).key, create_key("ops", admin=True).key
+    assert httpx.get(f"{ingress_url}/v1/status",
+                     headers={"Authorization": f"Bearer {user}"}).status_code == 403
+    status = httpx.get(f"{ingress_url}/v1/status", timeout=30,
+                       headers={"Authorization": f"Bearer {admin}"})
+    assert status.status_code == 200, status.text
+    assert [e["id"] for e in status.json()["endpoints"]] == [served.id]
+    assert status.json()["workers"]
+    providers = httpx.get(f"{ingress_url}/v1/providers",
+                          headers={"Authorization": f"Bearer {user}"}).json()
+    assert served.id in next(p for p in providers["data"] if p["id"] == "openai")["endpoints"]
+    assert _chat(ingress_url, user, max_tokens=8).status_code == 200
+    scraped = httpx.get(f"{ingress_url}/metrics").text
+    assert 'aimesh_ingress_requests_total{method="POST",route="/v1/chat/completions",' \
+           'status="200"}' in scraped
+    schema = httpx.get(f"{ingress_url}/openapi.json").json()
+    assert "/v1/chat/completions" in schema["paths"] and "/v1/aimesh/messages/{message_id}" \
+        in schema["paths"]
