@@ -13,7 +13,7 @@ queued (and refuse, with a clear error, what it cannot read).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from aimesh_tasks.errors import InvalidInput
 
@@ -41,6 +41,7 @@ class RouteEntry(TypedDict):
     tags: list[str]
     enabled: bool
     max_output_tokens: int | None
+    api_key_file: NotRequired[str | None]  # absent in envelopes queued before 0005
 
 
 class AttemptRecord(TypedDict, total=False):

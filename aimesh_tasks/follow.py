@@ -1,25 +1,80 @@
-"""A worker consumer step that follows the endpoint registry.
+"""A worker consumer step that follows the endpoint registry and checks endpoint keys.
 
 A worker started with `aimesh worker --endpoints all`, or any worker given
 AIMESH_WORKER_FOLLOW_ENDPOINTS=1, and the embedded worker consume
 the queue of every enabled endpoint: when the registry changes, it starts consuming new
 endpoints' queues and stops consuming removed or disabled ones, with no restart.
+
+Every worker that consumes endpoint queues (following or not) also checks, every
+AIMESH_FOLLOW_INTERVAL_S, that it has the API key of each endpoint it serves (the
+variable or file the endpoint names, providers/credentials.py). An endpoint whose key
+is missing gets one WARNING line when that is first seen (at start-up, or when the
+endpoint arrives) and one INFO line when the key is found again; the worker reports it in
+Redis (registry.report_missing_keys, with a TTL this step refreshes), which
+`aimesh endpoints list` shows as "key missing on <worker>".
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
+
+if TYPE_CHECKING:
+    from aimesh_tasks.registry.endpoints import Endpoint
 
 logger = logging.getLogger(__name__)
 
 FOLLOW_SETTING = "aimesh_follow_endpoints"
+# A key report outlives a few missed refreshes; a stopped worker's report ages out.
+KEY_REPORT_TTL_S = 60.0
+
+
+class KeyCheck:
+    """Which served endpoints this worker lacks the key of: logged on change, reported."""
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self.missing: dict[str, str] = {}
+        self.reported_at = 0.0
+
+    def check(self, served: list[Endpoint]) -> None:
+        """Check every served endpoint's key; log what changed; report (refreshed well
+        within the report's TTL)."""
+        from aimesh_tasks.providers.credentials import missing_reason
+        from aimesh_tasks.registry.endpoints import report_missing_keys
+
+        now = {e.id: why for e in served if (why := missing_reason(e)) is not None}
+        for endpoint_id, why in sorted(now.items()):
+            if self.missing.get(endpoint_id) != why:
+                logger.warning(
+                    "endpoint '%s': API key missing on this worker: %s; its calls here fail "
+                    "with key_missing and fall back to the next endpoint (set it where this "
+                    "worker runs, or `aimesh endpoints update %s --api-key-env NAME` or "
+                    "`--api-key-file PATH`)", endpoint_id, why, endpoint_id)
+        for endpoint_id in sorted(self.missing.keys() - now.keys()):
+            logger.info("endpoint '%s': API key found on this worker", endpoint_id)
+        changed = now.keys() != self.missing.keys()
+        self.missing = now
+        if changed or time.monotonic() - self.reported_at > KEY_REPORT_TTL_S / 4:
+            report_missing_keys(self.worker, sorted(now),
+                                [e.id for e in served if e.id not in now], KEY_REPORT_TTL_S)
+            self.reported_at = time.monotonic()
+
+    def withdraw(self) -> None:
+        """Take this worker's reports back (it stops serving)."""
+        from aimesh_tasks.registry.endpoints import report_missing_keys
+
+        if self.missing:
+            report_missing_keys(self.worker, [], sorted(self.missing), KEY_REPORT_TTL_S)
+            self.missing = {}
 
 
 class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Every AIMESH_FOLLOW_INTERVAL_S, align the consumed endpoint queues with the registry."""
+    """Every AIMESH_FOLLOW_INTERVAL_S: align the consumed endpoint queues with the registry
+    (when following) and check the served endpoints' keys."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
@@ -27,14 +82,16 @@ class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(parent, **kwargs)
         self.version: str | None = None
         self.timer_entry: Any = None
+        self.follow = False
+        self.endpoints: dict[str, Endpoint] = {}
+        self.keys: KeyCheck | None = None
 
     def start(self, consumer: Any) -> None:
         from aimesh_tasks.settings import get_settings
 
-        if not (consumer.app.conf.get(FOLLOW_SETTING)
-                or get_settings().worker_follow_endpoints):
-            return
-
+        self.follow = bool(consumer.app.conf.get(FOLLOW_SETTING)
+                           or get_settings().worker_follow_endpoints)
+        self.keys = KeyCheck(str(getattr(consumer, "hostname", "") or "worker"))
         self.sync(consumer)
         self.timer_entry = consumer.timer.call_repeatedly(
             get_settings().follow_interval_s, self.sync, (consumer,)
@@ -44,25 +101,50 @@ class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.timer_entry is not None:
             self.timer_entry.cancel()
             self.timer_entry = None
+        if self.keys is not None:
+            try:
+                self.keys.withdraw()
+            except Exception:  # stopping: a report left behind ages out by its TTL
+                logger.debug("could not withdraw key reports", exc_info=True)
 
     def sync(self, consumer: Any) -> None:
-        """Consume exactly the queues of the enabled endpoints (others are left alone)."""
+        """Follow the registry (when following), then check the served endpoints' keys;
+        a broken Redis or database must not kill the consumer: retried next tick."""
+        from aimesh_tasks.keys import endpoint_id_of_queue
+
+        try:
+            if not self.follow and not self._served_ids(consumer, endpoint_id_of_queue):
+                return  # a router: nothing to follow, no key to check
+            self._reload(consumer)
+            served = self._served_ids(consumer, endpoint_id_of_queue)
+            if self.keys is not None:
+                self.keys.check([self.endpoints[i] for i in sorted(served)
+                                 if i in self.endpoints])
+        except Exception:
+            logger.exception("could not read the endpoint registry; retrying")
+
+    @staticmethod
+    def _served_ids(consumer: Any, id_of: Any) -> set[str]:
+        names = (q.name for q in consumer.task_consumer.queues)
+        return {endpoint_id for name in names if (endpoint_id := id_of(name)) is not None}
+
+    def _reload(self, consumer: Any) -> None:
+        """Re-read the registry when its version moved; consume exactly the queues of the
+        enabled endpoints when following (other queues are left alone)."""
         from aimesh_tasks.keys import endpoint_id_of_queue, endpoint_queue
         from aimesh_tasks.registry.endpoints import list_endpoints
         from aimesh_tasks.registry.live import registry_version
 
-        try:
-            version = registry_version()
-            if version == self.version:
-                return
-            wanted = {endpoint_queue(e.id) for e in list_endpoints(include_disabled=False)}
-        except Exception:  # a broken Redis/DB must not kill the consumer; retried next tick
-            logger.exception("could not read the endpoint registry; retrying")
+        version = registry_version()
+        if version == self.version:
             return
-        consuming = {q.name for q in consumer.task_consumer.queues}
-        for queue in sorted(wanted - consuming):
-            consumer.add_task_queue(queue)
-        for queue in sorted(consuming - wanted):
-            if endpoint_id_of_queue(queue) is not None:
-                consumer.cancel_task_queue(queue)
+        self.endpoints = {e.id: e for e in list_endpoints()}
+        if self.follow:
+            wanted = {endpoint_queue(i) for i, e in self.endpoints.items() if e.enabled}
+            consuming = {q.name for q in consumer.task_consumer.queues}
+            for queue in sorted(wanted - consuming):
+                consumer.add_task_queue(queue)
+            for queue in sorted(consuming - wanted):
+                if endpoint_id_of_queue(queue) is not None:
+                    consumer.cancel_task_queue(queue)
         self.version = version

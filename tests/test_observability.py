@@ -9,6 +9,7 @@ import json
 import math
 import os
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from aimesh_tasks import submit
+from aimesh_tasks import outbox, submit
 from aimesh_tasks.app import app
 from aimesh_tasks.errors import AllEndpointsFailed, NoEndpointAvailable, ProviderError
 from aimesh_tasks.messages import AiMessage
@@ -215,17 +216,45 @@ def _redis_text(db: int, pattern: str = "*") -> str:
     return "\n".join(chunks)
 
 
+# A second canary, read from a key file on the workers (api_key_file) instead of a variable.
+CANARY_FILE_KEY = f"sk-canary-file-{uuid.uuid4().hex}"
+# The auth header of each wire format, as each provider documents it.
+KEY_HEADERS = {"openai": ("Authorization", "Bearer {}"), "anthropic": ("x-api-key", "{}"),
+               "gemini": ("x-goog-api-key", "{}"), "cohere": ("Authorization", "Bearer {}")}
+
+
+def _database_text() -> str:
+    """Every row of every table, as text."""
+    from aimesh_tasks.db import Base, get_engine
+
+    with get_engine().connect() as connection:
+        return "\n".join(repr(row) for table in Base.metadata.sorted_tables
+                         for row in connection.execute(table.select()))
+
+
 def test_canary_key_header_and_prompt_reach_no_log_result_or_label(
-    obs: MetricWorkers, simulator: Sim, endpoint: MakeEndpoint, exporter: str
+    obs: MetricWorkers, simulator: Sim, endpoint: MakeEndpoint, exporter: str, tmp_path: Path
 ) -> None:
-    request = PROVIDERS["openai"].build_request("m", AiMessage(agent_id="a", prompt="p"),
+    for kind, (header, form) in KEY_HEADERS.items():  # what is sent upstream
+        request = PROVIDERS[kind].build_request("m", AiMessage(agent_id="a", prompt="p"),
                                                 CANARY_KEY)
-    assert request.headers["Authorization"] == f"Bearer {CANARY_KEY}"  # what is sent upstream
+        assert request.headers[header] == form.format(CANARY_KEY), kind
+    key_file = tmp_path / "upstream-key"
+    key_file.write_text(CANARY_FILE_KEY + "\n")
     flaky = endpoint(simulator(error_rate=1.0), "canary-flaky", price_in="0.0001",
                      price_out="0.0001", model="canary-flaky-model", api_key_env=KEY_ENV)
     good = endpoint(simulator(), "canary-good", api_key_env=KEY_ENV)
-    with exclusive(obs.hostnames, [flaky.queue, good.queue]):
-        _consuming(obs, [flaky.queue, good.queue])
+    formats = simulator()  # one simulator speaks all four formats
+    # Anthropic and Cohere answer 401 without their key header: a success shows it was sent.
+    # Dearer than `good`, so that un-hinted messages still go flaky -> good.
+    by_format = {kind: endpoint(formats, f"canary-{kind}", provider=kind, price_in="0.01",
+                                price_out="0.01", model=f"canary-{kind}-model", **source)
+                 for kind, source in (("anthropic", {"api_key_env": KEY_ENV}),
+                                      ("gemini", {"api_key_env": KEY_ENV}),
+                                      ("cohere", {"api_key_file": str(key_file)}))}
+    queues = [flaky.queue, good.queue, *(e.queue for e in by_format.values())]
+    with exclusive(obs.hostnames, queues):
+        _consuming(obs, queues)
         ok = [_ask("obs-canary", prompt=f"{CANARY_PROMPT} {i}") for i in range(2)]  # fallback
         failed = submit(agent_id="obs-canary", prompt=CANARY_PROMPT, max_tokens=8,
                         model="canary-flaky-model")
@@ -234,8 +263,13 @@ def test_canary_key_header_and_prompt_reach_no_log_result_or_label(
         chat = [{"role": "system", "content": f"Authorization: Bearer {CANARY_KEY}"},
                 {"role": "user", "content": f"{CANARY_PROMPT} chat"}]
         ok.append(submit(agent_id="obs-canary", messages=chat, max_tokens=8).get(timeout=30))
+        formatted = {kind: _ask("obs-canary", prompt=f"{CANARY_PROMPT} {kind}",
+                                model=f"canary-{kind}-model") for kind in by_format}
     assert all(r["endpoint_id"] == good.id for r in ok)
     assert [a["ok"] for a in ok[0]["attempts"]] == [False, True]
+    assert {k: r["endpoint_id"] for k, r in formatted.items()} == {
+        k: e.id for k, e in by_format.items()}
+    ok += formatted.values()
 
     ids = [r["message_id"] for r in ok] + [failed.id]
     expected = {(event, i) for i in ids for event in ("message.routed", "call.finished")}
@@ -248,11 +282,16 @@ def test_canary_key_header_and_prompt_reach_no_log_result_or_label(
     # Each worker process writes its own lines: wait until every expected one is written.
     wait_for(lambda: expected <= decisions(), what="decision logs written")
     assert expected <= decisions(), sorted(expected - decisions())
+    outbox.flush(wait_s=10)  # audit, attempts and decisions reach the database
 
-    stores = _redis_text(BROKER_DB, "celery-task-meta-*") + _redis_text(LIVE_DB)
+    stores = _redis_text(BROKER_DB) + _redis_text(LIVE_DB)
+    database = _database_text()
+    assert by_format["cohere"].id in database and str(key_file) in database  # the path only
     labels = "".join(scrape_text(f"http://127.0.0.1:{p}/metrics") for p in obs.ports)
     labels += scrape_text(exporter)
-    for canary in (CANARY_KEY, CANARY_PROMPT):
+    for canary in (CANARY_KEY, CANARY_FILE_KEY, CANARY_PROMPT):
         assert canary not in obs.logs()
         assert canary not in stores
         assert canary not in labels
+    for key in (CANARY_KEY, CANARY_FILE_KEY):
+        assert key not in database

@@ -1,17 +1,28 @@
-"""`aimesh endpoints`: the endpoint registry and its live figures."""
+"""`aimesh endpoints`: the endpoint registry, its live figures, and a test call.
+
+API keys: an endpoint names where its key is, never the key: `--api-key-env NAME` (a
+variable in each endpoint worker's environment) or `--api-key-file PATH` (a file on each
+endpoint worker, such as a mounted Kubernetes Secret, read again when it changes).
+"""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 
-from aimesh_tasks.cli.shell import stdout, table
+from aimesh_tasks.cli.shell import EXIT_FAILED, stdout, table
 from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.registry import endpoints as registry
 from aimesh_tasks.registry.live import LiveFigures, read_figures
 
-cli = typer.Typer(help="Model endpoints: prices, capacity, live figures.", no_args_is_help=True)
+cli = typer.Typer(help="Model endpoints: prices, capacity, keys, live figures, a test call.",
+                  no_args_is_help=True)
+KEY_ENV_HELP = ("Name of the environment variable holding the API key on the endpoint's "
+                "workers (the name, never the key).")
+KEY_FILE_HELP = ("Path of a file holding the API key on the endpoint's workers (e.g. a "
+                 "mounted Kubernetes Secret); read again when it changes.")
 
 
 def _latency(live: LiveFigures) -> str:
@@ -20,29 +31,45 @@ def _latency(live: LiveFigures) -> str:
     return f"{live.p50_ms:.0f}/{live.p99_ms:.0f}"
 
 
+def _key(endpoint: registry.Endpoint, missing_on: list[str]) -> str:
+    where = (f"env {endpoint.api_key_env}" if endpoint.api_key_env
+             else f"file {endpoint.api_key_file}" if endpoint.api_key_file else "-")
+    if missing_on:
+        return f"{where} (missing on {len(missing_on)} worker{'s' * (len(missing_on) > 1)})"
+    return where
+
+
 @cli.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
-    """Every endpoint with its prices, capacity and live figures."""
+    """Every endpoint with its prices, capacity, key source and live figures; a worker
+    that serves an endpoint without its key is named ("key missing on this worker")."""
     endpoints = registry.list_endpoints()
     figures, _ = read_figures(e.id for e in endpoints)
+    missing = registry.workers_missing_keys(e.id for e in endpoints)
     if as_json:
         for e in endpoints:
-            typer.echo(json.dumps({**e.to_dict(), "live": figures[e.id].to_dict()}))
+            typer.echo(json.dumps({**e.to_dict(), "live": figures[e.id].to_dict(),
+                                   "key_missing_on": missing[e.id]}))
         return
     if not endpoints:
         typer.echo("no endpoints registered; add one with `aimesh endpoints add ID --url URL "
                    "--model MODEL --input-price USD --output-price USD`")
         return
     rows = table("id", "provider", "model", "$/1k in/out", "capacity", "enabled", "in flight",
-                 "p50/p99 ms", "errors", "health")
+                 "p50/p99 ms", "errors", "health", "key")
     for e in endpoints:
         live = figures.get(e.id, LiveFigures())
         d = e.to_dict()
         rows.add_row(e.id, e.provider, e.model,
                      f"{d['input_usd_per_1k']}/{d['output_usd_per_1k']}", str(e.capacity),
                      "yes" if e.enabled else "no", str(live.in_flight), _latency(live),
-                     f"{live.error_rate:.1%}", live.health)
+                     f"{live.error_rate:.1%}", live.health, _key(e, missing[e.id]))
     stdout().print(rows)
+    for e in endpoints:
+        if missing[e.id]:
+            typer.echo(f"endpoint {e.id}: key missing on this worker: "
+                       f"{', '.join(missing[e.id])} (its calls there fail with key_missing and "
+                       "fall back; the worker's log says why)")
 
 
 @cli.command("add")
@@ -55,15 +82,24 @@ def add(
     provider: str = typer.Option("openai", "--provider"),
     capacity: int = typer.Option(64, "--capacity", help="Most calls in flight at once."),
     tags: str = typer.Option("", "--tags", help="Comma-separated capabilities."),
-    api_key_env: str = typer.Option(None, "--api-key-env", help="Env var holding the key."),
+    api_key_env: str = typer.Option(None, "--api-key-env", help=KEY_ENV_HELP),
+    api_key_file: str = typer.Option(None, "--api-key-file", help=KEY_FILE_HELP),
 ) -> None:
-    """Register an endpoint."""
+    """Register an endpoint (then `aimesh endpoints test ID` makes one call to it)."""
     endpoint = registry.add_endpoint(
         id=endpoint_id, base_url=base_url, model=model, input_usd_per_1k=input_price,
         output_usd_per_1k=output_price, provider=provider, capacity=capacity,
         tags=[t for t in tags.split(",") if t], api_key_env=api_key_env,
+        api_key_file=api_key_file,
     )
     typer.echo(f"added endpoint {endpoint.id} (queue {endpoint.queue})")
+    _note_url(base_url, endpoint)
+
+
+def _note_url(given: str, endpoint: registry.Endpoint) -> None:
+    if given.rstrip("/") != endpoint.base_url:
+        typer.echo(f"note: stored the base URL as {endpoint.base_url}: the "
+                   f"{endpoint.provider} adapter adds {registry.api_path(endpoint.provider)}")
 
 
 @cli.command("update")
@@ -75,20 +111,34 @@ def update(
     output_price: str = typer.Option(None, "--output-price"),
     capacity: int = typer.Option(None, "--capacity"),
     tags: str = typer.Option(None, "--tags"),
+    api_key_env: str = typer.Option(None, "--api-key-env", help=KEY_ENV_HELP),
+    api_key_file: str = typer.Option(None, "--api-key-file", help=KEY_FILE_HELP),
+    no_api_key: bool = typer.Option(False, "--no-api-key",
+                                    help="The endpoint needs no key: clear both."),
 ) -> None:
-    """Change some fields of an endpoint."""
+    """Change some fields of an endpoint; a new key source replaces the old one."""
     changes = {
         "base_url": base_url, "model": model, "input_usd_per_1k": input_price,
         "output_usd_per_1k": output_price, "capacity": capacity,
         "tags": None if tags is None else [t for t in tags.split(",") if t],
+        "api_key_env": api_key_env, "api_key_file": api_key_file,
     }
-    given = {k: v for k, v in changes.items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in changes.items() if v is not None}
+    if no_api_key:
+        if api_key_env or api_key_file:
+            raise InvalidInput("--no-api-key clears the key source: give it alone, or give "
+                               "--api-key-env or --api-key-file", field="api_key_env",
+                               errors=[])
+        given.update(api_key_env=None, api_key_file=None)
     if not given:
         raise InvalidInput("nothing to change: give at least one of --url, --model, "
-                           "--input-price, --output-price, --capacity, --tags",
+                           "--input-price, --output-price, --capacity, --tags, "
+                           "--api-key-env, --api-key-file, --no-api-key",
                            field="endpoint", errors=[])
-    registry.update_endpoint(endpoint_id, **given)
+    endpoint = registry.update_endpoint(endpoint_id, **given)
     typer.echo(f"updated endpoint {endpoint_id}")
+    if base_url is not None:
+        _note_url(base_url, endpoint)
 
 
 @cli.command("disable")
@@ -110,3 +160,63 @@ def remove(endpoint_id: str) -> None:
     """Delete an endpoint from the registry."""
     registry.remove_endpoint(endpoint_id)
     typer.echo(f"removed endpoint {endpoint_id}")
+
+
+_ACTIONS = {
+    "fallback": "the endpoint's fault: it counts against its health and a route falls back "
+                "to its next endpoint",
+    "retry": "a short overload: the call is tried again later",
+    "fail": "the message's fault: it fails without a fallback",
+}
+
+
+@cli.command("test")
+def probe_command(
+    endpoint_id: str = typer.Argument(...),
+    prompt: str = typer.Option("Reply with the word OK.", "--prompt"),
+    max_tokens: int = typer.Option(16, "--max-tokens", min=1),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object."),
+) -> None:
+    """Make one small call to an endpoint from this shell, with this shell's key (the
+    variable or file the endpoint names), and report status, latency, tokens and the
+    error if any. Not charged to any agent; exit 1 if the call failed."""
+    from aimesh_tasks.messages import AiMessage
+    from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
+    from aimesh_tasks.providers.credentials import describe
+    from aimesh_tasks.providers.http import probe
+
+    endpoint = registry.get_endpoint(endpoint_id)
+    message = AiMessage(agent_id="endpoint-test", prompt=prompt, max_tokens=max_tokens)
+    done = probe(endpoint, message)
+    report: dict[str, Any] = {"endpoint_id": endpoint.id, "ok": done.ok,
+                              "latency_ms": done.latency_ms}
+    if done.completion is not None:
+        c = done.completion
+        cost = call_cost_nusd(c.input_tokens, c.output_tokens, endpoint.input_nusd_per_1k,
+                              endpoint.output_nusd_per_1k)
+        report.update(status=200, input_tokens=c.input_tokens, output_tokens=c.output_tokens,
+                      cost_usd=str(nusd_to_usd(cost)), finish_reason=c.finish_reason,
+                      text=c.text)
+    elif done.error is not None:
+        report.update(status=done.error.status, error=done.error.to_dict())
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        typer.echo(f"endpoint {endpoint.id}: {endpoint.provider} model {endpoint.model} at "
+                   f"{endpoint.base_url}, key from {describe(endpoint) or 'nowhere (none)'}")
+        typer.echo(_summary(report))
+    if not done.ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _summary(report: dict[str, Any]) -> str:
+    took = f"{report['latency_ms']:.0f} ms"
+    if report["ok"]:
+        return (f"ok: HTTP 200 in {took}, {report['input_tokens']} input + "
+                f"{report['output_tokens']} output tokens (${report['cost_usd']}), finish "
+                f"{report['finish_reason']}\nanswer: {report['text'][:200]}")
+    error = report["error"]
+    status = f"HTTP {error['status']}" if error.get("status") else "no HTTP answer"
+    action = str(error.get("action", "fallback"))
+    return (f"failed: {status} in {took}, {error.get('reason')} (action {action}: "
+            f"{_ACTIONS.get(action, action)})\n{error['message']}")

@@ -157,6 +157,7 @@ CLI_NAMES = {
     "output_usd_per_1k": "--output-price",
     "base_url": "--url",
     "api_key_env": "--api-key-env",
+    "api_key_file": "--api-key-file",
     "rolling_s": "--rolling-s",
     "expires_at": "--expires",
     "update_endpoint": "`aimesh endpoints update`",

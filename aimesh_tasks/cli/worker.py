@@ -9,6 +9,7 @@ import sys
 import typer
 
 from aimesh_tasks.app import app, check_delivery_settings
+from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.follow import FOLLOW_SETTING
 from aimesh_tasks.keys import IDLE_QUEUE, ROUTE_QUEUE, endpoint_queue
 from aimesh_tasks.registry.endpoints import list_endpoints
@@ -23,10 +24,26 @@ def worker_queues(router: bool, endpoints: str | None, queues: str | None) -> li
         chosen.extend(endpoint_queue(e.id) for e in list_endpoints(include_disabled=False))
         chosen = chosen or [IDLE_QUEUE]
     elif endpoints:
-        chosen.extend(endpoint_queue(e) for e in endpoints.split(",") if e)
+        chosen.extend(endpoint_queue(e) for e in known_endpoints(endpoints.split(",")))
     if not chosen:
         raise typer.BadParameter("give --router, --endpoints or --queues", param_hint="queues")
     return list(dict.fromkeys(chosen))
+
+
+def known_endpoints(ids: list[str]) -> list[str]:
+    """The ids given, refused (InvalidInput, listing the known ids) if one is unknown: a
+    worker would otherwise consume a queue nothing is ever routed to."""
+    wanted = [i.strip() for i in ids if i.strip()]
+    known = sorted(e.id for e in list_endpoints())
+    unknown = [i for i in wanted if i not in known]
+    if unknown:
+        names = ", ".join(f"'{i}'" for i in unknown)
+        raise InvalidInput(
+            f"--endpoints: no endpoint {names} in the registry; known: "
+            f"{', '.join(known) if known else 'none yet (`aimesh endpoints add`)'} "
+            "(or --endpoints all to follow every enabled endpoint)",
+            field="endpoints", errors=[])
+    return wanted
 
 
 def worker(

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -22,6 +23,8 @@ from aimesh_tasks.errors import ProviderError
 from aimesh_tasks.messages import AiMessage
 from aimesh_tasks.providers import PROVIDERS
 from aimesh_tasks.providers.base import Completion, Provider, excerpt, retry_after_s
+from aimesh_tasks.providers.credentials import api_key as read_api_key
+from aimesh_tasks.providers.credentials import redact
 from aimesh_tasks.registry.endpoints import Endpoint
 from aimesh_tasks.settings import get_settings
 
@@ -77,9 +80,10 @@ class ClientPool:
 CLIENTS = ClientPool()
 
 
-def _status_error(endpoint: Endpoint, adapter: Provider, response: httpx.Response
-                  ) -> ProviderError:
-    """The adapter's reading of a failed answer, as a ProviderError keeping its data."""
+def _status_error(endpoint: Endpoint, adapter: Provider, response: httpx.Response,
+                  api_key: str | None) -> ProviderError:
+    """The adapter's reading of a failed answer, as a ProviderError keeping its data and a
+    bounded excerpt of the provider's own message (keys and key-like tokens redacted)."""
     status = response.status_code
     try:
         body: Any = response.json()
@@ -87,7 +91,8 @@ def _status_error(endpoint: Endpoint, adapter: Provider, response: httpx.Respons
         body = None
     headers = {name.lower(): value for name, value in response.headers.items()}
     verdict = adapter.classify_error(status, body, headers)
-    detail = verdict.detail or (excerpt(response.text) if body is None else "")
+    detail = redact(verdict.detail or (excerpt(response.text) if body is None else ""),
+                    api_key)
     return ProviderError(
         f"endpoint '{endpoint.id}' answered HTTP {status} ({verdict.reason})"
         + (f": {detail}" if detail else ""),
@@ -122,15 +127,16 @@ def _send(endpoint: Endpoint, request_json: dict[str, Any], headers: dict[str, s
 
 
 def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str) -> Completion:
-    """Make one upstream call; ProviderError (with `retryable`) on any failure."""
+    """Make one upstream call; ProviderError (with `retryable`) on any failure, and
+    `key_missing` before any request when the endpoint's key is not on this worker."""
     adapter = PROVIDERS[endpoint.provider]
-    api_key = os.environ.get(endpoint.api_key_env) if endpoint.api_key_env else None
+    api_key = read_api_key(endpoint)
     request = adapter.build_request(endpoint.model, message, api_key)
     response = _send(
         endpoint, request.json, {**request.headers, CALL_KEY_HEADER: call_key}, request.path
     )
     if response.status_code != 200:
-        raise _status_error(endpoint, adapter, response)
+        raise _status_error(endpoint, adapter, response, api_key)
     try:
         return adapter.parse_response(response.json())
     except ValueError as exc:
@@ -143,3 +149,30 @@ def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str) -> Comp
             maybe_billed=True,
             retryable=True,
         ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One test call's outcome (`aimesh endpoints test`): the answer or the error."""
+
+    latency_ms: float
+    completion: Completion | None
+    error: ProviderError | None
+
+    @property
+    def ok(self) -> bool:
+        """The endpoint answered."""
+        return self.error is None
+
+
+def probe(endpoint: Endpoint, message: AiMessage) -> Probe:
+    """One call to `endpoint` from this process (its environment's key), timed; nothing
+    is charged, journalled or audited."""
+    started = time.perf_counter()
+    try:
+        completion: Completion | None = call_provider(endpoint, message,
+                                                      f"probe:{message.id}")
+        error = None
+    except ProviderError as exc:
+        completion, error = None, exc
+    return Probe(round((time.perf_counter() - started) * 1000, 3), completion, error)

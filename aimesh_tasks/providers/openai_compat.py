@@ -76,8 +76,9 @@ class OpenAICompatible:
         """By status, refined by the error code: an unknown model or a bad key is the
         endpoint's fault (fall back); an exhausted quota is not worth a retry here."""
         code, detail = _error_fields(body)
-        if code in _ENDPOINT_CODES:
-            return ErrorClass("fallback", "unknown_model" if "model" in code else "auth", detail)
+        # Gateways (LiteLLM) answer an unknown model with 400 and the word only in the text.
+        if code in _ENDPOINT_CODES or (status == 400 and "invalid model name" in detail.lower()):
+            return ErrorClass("fallback", "auth" if "key" in code else "unknown_model", detail)
         if status == 429 and code in _QUOTA_CODES:
             return ErrorClass("fallback", "quota_exhausted", detail)
         return status_class(status, detail)

@@ -1,27 +1,51 @@
 """Endpoints in the database: create, list, change, disable, remove.
 
 Every change bumps a version counter in Redis, so routers on every worker reload their
-cached copy on their next message.
+cached copy on their next message. An endpoint names where its API key is (an
+environment variable or a file on its workers, see providers/credentials.py), never the
+key; workers that cannot find it report so here (`report_missing_keys`), and
+`workers_missing_keys` tells `aimesh endpoints list`.
+
+A base URL is the server's, without the API path the adapter adds: one ending in the
+adapter's version prefix (`http://host/v1` for OpenAI, the SDKs' habit) is stored without
+it, since the meaning is plain and the adapter would call `/v1/v1/...`; one ending in a
+different version, or in a full API path, is refused with the URL to give instead.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import cache
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import select
 
 from aimesh_tasks import keys
 from aimesh_tasks.db import EndpointRow, session_scope
 from aimesh_tasks.errors import InvalidInput, NotFound
-from aimesh_tasks.messages import AGENT_ID_PATTERN
+from aimesh_tasks.messages import AGENT_ID_PATTERN, AiMessage
 from aimesh_tasks.money import nusd_to_usd, usd_to_nusd
 from aimesh_tasks.providers import PROVIDERS
+from aimesh_tasks.providers.credentials import ENV_NAME, looks_like_key
+from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.redis_client import get_redis
+
+_VERSION_SEGMENT = re.compile(r"^v\d+(?:(?:alpha|beta)\d*)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +63,7 @@ class Endpoint:
     tags: frozenset[str]
     enabled: bool
     max_output_tokens: int | None = None
+    api_key_file: str | None = None
 
     @property
     def queue(self) -> str:
@@ -53,6 +78,7 @@ class Endpoint:
             "base_url": self.base_url,
             "model": self.model,
             "api_key_env": self.api_key_env,
+            "api_key_file": self.api_key_file,
             "input_usd_per_1k": str(nusd_to_usd(self.input_nusd_per_1k)),
             "output_usd_per_1k": str(nusd_to_usd(self.output_nusd_per_1k)),
             "capacity": self.capacity,
@@ -74,6 +100,63 @@ def validate_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
+@cache
+def api_path(provider: str) -> str:
+    """The path an adapter calls under a base URL (for Gemini, with model 'MODEL')."""
+    probe = AiMessage(agent_id="url-check", prompt="x", max_tokens=1)
+    return PROVIDERS[provider].build_request("MODEL", probe, None).path
+
+
+def normalise_base_url(url: str, provider: str) -> str:
+    """`url` without a trailing API version prefix the adapter adds itself; ValueError
+    when it ends in another version or carries the API path (module docstring)."""
+    parts = urlsplit(url)
+    path = api_path(provider)
+    adapter = [s for s in path.split("/") if s]
+    segments = [s for s in parts.path.split("/") if s]
+    base = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+    if adapter[0] in segments:
+        at = segments.index(adapter[0])
+        keep = base + "".join("/" + s for s in segments[:at])
+        if at == len(segments) - 1:
+            return keep
+        if segments[at + 1] == adapter[1]:
+            raise ValueError(f"'{url}' includes the API path; give the server's base URL "
+                             f"'{keep}' (the {provider} adapter calls {keep}{path})")
+    elif segments and _VERSION_SEGMENT.match(segments[-1]):
+        keep = base + "".join("/" + s for s in segments[:-1])
+        raise ValueError(f"'{url}' ends in API version '/{segments[-1]}', but the {provider} "
+                         f"adapter calls {keep}{path}; give '{keep}'")
+    return url
+
+
+def _check_key_env(value: str | None) -> str | None:
+    if value is None:
+        return None
+    # A long value is never echoed: it may be a key pasted by mistake.
+    if looks_like_key(value) or (len(value) >= 20 and not ENV_NAME.match(value)):
+        raise ValueError("this looks like an API key itself; pass the *name* of the "
+                         "environment variable that holds it (e.g. OPENAI_API_KEY), set on "
+                         "the endpoint's workers: the registry is stored in the database")
+    if not ENV_NAME.match(value) or len(value) > 128:
+        raise ValueError(f"'{value[:20]}' is not an environment variable name (capital "
+                         "letters, digits and '_', not starting with a digit, at most 128)")
+    return value
+
+
+def _check_key_file(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if looks_like_key(value) and not value.startswith("/"):
+        raise ValueError("this looks like an API key itself; pass the path of a file that "
+                         "holds it (e.g. /var/run/secrets/llm/api-key) on the endpoint's "
+                         "workers")
+    if not os.path.isabs(value) or any(c in value for c in "\0\n\r") or len(value) > 1024:
+        raise ValueError(f"'{value[:80]}' is not an absolute file path (one line, at most "
+                         "1024 characters); it is read on the endpoint's workers")
+    return value
+
+
 class EndpointSpec(BaseModel):
     """What a caller gives to create an endpoint; prices are USD per 1k tokens."""
 
@@ -83,7 +166,8 @@ class EndpointSpec(BaseModel):
     provider: str = "openai"
     base_url: str
     model: str = Field(min_length=1, max_length=128)
-    api_key_env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]*$", max_length=128)
+    api_key_env: str | None = None
+    api_key_file: str | None = None
     input_usd_per_1k: Decimal | str
     output_usd_per_1k: Decimal | str
     capacity: int = Field(64, ge=1, le=100_000)
@@ -110,6 +194,26 @@ class EndpointSpec(BaseModel):
     def _url(cls, value: str) -> str:
         return validate_base_url(value)
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _key_env(cls, value: str | None) -> str | None:
+        return _check_key_env(value)
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file(cls, value: str | None) -> str | None:
+        return _check_key_file(value)
+
+    @model_validator(mode="after")
+    def _one_key_source_and_a_base_url(self) -> EndpointSpec:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        try:
+            self.base_url = normalise_base_url(self.base_url, self.provider)
+        except ValueError as exc:
+            raise ValueError(f"base_url: {exc}") from None
+        return self
+
     @field_validator("input_usd_per_1k", "output_usd_per_1k", mode="before")
     @classmethod
     def _exact_price(cls, value: Any) -> Decimal:
@@ -122,8 +226,11 @@ class EndpointSpec(BaseModel):
 
 def _invalid(exc: ValidationError) -> InvalidInput:
     first = exc.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "endpoint"
+    field = ".".join(str(p) for p in first["loc"])
     reason = str(first["msg"]).removeprefix("Value error, ")
+    if not field:  # a rule across fields names its field first ("base_url: ...")
+        field = reason.split(":", 1)[0] if ":" in reason else "endpoint"
+        reason = reason.split(":", 1)[1].strip() if ":" in reason else reason
     return InvalidInput(f"{field}: {reason}", field=field, errors=[])
 
 
@@ -134,6 +241,7 @@ def _to_endpoint(row: EndpointRow) -> Endpoint:
         base_url=row.base_url,
         model=row.model,
         api_key_env=row.api_key_env,
+        api_key_file=row.api_key_file,
         input_nusd_per_1k=row.input_nusd_per_1k,
         output_nusd_per_1k=row.output_nusd_per_1k,
         capacity=row.capacity,
@@ -158,7 +266,8 @@ def add_endpoint(**fields: Any) -> Endpoint:
     with session_scope() as session:
         if session.get(EndpointRow, spec.id) is not None:
             raise InvalidInput(
-                f"id: endpoint '{spec.id}' already exists; use update_endpoint to change it",
+                f"id: endpoint '{spec.id}' already exists; change it with `aimesh endpoints "
+                f"update {spec.id}` (update_endpoint in Python)",
                 field="id",
                 errors=[],
             )
@@ -168,6 +277,7 @@ def add_endpoint(**fields: Any) -> Endpoint:
             base_url=spec.base_url,
             model=spec.model,
             api_key_env=spec.api_key_env,
+            api_key_file=spec.api_key_file,
             input_nusd_per_1k=usd_to_nusd(spec.input_usd_per_1k),
             output_nusd_per_1k=usd_to_nusd(spec.output_usd_per_1k),
             capacity=spec.capacity,
@@ -182,8 +292,13 @@ def add_endpoint(**fields: Any) -> Endpoint:
 
 
 def update_endpoint(endpoint_id: str, **changes: Any) -> Endpoint:
-    """Change some fields of an endpoint (same names and rules as add_endpoint)."""
+    """Change some fields of an endpoint (same names and rules as add_endpoint). Giving
+    one key source replaces the other; None clears one."""
     current = get_endpoint(endpoint_id).to_dict()
+    if changes.get("api_key_env"):
+        changes.setdefault("api_key_file", None)
+    if changes.get("api_key_file"):
+        changes.setdefault("api_key_env", None)
     try:
         spec = EndpointSpec(**{**current, **changes})
     except ValidationError as exc:
@@ -195,7 +310,7 @@ def update_endpoint(endpoint_id: str, **changes: Any) -> Endpoint:
         if row is None:
             raise NotFound(f"endpoint '{endpoint_id}' not found", kind="endpoint", id=endpoint_id)
         row.provider, row.base_url, row.model = spec.provider, spec.base_url, spec.model
-        row.api_key_env = spec.api_key_env
+        row.api_key_env, row.api_key_file = spec.api_key_env, spec.api_key_file
         row.input_nusd_per_1k = usd_to_nusd(spec.input_usd_per_1k)
         row.output_nusd_per_1k = usd_to_nusd(spec.output_usd_per_1k)
         row.capacity, row.tags, row.enabled = spec.capacity, sorted(set(spec.tags)), spec.enabled
@@ -240,3 +355,33 @@ def list_endpoints(*, include_disabled: bool = True) -> list[Endpoint]:
         query = query.where(EndpointRow.enabled.is_(True))
     with session_scope() as session:
         return [_to_endpoint(row) for row in session.scalars(query)]
+
+
+def report_missing_keys(worker: str, missing: Iterable[str], present: Iterable[str],
+                        ttl_s: float) -> None:
+    """Say which endpoints `worker` serves without their key (for `ttl_s`: a worker that
+    stops reporting drops out) and which it has the key of again."""
+    until = time.time() + ttl_s
+    batch = Batch()
+    for endpoint_id in missing:
+        batch.call("ZADD", keys.key_missing(endpoint_id), until, worker)
+        batch.call("EXPIRE", keys.key_missing(endpoint_id), int(ttl_s) + 1)
+    for endpoint_id in present:
+        batch.call("ZREM", keys.key_missing(endpoint_id), worker)
+    batch.send()
+
+
+def workers_missing_keys(endpoint_ids: Iterable[str]) -> dict[str, list[str]]:
+    """For each endpoint, the workers that reported lately that they serve it without its
+    key (one round trip)."""
+    ids = list(endpoint_ids)
+    batch = Batch()
+    now = time.time()
+    for endpoint_id in ids:
+        batch.call("ZRANGEBYSCORE", keys.key_missing(endpoint_id), now, "+inf")
+    batch.send()
+    return {endpoint_id: sorted(_text(w) for w in batch[i]) for i, endpoint_id in enumerate(ids)}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -238,6 +238,10 @@ def _answer(state: SimState, call: Call, parsed: MessagesRequest, request_id: st
     """A fault's response, or the completed message (as an SSE body when streamed)."""
     config = state.config
     model = config.model_name or parsed.model
+    if not config.knows(parsed.model):  # the API's answer to a model it does not serve
+        state.finish(call, 404, parsed.model)
+        return _json(error_body("not_found_error", f"model: {parsed.model}", request_id), 404,
+                     {"request-id": request_id})
     if call.fault in _FAULT_ERRORS:
         state.finish(call, _FAULT_ERRORS[call.fault][0], model)
         return _fault_response(call.fault, config.retry_after_s, request_id)

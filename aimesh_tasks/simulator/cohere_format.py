@@ -6,6 +6,7 @@ Contributes ``ROUTES`` to the simulator app (see `server.WIRE_FORMATS`). What it
 |------------------------------|--------|----------------------------------------------------------|
 | no `Authorization: Bearer`   | 401    | `{"id", "message": "no api key supplied"}`               |
 | invalid body                 | 400    | `{"id", "message": "invalid request: <field> ..."}`      |
+| model not in `known_models`  | 404    | `{"id", "message": "model '<m>' not found, ..."}`        |
 | fault `server_error`         | 500    | `{"id", "message"}`                                      |
 | fault `throttled`            | 429    | `{"id", "message"}`, Retry-After, trial headers (0 left) |
 | fault `overloaded`           | 503    | `{"id", "message"}`, Retry-After                         |
@@ -210,6 +211,11 @@ def sse_body(events: Iterator[dict[str, Any]]) -> bytes:
                    for event in events).encode()
 
 
+def _unknown_model(model: str) -> str:
+    return (f"model '{model}' not found, make sure the correct model ID was used and that "
+            "you have access to the model.")
+
+
 def _call_id(state: SimState, call: Call) -> str:
     return f"{state.instance}-0000-4000-8000-{call.serial:012x}"
 
@@ -274,6 +280,10 @@ def chat(state: SimState) -> Handler:
             return _json(error_body(_call_id(state, call), str(exc)), call, 400)
         config = state.config
         model = config.model_name or chat_request.model
+        if not config.knows(chat_request.model):
+            state.finish(call, 404, chat_request.model)
+            return _json(error_body(_call_id(state, call), _unknown_model(chat_request.model)),
+                         call, 404)
         if call.fault in _FAULT_ERRORS:
             state.finish(call, _FAULT_ERRORS[call.fault][0], model)
             return _fault_response(state, call, call.fault)

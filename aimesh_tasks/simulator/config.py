@@ -24,7 +24,11 @@ RUNTIME_FIELDS: Final = (
     "retry_after_s",
     "completion_tokens",
     "model_name",
+    "known_models",
+    "unknown_model_status",
 )
+# The statuses an unknown model may get: the providers' 404, or a gateway's 400 (LiteLLM).
+UNKNOWN_MODEL_STATUSES: Final = (404, 400)
 
 # The injected faults, in the order one roll per request is compared against their rates.
 FAULT_RATES: Final = {
@@ -69,6 +73,12 @@ class SimulatorConfig:
     `overload_rate` (the format's overload answer: 529 for Anthropic, 503 elsewhere, with
     Retry-After), `malformed_rate` (200 with a truncated JSON body), `no_usage_rate` (200
     with the usage fields left out). Their sum must not exceed 1.
+
+    `known_models` (None: every model is served) lists the models a request may name;
+    any other model is answered as its provider answers an unknown model: OpenAI's 404
+    `model_not_found`, Anthropic's 404 `not_found_error`, Gemini's 404 NOT_FOUND,
+    Cohere's 404. `unknown_model_status` 400 makes the OpenAI format answer as the
+    LiteLLM proxy does instead (400, "Invalid model name passed in model=...").
     """
 
     latency_ms: float = 0
@@ -82,6 +92,8 @@ class SimulatorConfig:
     completion_tokens: int = 16
     seed: int = 0
     model_name: str | None = None
+    known_models: tuple[str, ...] | None = None
+    unknown_model_status: int = 404
 
     def __post_init__(self) -> None:
         for name, (low, high) in _FLOAT_RANGES.items():
@@ -94,6 +106,13 @@ class SimulatorConfig:
             isinstance(self.model_name, str) and self.model_name
         ):
             raise ConfigFieldError("model_name", "must be a non-empty string or null")
+        self.known_models = _checked_models(self.known_models)
+        if self.unknown_model_status not in UNKNOWN_MODEL_STATUSES:
+            raise ConfigFieldError("unknown_model_status", "must be 404 or 400")
+
+    def knows(self, model: str) -> bool:
+        """Whether a request naming `model` is served (see `known_models`)."""
+        return self.known_models is None or model in self.known_models
 
     def with_changes(self, changes: Mapping[str, Any]) -> SimulatorConfig:
         """A validated copy with the runtime-changeable fields in `changes` replaced."""
@@ -106,6 +125,15 @@ class SimulatorConfig:
     def as_dict(self) -> dict[str, Any]:
         """All fields as a JSON-ready dict."""
         return asdict(self)
+
+
+def _checked_models(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not all(
+            isinstance(m, str) and m for m in value):
+        raise ConfigFieldError("known_models", "must be a list of non-empty strings or null")
+    return tuple(value)
 
 
 def _checked_float(name: str, value: object, low: float, high: float) -> float:

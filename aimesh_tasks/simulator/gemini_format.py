@@ -174,6 +174,13 @@ def bad_key_body() -> dict[str, Any]:
     return error_body(400, "INVALID_ARGUMENT", message, details)
 
 
+def unknown_model_body(model: str) -> dict[str, Any]:
+    """The API's 404 NOT_FOUND for a model it does not serve."""
+    return error_body(404, "NOT_FOUND", f"models/{model} is not found for API version "
+                      "v1beta, or is not supported for generateContent. Call ListModels to "
+                      "see the list of available models and their supported methods.")
+
+
 def fault_body(fault: str, model: str, retry_after_s: int) -> tuple[int, dict[str, Any]]:
     """The status and body of an injected fault (a 429 carries QuotaFailure and RetryInfo)."""
     status, name, message = _FAULTS[fault]
@@ -262,6 +269,9 @@ async def _answer(state: SimState, call: Call, request: web.Request, generate: G
                   stream: bool) -> web.StreamResponse:
     config = state.config
     model = config.model_name or request.match_info["model"]
+    if not config.knows(request.match_info["model"]):
+        state.finish(call, 404, request.match_info["model"])
+        return _json(unknown_model_body(request.match_info["model"]), status=404)
     if call.fault in _FAULTS:
         status, body = fault_body(call.fault, model, config.retry_after_s)
         state.finish(call, status, model)

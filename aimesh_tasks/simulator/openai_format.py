@@ -132,6 +132,19 @@ def error_body(message: str, param: str | None) -> dict[str, Any]:
     return {"error": error}
 
 
+def unknown_model(model: str, status: int) -> tuple[int, dict[str, Any]]:
+    """OpenAI's answer to a model it does not serve (404 `model_not_found`), or with
+    `status` 400 the LiteLLM proxy's (its code is the status, the model is in the text)."""
+    if status == 400:
+        return 400, {"error": {
+            "message": f"/chat/completions: Invalid model name passed in model={model}. "
+                       "Call `/v1/models` to view available models for your key.",
+            "type": "None", "param": "None", "code": "400"}}
+    return 404, {"error": {
+        "message": f"The model `{model}` does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "param": None, "code": "model_not_found"}}
+
+
 def usage(completion: tokens.Completion) -> dict[str, int]:
     """The usage object of a completion."""
     return {
@@ -211,6 +224,10 @@ def chat_completions(state: SimState) -> Handler:
             return _json(error_body(str(exc), exc.param), status=400)
         config = state.config
         model = config.model_name or chat.model
+        if not config.knows(chat.model):
+            status, error = unknown_model(chat.model, config.unknown_model_status)
+            state.finish(call, status, chat.model)
+            return _json(error, status=status)
         if call.fault in _FAULT_BODIES:
             status = _FAULT_BODIES[call.fault][0]
             state.finish(call, status, model)
