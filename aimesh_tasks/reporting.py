@@ -16,8 +16,11 @@ outbox is flushed first), so a report always agrees with what was recorded.
 |                   | fixed cycle, among those its routing decision found eligible      |
 | always-cheapest   | the same tokens at the cheapest eligible endpoint                 |
 
-Both alternatives use the endpoints' registry prices and assume the same token counts
-everywhere; an endpoint no longer registered is priced at what was actually paid.
+Both alternatives assume the same token counts everywhere and price them as the routing
+decision saw its candidates at the time (their prices are recorded with it), so a report
+does not change when endpoints are repriced or removed later. Decisions recorded before
+prices were fall back to the registry's prices; an endpoint priced by neither counts at
+what was actually paid.
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ from typing import Any
 from sqlalchemy import Select, select
 
 from aimesh_tasks import outbox
-from aimesh_tasks.db import AuditRow, CallAttemptRow, RoutingDecisionRow, session_scope
+from aimesh_tasks.db import (
+    AuditRow,
+    CallAttemptRow,
+    LedgerRow,
+    RoutingDecisionRow,
+    session_scope,
+)
+from aimesh_tasks.errors import NotFound
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
 from aimesh_tasks.registry.endpoints import Endpoint, list_endpoints
 
@@ -121,6 +131,9 @@ class AgentFigures(Usage):
         }
 
 
+Price = tuple[int, int]  # nano-USD per 1k input tokens, per 1k output tokens
+
+
 @dataclass(frozen=True)
 class Records:
     """The recorded rows a report is computed from."""
@@ -129,6 +142,14 @@ class Records:
     routes: dict[str, list[str]]  # message id -> eligible endpoints (winner, fallbacks)
     failed: list[tuple[str, str]]  # (agent id, message id) of audit 'failed' events
     unroutable: list[str]  # agent id per routing decision without a winner
+    # message id -> endpoint id -> its prices as the routing decision recorded them
+    prices: dict[str, dict[str, Price]] = field(default_factory=dict)
+
+
+def recorded_prices(candidates: list[dict[str, Any]]) -> dict[str, Price]:
+    """The prices a decision recorded per candidate (none for older decisions)."""
+    return {c["endpoint_id"]: (int(c["input_nusd_per_1k"]), int(c["output_nusd_per_1k"]))
+            for c in candidates if "input_nusd_per_1k" in c and "output_nusd_per_1k" in c}
 
 
 def _filtered(query: Select[Any], model: Any, since: datetime | None,
@@ -148,43 +169,54 @@ def load_records(since: datetime | None = None, agent_id: str | None = None) -> 
             select(CallAttemptRow).order_by(CallAttemptRow.id), CallAttemptRow, since,
             agent_id)))
         routes: dict[str, list[str]] = {}
+        prices: dict[str, dict[str, Price]] = {}
         unroutable: list[str] = []
         for d in session.scalars(_filtered(
                 select(RoutingDecisionRow).order_by(RoutingDecisionRow.id), RoutingDecisionRow,
                 since, agent_id)):
             if d.winner is None:
                 unroutable.append(d.agent_id)
-            else:
-                routes.setdefault(d.message_id, [d.winner, *d.fallbacks])
+            elif d.message_id not in routes:
+                routes[d.message_id] = [d.winner, *d.fallbacks]
+                prices[d.message_id] = recorded_prices(d.candidates)
         failed = [(a.agent_id, a.message_id) for a in session.scalars(_filtered(
             select(AuditRow).where(AuditRow.event == "failed"), AuditRow, since, agent_id))]
-    return Records(attempts, routes, failed, unroutable)
+    return Records(attempts, routes, failed, unroutable, prices)
 
 
-def _cost_at(row: CallAttemptRow, endpoint: Endpoint) -> int:
-    return call_cost_nusd(row.input_tokens, row.output_tokens, endpoint.input_nusd_per_1k,
-                          endpoint.output_nusd_per_1k)
+def _cost_at(row: CallAttemptRow, price: Price) -> int:
+    return call_cost_nusd(row.input_tokens, row.output_tokens, price[0], price[1])
+
+
+def _eligible(records: Records, row: CallAttemptRow, registry: dict[str, Price]
+              ) -> dict[str, Price]:
+    """The endpoints that could have answered this message, with the prices it saw."""
+    seen = records.prices.get(row.message_id, {})
+    eligible = {}
+    for endpoint_id in records.routes.get(row.message_id, [row.endpoint_id]):
+        price = seen.get(endpoint_id) or registry.get(endpoint_id)
+        if price is not None:
+            eligible[endpoint_id] = price
+    return eligible
 
 
 def policy_costs(records: Records, endpoints: Iterable[Endpoint]) -> dict[str, int]:
     """Nano-USD paid as routed, and under round-robin and always-cheapest (see module doc)."""
-    by_id = {e.id: e for e in endpoints}
-    cycle = sorted(by_id)
+    registry = {e.id: (e.input_nusd_per_1k, e.output_nusd_per_1k) for e in endpoints}
+    cycle = sorted(set(registry).union(*(p.keys() for p in records.prices.values())))
     turn = 0
     round_robin = cheapest = 0
     for row in (r for r in records.attempts if r.ok):
-        eligible = [by_id[e] for e in records.routes.get(row.message_id, [row.endpoint_id])
-                    if e in by_id]
+        eligible = _eligible(records, row, registry)
         if not eligible:
             round_robin += row.cost_nusd
             cheapest += row.cost_nusd
             continue
-        eligible_ids = {e.id for e in eligible}
-        while cycle[turn % len(cycle)] not in eligible_ids:
+        while cycle[turn % len(cycle)] not in eligible:
             turn += 1
-        round_robin += _cost_at(row, by_id[cycle[turn % len(cycle)]])
+        round_robin += _cost_at(row, eligible[cycle[turn % len(cycle)]])
         turn += 1
-        cheapest += min(_cost_at(row, e) for e in eligible)
+        cheapest += min(_cost_at(row, price) for price in eligible.values())
     routed = sum(r.cost_nusd for r in records.attempts)
     return {"routed_nusd": routed, "round_robin_nusd": round_robin, "cheapest_nusd": cheapest}
 
@@ -240,4 +272,41 @@ def traffic_report(since: datetime | None = None, agent_id: str | None = None) -
         "round_robin_cost_usd": str(nusd_to_usd(costs["round_robin_nusd"])),
         "cheapest_cost_usd": str(nusd_to_usd(costs["cheapest_nusd"])),
         **savings_and_refusals(since, agent_id),
+    }
+
+
+def _when(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def message_record(message_id: str) -> dict[str, Any]:
+    """What the database holds on one message: its audit trail, routing decisions, call
+    attempts and what its agent was charged (NotFound if nothing at all)."""
+    outbox.flush(wait_s=DRAIN_TIMEOUT_S)
+    with session_scope() as session:
+        def rows(model: Any) -> list[Any]:
+            return list(session.scalars(select(model).where(model.message_id == message_id)
+                                        .order_by(model.id)))
+
+        audit, decisions, attempts, charges = (rows(AuditRow), rows(RoutingDecisionRow),
+                                               rows(CallAttemptRow), rows(LedgerRow))
+    if not (audit or decisions or attempts):
+        raise NotFound(f"no message '{message_id}' is recorded; give an id that `aimesh "
+                       "enqueue` printed (or a result's message_id)", kind="message",
+                       id=message_id)
+    agent = next(r.agent_id for r in [*audit, *decisions, *attempts])
+    return {
+        "message_id": message_id,
+        "agent_id": agent,
+        "charged_usd": str(nusd_to_usd(sum(c.nusd for c in charges))),
+        "audit": [{"event": a.event, "at": _when(a.created_at), "endpoint_id": a.endpoint_id,
+                   "reason": a.reason, "tokens": a.tokens,
+                   "cost_usd": str(nusd_to_usd(a.cost_nusd))} for a in audit],
+        "decisions": [{"winner": d.winner, "fallbacks": d.fallbacks, "excluded": d.excluded,
+                       "error": d.error, "at": _when(d.created_at)} for d in decisions],
+        "attempts": [{"endpoint_id": c.endpoint_id, "ok": c.ok, "status": c.status,
+                      "latency_ms": round(c.latency_ms, 1), "input_tokens": c.input_tokens,
+                      "output_tokens": c.output_tokens,
+                      "cost_usd": str(nusd_to_usd(c.cost_nusd)), "error": c.error,
+                      "at": _when(c.created_at)} for c in attempts],
     }

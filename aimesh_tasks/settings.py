@@ -264,12 +264,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
-        if not _SCHEME.match(value):
-            raise ValueError("not a database URL. Fix: give one such as "
-                             "postgresql://user@host:5432/aimesh or sqlite:///aimesh.db")
-        # `postgres://` is what Heroku, Render and many tools print; SQLAlchemy only knows
-        # the dialect as `postgresql`, so the common spelling is accepted and corrected.
-        return re.sub(r"^postgres(?=[:+])", "postgresql", value, flags=re.IGNORECASE)
+        return database_url(value)
 
     @field_validator("broker_url", "result_backend", "redis_url")
     @classmethod
@@ -318,6 +313,16 @@ class Settings(BaseSettings):
     def route_weights(self) -> tuple[float, float, float]:
         """(cost, load, latency) weights."""
         return (self.route_weight_cost, self.route_weight_load, self.route_weight_latency)
+
+
+def database_url(value: str) -> str:
+    """A database URL as SQLAlchemy reads it; ValueError with the fix if it is none."""
+    if not _SCHEME.match(value):
+        raise ValueError("not a database URL. Fix: give one such as "
+                         "postgresql://user@host:5432/aimesh or sqlite:///aimesh.db")
+    # `postgres://` is what Heroku, Render and many tools print; SQLAlchemy only knows the
+    # dialect as `postgresql`, so the common spelling is accepted and corrected.
+    return re.sub(r"^postgres(?=[:+])", "postgresql", value, flags=re.IGNORECASE)
 
 
 def _shown(name: str, value: Any) -> str:

@@ -88,6 +88,9 @@ def _usd_limit(usd: Any) -> int | None:
         raise _invalid("usd", str(exc).removeprefix("usd: ")) from None
 
 
+LIMITS = ("tokens", "usd", "expires")  # what `clear` may name
+
+
 def _check_period(period: str, rolling_s: int | None) -> None:
     if period not in PERIODS:
         raise _invalid("period", f"'{period}' is not one of {', '.join(PERIODS)}")
@@ -95,20 +98,63 @@ def _check_period(period: str, rolling_s: int | None) -> None:
         raise _invalid("rolling_s", "a rolling period needs its length in seconds (> 0)")
 
 
+@dataclass(frozen=True)
+class _Change:
+    """What one set_budget call gives; None = keep what the budget has."""
+
+    token_limit: int | None
+    usd_limit: int | None
+    period: str | None
+    rolling_s: int | None
+    expires_at: datetime | None
+    clear: frozenset[str]
+
+    def nothing(self) -> bool:
+        return (self.token_limit is None and self.usd_limit is None and self.period is None
+                and self.rolling_s is None and self.expires_at is None and not self.clear)
+
+
+def _apply(row: BudgetRow, change: _Change, now: datetime) -> None:
+    """Change only what was given (or cleared); a new period starts if the period changed."""
+    if change.token_limit is not None or "tokens" in change.clear:
+        row.token_limit = change.token_limit
+    if change.usd_limit is not None or "usd" in change.clear:
+        row.usd_limit_nusd = change.usd_limit
+    if change.expires_at is not None or "expires" in change.clear:
+        row.expires_at = change.expires_at
+    period = change.period or row.period
+    rolling_s = change.rolling_s if change.rolling_s is not None or change.period else (
+        row.rolling_s)
+    _check_period(period, rolling_s)
+    if row.token_limit is None and row.usd_limit_nusd is None:
+        raise _invalid("tokens", "a budget needs a limit: give a token limit, a USD limit, "
+                                 "or both (clearing both would leave nothing to enforce)")
+    if period != row.period or rolling_s != row.rolling_s:
+        row.period_start = current_period_start(period, now, now, rolling_s)
+    row.period, row.rolling_s, row.updated_at = period, rolling_s, now
+
+
 def set_budget(
     agent_id: str,
     *,
     tokens: int | str | None = None,
     usd: Decimal | str | None = None,
-    period: str = "none",
+    period: str | None = None,
     rolling_s: int | None = None,
     expires_at: datetime | None = None,
+    clear: tuple[str, ...] | frozenset[str] = (),
 ) -> BudgetView:
-    """Create or change an agent's budget; spent and reserved amounts are kept."""
-    token_limit, usd_limit = _token_limit(tokens), _usd_limit(usd)
-    _check_period(period, rolling_s)
-    if token_limit is None and usd_limit is None:
-        raise _invalid("tokens", "give a token limit, a USD limit, or both")
+    """Create an agent's budget, or change only what is given (None keeps the current
+    value; `clear` removes the named limits: 'tokens', 'usd', 'expires'). Spent and
+    reserved amounts are kept; a new budget's period defaults to 'none'."""
+    unknown = set(clear) - set(LIMITS)
+    if unknown:
+        raise _invalid("clear", f"{sorted(unknown)} are not limits; clear one of "
+                                f"{', '.join(LIMITS)}")
+    change = _Change(_token_limit(tokens), _usd_limit(usd), period, rolling_s, expires_at,
+                     frozenset(clear))
+    if change.nothing():
+        raise _invalid("tokens", "nothing to change: give a token limit, a USD limit, or both")
     now = utcnow()
     with session_scope() as session:
         if session.get(AgentRow, agent_id) is None:
@@ -116,15 +162,12 @@ def set_budget(
                            "`aimesh agents add`", kind="agent", id=agent_id)
         row = session.get(BudgetRow, agent_id, with_for_update=True)
         if row is None:
-            row = BudgetRow(agent_id=agent_id, spent_tokens=0, spent_nusd=0,
-                            reserved_tokens=0, reserved_nusd=0,
-                            period_start=current_period_start(period, now, now, rolling_s))
+            row = BudgetRow(agent_id=agent_id, token_limit=None, usd_limit_nusd=None,
+                            period="none", rolling_s=None, expires_at=None, spent_tokens=0,
+                            spent_nusd=0, reserved_tokens=0, reserved_nusd=0,
+                            period_start=now)
             session.add(row)
-        elif row.period != period or row.rolling_s != rolling_s:
-            row.period_start = current_period_start(period, now, now, rolling_s)
-        row.token_limit, row.usd_limit_nusd = token_limit, usd_limit
-        row.period, row.rolling_s, row.expires_at, row.updated_at = (
-            period, rolling_s, expires_at, now)
+        _apply(row, change, now)
         session.flush()
         view = _view(row)
     add_metered(agent_id)

@@ -7,7 +7,6 @@ import json
 import typer
 
 from aimesh_tasks.cli.shell import stdout, table
-from aimesh_tasks.governance import agents as registry
 
 cli = typer.Typer(help="Agents: who sends messages (budgets and ACLs refer to them).",
                   no_args_is_help=True)
@@ -16,6 +15,8 @@ cli = typer.Typer(help="Agents: who sends messages (budgets and ACLs refer to th
 @cli.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
     """Every registered agent."""
+    from aimesh_tasks.governance import agents as registry
+
     agents = registry.list_agents()
     if as_json:
         for agent in agents:
@@ -35,8 +36,21 @@ def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object pe
 def add(
     agent_id: str = typer.Argument(..., help="Id, lowercase kebab or snake case: research-bot."),
     description: str = typer.Option("", "--description", "-d", help="What the agent does."),
+    exist_ok: bool = typer.Option(False, "--exist-ok",
+                                  help="An agent already registered is fine (exit 0): for "
+                                       "scripts that run more than once."),
 ) -> None:
     """Register an agent."""
+    from aimesh_tasks.errors import NotFound
+    from aimesh_tasks.governance import agents as registry
+
+    if exist_ok:
+        try:
+            registry.get_agent(agent_id)
+            typer.echo(f"agent {agent_id} is registered already")
+            return
+        except NotFound:
+            pass
     agent = registry.add_agent(agent_id, description)
     typer.echo(f"added agent {agent.id}")
 
@@ -44,4 +58,6 @@ def add(
 @cli.command("show")
 def show(agent_id: str = typer.Argument(..., help="The agent's id.")) -> None:
     """One agent as JSON."""
+    from aimesh_tasks.governance import agents as registry
+
     typer.echo(json.dumps(registry.get_agent(agent_id).to_dict(), indent=2))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from aimesh_tasks.budgets import BudgetView, get_budget, list_budgets, set_budget
+from aimesh_tasks.cli.shell import stdout, table
+
+if TYPE_CHECKING:
+    from aimesh_tasks.budgets import BudgetView
 
 cli = typer.Typer(help="Per-agent budgets in tokens and USD.", no_args_is_help=True)
 
@@ -37,15 +39,28 @@ def set_(
     agent_id: str = typer.Argument(..., help="A registered agent (`aimesh agents add`)."),
     tokens: str = typer.Option(None, "--tokens", help="Token limit (input + output)."),
     usd: str = typer.Option(None, "--usd", help="USD limit, e.g. 12.50"),
-    period: str = typer.Option("none", "--period", help="none, daily, monthly or rolling."),
+    period: str = typer.Option(None, "--period",
+                               help="none, daily, monthly or rolling (new budgets: none)."),
     rolling_s: int = typer.Option(None, "--rolling-s", help="Length of a rolling period."),
     expires: str = typer.Option(None, "--expires", help="Expiry, ISO 8601 with zone."),
+    clear_tokens: bool = typer.Option(False, "--clear-tokens", help="Remove the token limit."),
+    clear_usd: bool = typer.Option(False, "--clear-usd", help="Remove the USD limit."),
+    clear_expires: bool = typer.Option(False, "--clear-expires", help="Remove the expiry."),
 ) -> None:
-    """Create or change an agent's budget (spent amounts are kept)."""
+    """Create a budget, or change only what is given (spent amounts are kept).
+
+    `aimesh budgets set bot --usd 25` then `--tokens 2000000` keeps both limits;
+    `--clear-usd` removes one.
+    """
+    from aimesh_tasks.budgets import set_budget
+
+    clear = tuple(name for name, given in (("tokens", clear_tokens), ("usd", clear_usd),
+                                           ("expires", clear_expires)) if given)
     view = set_budget(agent_id, tokens=tokens, usd=usd, period=period, rolling_s=rolling_s,
-                      expires_at=_expiry(expires))
+                      expires_at=_expiry(expires), clear=clear)
     typer.echo(f"budget of {view.agent_id}: {_limit(view.token_limit)} tokens, "
-               f"${_limit(view.usd_limit)}, period {view.period}")
+               f"${_limit(view.usd_limit)}, period {view.period}"
+               + (f", expires {view.expires_at.isoformat()}" if view.expires_at else ""))
 
 
 @cli.command("show")
@@ -54,16 +69,23 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
 ) -> None:
     """Limits, spent and reserved amounts, per agent."""
+    from aimesh_tasks.budgets import get_budget, list_budgets
+
     views: list[BudgetView] = [get_budget(agent_id)] if agent_id else list_budgets()
     if as_json:
         for view in views:
             typer.echo(json.dumps(view.to_dict()))
         return
-    table = Table("agent", "token limit", "tokens spent", "tokens reserved", "USD limit",
-                  "USD spent", "USD reserved", "period", "expires")
+    if not views:
+        typer.echo("no budgets set; set one with `aimesh budgets set AGENT --usd 25`")
+        return
+    # The agent id is never cut (two agents with one prefix must stay apart); the other
+    # columns pair limit with spent and reserved so the table fits 80 columns.
+    rows = table("agent", "tokens spent/limit", "tokens held", "USD spent/limit", "USD held",
+                 "period", "expires")
     for v in views:
-        table.add_row(v.agent_id, _limit(v.token_limit), str(v.spent_tokens),
-                      str(v.reserved_tokens), _limit(v.usd_limit), str(v.spent_usd),
-                      str(v.reserved_usd), v.period,
-                      v.expires_at.isoformat() if v.expires_at else "-")
-    Console().print(table)
+        rows.add_row(v.agent_id, f"{v.spent_tokens}/{_limit(v.token_limit)}",
+                     str(v.reserved_tokens), f"{v.spent_usd}/{_limit(v.usd_limit)}",
+                     str(v.reserved_usd), v.period,
+                     v.expires_at.strftime("%Y-%m-%d %H:%M") if v.expires_at else "-")
+    stdout().print(rows)

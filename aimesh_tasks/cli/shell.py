@@ -95,7 +95,8 @@ def safe_url(url: str) -> str:
     return str(maybe_sanitize_url(url))
 
 
-def _safe_db_url(url: str) -> str:
+def safe_db_url(url: str) -> str:
+    """The database URL with its password masked."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -115,7 +116,7 @@ _MISSING_DATABASE = re.compile(r'database "([^"]+)" does not exist')
 
 def database_error(exc: BaseException) -> str:
     """One line on a database error: missing, not migrated, or not reachable."""
-    url = _safe_db_url(get_settings().database_url)
+    url = safe_db_url(get_settings().database_url)
     reason = _first_line(exc)
     missing = _MISSING_DATABASE.search(str(getattr(exc, "orig", None) or exc))
     if missing:

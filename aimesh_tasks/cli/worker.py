@@ -9,6 +9,7 @@ import sys
 import typer
 
 from aimesh_tasks.app import app, check_delivery_settings
+from aimesh_tasks.cli.nodes import default_node_name
 from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.follow import FOLLOW_SETTING
 from aimesh_tasks.keys import IDLE_QUEUE, ROUTE_QUEUE, endpoint_queue
@@ -68,8 +69,7 @@ def worker(
             "-l", loglevel]
     if concurrency:
         argv += ["-c", str(concurrency)]
-    if hostname:
-        argv += ["-n", hostname]
+    argv += ["-n", hostname or default_node_name(router, endpoints, queues)]
     argv += list(ctx.args)
     if pool in GREEN_POOLS:
         _exec_celery(argv, follow=endpoints == "all")

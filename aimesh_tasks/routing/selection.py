@@ -31,13 +31,17 @@ class RoutingDecision:
         return self.route[0]
 
     def to_record(self) -> dict[str, Any]:
-        """The row recorded for audit: every candidate's breakdown, winner and fallbacks."""
+        """The row recorded for audit: every candidate's breakdown and prices at the time
+        (reports price other policies with them), winner and fallbacks."""
+        prices = {e.id: {"input_nusd_per_1k": e.input_nusd_per_1k,
+                         "output_nusd_per_1k": e.output_nusd_per_1k} for e in self.route}
         return {
             "message_id": self.message_id,
             "agent_id": self.agent_id,
             "winner": self.ranked[0].endpoint_id if self.ranked else None,
             "fallbacks": [c.endpoint_id for c in self.ranked[1:]],
-            "candidates": [c.to_dict() for c in self.ranked],
+            "candidates": [{**c.to_dict(), **prices.get(c.endpoint_id, {})}
+                           for c in self.ranked],
             "excluded": self.excluded,
             "weights": dict(zip(("cost", "load", "latency"), self.weights, strict=True)),
         }

@@ -128,5 +128,20 @@ def load_workflow(path: str | Path) -> Workflow:
         data = json.loads(text) if source.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise InvalidInput(f"{source}: not valid {'JSON' if source.suffix == '.json' else 'YAML'}"
-                           f" ({str(exc).splitlines()[0]})", field="file", errors=[]) from None
+                           f" ({_syntax_error(exc)})", field="file", errors=[]) from None
     return parse_workflow(data)
+
+
+def _syntax_error(exc: Exception) -> str:
+    """Where a YAML/JSON file is broken: line, column and the parser's complaint."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno}, column {exc.colno}: {exc.msg}"
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return str(problem)
+    context, started = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    where = (f" started at line {started.line + 1}, column {started.column + 1}"
+             if started is not None else "")
+    return (f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+            + (f" ({context}{where})" if context else ""))
