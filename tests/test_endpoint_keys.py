@@ -319,6 +319,28 @@ def test_an_endpoints_400_falls_back_and_counts_against_its_health(
 
 
 @pytest.mark.slow
+def test_a_400_that_is_the_messages_fault_neither_falls_back_nor_counts_against_health(
+    workers: list[WorkerProcess], simulator: Sim, endpoint: MakeEndpoint
+) -> None:
+    """The simulated OpenAI format takes string contents only: content parts are the
+    message's fault there (400 invalid_request_error), so the next endpoint is not tried."""
+    first_sim, second_sim = simulator(), simulator()
+    first = endpoint(first_sim, "strict", price_in="0.0001", price_out="0.0001")
+    endpoint(second_sim, "spare", price_in="0.01", price_out="0.01")
+    parts = [{"role": "user", "content": [{"type": "text", "text": "in parts"}]}]
+    pending = submit(agent_id="keys-fail", messages=parts, max_tokens=8)
+    with pytest.raises(ProviderError) as caught:
+        pending.get(timeout=60)
+    error = caught.value
+    assert (error.status, error.action, error.fields["reason"]) == (400, "fail", "bad_request")
+    assert "messages[0].content must be a string" in error.message
+    assert second_sim.stats()["calls"] == 0 and first_sim.stats()["calls"] == 1
+    figures, _ = read_figures([first.id])
+    assert (figures[first.id].calls, figures[first.id].error_rate,
+            figures[first.id].health) == (1, 0.0, "up")
+
+
+@pytest.mark.slow
 def test_the_providers_error_text_reaches_the_error_the_attempts_and_the_audit(
     workers: list[WorkerProcess], simulator: Sim, endpoint: MakeEndpoint
 ) -> None:

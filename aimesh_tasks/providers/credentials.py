@@ -36,7 +36,6 @@ MAX_KEY_FILE_BYTES = 64 * 1024
 KEY_PREFIXES = ("sk-", "sk_", "pk-", "rk-", "AIza", "gsk_", "xai-", "hf_", "ghp_", "Bearer ")
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 _TOKEN = re.compile(r"[A-Za-z0-9_\-+/=.~]{19,}[A-Za-z0-9_\-+/=~]")  # not a final '.'
-
 _MIN_KEY_LIKE_CHARS = 20
 _MIN_ENTROPY_BITS = 3.5
 
