@@ -42,6 +42,7 @@ TEST_ENV = {
 os.environ.update(TEST_ENV)  # before aimesh_tasks reads its settings
 
 import redis  # noqa: E402
+from alembic.util.exc import CommandError  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from aimesh_tasks.db import Base, dispose_engines  # noqa: E402
@@ -103,11 +104,24 @@ def servers() -> None:
 
 @pytest.fixture(scope="session")
 def database(servers: None) -> Iterator[str]:
-    """The Postgres test database, migrated from empty."""
-    downgrade(DATABASE, "base")
+    """The Postgres test database, migrated from empty. A database left at a revision this
+    tree does not have (another branch's run) cannot be downgraded: it is emptied instead."""
+    try:
+        downgrade(DATABASE, "base")
+    except CommandError:
+        _empty_database()
     upgrade(DATABASE)
     yield DATABASE
     dispose_engines()
+
+
+def _empty_database() -> None:
+    engine = create_engine(DATABASE.replace("postgresql://", "postgresql+psycopg://"),
+                           isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE"))
+        connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
 
 
 def _truncate_all() -> None:
