@@ -9,6 +9,7 @@ delivery guarantees in `celery_config.GUARANTEED` are applied last, whatever it 
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from typing import Any
@@ -22,6 +23,7 @@ from aimesh_tasks.observability.worker import install as install_observability
 from aimesh_tasks.settings import get_settings
 from aimesh_tasks.worker_steps import BackgroundJobsStep
 
+logger = logging.getLogger(__name__)
 _VISIBILITY_BROKERS = ("redis://", "rediss://", "sqs://", "redis+socket://")
 # RabbitMQ closes a channel whose delivery stays unacked past consumer_timeout (30 min).
 RABBITMQ_CONSUMER_TIMEOUT_S = 1800
@@ -44,9 +46,12 @@ install_observability()
 
 
 def check_delivery_settings() -> None:
-    """Refuse settings under which an acks_late message could run twice at once."""
+    """Refuse settings under which an acks_late message could run twice at once, or a
+    Redis broker that may evict queued messages."""
     settings = get_settings()
     broker = settings.broker_url
+    if broker.startswith(("redis://", "rediss://")):
+        check_broker_keeps_messages(broker)
     if broker.startswith(_VISIBILITY_BROKERS):
         if settings.visibility_timeout_s <= settings.task_time_limit_s:
             raise ConfigError(
@@ -62,6 +67,32 @@ def check_delivery_settings() -> None:
                 f"RabbitMQ's consumer_timeout ({RABBITMQ_CONSUMER_TIMEOUT_S} s)",
                 setting="AIMESH_TASK_TIME_LIMIT_S",
             )
+
+
+def check_broker_keeps_messages(broker: str) -> None:
+    """Refuse a Redis broker whose maxmemory-policy evicts keys: under memory pressure it
+    would drop queued messages (whole queues are keys). Only logged when it cannot be
+    asked (unreachable yet, or CONFIG disabled, as on some managed services)."""
+    import redis
+    from kombu.utils.url import maybe_sanitize_url
+
+    shown = maybe_sanitize_url(broker)
+    client = redis.Redis.from_url(broker, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.RedisError as exc:
+        logger.warning("broker.eviction_unchecked", extra={
+            "broker": shown, "error": f"{type(exc).__name__}: {exc}"})
+        return
+    finally:
+        client.close()
+    if policy not in (None, "noeviction"):
+        raise ConfigError(
+            f"the broker Redis at {shown} has maxmemory-policy '{policy}': under memory "
+            "pressure it evicts keys, and a queue is a key, so accepted messages would be "
+            "lost. Fix: run CONFIG SET maxmemory-policy noeviction on it (and set "
+            "maxmemory-policy noeviction in its redis.conf), or give a broker that does not "
+            "evict", setting="maxmemory-policy", value=policy)
 
 
 @signals.worker_init.connect

@@ -36,9 +36,20 @@ result_accept_content = ["json"]
 event_serializer = "json"
 task_acks_late = True
 task_reject_on_worker_lost = True
-# On a lost broker connection, stop running tasks whose messages will be redelivered
-# anyway, rather than let them finish and produce a second copy.
-worker_cancel_long_running_tasks_on_connection_loss = True
+# On a lost broker connection, let running tasks finish. Cancelling them (True) stores
+# TaskRevokedError ("terminated") as the result their producers read, a final failure for
+# a message that was fine; a task that finishes stores its real result, and the second
+# copy the broker may redeliver later is the same message (hand-off record, call-key
+# lease, journal: one call, one charge, the same result again).
+worker_cancel_long_running_tasks_on_connection_loss = False
+# Publishing (a hand-off to the next hop, a retry, a submit) rides out a broker restart:
+# about 35 s of retries instead of Celery's 0.6 s; past that, a task gives its message
+# back (aimesh_tasks/tasks/shell.py) and a producer gets the error.
+task_publish_retry_policy = {"max_retries": 10, "interval_start": 0, "interval_step": 1,
+                             "interval_max": 5}
+# Storing a result rides out a short result-backend outage instead of failing the task.
+result_backend_always_retry = True
+result_backend_max_retries = 10
 
 # Time limits: soft raises SoftTimeLimitExceeded in the task; hard kills the worker child.
 task_soft_time_limit = _settings.task_soft_time_limit_s
@@ -52,6 +63,10 @@ broker_transport_options = {
     # kombu's default of 10 broker connections fails under gevent/threads concurrency
     # (MEASURED.md finding 3); this is a ceiling, not a number opened up front.
     "max_connections": 1000,
+    # Messages a dead worker held are restored by the other workers once the visibility
+    # timeout passes; kombu looks only every 10 s x 10, which would add up to 100 s to it.
+    "unacked_restore_interval": min(10.0, _settings.visibility_timeout_s / 10),
+    "unacked_restore_throttle": 1,
     # The in-memory transport polls; 5 ms takes embedded mode from ~15 to ~220 msgs/s.
     **({"polling_interval": 0.005} if _settings.embedded else {}),
 }

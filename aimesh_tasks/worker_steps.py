@@ -11,8 +11,9 @@ from aimesh_tasks.periodic import Periodic
 
 class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """For the life of the worker: flush the outbox to the database, reap budget
-    reservations whose task died, and give orphaned single-flights a new leader (each job
-    takes a lock, or is atomic, or idempotent, so any number of workers may run them).
+    reservations whose task died, give orphaned single-flights a new leader, and publish
+    again accepted messages the broker lost (delivery/reconciler.py). Each job takes a
+    lock, or is atomic, or idempotent, so any number of workers may run them.
 
     It starts after the pool, so prefork children are forked before these threads exist
     (forking while a thread holds a lock can leave the child waiting on it forever).
@@ -26,6 +27,8 @@ class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, parent: Any) -> None:
         from aimesh_tasks.budgets.reaper import reap
+        from aimesh_tasks.delivery import accepted
+        from aimesh_tasks.delivery.reconciler import reconcile
         from aimesh_tasks.outbox import flush
         from aimesh_tasks.pipeline.flight import adopt_orphans
         from aimesh_tasks.settings import get_settings
@@ -37,6 +40,9 @@ class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             Periodic("aimesh-flights", min(5.0, settings.single_flight_lease_s / 4),
                      lambda: adopt_orphans(parent.app)),
         ]
+        if accepted.enabled():
+            self.jobs.append(Periodic("aimesh-reconciler", settings.reconcile_interval_s,
+                                      lambda: reconcile(parent.app)))
         for job in self.jobs:
             job.start()
 

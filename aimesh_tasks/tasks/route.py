@@ -8,6 +8,7 @@ from celery import Signature
 from celery.result import AsyncResult
 
 from aimesh_tasks.app import app
+from aimesh_tasks.delivery import accepted
 from aimesh_tasks.envelope import Envelope, Reply
 from aimesh_tasks.errors import InvalidMessage
 from aimesh_tasks.governance.audit import audit
@@ -43,21 +44,39 @@ def decode_message(data: Any) -> AiMessage:
         return parse_message(data)  # raises InvalidMessage with the field named
 
 
+# A step of a canvas (chain, group, chord) is not recorded as accepted: published again
+# alone, without its chord, it could never complete its workflow.
+_CANVAS_OPTIONS = ("chord", "group_id", "chain", "link", "link_error")
+
+
 class RouteTask(MessageTask):
     """Validates the message where it enters; the task id is the message id."""
 
     def apply_async(
         self, args: Any = None, kwargs: Any = None, **options: Any
     ) -> AsyncResult:
-        """Validate the message in full, then publish it. Its deadline is checked by the
-        task itself (a late message gets DeadlineExceeded, not a silent revoke)."""
+        """Validate the message in full, record it as accepted (delivery.accepted), then
+        publish it. Its deadline is checked by the task itself (a late message gets
+        DeadlineExceeded, not a silent revoke)."""
         message = validate_or_audit((kwargs or {}).get("message") or (args or [None])[0])
         options.setdefault("task_id", message.id)
         options.setdefault("queue", ROUTE_QUEUE)
         extra = {k: v for k, v in (kwargs or {}).items() if k != "message"} or None
         for option, shown in message_reprs(message, extra).items():
             options.setdefault(option, shown)
-        return super().apply_async((message.to_json_dict(),), extra, **options)
+        recorded = (accepted.enabled() and not any(options.get(o) for o in _CANVAS_OPTIONS)
+                    and accepted.record(message))
+        try:
+            return super().apply_async((message.to_json_dict(),), extra, **options)
+        except Exception:
+            if recorded:  # its producer gets the error: nothing was accepted
+                accepted.forget(message.id)
+            raise
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Note that a worker has seen the message (delivery.accepted)."""
+        if accepted.enabled() and not in_canvas(self.request):
+            accepted.note_seen(task_id)
 
 
 def _next_call(envelope: Envelope) -> Signature:

@@ -6,23 +6,33 @@ Only here does an outcome become a return value, a hand-off, a retry or an excep
 and only here does an envelope that asks for errors as results (workflow steps) get
 its error returned instead of raised.
 
-A transient Redis or Postgres error (connection refused, reset, timed out) makes the
-task run again after a backoff with full jitter (Celery's own backoff arithmetic), up to
-AIMESH_TRANSIENT_RETRIES times, then fail with ServiceUnavailable. Running again is safe:
-every step is idempotent by message id and call key, and a call that was already made is
-finished from its journal.
+A transient Redis, Postgres or broker error (connection refused, reset, timed out; a
+statement or lock timeout) makes the task run again after an exponential backoff with
+"equal jitter" (half of each wait fixed, half random, so the default 8 retries always
+span at least a minute of outage), up to AIMESH_TRANSIENT_RETRIES times, then fail with
+ServiceUnavailable. Running again is safe: every step is idempotent by message id and call
+key, and a call that was already made is finished from its journal. When not even the
+retry (or the hand-off to the next hop) can be published, the broker is away: the
+message is given back to its queue (Reject, requeue) rather than failed, since Celery
+would store a terminal failure for a retry it could not publish.
+
+A message that ends here (a result stored, or an error raised) is noted as finished in
+the accepted-messages record (`delivery.accepted`), after Celery stored its result.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+import kombu.exceptions
 import redis.exceptions
 import sqlalchemy.exc
 from celery import Signature, Task
-from celery.utils.time import get_exponential_backoff_interval
+from celery.exceptions import Reject
 
+from aimesh_tasks.delivery import accepted
 from aimesh_tasks.envelope import Reply
 from aimesh_tasks.errors import AimeshError, ServiceUnavailable
 from aimesh_tasks.pipeline.outcomes import (
@@ -38,7 +48,7 @@ from aimesh_tasks.pipeline.outcomes import (
     RouteOutcome,
 )
 from aimesh_tasks.settings import get_settings
-from aimesh_tasks.tasks.handoff import discard_result, hand_off
+from aimesh_tasks.tasks.handoff import discard_result, hand_off, in_canvas
 
 T = TypeVar("T")
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -46,8 +56,24 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
+    kombu.exceptions.OperationalError,
 )
 BACKOFF_MAX_S = 30
+
+
+def backoff_s(retries: int) -> float:
+    """The wait before retry number `retries` + 1: 2**retries capped at BACKOFF_MAX_S and
+    at half the visibility timeout (a longer countdown waits unacked past it, and the
+    broker delivers it twice), half of it fixed and half random."""
+    cap = min(BACKOFF_MAX_S, get_settings().visibility_timeout_s / 2)
+    base = float(min(cap, 2 ** min(retries, 16)))
+    return base / 2 + random.uniform(0, base / 2)
+
+
+def _service(exc: BaseException) -> str:
+    if isinstance(exc, kombu.exceptions.OperationalError):
+        return "broker"
+    return "Redis" if isinstance(exc, redis.exceptions.RedisError) else "Postgres"
 
 
 def error_result(error: AimeshError) -> dict[str, Any]:
@@ -68,14 +94,18 @@ class MessageTask(Task):  # type: ignore[misc]
         except TRANSIENT as exc:
             retries = int(self.request.retries or 0)
             if retries >= get_settings().transient_retries:
-                service = "Redis" if isinstance(exc, redis.exceptions.RedisError) else "Postgres"
+                service = _service(exc)
                 raise ServiceUnavailable(
                     f"{service} stayed unreachable through {retries} retries "
                     f"({type(exc).__name__}); the message can be submitted again",
                     service=service.lower(), retries=retries) from exc
-            countdown = get_exponential_backoff_interval(
-                factor=1, retries=retries, maximum=BACKOFF_MAX_S, full_jitter=True)
-            raise self.retry(countdown=countdown, exc=exc, max_retries=None) from exc
+            self._retry(backoff_s(retries), exc)
+
+    def _retry(self, countdown_s: float, exc: BaseException | None = None) -> NoReturn:
+        try:
+            raise self.retry(countdown=countdown_s, exc=exc, max_retries=None)
+        except Reject as failed:  # the retry could not be published: the broker is away
+            raise Reject(failed.reason, requeue=True) from exc
 
     def deliver(self, outcome: RouteOutcome | CallOutcome, reply: Reply,
                 next_call: Callable[[Any], Signature]) -> Any:
@@ -86,11 +116,28 @@ class MessageTask(Task):  # type: ignore[misc]
             discard_result(self)  # the leader stores this task's result
             return None
         if isinstance(outcome, HandOff | Fallback):
-            hand_off(self, next_call(outcome.envelope))
+            try:
+                hand_off(self, next_call(outcome.envelope))
+            except kombu.exceptions.OperationalError as exc:  # past the publish retries
+                raise Reject(exc, requeue=True) from exc
             return None
         if isinstance(outcome, Retry):
-            raise self.retry(countdown=outcome.countdown_s, max_retries=None)
+            self._retry(outcome.countdown_s)
         assert isinstance(outcome, Refused | Failed)
         if reply == "result":
             return error_result(outcome.error)
         raise outcome.error
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        """A returned value is the message's result (None: a hand-off or a follower)."""
+        if retval is not None:
+            self._finished(task_id)
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        """A raised error is the message's result."""
+        self._finished(task_id)
+
+    def _finished(self, task_id: str) -> None:
+        if accepted.enabled() and not in_canvas(self.request):
+            accepted.note_finished(task_id)

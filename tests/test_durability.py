@@ -1,0 +1,444 @@
+"""Nothing accepted is lost: broker data loss, whole-worker SIGKILL, broker restarts with
+and without AOF, a Postgres outage and a lock held on the budgets table.
+
+Every test runs on servers of its own, started here and killed by PID: a Redis server for
+results and live figures (and the broker, unless the test restarts a broker of its own)
+and a Postgres cluster (initdb + pg_ctl in a temporary directory, as the `postgres` user
+when the tests run as root). Workers are real `aimesh worker` subprocesses with small
+bounds (time limits, visibility timeout, re-publish bound) so that the tests wait seconds,
+not minutes; every wait is for an event, with a generous bound that fails loudly. The
+simulator's call log is the truth about upstream calls, the ledger the truth about charges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+from sqlalchemy import create_engine, text
+
+from aimesh_tasks.budgets import set_budget
+from aimesh_tasks.db import Base, dispose_engines
+from aimesh_tasks.db.migrate import upgrade
+from aimesh_tasks.governance import add_agent
+from aimesh_tasks.keys import ROUTE_QUEUE, endpoint_queue
+from aimesh_tasks.redis_client import reset_redis_clients
+from aimesh_tasks.registry import Endpoint, add_endpoint
+from aimesh_tasks.registry.cache import ENDPOINTS
+from aimesh_tasks.settings import reset_settings
+from aimesh_tasks.simulator import RunningSimulator
+from tests.budget_checks import assert_budget_invariants
+from tests.waits import wait_until
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+AIMESH = str(Path(sys.executable).with_name("aimesh"))
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), Path("/usr/bin"))
+RESULTS_DB, LIVE_DB, BROKER_DB = 0, 1, 2
+AS_ROOT = os.geteuid() == 0
+# Bounds small enough that a lost message comes back in seconds (each test may add more).
+SMALL_BOUNDS = {
+    "AIMESH_TASK_SOFT_TIME_LIMIT_S": "4",
+    "AIMESH_TASK_TIME_LIMIT_S": "5",
+    "AIMESH_PROVIDER_TIMEOUT_S": "3",
+    "AIMESH_VISIBILITY_TIMEOUT_S": "8",
+    "AIMESH_REPUBLISH_AFTER_S": "4",
+    "AIMESH_RECONCILE_INTERVAL_S": "0.5",
+    "AIMESH_RESERVATION_TIMEOUT_S": "30",
+    "AIMESH_REAPER_INTERVAL_S": "1",
+    "AIMESH_FOLLOW_INTERVAL_S": "0.2",
+    "AIMESH_FAILPOINTS": "",
+    "AIMESH_RETRY_MAX_DELAY_S": "2",  # a countdown stays below half the visibility timeout
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server of this test on its own port and directory; AOF on or off."""
+
+    def __init__(self, *, aof: bool = False, extra: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="aimesh-redis-"))
+        self.args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                     "--dir", str(self.dir), "--save", "", "--appendonly",
+                     "yes" if aof else "no", "--appendfsync", "always", *extra]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def url(self, db: int) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int) -> redis.Redis:
+        return redis.Redis.from_url(self.url(db), socket_timeout=10)
+
+    def start(self) -> None:
+        with (self.dir / "redis.log").open("a") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+        def up() -> bool:
+            with suppress(redis.RedisError):
+                return bool(self.client(0).ping())
+            return False
+
+        wait_until(up, f"redis-server on port {self.port} to answer", 30)
+
+    def kill(self) -> None:
+        """SIGKILL this server by its PID (what it had not written to its AOF is gone)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PostgresCluster:
+    """A Postgres cluster of this test (initdb + pg_ctl) in a temporary directory."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="aimesh-pg-"))
+        self.data = self.dir / "data"
+        if AS_ROOT:  # initdb refuses to run as root
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
+                   "--auth", "trust", "--no-sync"])
+        self.start()
+        admin = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres",
+                              isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(text("CREATE DATABASE aimesh"))
+        admin.dispose()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/aimesh"
+
+    def _run(self, command: list[str]) -> None:
+        if AS_ROOT:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        subprocess.run(command, check=True, capture_output=True, cwd=self.dir)
+
+    def start(self) -> None:
+        self._run([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l",
+                   str(self.dir / "pg.log"), "-w", "-o",
+                   f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                   "-c fsync=off -c max_connections=300", "start"])
+
+    @property
+    def pid(self) -> int | None:
+        pidfile = self.data / "postmaster.pid"
+        return int(pidfile.read_text().split()[0]) if pidfile.exists() else None
+
+    def kill(self) -> None:
+        """Stop the postmaster by its PID (SIGINT: fast shutdown, every client dropped)."""
+        pid = self.pid
+        assert pid is not None, "the test's Postgres is not running"
+        os.kill(pid, signal.SIGINT)
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(),
+                   f"the test's Postgres (pid {pid}) to stop", 60)
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            with suppress(ProcessLookupError):
+                self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class Servers:
+    """The servers of this module, and the URLs the test process and workers use."""
+
+    redis: RedisServer
+    postgres: PostgresCluster
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    """This module's own Redis server and Postgres cluster; the test process's settings
+    point at them for the module's duration (and back afterwards)."""
+    aux = RedisServer()
+    postgres = PostgresCluster()
+    env = {"AIMESH_DATABASE_URL": postgres.url, "AIMESH_REDIS_URL": aux.url(LIVE_DB),
+           "AIMESH_RESULT_BACKEND": aux.url(RESULTS_DB),
+           "AIMESH_BROKER_URL": aux.url(BROKER_DB)}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        _forget_clients()
+        upgrade(postgres.url)
+        try:
+            yield Servers(aux, postgres, env)
+        finally:
+            _forget_clients()
+            postgres.stop()
+            aux.stop()
+    _forget_clients()
+
+
+def _forget_clients() -> None:
+    reset_settings()
+    reset_redis_clients()
+    dispose_engines()
+    ENDPOINTS.clear()
+
+
+@pytest.fixture()
+def fresh(servers: Servers) -> Iterator[Servers]:
+    """Empty tables and Redis dbs before the test; workers the test started stopped after."""
+    names = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    engine = create_engine(servers.postgres.url.replace("postgresql://",
+                                                        "postgresql+psycopg://"))
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {names}"))
+    engine.dispose()
+    for db in (RESULTS_DB, LIVE_DB, BROKER_DB):
+        servers.redis.client(db).flushdb()
+    ENDPOINTS.clear()
+    yield servers
+    for worker in list(STARTED):
+        worker.stop()
+
+
+class Worker:
+    """An `aimesh worker` subprocess in its own process group; `name` is its node name."""
+
+    def __init__(self, role: list[str], env: dict[str, str]) -> None:
+        self.name = f"durable-{uuid.uuid4().hex[:6]}"
+        self.log = Path(f"/tmp/aimesh-test-{self.name}.log")
+        self.log_file = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [AIMESH, "worker", "-n", f"{self.name}@%h", "-l", "INFO", *role],
+            env={**os.environ, **SMALL_BOUNDS, **env}, stdout=self.log_file,
+            stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        STARTED.append(self)
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"worker {self.name} exited ({self.proc.returncode}): "
+                            f"{self.log.read_text()[-3000:]}")
+            return " ready." in self.log.read_text()
+
+        wait_until(ready, f"worker {self.name} to be ready", 60,
+                   seen=lambda: self.log.read_text()[-2000:])
+
+    def kill_main(self) -> None:
+        """SIGKILL the worker's main process only (its pool children are left orphaned,
+        as when a container's init is killed; `stop` ends them)."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self in STARTED:
+            STARTED.remove(self)
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        with suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # orphaned children, if any
+        self.log_file.close()
+
+
+STARTED: list[Worker] = []
+
+
+def start_workers(env: dict[str, str], *, router: str = "threads", endpoints: str = "threads"
+                  ) -> tuple[Worker, Worker]:
+    """A router worker and an endpoint worker (following the registry), both ready."""
+    pair = (Worker(["--router", "-P", router, "-c", "4"], env),
+            Worker(["--endpoints", "all", "-P", endpoints, "-c", "4"], env))
+    for worker in pair:
+        worker.wait_ready()
+    return pair
+
+
+def messages_for(agent: str, n: int, tag: str) -> list[dict[str, Any]]:
+    """n messages with fresh prompts (no cache hit, no single-flight between them)."""
+    return [{"id": f"{tag}-{i}-{uuid.uuid4().hex[:8]}", "agent_id": agent,
+             "prompt": f"{tag} message {i} {uuid.uuid4().hex}", "max_tokens": 16}
+            for i in range(n)]
+
+
+def publish(broker_url: str, messages: list[dict[str, Any]]) -> list[str]:
+    """Accept each message through `RouteTask.apply_async` (what `submit()` calls),
+    published to `broker_url`; their ids."""
+    from aimesh_tasks.tasks.route import route_message
+
+    with Connection(broker_url) as connection:
+        for message in messages:
+            route_message.apply_async((message,), connection=connection)
+    return [m["id"] for m in messages]
+
+
+def queued(broker: redis.Redis, queue: str) -> int:
+    """Messages on a queue, every priority level included (kombu keeps one list each)."""
+    return sum(int(broker.llen(key)) for key in _queue_keys(broker, queue))
+
+
+def pop_all(broker: redis.Redis, queue: str) -> int:
+    """Take every message off a queue, as a consumer that dies right after its BRPOP."""
+    popped = 0
+    for key in _queue_keys(broker, queue):
+        while broker.rpop(key) is not None:
+            popped += 1
+    return popped
+
+
+def _queue_keys(broker: redis.Redis, queue: str) -> list[bytes]:
+    return [queue.encode(), *broker.keys(queue.encode() + b"\x06\x16*")]
+
+
+def results(servers: Servers, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The stored results of those of `ids` that have one: {id: {status, result, ...}}."""
+    raw = servers.redis.client(RESULTS_DB).mget([f"celery-task-meta-{i}" for i in ids])
+    return {i: json.loads(r) for i, r in zip(ids, raw, strict=True) if r is not None}
+
+
+def wait_all_finished(servers: Servers, ids: list[str], timeout_s: float = 150
+                      ) -> dict[str, dict[str, Any]]:
+    """Wait until every id has a terminal result; fail naming how many do not."""
+    def done() -> dict[str, dict[str, Any]] | None:
+        found = results(servers, ids)
+        ready = {i: r for i, r in found.items() if r["status"] in ("SUCCESS", "FAILURE",
+                                                                   "REVOKED")}
+        return ready if len(ready) == len(ids) else None
+
+    def missing() -> str:
+        found = results(servers, ids)
+        absent = [i for i in ids if i not in found]
+        return f"{len(absent)} of {len(ids)} without a result, e.g. {absent[:3]}"
+
+    return wait_until(done, f"all {len(ids)} messages to reach a terminal state", timeout_s,
+                      seen=missing)
+
+
+def assert_all_succeeded(found: dict[str, dict[str, Any]]) -> None:
+    failed = {i: r["result"] for i, r in found.items() if r["status"] != "SUCCESS"}
+    assert not failed, f"{len(failed)} messages did not succeed: {list(failed.items())[:3]}"
+
+
+def rows(servers: Servers, query: str, **params: Any) -> list[Any]:
+    engine = create_engine(servers.postgres.url.replace("postgresql://",
+                                                        "postgresql+psycopg://"))
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(text(query), params))
+    finally:
+        engine.dispose()
+
+
+def assert_charges_match_calls(servers: Servers, sim: RunningSimulator, *,
+                               lost_allowed: bool = False) -> None:
+    """Every answered upstream call has one ledger row under its call key, at its usage
+    (or `lost` at the reservation, when a kill left the system unable to know), and no
+    row charges a call the provider never received."""
+    assert_budget_invariants()
+    calls = {c["call_key"]: c for c in sim.calls() if c["status"] == 200}
+    ledger = {r.call_key: r for r in rows(servers, "SELECT call_key, tokens, kind "
+                                                   "FROM budget_ledger")}
+    assert set(ledger) == set(calls), (
+        f"calls without a charge: {sorted(set(calls) - set(ledger))[:5]}; "
+        f"charges without a call: {sorted(set(ledger) - set(calls))[:5]}")
+    wrong = [(k, r.tokens, calls[k]["prompt_tokens"] + calls[k]["completion_tokens"])
+             for k, r in ledger.items() if r.kind != "lost"
+             and r.tokens != calls[k]["prompt_tokens"] + calls[k]["completion_tokens"]]
+    assert not wrong, f"charged tokens differ from the provider's: {wrong[:5]}"
+    lost = [k for k, r in ledger.items() if r.kind == "lost"]
+    assert lost_allowed or not lost, f"charged as lost although nothing was killed: {lost}"
+
+
+def metered_endpoint(sim: RunningSimulator | Any, agent: str) -> Endpoint:
+    """A metered agent (budget 50 USD) and one endpoint at `sim` (or a gate in front)."""
+    add_agent(agent)
+    set_budget(agent, usd="50")
+    return add_endpoint(id=f"sim-{uuid.uuid4().hex[:6]}", base_url=sim.url, model="sim-model",
+                        input_usd_per_1k="0.001", output_usd_per_1k="0.002", capacity=1000)
+
+
+def accepted_states(servers: Servers, ids: list[str]) -> dict[str, tuple[str, int, bool]]:
+    """{id: (state, times re-published, message still stored)} of the accepted record."""
+    found = rows(servers, "SELECT message_id, state, republished, message IS NOT NULL AS kept "
+                          "FROM accepted_messages WHERE message_id = ANY(:ids)", ids=ids)
+    return {r.message_id: (r.state, r.republished, r.kept) for r in found}
+
+
+def wait_accepted_finished(servers: Servers, ids: list[str]) -> dict[str, tuple[str, int, bool]]:
+    """Wait until the reconciler noted every message as finished (its marks applied)."""
+    def finished() -> dict[str, tuple[str, int, bool]] | None:
+        states = accepted_states(servers, ids)
+        done = len(states) == len(ids) and all(s[0] == "finished" for s in states.values())
+        return states if done else None
+
+    return wait_until(finished, "every accepted record to be finished", 60,
+                      seen=lambda: sorted(accepted_states(servers, ids).values())[:5])
+
+
+def test_a_message_lost_before_any_worker_saw_it_is_published_again(
+        fresh: Servers, simulator: Callable[..., RunningSimulator]) -> None:
+    """The kombu Redis transport's BRPOP-before-unacked window: a consumer killed between
+    the two has taken the message off the queue and recorded it nowhere. Here the test is
+    that consumer: it pops the messages itself, then workers start. The reconciler
+    publishes each again, once, and each is answered with one call and one charge."""
+    sim = simulator()
+    metered_endpoint(sim, "durable-popped")
+    broker = fresh.redis.client(BROKER_DB)
+    ids = publish(fresh.env["AIMESH_BROKER_URL"], messages_for("durable-popped", 5, "popped"))
+    assert pop_all(broker, ROUTE_QUEUE) == len(ids) and queued(broker, ROUTE_QUEUE) == 0
+    start_workers({})
+    assert_all_succeeded(wait_all_finished(fresh, ids))
+    states = wait_accepted_finished(fresh, ids)
+    assert {(republished, kept) for _, republished, kept in states.values()} == {(1, False)}
+    assert len([c for c in sim.calls() if c["status"] == 200]) == len(ids)
+    assert_charges_match_calls(fresh, sim)
+
+
+def test_a_hand_off_lost_after_routing_is_published_again(
+        fresh: Servers, simulator: Callable[..., RunningSimulator]) -> None:
+    """A message seen by its router whose call task is then lost (here: popped off the
+    endpoint queue before any endpoint worker runs) is published again once the bound for
+    seen messages passes; its routing task reuses the first hand-off (same reservation)."""
+    sim = simulator()
+    endpoint = metered_endpoint(sim, "durable-handoff")
+    broker = fresh.redis.client(BROKER_DB)
+    router = Worker(["--router", "-P", "threads", "-c", "4"], {})
+    router.wait_ready()
+    ids = publish(fresh.env["AIMESH_BROKER_URL"], messages_for("durable-handoff", 5, "handoff"))
+    queue = endpoint_queue(endpoint.id)
+    wait_until(lambda: queued(broker, queue) == len(ids), f"{len(ids)} hand-offs on {queue}",
+               60, seen=lambda: queued(broker, queue))
+    assert pop_all(broker, queue) == len(ids)
+    Worker(["--endpoints", "all", "-P", "threads", "-c", "4"], {}).wait_ready()
+    assert_all_succeeded(wait_all_finished(fresh, ids))
+    states = wait_accepted_finished(fresh, ids)
+    assert {(republished, kept) for _, republished, kept in states.values()} == {(1, False)}
+    reservations = rows(fresh, "SELECT message_id, count(*) AS n FROM budget_reservations "
+                               "GROUP BY message_id")
+    assert {r.n for r in reservations} == {1} and len(reservations) == len(ids)
+    assert len([c for c in sim.calls() if c["status"] == 200]) == len(ids)
+    assert_charges_match_calls(fresh, sim)
