@@ -15,16 +15,22 @@ if _typing.TYPE_CHECKING:
     from aimesh_tasks.errors import (
         AimeshError,
         AllEndpointsFailed,
+        Ambiguous,
         BudgetExceeded,
         ConfigError,
         DeadlineExceeded,
+        Forbidden,
         InvalidInput,
         InvalidMessage,
+        LoopCapExceeded,
         NoEndpointAvailable,
+        NoRouteMatches,
         NotFound,
         ProviderError,
+        RateLimited,
         Refused,
         ServiceUnavailable,
+        Unauthorized,
         UndeliverableMessage,
     )
     from aimesh_tasks.messages import AiMessage, AiResult, ChatMessage
@@ -72,6 +78,10 @@ _LAZY = {
         "AimeshError", "AllEndpointsFailed", "BudgetExceeded", "ConfigError",
         "DeadlineExceeded", "InvalidInput", "InvalidMessage", "NoEndpointAvailable",
         "NotFound", "ProviderError", "Refused", "ServiceUnavailable", "UndeliverableMessage")},
+    # governance refusals (each with `http_status` for the ingress)
+    **{name: "aimesh_tasks.errors" for name in (
+        "Ambiguous", "Forbidden", "LoopCapExceeded", "NoRouteMatches", "RateLimited",
+        "Unauthorized")},
 }
 
 
@@ -133,4 +143,11 @@ __all__ = [
     "ServiceUnavailable",
     "UndeliverableMessage",
     "InvalidEnvelope",
+    # governance refusals
+    "Ambiguous",
+    "Forbidden",
+    "LoopCapExceeded",
+    "NoRouteMatches",
+    "RateLimited",
+    "Unauthorized",
 ]

@@ -8,6 +8,12 @@
     ├── NoEndpointAvailable         routing found no candidate; `excluded` says why for each
     ├── BudgetExceeded              the agent's budget cannot cover the call's worst case
     ├── Refused                     a policy on the message path said no (`policy`, `reason`)
+    │   ├── Unauthorized            a restricted route, and the agent is not registered (401)
+    │   ├── Forbidden               the agent may not use the route (403)
+    │   ├── Ambiguous               two routes match the intent too closely to choose (409)
+    │   ├── NoRouteMatches          no route fits the message and none falls back (404)
+    │   ├── RateLimited             the agent is over a rate limit; `retry_after_s` (429)
+    │   └── LoopCapExceeded         an agent-to-agent chain passed its hop cap (403)
     ├── DeadlineExceeded            the message's deadline passed before it was answered
     ├── ServiceUnavailable          Redis or Postgres stayed unreachable past the retries
     ├── UndeliverableMessage        a worker could not run a message; it is in the dead letters
@@ -15,9 +21,10 @@
         └── AllEndpointsFailed      every ranked endpoint was tried and failed
 
 Each error has a message that names the field, the rule and the fix, plus structured
-`fields` (`field`, `endpoint_id`, `retry_after_s`, ...). The exception's args are
-`(message, fields)`, so an error raised in a worker crosses Celery's JSON result backend
-and is raised again, whole, by the producer's `AsyncResult.get()`.
+`fields` (`field`, `endpoint_id`, `retry_after_s`, ...). The governance refusals carry
+the HTTP status the ingress answers with as the class attribute `http_status`. The
+exception's args are `(message, fields)`, so an error raised in a worker crosses Celery's
+JSON result backend and is raised again, whole, by the producer's `AsyncResult.get()`.
 """
 
 from __future__ import annotations
@@ -195,3 +202,101 @@ class AllEndpointsFailed(ProviderError):
     """Every ranked endpoint was tried; `attempts` lists each one's error."""
 
     code = "all_endpoints_failed"
+
+
+class Unauthorized(Refused):
+    """The route is restricted and the agent (`agent_id`) is not a registered one, or the
+    message is anonymous; `route` names it, `rule` says which check fired."""
+
+    code = "unauthorized"
+    http_status = 401
+
+    @property
+    def route(self) -> str:
+        return str(self.fields.get("route", ""))
+
+    @property
+    def rule(self) -> str:
+        return str(self.fields.get("rule", ""))
+
+
+class Forbidden(Refused):
+    """The agent (`agent_id`) may not use the route (`route`); `rule` says which check fired
+    (e.g. 'not_listed', 'agent_disabled')."""
+
+    code = "forbidden"
+    http_status = 403
+
+    @property
+    def route(self) -> str:
+        return str(self.fields.get("route", ""))
+
+    @property
+    def rule(self) -> str:
+        return str(self.fields.get("rule", ""))
+
+
+class Ambiguous(Refused):
+    """The message's intent sits between two routes: `routes` names the top two and
+    `scores` their similarities, closer than AIMESH_INTENT_AMBIGUITY_THRESHOLD."""
+
+    code = "ambiguous_route"
+    http_status = 409
+
+    @property
+    def routes(self) -> list[str]:
+        return [str(r) for r in self.fields.get("routes", [])]
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {str(k): float(v) for k, v in dict(self.fields.get("scores", {})).items()}
+
+
+class NoRouteMatches(Refused):
+    """Routes are defined and none fits the message (`scores` by route), or it names a
+    route that does not exist (`route`)."""
+
+    code = "no_route_matches"
+    http_status = 404
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {str(k): float(v) for k, v in dict(self.fields.get("scores", {})).items()}
+
+
+class RateLimited(Refused):
+    """The agent (`agent_id`) is over `limit` (e.g. 'requests_per_minute' = `limit_value`);
+    `retry_after_s` says when the next message fits (None: this one never fits, its
+    token estimate alone is over the limit)."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    @property
+    def agent_id(self) -> str:
+        return str(self.fields.get("agent_id", ""))
+
+    @property
+    def limit(self) -> str:
+        return str(self.fields.get("limit", ""))
+
+    @property
+    def retry_after_s(self) -> float | None:
+        value = self.fields.get("retry_after_s")
+        return float(value) if value is not None else None
+
+
+class LoopCapExceeded(Refused):
+    """A message fed from another agent's output is `hops` hops from its origin, past
+    AIMESH_MAX_HOPS (`max_hops`); it is refused and dead-lettered (`dead_letter_id`)."""
+
+    code = "loop_cap_exceeded"
+    http_status = 403
+
+    @property
+    def hops(self) -> int:
+        return int(self.fields.get("hops") or 0)
+
+    @property
+    def max_hops(self) -> int:
+        return int(self.fields.get("max_hops") or 0)

@@ -34,6 +34,9 @@ from aimesh_tasks.settings import get_settings
 AGENT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 MetadataValue = str | int | float | bool | None
+# Metadata the message path reads (governance): the route a message names, the message
+# whose output it was fed from, and the hops it carries from outside this cluster.
+ROUTE_KEY, PARENT_KEY, HOPS_KEY = "aimesh.route", "aimesh.parent_id", "aimesh.hops"
 
 
 def canonical_json(value: Any) -> str:
@@ -160,6 +163,26 @@ class AiMessage(BaseModel):
             raise ValueError("must be timezone-aware (e.g. '2026-01-01T12:00:00Z')")
         if not _decoding(info) and value <= utcnow():
             raise ValueError(f"{value.isoformat()} is already in the past")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _governance_metadata(cls, value: dict[str, MetadataValue], info: ValidationInfo
+                             ) -> dict[str, MetadataValue]:
+        route, parent, hops = value.get(ROUTE_KEY), value.get(PARENT_KEY), value.get(HOPS_KEY)
+        if route is not None and not (isinstance(route, str) and AGENT_ID_PATTERN.match(route)):
+            raise ValueError(f"'{ROUTE_KEY}' must be a route name (lowercase kebab or snake "
+                             f"case), got {route!r}")
+        if parent is not None and not (isinstance(parent, str) and 0 < len(parent) <= 128):
+            raise ValueError(f"'{PARENT_KEY}' must be a message id (1..128 characters)")
+        if hops is None:
+            return value
+        if isinstance(hops, bool) or not isinstance(hops, int) or hops < 0:
+            raise ValueError(f"'{HOPS_KEY}' must be a whole number of hops >= 0, got {hops!r}")
+        cap = get_settings().max_hops
+        if not _decoding(info) and hops > cap:
+            raise ValueError(f"'{HOPS_KEY}' is {hops}, past the cap of {cap} agent-to-agent "
+                             "hops (AIMESH_MAX_HOPS)")
         return value
 
     @model_validator(mode="before")

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "endpoints": ("aimesh_tasks.cli.endpoints", "cli",
                   "Model endpoints: prices, capacity, keys, live figures."),
     "agents": ("aimesh_tasks.cli.agents", "cli", "Agents: who sends messages."),
+    "routes": ("aimesh_tasks.cli.routes", "cli", "Routes: intents, targets, ACLs; rate limits."),
     "budgets": ("aimesh_tasks.cli.budgets", "cli", "Per-agent budgets in tokens and USD."),
     "workflow": ("aimesh_tasks.cli.workflow", "cli",
                  "Scatter-gather workflows: DAGs of agent steps."),

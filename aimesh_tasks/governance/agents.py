@@ -1,7 +1,8 @@
 """The agent registry: who may send messages (ids are lowercase kebab or snake case).
 
-Agents are not yet required on submit; budgets (`aimesh budgets set`) and, later, ACLs
-and rate limits refer to registered agents.
+Agents are not required on submit; budgets (`aimesh budgets set`), route ACLs and rate
+limits (governance/routes.py, governance/limits.py) refer to registered agents. Adding one
+moves the governance version, so every router sees it on its next message.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from sqlalchemy import select
 
 from aimesh_tasks.db import AgentRow, session_scope
 from aimesh_tasks.errors import InvalidInput, NotFound
+from aimesh_tasks.governance.version import bump_version
 from aimesh_tasks.messages import AGENT_ID_PATTERN
 
 MAX_ID_LENGTH = 64
@@ -80,7 +82,9 @@ def add_agent(agent_id: str, description: str = "") -> Agent:
         session.add(row)
         session.flush()
         session.refresh(row)
-        return _to_agent(row)
+        agent = _to_agent(row)
+    bump_version()
+    return agent
 
 
 def get_agent(agent_id: str) -> Agent:

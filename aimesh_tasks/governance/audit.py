@@ -3,10 +3,12 @@
 A message has at most one record of each event (its row key is derived from the event and
 the message id), so a task that runs twice after a redelivery audits once.
 
-Events: rejected (invalid message), denied (budget), routed (with scores), cached (an
-exact or semantic cache hit, or a single-flight join), completed, failed; later issues
-add rate_limited and acl_denied. A record is in Redis before
-the task that made the decision is acked, so a killed worker loses none.
+Events: rejected (invalid message), denied (a policy refused it: budget, ACL, rate limit,
+ambiguous or unmatched route, loop cap; `detail.policy` and the error's `rule` or `limit`
+say which check fired), route_matched (the route a message resolved to, how, and every
+route's intent score), routed (with scores), cached (an exact or semantic cache hit, or a
+single-flight join), completed, failed. A record is in Redis before the task that made
+the decision is acked, so a killed worker loses none.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from aimesh_tasks import outbox
 from aimesh_tasks.messages import utcnow
 from aimesh_tasks.redis_batch import Batch
 
-EVENTS = frozenset({"rejected", "denied", "routed", "cached", "completed", "failed"})
+EVENTS = frozenset({"rejected", "denied", "route_matched", "routed", "cached", "completed",
+                    "failed"})
 
 
 def audit(

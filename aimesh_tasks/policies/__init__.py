@@ -77,11 +77,22 @@ class Policies:
         return None
 
 
+def _governance() -> list[Policy]:
+    """Loop cap, route (by name or intent), its ACL, rate limits: all before the budget."""
+    # Imported here: the governance policies import policies.base, and so this package.
+    from aimesh_tasks.governance.acl import RouteAcl
+    from aimesh_tasks.governance.loop_cap import LoopCap
+    from aimesh_tasks.governance.rate_limit import RateLimits
+    from aimesh_tasks.governance.route_policy import RouteSelection
+
+    return [LoopCap(), RouteSelection(), RouteAcl(), RateLimits()]
+
+
 @lru_cache(maxsize=1)
 def active() -> Policies:
     """The built-in policies, then AIMESH_POLICIES, in order (loaded once per process)."""
     extra = [_load(path) for path in get_settings().policies.split(",") if path.strip()]
-    return Policies([BudgetAdmission(), *extra])
+    return Policies([*_governance(), BudgetAdmission(), *extra])
 
 
 __all__ = ["AfterCall", "CallContext", "Policies", "Policy", "RouteContext", "active"]
