@@ -209,6 +209,10 @@ def _report(outcomes: list[Outcome], waited: bool, as_json: bool) -> None:
         stdout().print(results_table(outcomes))
         if len(outcomes) == 1 and outcomes[0].result is not None:
             typer.echo(outcomes[0].result["text"])
+        if len(outcomes) == 1 and outcomes[0].message_id is not None:
+            typer.echo(f"details: aimesh result {outcomes[0].message_id}", err=True)
+        elif outcomes:
+            typer.echo("full message ids: --json; one in detail: aimesh result ID", err=True)
     else:
         for o in outcomes:
             if o.message_id is not None:

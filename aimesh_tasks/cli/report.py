@@ -6,15 +6,16 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from aimesh_tasks.cli.shell import stdout, table, usd
 from aimesh_tasks.errors import InvalidInput
-from aimesh_tasks.reporting import traffic_report
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -41,14 +42,17 @@ def _latency(figures: dict[str, Any]) -> str:
     return f"{figures['p50_ms']:.0f}/{figures['p99_ms']:.0f}"
 
 
-def endpoint_table(report: dict[str, Any]) -> Table:
-    """Per endpoint: answered and failed calls, tokens, cost, p50/p99."""
+def endpoint_table(report: dict[str, Any], endpoints: list[str] | None = None) -> Table:
+    """Per endpoint: answered and failed calls, tokens, cost, p50/p99; `endpoints` that
+    took no traffic are listed too, with zeros."""
     rows = table("endpoint", "answered", "failed calls", "tokens in/out", "cost $",
                  "p50/p99 ms", title="Per endpoint")
     for endpoint_id, g in report["endpoints"].items():
         rows.add_row(endpoint_id, str(g["answered"]), str(g["failed_calls"]),
                      f"{g['input_tokens']}/{g['output_tokens']}", usd(g["cost_usd"]),
                      _latency(g))
+    for endpoint_id in [e for e in endpoints or [] if e not in report["endpoints"]]:
+        rows.add_row(endpoint_id, "0", "0", "0/0", usd("0"), "- (no traffic)")
     return rows
 
 
@@ -79,9 +83,10 @@ def policy_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def print_report(report: dict[str, Any], console: Console) -> None:
-    """The report as tables and a cost summary."""
-    console.print(endpoint_table(report))
+def print_report(report: dict[str, Any], console: Console,
+                 endpoints: list[str] | None = None) -> None:
+    """The report as tables and a cost summary (`endpoints`: list these even if idle)."""
+    console.print(endpoint_table(report, endpoints))
     console.print(agent_table(report))
     for line in policy_lines(report):
         console.print(line, highlight=False)
@@ -99,7 +104,10 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="The report as one JSON object."),
 ) -> None:
     """Per agent and per endpoint: messages, tokens, cost, failures, p50/p99 latency, and
-    what the same traffic would have cost under round-robin and always-the-cheapest."""
+    what the same traffic would have cost under round-robin and always-the-cheapest (priced
+    as each routing decision saw its candidates)."""
+    from aimesh_tasks.reporting import traffic_report
+
     figures = traffic_report(parse_since(since) if since else None, agent)
     if as_json:
         typer.echo(json.dumps(figures))
