@@ -84,8 +84,15 @@ def add(
     tags: str = typer.Option("", "--tags", help="Comma-separated capabilities."),
     api_key_env: str = typer.Option(None, "--api-key-env", help=KEY_ENV_HELP),
     api_key_file: str = typer.Option(None, "--api-key-file", help=KEY_FILE_HELP),
+    exist_ok: bool = typer.Option(False, "--exist-ok",
+                                  help="An endpoint with this id already registered is left as "
+                                       "it is (exit 0): for scripts that run more than once."),
 ) -> None:
     """Register an endpoint (then `aimesh endpoints test ID` makes one call to it)."""
+    if exist_ok and endpoint_id in {e.id for e in registry.list_endpoints()}:
+        typer.echo(f"endpoint {endpoint_id} is registered already; `aimesh endpoints update "
+                   f"{endpoint_id}` changes it")
+        return
     endpoint = registry.add_endpoint(
         id=endpoint_id, base_url=base_url, model=model, input_usd_per_1k=input_price,
         output_usd_per_1k=output_price, provider=provider, capacity=capacity,
