@@ -20,7 +20,7 @@ from aimesh_tasks.delivery import install as install_delivery_guards
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.follow import FollowEndpoints
 from aimesh_tasks.observability.worker import install as install_observability
-from aimesh_tasks.settings import get_settings
+from aimesh_tasks.settings import Settings, get_settings
 from aimesh_tasks.worker_steps import BackgroundJobsStep
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ def check_delivery_settings() -> None:
                 "broker redelivers a message while its task still runs",
                 setting="AIMESH_VISIBILITY_TIMEOUT_S",
             )
+        check_countdowns(settings)
     elif broker.startswith(("amqp://", "amqps://", "pyamqp://")):
         if settings.task_time_limit_s >= RABBITMQ_CONSUMER_TIMEOUT_S:
             raise ConfigError(
@@ -67,6 +68,22 @@ def check_delivery_settings() -> None:
                 f"RabbitMQ's consumer_timeout ({RABBITMQ_CONSUMER_TIMEOUT_S} s)",
                 setting="AIMESH_TASK_TIME_LIMIT_S",
             )
+
+
+def check_countdowns(settings: Settings) -> None:
+    """Refuse a retry wait longer than half the visibility timeout: a call re-published
+    with a countdown waits unacked in a worker, and Redis redelivers it to another worker
+    once the visibility timeout passes (two copies of one call task)."""
+    waits = [("AIMESH_RETRY_MAX_DELAY_S", settings.retry_max_delay_s)]
+    if settings.breaker_enabled and settings.breaker_all_open == "soonest":
+        waits.append(("AIMESH_BREAKER_COOLDOWN_MAX_S", settings.breaker_cooldown_max_s))
+    for name, wait_s in waits:
+        if wait_s > settings.visibility_timeout_s / 2:
+            raise ConfigError(
+                f"{name} ({wait_s:g}) must be at most half of AIMESH_VISIBILITY_TIMEOUT_S "
+                f"({settings.visibility_timeout_s}): a longer wait is a countdown message the "
+                f"broker would deliver twice. Fix: lower {name} or raise "
+                "AIMESH_VISIBILITY_TIMEOUT_S", setting=name)
 
 
 def check_broker_keeps_messages(broker: str) -> None:

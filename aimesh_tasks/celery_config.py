@@ -9,6 +9,12 @@ This module lives inside the package, so a stray top-level `celeryconfig` module
 
 from aimesh_tasks import keys
 from aimesh_tasks.celery_overrides import deployment_overrides, find_overrides
+from aimesh_tasks.resilience.priority import (
+    BROKER_PRIORITY_STEPS,
+    DEFAULT,
+    HIGHEST,
+    broker_priority,
+)
 from aimesh_tasks.settings import get_settings
 
 _settings = get_settings()
@@ -63,6 +69,11 @@ broker_transport_options = {
     # kombu's default of 10 broker connections fails under gevent/threads concurrency
     # (MEASURED.md finding 3); this is a ceiling, not a number opened up front.
     "max_connections": 1000,
+    # Ten priority levels, one Redis list each (aimesh_tasks/resilience/priority.py):
+    # kombu's default steps 0, 3, 6, 9 would fold AiMessage.priority 0-9 into four. Its
+    # queue order stays round robin: kombu BRPOPs every queue's step 0 before any step 1
+    # whatever the order, and 'priority' order would starve an endpoint queue listed late.
+    "priority_steps": list(BROKER_PRIORITY_STEPS),
     # Messages a dead worker held are restored by the other workers once the visibility
     # timeout passes; kombu looks only every 10 s x 10, which would add up to 100 s to it.
     "unacked_restore_interval": min(10.0, _settings.visibility_timeout_s / 10),
@@ -70,6 +81,10 @@ broker_transport_options = {
     # The in-memory transport polls; 5 ms takes embedded mode from ~15 to ~220 msgs/s.
     **({"polling_interval": 0.005} if _settings.embedded else {}),
 }
+# RabbitMQ: queues are declared with x-max-priority 9. A message published without a
+# priority (a follower routed again) gets AiMessage's default, 5.
+task_queue_max_priority = HIGHEST
+task_default_priority = broker_priority(DEFAULT, _settings.broker_url)
 result_backend_transport_options = {"max_connections": 1000}
 
 # Queues: routing tasks on one queue, each endpoint's calls on its own queue

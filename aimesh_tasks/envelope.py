@@ -44,6 +44,11 @@ class RouteEntry(TypedDict):
     api_key_file: NotRequired[str | None]  # absent in envelopes queued before 0005
 
 
+# In the attempt record of a call the path retried at the same endpoint: the wait, in
+# seconds, before the retry (aimesh_tasks/resilience/retry.py).
+RETRIED_AFTER = "retried_after_s"
+
+
 class AttemptRecord(TypedDict, total=False):
     """One call made for the message (see messages.Attempt)."""
 
@@ -112,6 +117,13 @@ class Envelope:
         """The envelope for the next endpoint of the route, after `attempt`."""
         return replace(self, route=self.route[1:], attempts=[*self.attempts, attempt],
                        charged_nusd=charged_nusd, started_at=started_at)
+
+    def retry_hop(self, attempt: AttemptRecord, charged_nusd: int, started_at: str
+                  ) -> Envelope:
+        """The envelope for the same endpoint again (a retry: a new attempt), after
+        `attempt`."""
+        return replace(self, attempts=[*self.attempts, attempt], charged_nusd=charged_nusd,
+                       started_at=started_at)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-safe task argument."""

@@ -124,6 +124,9 @@ def test_buckets_resolve_p99_9_within_25_percent_from_1_ms_to_100_s() -> None:
 def test_priority_sub_queues_follow_kombu() -> None:
     from kombu.transport.redis import Channel
 
+    from aimesh_tasks.app import app
+
     channel = Channel.__new__(Channel)
-    channel.priority_steps = [0, 3, 6, 9]
-    assert priority_lists("q") == [channel._q_for_pri("q", p) for p in (0, 3, 6, 9)]
+    channel.priority_steps = app.conf.broker_transport_options["priority_steps"]
+    assert channel.priority_steps == list(range(10))  # one list per AiMessage.priority
+    assert priority_lists("q") == [channel._q_for_pri("q", p) for p in range(10)]

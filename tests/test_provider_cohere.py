@@ -22,6 +22,7 @@ from aimesh_tasks.providers import PROVIDERS
 from aimesh_tasks.providers.base import ERROR_EXCERPT_CHARS, excerpt
 from aimesh_tasks.providers.cohere import CohereChat
 from aimesh_tasks.registry import Endpoint
+from aimesh_tasks.settings import get_settings
 from aimesh_tasks.simulator import RunningSimulator, SimulatorConfig, start_simulator
 from aimesh_tasks.simulator.cohere_format import PROMPT_TEMPLATE_TOKENS, TRIAL_CALL_LIMIT
 
@@ -489,9 +490,11 @@ def test_fault_on_the_cohere_endpoint_falls_back_to_an_openai_endpoint(
                       price_in="0.001", price_out="0.002")
     fallback = endpoint(openai_sim, "openai", price_in="0.010", price_out="0.020")
     result = _ask(f"Fall back please {uuid.uuid4().hex}")
-    assert [c["status"] for c in cohere_sim.calls()] == [status]
+    # A 503 is a short overload: retried at the same endpoint first (resilience/retry.py).
+    tries = 1 + get_settings().retry_max_attempts if status == 503 else 1
+    assert [c["status"] for c in cohere_sim.calls()] == [status] * tries
     assert [(a["endpoint_id"], a["ok"]) for a in result["attempts"]] == [
-        (cohere.id, False), (fallback.id, True)]
+        (cohere.id, False)] * tries + [(fallback.id, True)]
     assert result["attempts"][0]["error"]["status"] == status
     [call] = openai_sim.calls()
     assert result["endpoint_id"] == fallback.id

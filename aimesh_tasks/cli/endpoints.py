@@ -16,6 +16,7 @@ from aimesh_tasks.cli.shell import EXIT_FAILED, stdout, table
 from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.registry import endpoints as registry
 from aimesh_tasks.registry.live import LiveFigures, read_figures
+from aimesh_tasks.resilience.breaker_store import breaker_states
 
 cli = typer.Typer(help="Model endpoints: prices, capacity, keys, live figures, a test call.",
                   no_args_is_help=True)
@@ -46,24 +47,26 @@ def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object pe
     endpoints = registry.list_endpoints()
     figures, _ = read_figures(e.id for e in endpoints)
     missing = registry.workers_missing_keys(e.id for e in endpoints)
+    breakers = breaker_states([e.id for e in endpoints])
     if as_json:
         for e in endpoints:
             typer.echo(json.dumps({**e.to_dict(), "live": figures[e.id].to_dict(),
-                                   "key_missing_on": missing[e.id]}))
+                                   "key_missing_on": missing[e.id], "breaker": breakers[e.id]}))
         return
     if not endpoints:
         typer.echo("no endpoints registered; add one with `aimesh endpoints add ID --url URL "
                    "--model MODEL --input-price USD --output-price USD`")
         return
     rows = table("id", "provider", "model", "$/1k in/out", "capacity", "enabled", "in flight",
-                 "p50/p99 ms", "errors", "health", "key")
+                 "p50/p99 ms", "errors", "health", "breaker", "key")
     for e in endpoints:
         live = figures.get(e.id, LiveFigures())
         d = e.to_dict()
         rows.add_row(e.id, e.provider, e.model,
                      f"{d['input_usd_per_1k']}/{d['output_usd_per_1k']}", str(e.capacity),
                      "yes" if e.enabled else "no", str(live.in_flight), _latency(live),
-                     f"{live.error_rate:.1%}", live.health, _key(e, missing[e.id]))
+                     f"{live.error_rate:.1%}", live.health, breakers[e.id],
+                     _key(e, missing[e.id]))
     stdout().print(rows)
     for e in endpoints:
         if missing[e.id]:

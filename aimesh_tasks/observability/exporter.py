@@ -12,13 +12,16 @@ any number of replicas report the same values.
 | aimesh_endpoint_live_latency_seconds | endpoint, quantile | live window p50/p99 (Redis) |
 | aimesh_endpoint_error_ratio          | endpoint        | live window (Redis)           |
 | aimesh_endpoint_health               | endpoint, state | live health (up/down/unknown) |
+| aimesh_breaker_state                 | endpoint, state | circuit breaker: 1 for its    |
+|                                      |                 | state (closed/open/half_open) |
 | aimesh_exporter_source_up            | source          | 1 if broker/redis/database    |
 |                                      |                 | answered this scrape          |
 
 Queues read: `aimesh.route` and `aimesh.endpoint.<id>` of every endpoint in the registry,
 disabled ones included (their queues may still hold messages). Kombu's Redis transport
-keeps a message of priority p in the list `<queue>\\x06\\x16<step>` (steps 3, 6, 9; step 0 is
-the plain list), so a queue's depth is the sum of those lists.
+keeps a message of priority step p in the list `<queue>\\x06\\x16<p>` (step 0 is the plain
+list); the steps are the ten of celery_config (aimesh_tasks/resilience/priority.py), so a
+queue's depth is the sum of those ten lists.
 """
 
 from __future__ import annotations
@@ -35,11 +38,15 @@ from prometheus_client.registry import Collector
 
 from aimesh_tasks import keys
 from aimesh_tasks.errors import ConfigError
+from aimesh_tasks.resilience.breaker_store import STATES as BREAKER_STATES
+from aimesh_tasks.resilience.breaker_store import breaker_states
+from aimesh_tasks.resilience.priority import BROKER_PRIORITY_STEPS
 from aimesh_tasks.settings import get_settings
 
 logger = logging.getLogger(__name__)
-# The priority sub-queue names of kombu's Redis transport (Channel._q_for_pri).
-PRIORITY_STEPS: tuple[int, ...] = tuple(kombu_redis.PRIORITY_STEPS)
+# The priority sub-queue names of kombu's Redis transport (Channel._q_for_pri), at the
+# steps celery_config sets.
+PRIORITY_STEPS: tuple[int, ...] = BROKER_PRIORITY_STEPS
 PRIORITY_SEP: str = kombu_redis.Channel.sep
 HEALTH_STATES = ("up", "down", "unknown")
 
@@ -102,6 +109,9 @@ class ClusterCollector(Collector):
                              "Share of an endpoint's recent calls that failed.", ["endpoint"]),
             "health": _gauge("aimesh_endpoint_health",
                              "1 for the endpoint's current health state.", ["endpoint", "state"]),
+            "breaker": _gauge("aimesh_breaker_state",
+                              "1 for the state of the endpoint's circuit breaker.",
+                              ["endpoint", "state"]),
             "up": _gauge("aimesh_exporter_source_up",
                          "1 if the source answered this scrape.", ["source"]),
         }
@@ -147,6 +157,9 @@ class ClusterCollector(Collector):
             state = live.health if live.health in HEALTH_STATES else "unknown"
             for name in HEALTH_STATES:
                 families["health"].add_metric([endpoint.id, name], 1 if name == state else 0)
+        for endpoint_id, breaker in breaker_states(e.id for e in endpoints).items():
+            for name in BREAKER_STATES:
+                families["breaker"].add_metric([endpoint_id, name], 1 if name == breaker else 0)
 
     def _depths(self, depth: GaugeMetricFamily, up: GaugeMetricFamily,
                 endpoints: list[Any]) -> None:

@@ -31,8 +31,9 @@ Labels are bounded: `endpoint` is a registry id (admin-created) or 'none'; `outc
 `direction` are fixed sets; `agent` exists only on the aimesh_agent_* metrics, which are
 updated only when AIMESH_METRICS_AGENT_LABELS > 0, and then only that many distinct agent
 ids per process get their own value (later ones count under '_other').
-Not defined yet, because nothing measures them today: circuit-breaker state, cache
-hits/misses/single-flight joins and budget remaining (they come with those features).
+Not defined yet, because nothing measures them today: cache hits/misses/single-flight
+joins and budget remaining (they come with those features). Circuit-breaker state is
+cluster-wide, read from Redis by the cluster exporter (aimesh_breaker_state).
 """
 
 from __future__ import annotations

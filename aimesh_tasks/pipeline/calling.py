@@ -2,10 +2,13 @@
 returns an outcome.
 
     begin (journalled? held? take the lease) → [held: wait for the holder] →
-    [journalled: its outcome again] → deadline → policies.before_call → the call, charged
-    once → policies.after_call → Done / Fallback (reserve the next call first) / Failed
+    [journalled: its outcome again] → deadline → policies.before_call (refuse, delay, or
+    refuse this endpoint only: the next one is tried) → the call, charged once →
+    policies' call records → policies.after_call → Done / Fallback (the next endpoint, or
+    the same one again after a wait; the next call reserved first) / Failed
 
-The call task maps the outcome to Celery (aimesh_tasks/tasks/call.py).
+A failed call whose message's deadline has passed ends in DeadlineExceeded, naming the
+calls made. The call task maps the outcome to Celery (aimesh_tasks/tasks/call.py).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from typing import Any
 from aimesh_tasks import events, keys
 from aimesh_tasks.budgets.admission import reserve_call
 from aimesh_tasks.budgets.ledger import release
-from aimesh_tasks.envelope import Envelope
-from aimesh_tasks.errors import AimeshError, AllEndpointsFailed, ProviderError
+from aimesh_tasks.envelope import RETRIED_AFTER, AttemptRecord, Envelope
+from aimesh_tasks.errors import AimeshError, AllEndpointsFailed, DeadlineExceeded, ProviderError
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage, Attempt, utcnow
 from aimesh_tasks.money import usd_to_nusd
-from aimesh_tasks.pipeline import lease
+from aimesh_tasks.pipeline import journal, lease
 from aimesh_tasks.pipeline.call import (
     CallResult,
     begin,
@@ -33,8 +36,9 @@ from aimesh_tasks.pipeline.call import (
 )
 from aimesh_tasks.pipeline.flight import deadline_exceeded, end_flight, queue_end_flight
 from aimesh_tasks.pipeline.outcomes import CallOutcome, Done, Failed, Fallback, Retry
-from aimesh_tasks.policies import CallContext, Policies, active
+from aimesh_tasks.policies import AfterCall, CallContext, Policies, active
 from aimesh_tasks.redis_batch import Batch
+from aimesh_tasks.registry.live import call_abandoned
 
 
 def call(app: Any, envelope: Envelope, *, wait_s: float, policies: Policies | None = None
@@ -65,12 +69,21 @@ def call(app: Any, envelope: Envelope, *, wait_s: float, policies: Policies | No
         return _decide(app, envelope, message, done, started_at, Batch(), policies, ctx)
     tail = Batch()
     try:
-        _before_call(message, ctx, policies, call_key, envelope.metered)
+        delay_s = _before_call(message, ctx, policies, call_key, envelope.metered)
+    except ProviderError as exc:  # this endpoint may not be called now (its breaker)
+        journal.queue_record_failure(tail, began.charged_key, exc.to_dict())
+        _give_back(ctx, began, tail)
+        attempt = Attempt(endpoint_id=endpoint.id, ok=False, latency_ms=0.0,
+                          error=exc.to_dict())
+        return _after_failure(app, envelope, message, CallResult(attempt, None, exc, 0),
+                              started_at, policies, ctx)
     except AimeshError as exc:
-        lease.queue_release(tail, call_key, began.value)
-        tail.send()
+        _give_back(ctx, began, tail)
         end_flight(app, envelope.flight, None)
         return Failed(_fail(message, exc))
+    if delay_s:  # the reservation stays: the same call is made after the wait
+        _give_back(ctx, began, tail)
+        return Retry(delay_s, f"a policy delayed call {call_key} by {delay_s:g} s")
     try:
         done = make_call(message, endpoint, call_key, began, metered=envelope.metered,
                          tail=tail)
@@ -83,64 +96,117 @@ def call(app: Any, envelope: Envelope, *, wait_s: float, policies: Policies | No
 
 
 def _before_call(message: AiMessage, ctx: CallContext, policies: Policies, call_key: str,
-                 metered: bool) -> None:
-    """Refuse a call whose deadline passed, or that a policy refuses; its reservation
-    is given back (nothing was called)."""
+                 metered: bool) -> float | None:
+    """Refuse a call whose deadline passed, or that a policy refuses (its reservation is
+    given back: nothing was called); the seconds a policy asks to delay it, if any."""
     try:
         if message.expired():
             raise deadline_exceeded(message, "before its call was made")
-        policies.before_call(ctx)
+        return policies.before_call(ctx)
     except AimeshError:
         if metered:
             release(call_key, only_if_uncalled=True)
         raise
 
 
+def _give_back(ctx: CallContext, began: lease.Began, tail: Batch) -> None:
+    """A call not made: free its lease and take it out of the endpoint's calls in flight."""
+    lease.queue_release(tail, ctx.call_key, began.value)
+    tail.send()
+    call_abandoned(ctx.endpoint.id, ctx.call_key)
+
+
 def _decide(app: Any, envelope: Envelope, message: AiMessage, done: CallResult,
             started_at: datetime, tail: Batch, policies: Policies, ctx: CallContext
             ) -> CallOutcome:
+    policies.queue_call_records(tail, ctx, done.error)
+    if done.completion is None:
+        tail.send()
+        return _after_failure(app, envelope, message, done, started_at, policies, ctx)
     endpoint = ctx.endpoint
     past = [*(Attempt.model_validate(a) for a in envelope.attempts), done.attempt]
     charged = envelope.charged_nusd + done.charged_nusd
-    if done.completion is not None:
-        result = build_result(message, endpoint, done.completion, past, started_at, charged)
-        audit("completed", message_id=message.id, agent_id=message.agent_id,
-              endpoint_id=endpoint.id, tokens=result.input_tokens + result.output_tokens,
-              cost_nusd=usd_to_nusd(result.cost_usd), batch=tail,
-              detail={"usage_estimated": True} if done.estimated else None)
-        answer_followers = queue_end_flight(app, tail, envelope.flight, result)
-        tail.send()
-        events.message_completed.send(sender=call, message=message, result=result)
-        answer_followers()
-        return Done(result.to_json_dict())
+    result = build_result(message, endpoint, done.completion, past, started_at, charged)
+    audit("completed", message_id=message.id, agent_id=message.agent_id,
+          endpoint_id=endpoint.id, tokens=result.input_tokens + result.output_tokens,
+          cost_nusd=usd_to_nusd(result.cost_usd), batch=tail,
+          detail={"usage_estimated": True} if done.estimated else None)
+    answer_followers = queue_end_flight(app, tail, envelope.flight, result)
     tail.send()
+    events.message_completed.send(sender=call, message=message, result=result)
+    answer_followers()
+    return Done(result.to_json_dict())
+
+
+def _after_failure(app: Any, envelope: Envelope, message: AiMessage, done: CallResult,
+                   started_at: datetime, policies: Policies, ctx: CallContext
+                   ) -> CallOutcome:
+    """After a failed (or refused) call: the same endpoint again, the next one, or the
+    message's failure."""
     error = done.error
     assert error is not None
+    past = [*(Attempt.model_validate(a) for a in envelope.attempts), done.attempt]
+    charged = envelope.charged_nusd + done.charged_nusd
+    if message.expired():
+        end_flight(app, envelope.flight, None)
+        return Failed(_fail(message, _expired(message, past)))
     asked = policies.after_call(ctx, error)
-    action = asked.verdict if asked is not None else error.action
-    if action == "fail" or len(envelope.route) < 2:
+    nxt, countdown_s = _next_hop(envelope, done, asked, charged, started_at.isoformat())
+    if nxt is None:
         end_flight(app, envelope.flight, None)
         return Failed(_fail(message, _final_error(message, error, past)))
-    nxt = envelope.next_hop(done.attempt.model_dump(mode="json"), charged,  # type: ignore[arg-type]
-                            started_at.isoformat())
-    if envelope.metered:  # the fallback is another call: re-priced at its own endpoint
+    if envelope.metered:  # the next call is another call: reserved at its own endpoint
         try:
             reserve_call(message, endpoint_from_args(nxt.route[0]), nxt.attempt_no, True)
         except AimeshError as exc:
             end_flight(app, envelope.flight, None)
             return Failed(_fail(message, exc))
-    return Fallback(nxt)
+    return Fallback(nxt, countdown_s)
+
+
+def _next_hop(envelope: Envelope, done: CallResult, asked: AfterCall | None, charged: int,
+              started_at: str) -> tuple[Envelope | None, float]:
+    """The envelope of the next call and the wait before it; None: no next call. Only a
+    policy's 'retry' calls the same endpoint again; the adapter's own 'retry' class, with
+    no policy asking, falls back like any endpoint fault."""
+    attempt: AttemptRecord = done.attempt.model_dump(mode="json")  # type: ignore[assignment]
+    if asked is not None and asked.verdict == "retry":
+        attempt["error"] = {**(attempt.get("error") or {}), RETRIED_AFTER: asked.delay_s}
+        return envelope.retry_hop(attempt, charged, started_at), asked.delay_s
+    action = asked.verdict if asked is not None else done.error.action if done.error else "fail"
+    if action == "fail" or len(envelope.route) < 2:
+        return None, 0.0
+    return envelope.next_hop(attempt, charged, started_at), asked.delay_s if asked else 0.0
+
+
+def _attempts_line(past: list[Attempt]) -> str:
+    """Every attempt, one phrase each: 'ep-a HTTP 429 rate_limited, ep-b transport'."""
+    def one(attempt: Attempt) -> str:
+        error = attempt.error or {}
+        status = f"HTTP {error['status']} " if error.get("status") else ""
+        return f"{attempt.endpoint_id} {status}{error.get('reason') or 'failed'}"
+
+    return ", ".join(one(a) for a in past)
 
 
 def _final_error(message: AiMessage, error: ProviderError, past: list[Attempt]) -> AimeshError:
     if len(past) == 1:
         return error
+    endpoints = len({a.endpoint_id for a in past})
     return AllEndpointsFailed(
-        f"all {len(past)} endpoints failed for message '{message.id}'; last: {error.message}",
+        f"every call for message '{message.id}' failed: {len(past)} calls at {endpoints} "
+        f"endpoint(s) ({_attempts_line(past)}); last: {error.message}",
         endpoint_id=error.fields.get("endpoint_id"),
         attempts=[a.model_dump(mode="json") for a in past],
         retryable=False,
     )
+
+
+def _expired(message: AiMessage, past: list[Attempt]) -> DeadlineExceeded:
+    """DeadlineExceeded after calls were made, naming them."""
+    plain = deadline_exceeded(message, f"after {len(past)} call(s) ({_attempts_line(past)})")
+    return DeadlineExceeded(plain.message, {**plain.fields,
+                                            "attempts": [a.model_dump(mode="json") for a in past]})
 
 
 def _fail(message: AiMessage, error: AimeshError) -> AimeshError:

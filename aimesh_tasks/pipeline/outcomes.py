@@ -3,15 +3,17 @@
 Routing gives one of `Hit` (answered without a call: exact or semantic cache), `Joined`
 (an identical message is in flight; its leader answers this one), `HandOff` (call the
 envelope's first endpoint on its queue) or `Refused` (a policy, the budget or routing
-said no). A call gives `Done`, `Fallback` (hand the envelope to the next endpoint),
-`Retry` (run this call again after `countdown_s`) or `Failed`.
+said no). A call gives `Done`, `Fallback` (hand the envelope on: to the next endpoint,
+or to the same one for a retry, after `countdown_s`), `Retry` (run this call again after
+`countdown_s`) or `Failed`.
 
 | outcome   | the shell                                                         |
 |-----------|-------------------------------------------------------------------|
 | Hit, Done | returns the result                                                |
 | Joined    | returns, storing nothing (the leader stores this task's result)   |
 | HandOff,  | publishes the call task on the endpoint's queue under this id     |
-| Fallback  |                                                                   |
+| Fallback  | (a Fallback's countdown: short ones sleep first, longer ones are  |
+|           | a countdown on the published task)                                |
 | Retry     | publishes this task again with a countdown                        |
 | Refused,  | raises the error, or returns {"error": ...} when the envelope asks |
 | Failed    | for errors as results (workflow steps)                            |
@@ -61,9 +63,11 @@ class Done:
 
 @dataclass(frozen=True, slots=True)
 class Fallback:
-    """The call failed in a way another endpoint may not: try `envelope.route[0]`."""
+    """The call failed in a way another endpoint may not, or a policy asked for the same
+    endpoint again: call `envelope.route[0]` (a new attempt) after `countdown_s`."""
 
     envelope: Envelope
+    countdown_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

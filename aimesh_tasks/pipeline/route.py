@@ -11,6 +11,7 @@ from aimesh_tasks.budgets.metered import queue_is_metered
 from aimesh_tasks.errors import NoEndpointAvailable
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage
+from aimesh_tasks.policies import with_exclusions
 from aimesh_tasks.redis_batch import Batch, Reader
 from aimesh_tasks.registry.cache import ENDPOINTS
 from aimesh_tasks.registry.endpoints import Endpoint
@@ -57,11 +58,13 @@ def plan_route(message: AiMessage, inputs: RouteInputs, records: Batch,
     endpoints = ENDPOINTS.at(inputs.version)
     if set(figures) != {e.id for e in endpoints}:  # the registry moved: read its figures
         figures, _ = read_figures(e.id for e in endpoints)
-    candidates = tuple(choose(list(endpoints))) if choose is not None else endpoints
+    chosen = choose(list(endpoints)) if choose is not None else list(endpoints)
+    left_out = dict(getattr(chosen, "excluded", {}))  # why policies left endpoints out
     try:
-        decision = decide(message, candidates, figures, weights=settings.route_weights,
+        decision = decide(message, tuple(chosen), figures, weights=settings.route_weights,
                           now=time.time(), health_retry_s=settings.health_retry_s)
-    except NoEndpointAvailable as exc:
+    except NoEndpointAvailable as caught:
+        exc = with_exclusions(caught, left_out)
         record_decision(
             {"message_id": message.id, "agent_id": message.agent_id, "winner": None,
              "fallbacks": [], "candidates": [], "excluded": exc.excluded,
@@ -72,7 +75,8 @@ def plan_route(message: AiMessage, inputs: RouteInputs, records: Batch,
               detail={"excluded": exc.excluded}, batch=records)
         records.send()
         events.routing_failed.send(sender=plan_route, message=message, error=exc)
-        raise
+        raise exc from None
+    decision.excluded.update(left_out)
     record = decision.to_record()
     record_decision(record, batch=records)
     audit("routed", message_id=message.id, agent_id=message.agent_id,

@@ -1,9 +1,13 @@
 """The policies on the message path, in the order their hooks run (see policies/base.py).
 
-Built in: `budget` (reserve the first call before dispatch). Deployments add their own
-with AIMESH_POLICIES ('package.module:ClassName,...'), run after the built-in ones.
-Later issues add rate limits, ACLs, intents, retries, the circuit breaker and hedging
-here, one file each.
+Built in, in this order: governance (loop cap, route, its ACL, rate limits), `budget`
+(reserve the first call before dispatch), the circuit breaker (AIMESH_BREAKER_ENABLED)
+and the retry policy (aimesh_tasks/resilience/). Deployments add their own with
+AIMESH_POLICIES ('package.module:ClassName,...'), run after the built-in ones.
+
+A policy's `choose` may return a `Chosen` to say why it left endpoints out (recorded in
+the routing decision's `excluded`); a policy that writes what a call did implements
+`RecordsCalls.queue_call_records`, queued on the call's last round trip.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from aimesh_tasks.errors import ConfigError, ProviderError
+from aimesh_tasks.errors import ConfigError, NoEndpointAvailable, ProviderError
 from aimesh_tasks.messages import AiMessage
 from aimesh_tasks.policies.base import AfterCall, CallContext, Policy, RouteContext
 from aimesh_tasks.policies.budget import BudgetAdmission
@@ -36,6 +40,35 @@ def _load(path: str) -> Policy:
     return policy
 
 
+class Chosen(list[Endpoint]):
+    """What `choose` returns when a policy leaves endpoints out and says why: the kept
+    candidates, and `excluded` (endpoint id -> reason) for the routing decision's record."""
+
+    def __init__(self, kept: list[Endpoint], excluded: dict[str, str] | None = None) -> None:
+        super().__init__(kept)
+        self.excluded = dict(excluded or {})
+
+
+@runtime_checkable
+class RecordsCalls(Protocol):
+    """A policy that writes what a call did: `queue_call_records` queues its writes on the
+    call's last round trip (sent whether the call answered or failed)."""
+
+    def queue_call_records(self, batch: Batch, ctx: CallContext,
+                           error: ProviderError | None) -> None: ...
+
+
+def with_exclusions(error: NoEndpointAvailable, excluded: dict[str, str]
+                    ) -> NoEndpointAvailable:
+    """Routing's NoEndpointAvailable, naming also the endpoints policies left out."""
+    if not excluded:
+        return error
+    merged = {**excluded, **error.excluded}
+    reasons = "; ".join(f"{eid}: {why}" for eid, why in sorted(merged.items()))
+    return NoEndpointAvailable(f"no endpoint can take this message ({reasons})",
+                               {**error.fields, "excluded": merged})
+
+
 class Policies:
     """An ordered list of policies, called hook by hook."""
 
@@ -51,10 +84,12 @@ class Policies:
         for policy in self.policies:
             policy.before_route(ctx)
 
-    def choose(self, ctx: RouteContext, candidates: list[Endpoint]) -> list[Endpoint]:
+    def choose(self, ctx: RouteContext, candidates: list[Endpoint]) -> Chosen:
+        excluded: dict[str, str] = {}
         for policy in self.policies:
             candidates = policy.choose(ctx, candidates)
-        return candidates
+            excluded.update(getattr(candidates, "excluded", {}))
+        return Chosen(candidates, excluded)
 
     def admit(self, ctx: RouteContext, decision: RoutingDecision) -> None:
         for policy in self.policies:
@@ -76,6 +111,12 @@ class Policies:
                 return asked
         return None
 
+    def queue_call_records(self, batch: Batch, ctx: CallContext,
+                           error: ProviderError | None) -> None:
+        for policy in self.policies:
+            if isinstance(policy, RecordsCalls):
+                policy.queue_call_records(batch, ctx, error)
+
 
 def _governance() -> list[Policy]:
     """Loop cap, route (by name or intent), its ACL, rate limits: all before the budget."""
@@ -88,11 +129,22 @@ def _governance() -> list[Policy]:
     return [LoopCap(), RouteSelection(), RouteAcl(), RateLimits()]
 
 
+def _resilience() -> list[Policy]:
+    """The circuit breaker (when on), then the retry policy: after the budget."""
+    # Imported here: the resilience policies import this package.
+    from aimesh_tasks.resilience.breaker import CircuitBreaker
+    from aimesh_tasks.resilience.retry import RetryPolicy
+
+    breaker: list[Policy] = [CircuitBreaker()] if get_settings().breaker_enabled else []
+    return [*breaker, RetryPolicy()]
+
+
 @lru_cache(maxsize=1)
 def active() -> Policies:
     """The built-in policies, then AIMESH_POLICIES, in order (loaded once per process)."""
     extra = [_load(path) for path in get_settings().policies.split(",") if path.strip()]
-    return Policies([*_governance(), BudgetAdmission(), *extra])
+    return Policies([*_governance(), BudgetAdmission(), *_resilience(), *extra])
 
 
-__all__ = ["AfterCall", "CallContext", "Policies", "Policy", "RouteContext", "active"]
+__all__ = ["AfterCall", "CallContext", "Chosen", "Policies", "Policy", "RecordsCalls",
+           "RouteContext", "active", "with_exclusions"]

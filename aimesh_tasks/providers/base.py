@@ -59,12 +59,14 @@ class Completion:
 @dataclass(frozen=True, slots=True)
 class ErrorClass:
     """What a failed provider answer means: the action, a short reason word
-    ('rate_limited', 'overloaded', 'server_error', 'bad_request', 'auth', ...), and a
-    bounded excerpt of the provider's own error message."""
+    ('rate_limited', 'overloaded', 'server_error', 'bad_request', 'auth', ...), a
+    bounded excerpt of the provider's own error message, and how long the provider asks
+    to wait when it says so in the body (Gemini's RetryInfo); None: see Retry-After."""
 
     action: Action
     reason: str
     detail: str = ""
+    retry_after_s: float | None = None
 
     @property
     def endpoint_fault(self) -> bool:

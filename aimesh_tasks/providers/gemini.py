@@ -17,8 +17,9 @@ never cached as complete (pipeline/dedup.py looks for "length"):
 
 Errors are `{"error": {"code", "message", "status", "details"}}` with a google.rpc status
 name; classification goes by that name, then by HTTP status. Gemini sends no rate-limit
-headers and no Retry-After: it says how long to wait in a `google.rpc.RetryInfo` detail,
-which stays in the error's message excerpt.
+headers and no Retry-After: it says how long to wait in a `google.rpc.RetryInfo` detail
+(`retryDelay`, a protobuf Duration such as "26s" or "0.5s"), read as the error's
+`retry_after_s`.
 """
 
 from __future__ import annotations
@@ -113,6 +114,21 @@ def _about_key(detail: str, details: list[Any]) -> bool:
             or "api key" in detail.lower())
 
 
+def retry_delay_s(details: list[Any]) -> float | None:
+    """The `retryDelay` of a google.rpc.RetryInfo detail in seconds ("26s", "1.5s"), or
+    None if there is none or it cannot be read."""
+    for detail in details:
+        if not (isinstance(detail, dict) and str(detail.get("@type", "")).endswith(
+                "google.rpc.RetryInfo")):
+            continue
+        delay = detail.get("retryDelay")
+        try:
+            return max(float(str(delay).strip().removesuffix("s")), 0.0)
+        except ValueError:
+            return None
+    return None
+
+
 def _daily_quota(details: list[Any]) -> bool:
     """A 429 naming a per-day quota: it resets in hours, so retrying here is pointless."""
     return any("PerDay" in quota for quota in _detail_values(details, "quotaId"))
@@ -183,7 +199,7 @@ class Gemini:
             return ErrorClass("fallback", "quota_exhausted", detail)
         if name in _STATUS_ACTIONS:
             action, reason = _STATUS_ACTIONS[name]
-            return ErrorClass(action, reason, detail)
+            return ErrorClass(action, reason, detail, retry_delay_s(details))
         return status_class(status, detail)
 
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimits:

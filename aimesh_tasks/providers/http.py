@@ -15,12 +15,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
 
 from aimesh_tasks.errors import ProviderError
-from aimesh_tasks.messages import AiMessage
+from aimesh_tasks.messages import AiMessage, utcnow
 from aimesh_tasks.providers import PROVIDERS
 from aimesh_tasks.providers.base import Completion, Provider, excerpt, retry_after_s
 from aimesh_tasks.providers.credentials import api_key as read_api_key
@@ -91,6 +92,7 @@ def _status_error(endpoint: Endpoint, adapter: Provider, response: httpx.Respons
         body = None
     headers = {name.lower(): value for name, value in response.headers.items()}
     verdict = adapter.classify_error(status, body, headers)
+    asked_s = retry_after_s(headers, time.time())  # the header, else what the body said
     detail = redact(verdict.detail or (excerpt(response.text) if body is None else ""),
                     api_key)
     return ProviderError(
@@ -102,15 +104,26 @@ def _status_error(endpoint: Endpoint, adapter: Provider, response: httpx.Respons
         reason=verdict.reason,
         detail=detail or None,
         retryable=verdict.action != "fail",
-        retry_after_s=retry_after_s(headers, time.time()),
+        retry_after_s=asked_s if asked_s is not None else verdict.retry_after_s,
     )
 
 
+def call_timeout(message: AiMessage, now: datetime | None = None) -> httpx.Timeout:
+    """The call's timeouts: the configured ones, never longer than the time left before
+    the message's deadline (read timeout: the longest wait for the provider's bytes)."""
+    settings = get_settings()
+    read_s, connect_s = settings.provider_timeout_s, settings.provider_connect_timeout_s
+    if message.deadline is not None:
+        left_s = max((message.deadline - (now or utcnow())).total_seconds(), 0.001)
+        read_s, connect_s = min(read_s, left_s), min(connect_s, left_s)
+    return httpx.Timeout(read_s, connect=connect_s)
+
+
 def _send(endpoint: Endpoint, request_json: dict[str, Any], headers: dict[str, str],
-          path: str) -> httpx.Response:
+          path: str, timeout: httpx.Timeout) -> httpx.Response:
     try:
         with CLIENTS.borrow(endpoint.base_url) as client:
-            return client.post(path, json=request_json, headers=headers)
+            return client.post(path, json=request_json, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
         # A request that never connected cannot have been billed; one that failed later
         # (read timeout, dropped connection) may have been: the path charges it at the
@@ -133,7 +146,8 @@ def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str) -> Comp
     api_key = read_api_key(endpoint)
     request = adapter.build_request(endpoint.model, message, api_key)
     response = _send(
-        endpoint, request.json, {**request.headers, CALL_KEY_HEADER: call_key}, request.path
+        endpoint, request.json, {**request.headers, CALL_KEY_HEADER: call_key}, request.path,
+        call_timeout(message),
     )
     if response.status_code != 200:
         raise _status_error(endpoint, adapter, response, api_key)

@@ -11,6 +11,7 @@ from aimesh_tasks.envelope import Envelope, Flight
 from aimesh_tasks.messages import AiMessage
 from aimesh_tasks.pipeline import calling
 from aimesh_tasks.pipeline.call import endpoint_from_args
+from aimesh_tasks.resilience.priority import broker_priority
 from aimesh_tasks.settings import get_settings
 from aimesh_tasks.tasks.shell import MessageTask
 
@@ -21,6 +22,7 @@ def call_signature(envelope: Envelope) -> Signature:
     message = AiMessage.decode(envelope.message)
     return call_endpoint.signature(
         (envelope.to_json(),), queue=endpoint_from_args(envelope.route[0]).queue,
+        priority=broker_priority(message.priority, get_settings().broker_url),
         argsrepr=f"(<envelope of message {message.id} of agent {message.agent_id}, "
                  f"attempt {envelope.attempt_no}>,)",
         kwargsrepr="{}")

@@ -16,6 +16,8 @@ from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.messages import AiMessage, parse_message
 from aimesh_tasks.pipeline import routing
 from aimesh_tasks.pipeline.reprs import message_reprs
+from aimesh_tasks.resilience.priority import broker_priority
+from aimesh_tasks.settings import get_settings
 from aimesh_tasks.tasks.call import call_signature
 from aimesh_tasks.tasks.handoff import in_canvas
 from aimesh_tasks.tasks.shell import MessageTask
@@ -61,6 +63,8 @@ class RouteTask(MessageTask):
         message = validate_or_audit((kwargs or {}).get("message") or (args or [None])[0])
         options.setdefault("task_id", message.id)
         options.setdefault("queue", ROUTE_QUEUE)
+        options.setdefault("priority", broker_priority(message.priority,
+                                                       get_settings().broker_url))
         extra = {k: v for k, v in (kwargs or {}).items() if k != "message"} or None
         for option, shown in message_reprs(message, extra).items():
             options.setdefault(option, shown)

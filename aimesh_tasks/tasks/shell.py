@@ -23,6 +23,7 @@ the accepted-messages record (`delivery.accepted`), after Celery stored its resu
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -76,6 +77,19 @@ def _service(exc: BaseException) -> str:
     return "Redis" if isinstance(exc, redis.exceptions.RedisError) else "Postgres"
 
 
+def _after_wait(signature: Signature, outcome: HandOff | Fallback) -> Signature:
+    """The next call after a Fallback's wait (a retry's backoff): a short wait is slept
+    here, a longer one is a countdown on the published call, so no worker slot is pinned
+    for long (a countdown never exceeds half the visibility timeout: aimesh_tasks/app.py)."""
+    wait_s = outcome.countdown_s if isinstance(outcome, Fallback) else 0.0
+    if wait_s <= 0:
+        return signature
+    if wait_s <= get_settings().retry_sleep_max_s:
+        time.sleep(wait_s)
+        return signature
+    return signature.set(countdown=wait_s)
+
+
 def error_result(error: AimeshError) -> dict[str, Any]:
     """A failure as a task result, {"error": {code, message, ...fields}}, for callers that
     ask for errors as results (workflow steps: a raised error would fail a whole chord)."""
@@ -117,7 +131,7 @@ class MessageTask(Task):  # type: ignore[misc]
             return None
         if isinstance(outcome, HandOff | Fallback):
             try:
-                hand_off(self, next_call(outcome.envelope))
+                hand_off(self, _after_wait(next_call(outcome.envelope), outcome))
             except kombu.exceptions.OperationalError as exc:  # past the publish retries
                 raise Reject(exc, requeue=True) from exc
             return None
