@@ -9,6 +9,22 @@ JSONDecodeError"). Here an item that is not JSON, or not a message envelope
 (`delivery.envelope`), goes to the dead-letter store instead and the loop goes on; it was
 already popped, so there is nothing to ack. Installed by `aimesh_tasks.delivery.install`
 (the `broker_transport` setting, for redis:// and rediss:// broker URLs).
+
+Two windows of this transport are covered, not closed:
+- BRPOP takes a message off its queue one round trip before `QoS.append` records it in
+  the `unacked` hash; a worker main process killed in between loses it (MEASURED.md
+  finding 12). Closing that needs an atomic move (BLMOVE into a per-consumer list) and a
+  sweeper for the lists of dead consumers; instead the accepted-messages record and its
+  reconciler (`delivery/accepted.py`, `delivery/reconciler.py`) publish such a message
+  again, which is safe because a duplicate of a message is the same message.
+- On a lost connection kombu gives the unacked messages of the closing channel back to
+  their queues at once, but the broker is usually the thing that went away, so that fails
+  and they wait in the `unacked` hash for the visibility timeout; worse, kombu may rebuild
+  the closing channel's pool from a connection already closed, and the AttributeError
+  ("'NoneType' object has no attribute 'hostname'") stops the worker (MEASURED.md finding
+  13). `GuardedQoS` keeps their delivery tags instead, and the next channel (once the
+  worker has reconnected) restores them: the worker lives on, and work that could not be
+  acked is not stuck for the visibility timeout.
 """
 
 from __future__ import annotations
@@ -29,6 +45,8 @@ from aimesh_tasks.delivery.envelope import (
 )
 
 logger = logging.getLogger(__name__)
+# Delivery tags whose restore failed with the connection; the next channel restores them.
+_unrestored: set[str] = set()
 
 
 class GuardedMessage(Message):
@@ -51,10 +69,29 @@ def bury(queue: str, raw: bytes, error: BadEnvelope) -> None:
             "queue": queue, "reason": error.reason, "bytes": len(raw)})
 
 
+class GuardedQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, keeping what it could not restore for the next channel."""
+
+    def restore_unacked(self, client: Any = None) -> None:
+        try:
+            super().restore_unacked(client)  # type: ignore[no-untyped-call]
+        except Exception as exc:  # whatever stopped this channel; see the module docstring
+            _unrestored.update(str(tag) for tag in self._delivered)
+            self._delivered.clear()
+            logger.warning("delivery.restore_deferred", extra={
+                "messages": len(_unrestored), "error": type(exc).__name__})
+
+
 class GuardedChannel(kombu_redis.Channel):
     """A Redis channel whose consumer survives any bytes on its queues."""
 
     Message = GuardedMessage
+    QoS = GuardedQoS
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        consumer_tag = super().basic_consume(queue, *args, **kwargs)  # type: ignore[no-untyped-call]
+        restore_deferred(self.qos)
+        return consumer_tag
 
     def _brpop_read(self, **options: Any) -> bool:
         # kombu 5.7's Channel._brpop_read, except for the guarded decode and delivery.
@@ -81,6 +118,21 @@ class GuardedChannel(kombu_redis.Channel):
             flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.7
             if flush_reauth is not None:
                 flush_reauth()
+
+
+def restore_deferred(qos: kombu_redis.QoS) -> int:
+    """Give the messages a closed channel could not restore back to their queues (each is
+    moved out of the `unacked` hash in one transaction: none twice); how many tags."""
+    done = 0
+    while _unrestored:
+        tag = next(iter(_unrestored))
+        # A connection error here leaves the rest for the next channel.
+        qos.restore_by_tag(tag)  # type: ignore[no-untyped-call]
+        _unrestored.discard(tag)
+        done += 1
+    if done:
+        logger.info("delivery.restored_after_reconnect", extra={"messages": done})
+    return done
 
 
 class GuardedTransport(kombu_redis.Transport):
