@@ -222,3 +222,8 @@ def breaker_failures(endpoint_id: str) -> str:
 def breaker_probes(endpoint_id: str) -> str:
     """Sorted set of the half-open probe calls admitted, scored by admission time (s)."""
     return f"{PREFIX}:breaker:{endpoint_id}:probes"
+
+
+def ingress_batch_driver(batch_id: str) -> str:
+    """Lease of the one ingress process driving a batch (its token, with a TTL)."""
+    return f"{PREFIX}:ingress:batch:{batch_id}:driver"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,35 +48,63 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def ingress_url(workers: Any) -> Iterator[str]:
-    """A real `uvicorn aimesh_tasks.ingress.app:app` on a free port of 127.0.0.1."""
-    port = _free_port()
-    log = Path(f"/tmp/aimesh-test-ingress-{port}.log")
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [UVICORN, "aimesh_tasks.ingress.app:app", "--host", "127.0.0.1", "--port",
-             str(port), "--log-level", "warning"],
-            cwd=ROOT, env={**os.environ}, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+class IngressProcess:
+    """`uvicorn aimesh_tasks.ingress.app:app` on 127.0.0.1:`port`, in its own session."""
 
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"the ingress exited: {log.read_text()[-3000:]}")
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = Path(f"/tmp/aimesh-test-ingress-{port}.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as out:
+            self.proc = subprocess.Popen(
+                [UVICORN, "aimesh_tasks.ingress.app:app", "--host", "127.0.0.1", "--port",
+                 str(self.port), "--log-level", "warning"],
+                cwd=ROOT, env={**os.environ}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        wait_until(self._healthy, "the ingress to answer /healthz", 60)
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"the ingress exited: {self.log.read_text()[-3000:]}")
         try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_until(healthy, "the ingress to answer /healthz", 60)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    def kill(self) -> None:
+        """SIGKILL: no shutdown of any kind (a crash)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def ingress(workers: Any) -> Iterator[IngressProcess]:
+    """One real ingress process for the session (a test may kill and restart it)."""
+    server = IngressProcess(_free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def ingress_url(ingress: IngressProcess) -> str:
+    if ingress.proc is None or ingress.proc.poll() is not None:
+        ingress.start()  # a test that killed it failed before restarting it
+    return ingress.url
 
 
 @pytest.fixture()
@@ -376,3 +405,82 @@ def test_status_metrics_and_openapi(ingress_url: str, clean: None, simulator: Si
     schema = httpx.get(f"{ingress_url}/openapi.json").json()
     assert "/v1/chat/completions" in schema["paths"] and "/v1/aimesh/messages/{message_id}" \
         in schema["paths"]
+
+
+def _batch_file(n: int, bad_line: int | None = None) -> bytes:
+    lines = []
+    for i in range(n):
+        body: dict[str, Any] = {"model": "auto", "max_tokens": 16,
+                                "messages": [{"role": "user", "content": f"batch line {i}"}]}
+        if i == bad_line:
+            body["max_tokens"] = 10**9
+        lines.append(json.dumps({"custom_id": f"req-{i}", "method": "POST",
+                                 "url": "/v1/chat/completions", "body": body}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _finished_batch(client: openai.OpenAI, batch_id: str) -> Any:
+    return wait_until(
+        lambda: (b := client.batches.retrieve(batch_id)).status in ("completed", "cancelled")
+        and b, f"batch {batch_id} to finish", 120,
+        seen=lambda: client.batches.retrieve(batch_id).model_dump())
+
+
+def test_openai_batch_api_end_to_end(ingress_url: str, api_key: str, simulator: Sim,
+                                     endpoint: MakeEndpoint) -> None:
+    sim = simulator(completion_tokens=5)
+    endpoint(sim, "ing")
+    client = _client(ingress_url, api_key)
+    uploaded = client.files.create(file=("in.jsonl", _batch_file(6, bad_line=2)),
+                                   purpose="batch")
+    assert uploaded.bytes > 0 and uploaded.purpose == "batch"
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h", metadata={"run": "test"})
+    assert batch.request_counts is not None and batch.request_counts.total == 6
+    done = _finished_batch(client, batch.id)
+    assert done.status == "completed"
+    assert done.request_counts.completed == 5 and done.request_counts.failed == 1
+    output = [json.loads(line) for line in
+              client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in output) == [f"req-{i}" for i in (0, 1, 3, 4, 5)]
+    assert all(o["response"]["status_code"] == 200 for o in output)
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 5 for o in output)
+    [failed] = [json.loads(line) for line in
+                client.files.content(done.error_file_id).text.splitlines()]
+    assert failed["custom_id"] == "req-2" and failed["response"]["status_code"] == 400
+    assert failed["response"]["body"]["error"]["param"] == "max_tokens"
+    assert sim.stats()["calls"] == 5
+    other = _client(ingress_url, create_key("someone-else").key)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=client.files.create(
+            file=("bad.jsonl", b"not json\n"), purpose="batch").id,
+            endpoint="/v1/chat/completions", completion_window="24h")
+
+
+def test_a_batch_survives_an_ingress_crash(ingress: IngressProcess, api_key: str,
+                                           simulator: Sim, endpoint: MakeEndpoint,
+                                           gate: MakeGate) -> None:
+    from aimesh_tasks.batches import store
+
+    sim = simulator()
+    held = gate(sim)
+    endpoint(held, "ing")
+    client = _client(ingress.url, api_key)
+    uploaded = client.files.create(file=("in.jsonl", _batch_file(5)), purpose="batch")
+    first = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    held.wait_held(3)  # its lines are queued and being answered when the ingress dies
+    ingress.kill()
+    # Accepted just before the crash: stored, none of its lines queued yet.
+    second = store.create_batch(AGENT, [AGENT], uploaded.id, "/v1/chat/completions", "24h",
+                                None)
+    ingress.start()
+    held.open()
+    for batch_id in (first.id, second.id):
+        done = _finished_batch(client, batch_id)
+        assert done.status == "completed" and done.request_counts.completed == 5
+        output = client.files.content(done.output_file_id).text.splitlines()
+        assert sorted(json.loads(o)["custom_id"] for o in output) == [
+            f"req-{i}" for i in range(5)]

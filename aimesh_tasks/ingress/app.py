@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from aimesh_tasks import __version__
 from aimesh_tasks.errors import AimeshError
-from aimesh_tasks.ingress import batch, chat, errors, messages, metrics, status
+from aimesh_tasks.ingress import batch, batches, chat, errors, messages, metrics, status
 from aimesh_tasks.ingress.limits import BodyLimit
 from aimesh_tasks.settings import get_settings
 
@@ -36,16 +36,21 @@ def body_cap(path: str) -> int:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Build this process's Celery app and result waiter; close the waiter at the end."""
+    """Build this process's Celery app, result waiter and batch driver; stop them at the
+    end."""
     from aimesh_tasks.app import app as celery_app
+    from aimesh_tasks.ingress.batch_driver import BatchDriver
     from aimesh_tasks.ingress.service import Ingress
     from aimesh_tasks.results import ResultWaiter
 
     waiter = ResultWaiter.for_app(celery_app, get_settings().ingress_result_poll_s)
     app.state.ingress = Ingress(waiter)
+    driver = BatchDriver(app.state.ingress)
+    driver.start()
     try:
         yield
     finally:
+        await driver.stop()
         await waiter.close()
 
 
@@ -53,7 +58,7 @@ def create_app() -> FastAPI:
     """A new ingress app."""
     app = FastAPI(title="aimesh-tasks ingress", version=__version__, lifespan=lifespan,
                   description="An OpenAI-compatible HTTP door to the aimesh queue.")
-    for module in (chat, messages, batch, status, metrics):
+    for module in (chat, messages, batch, batches, status, metrics):
         app.include_router(module.router)
     app.add_exception_handler(AimeshError, errors.on_aimesh_error)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)

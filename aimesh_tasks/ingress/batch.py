@@ -45,8 +45,8 @@ async def _queue_one(index: int, item: ChatCompletionRequest, request: Request,
         if item.stream:
             raise InvalidMessage(f"requests.{index}.stream: streaming is not available in "
                                  "a batch", field=f"requests.{index}.stream", errors=[])
-        fields = await message_fields(item, request)
-        return await ingress(request).accept(who, fields)
+        fields = await message_fields(item, request.headers)
+        return await ingress(request).accept(who.agent_id, fields)
     except AimeshError as exc:
         return _error_item(index, exc)
 

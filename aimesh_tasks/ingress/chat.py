@@ -12,7 +12,7 @@ queued: the 504 names its id to poll.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -53,14 +53,15 @@ def wants_async(request: Request) -> bool:
     return any(p.strip().split("=")[0].lower() == RESPOND_ASYNC for p in prefer.split(","))
 
 
-async def message_fields(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+async def message_fields(body: ChatCompletionRequest, headers: Mapping[str, str]
+                         ) -> dict[str, Any]:
     """The AiMessage fields of a chat request: body, model hint and headers."""
     unsupported = body.unsupported_field()
     if unsupported is not None:
         raise InvalidMessage(f"{unsupported}: not supported by this ingress (plain chat "
                              "completions only)", field=unsupported, errors=[])
     hint = await run_in_threadpool(model_hint, body.model)
-    return {**body.message_fields(), **hint, **header_fields(request.headers)}
+    return {**body.message_fields(), **hint, **header_fields(headers)}
 
 
 def accepted_response(accepted: Accepted) -> JSONResponse:
@@ -97,9 +98,9 @@ async def _stream(result: dict[str, Any], include_usage: bool) -> AsyncIterator[
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            who: CallerDep) -> Response:
     """OpenAI's chat completion, on the queue."""
-    fields = await message_fields(body, request)
+    fields = await message_fields(body, request.headers)
     runtime = ingress(request)
-    accepted = await runtime.accept(who, fields)
+    accepted = await runtime.accept(who.agent_id, fields)
     if wants_async(request):
         return accepted_response(accepted)
     finished = await runtime.wait(accepted.message_id, get_settings().ingress_wait_s)

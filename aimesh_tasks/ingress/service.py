@@ -21,7 +21,6 @@ from starlette.concurrency import run_in_threadpool
 
 from aimesh_tasks import keys
 from aimesh_tasks.errors import InvalidMessage, NotFound, ServiceUnavailable
-from aimesh_tasks.ingress.auth import Caller
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry.cache import ENDPOINTS
 from aimesh_tasks.registry.endpoints import Endpoint
@@ -130,9 +129,10 @@ class Ingress:
     def __init__(self, waiter: ResultWaiter) -> None:
         self.waiter = waiter
 
-    async def accept(self, caller: Caller, fields: dict[str, Any]) -> Accepted:
-        """Validate and queue a message for `caller` (InvalidMessage, ServiceUnavailable)."""
-        data = {**fields, "agent_id": caller.agent_id, "id": uuid.uuid4().hex}
+    async def accept(self, agent_id: str, fields: dict[str, Any],
+                     message_id: str | None = None) -> Accepted:
+        """Validate and queue a message of `agent_id` (InvalidMessage, ServiceUnavailable)."""
+        data = {**fields, "agent_id": agent_id, "id": message_id or uuid.uuid4().hex}
         return await run_in_threadpool(_accept_sync, data)
 
     async def wait(self, message_id: str, timeout_s: float) -> Finished | None:
