@@ -160,8 +160,11 @@ def _demo_worker_pids(broker: str) -> list[int]:
 
 
 def test_demo_on_real_servers_with_its_own_workers(clean: None, tmp_path: Path) -> None:
-    broker = TEST_ENV["AIMESH_BROKER_URL"]
-    env = _no_aimesh_env(AIMESH_REDIS_URL=TEST_ENV["AIMESH_REDIS_URL"])
+    # The demo's broker is this slot's live-figures db (the demo's default: live figures on
+    # the broker), not the session workers' broker: they follow every registered endpoint,
+    # and would otherwise take some of the demo's messages without its endpoints' API key.
+    broker = TEST_ENV["AIMESH_REDIS_URL"]
+    env = _no_aimesh_env()
     done = _demo(["--broker", broker, "--db", DATABASE, "--messages", "60", "--json"], env,
                  tmp_path)
     report = json.loads(done.stdout.strip().splitlines()[-1])
