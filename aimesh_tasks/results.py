@@ -142,7 +142,7 @@ class ResultWaiter:
 
     async def _read(self) -> None:
         """Wake the waits of every message whose result is published."""
-        prefix = len(self._key(""))
+        prefix = len(self._key("x")) - 1
         while self._waiting:
             try:
                 message = await self._pubsub.get_message(timeout=self.poll_s)

@@ -113,9 +113,21 @@ def api_key(clean: None) -> str:
     return create_key(AGENT).key
 
 
+_OPEN_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()
+
+
 def _client(url: str, key: str) -> openai.OpenAI:
     # No SDK retries: a test sees the first answer the ingress gives.
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+    _OPEN_CLIENTS.append(client)
+    return client
 
 
 def _chat(url: str, key: str, **body: Any) -> httpx.Response:
