@@ -100,6 +100,9 @@ class MessageTask(Task):  # type: ignore[misc]
     """Base of `aimesh.route` and `aimesh.call`."""
 
     throws = (AimeshError,)
+    # No Celery cap on retries: `self.retry(max_retries=None)` means "the task's
+    # max_retries" (3 by default), not "unbounded"; guarded() counts its own retries.
+    max_retries = None
 
     def guarded(self, step: Callable[[], T]) -> T:
         """Run one pipeline step; a transient outage becomes a retry with backoff."""
