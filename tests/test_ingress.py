@@ -496,3 +496,27 @@ def test_a_batch_survives_an_ingress_crash(ingress: IngressProcess, api_key: str
         output = client.files.content(done.output_file_id).text.splitlines()
         assert sorted(json.loads(o)["custom_id"] for o in output) == [
             f"req-{i}" for i in range(5)]
+
+
+def test_result_waiter_is_woken_by_the_backends_publish(clean: None) -> None:
+    import asyncio
+
+    from aimesh_tasks.app import app
+    from aimesh_tasks.results import ResultWaiter
+
+    message_id = f"waiter-{os.getpid()}-{time.monotonic_ns()}"
+
+    async def scenario() -> Any:
+        # The re-read fallback is far away: only the publish can end this wait in time.
+        waiter = ResultWaiter.for_app(app, poll_s=1000)
+        try:
+            waiting = asyncio.create_task(waiter.wait(message_id, timeout_s=1000))
+            await asyncio.sleep(0.2)  # let it subscribe; the result is not stored yet
+            assert not waiting.done()
+            await asyncio.to_thread(app.backend.store_result, message_id, {"ok": 1}, "SUCCESS")
+            return await asyncio.wait_for(waiting, 30)
+        finally:
+            await waiter.close()
+
+    finished = asyncio.run(scenario())
+    assert finished is not None and finished.ok and finished.result == {"ok": 1}
