@@ -520,3 +520,38 @@ def test_result_waiter_is_woken_by_the_backends_publish(clean: None) -> None:
 
     finished = asyncio.run(scenario())
     assert finished is not None and finished.ok and finished.result == {"ok": 1}
+
+
+def test_a_rate_limit_is_a_429_with_retry_after_distinct_from_a_budget(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    from aimesh_tasks.governance.limits import RateLimit, set_rate_limit
+
+    endpoint(simulator(), "ing")
+    add_agent(AGENT)
+    set_rate_limit(RateLimit(AGENT, requests_per_minute=1))
+    client = _client(ingress_url, api_key)
+    hello = [{"role": "user", "content": "once a minute"}]
+    assert client.chat.completions.create(model="auto", messages=hello).choices
+    limited = _expect(openai.RateLimitError, lambda: client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "twice"}]))
+    assert limited.body["code"] == "rate_limited"
+    assert int(limited.response.headers["Retry-After"]) >= 1
+
+
+def test_routes_lists_the_governance_routes_a_key_may_use(ingress_url: str, clean: None) -> None:
+    from aimesh_tasks.governance.spec_file import apply_spec
+
+    add_agent("other-bot")
+    apply_spec({"routes": [
+        {"name": "open-route", "intents": ["anything at all"], "target": {"model": "m"}},
+        {"name": "closed-route", "intents": ["secret things"], "target": {"model": "m"},
+         "allowed": ["other-bot"]}]})
+    user, admin = create_key(AGENT).key, create_key("ops", admin=True).key
+
+    def names(key: str) -> list[str]:
+        reply = httpx.get(f"{ingress_url}/v1/routes", headers={"Authorization": f"Bearer {key}"})
+        assert reply.status_code == 200, reply.text
+        return sorted(r["name"] for r in reply.json()["data"])
+
+    assert names(user) == ["open-route"]
+    assert names(admin) == ["closed-route", "open-route"]

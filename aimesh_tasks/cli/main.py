@@ -46,6 +46,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "Run Flower, the Celery web console, behind basic authentication."),
     "metrics": ("aimesh_tasks.cli.metrics", "metrics",
                 "Serve cluster metrics (queue depths, live figures) for Prometheus."),
+    "ingress": ("aimesh_tasks.cli.ingress", "ingress",
+                "Serve the OpenAI-compatible HTTP ingress (uvicorn)."),
+    "keys": ("aimesh_tasks.cli.keys", "cli", "API keys of the HTTP ingress (stored hashed)."),
 }
 # Commands that pass unknown options on (to `celery worker`).
 PASS_THROUGH = {"worker": {"allow_extra_args": True, "ignore_unknown_options": True}}

@@ -1,4 +1,4 @@
-"""The seed's own read routes: /healthz, /v1/status, /v1/providers, /v1/agents.
+"""The seed's own read routes: /healthz, /v1/status, /v1/providers, /v1/routes, /v1/agents.
 
 /healthz answers while the process serves (a liveness probe: no server is asked).
 /v1/status reads the registry, the live figures, the broker's queue depths and pings the
@@ -102,3 +102,19 @@ def agents_view(who: Caller) -> dict[str, Any]:
 async def agents(who: CallerDep) -> dict[str, Any]:
     """Registered agents: all of them for an admin key, else those this key acts for."""
     return await run_in_threadpool(agents_view, who)
+
+
+def routes_view(who: Caller) -> dict[str, Any]:
+    from aimesh_tasks.governance.routes import list_routes
+
+    def usable(allowed: tuple[str, ...] | None) -> bool:
+        return allowed is None or "*" in allowed or bool(set(allowed) & set(who.key.agents))
+
+    routes = [r for r in list_routes() if who.admin or usable(r.allowed)]
+    return {"object": "list", "data": [r.to_dict() for r in routes]}
+
+
+@router.get("/v1/routes")
+async def routes(who: CallerDep) -> dict[str, Any]:
+    """Governance routes: all for an admin key, else those the key's agents may use."""
+    return await run_in_threadpool(routes_view, who)
