@@ -184,6 +184,8 @@ def test_plain_httpx_client_and_models_list(
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["choices"][0]["message"]["content"] and body["model"]
+    assert answer.headers["X-Aimesh-Message-Id"] == body["aimesh"]["message_id"]
+    assert float(answer.headers["X-Aimesh-Queue-Wait-Ms"]) >= 0
     assert sim.stats()["calls"] == 1
 
 
@@ -555,3 +557,41 @@ def test_routes_lists_the_governance_routes_a_key_may_use(ingress_url: str, clea
 
     assert names(user) == ["open-route"]
     assert names(admin) == ["closed-route", "open-route"]
+
+
+def test_schemathesis_finds_no_server_error(ingress_url: str, api_key: str, simulator: Sim,
+                                            endpoint: MakeEndpoint) -> None:
+    endpoint(simulator(), "ing")
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("st")), "run", f"{ingress_url}/openapi.json",
+         "--checks", "not_a_server_error", "-H", f"Authorization: Bearer {api_key}",
+         "--max-examples", "5", "--seed", "1", "--request-timeout", "60",
+         "--exclude-path", "/v1/status"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "Tested: 16" in done.stdout, done.stdout[-3000:]  # every route but /v1/status
+
+
+def test_keys_cli_creates_once_lists_without_secrets_and_revokes(clean: None) -> None:
+    from typer.testing import CliRunner
+
+    from aimesh_tasks.api_keys import find_key
+    from aimesh_tasks.cli.main import cli
+
+    runner = CliRunner()
+    created = runner.invoke(cli, ["keys", "create", "--agent", AGENT, "--acts-for",
+                                  "helper-bot", "--expires", "30d", "--json"])
+    assert created.exit_code == 0, created.output
+    record = json.loads(created.stdout)
+    key = record["key"]
+    info = find_key(key)
+    assert info is not None and info.acts_for == ("helper-bot",) and info.expires_at
+    listed = runner.invoke(cli, ["keys", "list", "--json"])
+    assert listed.exit_code == 0 and record["prefix"] in listed.stdout
+    assert key.split("_")[2] not in listed.stdout
+    revoked = runner.invoke(cli, ["keys", "revoke", record["prefix"]])
+    assert revoked.exit_code == 0, revoked.output
+    after = find_key(key)
+    assert after is not None and after.revoked_at is not None
+    bad = runner.invoke(cli, ["keys", "create", "--agent", AGENT, "--expires", "soon"])
+    assert bad.exit_code != 0 and "--expires" in bad.output

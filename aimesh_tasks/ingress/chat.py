@@ -82,6 +82,14 @@ def still_waiting(message_id: str) -> JSONResponse:
     return failure_response(error)
 
 
+def result_headers(result: dict[str, Any]) -> dict[str, str]:
+    """What the message path tells a synchronous caller in headers: the message id, the
+    endpoint, and how long the message waited in the queue."""
+    return {"X-Aimesh-Message-Id": str(result.get("message_id", "")),
+            "X-Aimesh-Endpoint": str(result.get("endpoint_id", "")),
+            "X-Aimesh-Queue-Wait-Ms": f"{float(result.get('queue_wait_ms') or 0):.1f}"}
+
+
 def _sse(chunk: dict[str, Any] | str) -> bytes:
     data = chunk if isinstance(chunk, str) else json.dumps(chunk, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
@@ -112,8 +120,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_stream(finished.result, include_usage),
                                  media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    return JSONResponse(completion(finished.result))
+                                 headers={"Cache-Control": "no-cache",
+                                          **result_headers(finished.result)})
+    return JSONResponse(completion(finished.result), headers=result_headers(finished.result))
 
 
 @router.get("/v1/models")
