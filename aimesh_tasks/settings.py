@@ -57,6 +57,11 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_INGRESS_WAIT_S             | 600                 | ingress: a sync request waits up to|
 | AIMESH_INGRESS_KEY_CACHE_S        | 0.5                 | ingress: API key checks cached for|
 | AIMESH_INGRESS_RESULT_POLL_S      | 1.0                 | ingress: result re-read if no news|
+| AIMESH_INGRESS_JWT_ISSUER         | (empty)             | ingress: JWT `iss`; empty = off   |
+| AIMESH_INGRESS_JWT_AUDIENCE       | (empty)             | ingress: JWT `aud` required       |
+| AIMESH_INGRESS_JWT_ALGORITHMS     | RS256               | ingress: allowed algs, one family |
+| AIMESH_INGRESS_JWT_KEY            | (empty)             | ingress: public key PEM or secret |
+| AIMESH_INGRESS_JWT_AGENT_CLAIM    | sub                 | ingress: claim naming the agent   |
 | AIMESH_RETRY_MAX_ATTEMPTS         | 2                   | same-endpoint retries (429/503/529)|
 | AIMESH_RETRY_BASE_S               | 0.5                 | first backoff window (full jitter)|
 | AIMESH_RETRY_MAX_DELAY_S          | 30                  | longest wait; longer: fall back   |
@@ -94,6 +99,7 @@ from aimesh_tasks.errors import ConfigError
 MEMORY_URL = "memory://"
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+_DATABASES = ("postgresql", "postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 # The fix an error message suggests, by the type of the setting.
 _KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a text value"}
 
@@ -234,6 +240,17 @@ class Settings(BaseSettings):
     ingress_result_poll_s: float = Field(
         1.0, gt=0, description="Besides the result backend's pub/sub, the ingress re-reads a "
         "waited result this often (a missed publish costs at most this much).")
+    ingress_jwt_issuer: str = Field(
+        "", description="JWT bearer tokens are accepted when set: the `iss` they must carry.")
+    ingress_jwt_audience: str = Field("", description="The `aud` a JWT must carry.")
+    ingress_jwt_algorithms: str = Field(
+        "RS256", description="Comma-separated JWT algorithms accepted, all of one family "
+        "(HS*, or asymmetric RS/PS/ES/EdDSA); 'none' is never accepted.")
+    ingress_jwt_key: SecretStr | None = Field(
+        None, description="The JWT verification key: a PEM public key (asymmetric "
+        "algorithms) or the shared secret (HS*).")
+    ingress_jwt_agent_claim: str = Field(
+        "sub", min_length=1, description="The JWT claim that names the agent.")
     retry_max_attempts: int = Field(
         2, ge=0, le=20,
         description="Retries of a call at the same endpoint after a short overload (429, 503, "
@@ -316,13 +333,19 @@ class Settings(BaseSettings):
 
 
 def database_url(value: str) -> str:
-    """A database URL as SQLAlchemy reads it; ValueError with the fix if it is none."""
+    """A database URL as SQLAlchemy reads it; ValueError with the fix if it is none, or
+    one of a kind this project does not run on (Postgres, and SQLite for embedded use)."""
+    fix = " Fix: give one such as postgresql://user@host:5432/aimesh or sqlite:///aimesh.db"
     if not _SCHEME.match(value):
-        raise ValueError("not a database URL. Fix: give one such as "
-                         "postgresql://user@host:5432/aimesh or sqlite:///aimesh.db")
+        raise ValueError("not a database URL." + fix)
     # `postgres://` is what Heroku, Render and many tools print; SQLAlchemy only knows the
     # dialect as `postgresql`, so the common spelling is accepted and corrected.
-    return re.sub(r"^postgres(?=[:+])", "postgresql", value, flags=re.IGNORECASE)
+    url = re.sub(r"^postgres(?=[:+])", "postgresql", value, flags=re.IGNORECASE)
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in _DATABASES:
+        raise ValueError(f"'{scheme}' is not a database this runs on (Postgres via psycopg, "
+                         "or SQLite)." + fix)
+    return url
 
 
 def _shown(name: str, value: Any) -> str:

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import openai
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select, text
 
 from aimesh_tasks.api_keys import create_key, revoke_key
@@ -40,6 +43,15 @@ Sim = Callable[..., RunningSimulator]
 MakeEndpoint = Callable[..., Endpoint]
 MakeGate = Callable[[RunningSimulator], Gate]
 AGENT = "ingress-agent"
+JWT_ISSUER, JWT_AUDIENCE = "https://issuer.test", "aimesh-ingress"
+_RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_PUBLIC_PEM = _RSA.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+# The session's ingress accepts RS256 JWTs from this issuer beside API keys.
+INGRESS_ENV = {"AIMESH_INGRESS_JWT_ISSUER": JWT_ISSUER,
+               "AIMESH_INGRESS_JWT_AUDIENCE": JWT_AUDIENCE,
+               "AIMESH_INGRESS_JWT_ALGORITHMS": "RS256",
+               "AIMESH_INGRESS_JWT_KEY": RSA_PUBLIC_PEM}
 
 
 def _free_port() -> int:
@@ -62,8 +74,8 @@ class IngressProcess:
             self.proc = subprocess.Popen(
                 [UVICORN, "aimesh_tasks.ingress.app:app", "--host", "127.0.0.1", "--port",
                  str(self.port), "--log-level", "warning"],
-                cwd=ROOT, env={**os.environ}, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                cwd=ROOT, env={**os.environ, **INGRESS_ENV}, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self._healthy, "the ingress to answer /healthz", 60)
 
     def _healthy(self) -> bool:
@@ -595,3 +607,87 @@ def test_keys_cli_creates_once_lists_without_secrets_and_revokes(clean: None) ->
     assert after is not None and after.revoked_at is not None
     bad = runner.invoke(cli, ["keys", "create", "--agent", AGENT, "--expires", "soon"])
     assert bad.exit_code != 0 and "--expires" in bad.output
+
+
+def _jwt(claims: dict[str, Any], key: Any = None, algorithm: str = "RS256") -> str:
+    return jwt.encode(claims, key if key is not None else _RSA, algorithm=algorithm)
+
+
+def _claims(**changes: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": AGENT,
+                              "exp": int(time.time()) + 600, "iat": int(time.time())}
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _forged(header: dict[str, Any], claims: dict[str, Any], secret: bytes | None) -> str:
+    """A token built by hand: alg none (no signature), or HS256 keyed with `secret`."""
+    import hashlib
+    import hmac
+
+    signing = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    if secret is None:
+        return f"{signing}."
+    return f"{signing}.{_b64(hmac.new(secret, signing.encode(), hashlib.sha256).digest())}"
+
+
+def test_jwt_bearer_tokens_and_their_attack_cases(
+        ingress_url: str, clean: None, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    endpoint(simulator(), "ing")
+    good = _chat(ingress_url, _jwt(_claims(aimesh_acts_for=["helper-bot"])), max_tokens=8)
+    assert good.status_code == 200, good.text
+    assert good.json()["aimesh"]["agent_id"] == AGENT
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    attacks = {
+        "alg none": _forged({"alg": "none", "typ": "JWT"}, _claims(), None),
+        "HS256 keyed with the RSA public key": _forged({"alg": "HS256", "typ": "JWT"},
+                                                      _claims(), RSA_PUBLIC_PEM.encode()),
+        "signed by another key": _jwt(_claims(), other_key),
+        "wrong audience": _jwt(_claims(aud="someone-else")),
+        "wrong issuer": _jwt(_claims(iss="https://evil.test")),
+        "expired": _jwt(_claims(exp=int(time.time()) - 60)),
+        "no exp": _jwt(_claims(exp=None)),
+        "no agent": _jwt(_claims(sub=None)),
+        "agent not an id": _jwt(_claims(sub="Not An Agent")),
+    }
+    for name, token in attacks.items():
+        refused = _chat(ingress_url, token)
+        assert refused.status_code == 401, (name, refused.text)
+        assert refused.json()["error"]["code"] == "invalid_api_key", name
+    as_other = httpx.post(f"{ingress_url}/v1/chat/completions", timeout=60,
+                          json={"model": "auto", "messages": [{"role": "user", "content": "x"}]},
+                          headers={"Authorization": f"Bearer {_jwt(_claims())}",
+                                   "X-Source-Agent": "helper-bot"})
+    assert as_other.status_code == 403
+    admin_route = httpx.get(f"{ingress_url}/v1/status",
+                            headers={"Authorization": f"Bearer {_jwt(_claims())}"})
+    assert admin_route.status_code == 403  # a JWT is never an admin credential
+
+
+def test_jwt_algorithm_families_cannot_be_mixed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aimesh_tasks.errors import ConfigError
+    from aimesh_tasks.ingress.jwt_auth import jwt_config
+    from aimesh_tasks.settings import reset_settings
+
+    for name, value in {**INGRESS_ENV, "AIMESH_INGRESS_JWT_ALGORITHMS": "RS256,HS256"}.items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+    jwt_config.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="one family"):
+            jwt_config()
+        monkeypatch.setenv("AIMESH_INGRESS_JWT_ALGORITHMS", "none")
+        reset_settings()
+        jwt_config.cache_clear()
+        with pytest.raises(ConfigError, match="AIMESH_INGRESS_JWT_ALGORITHMS"):
+            jwt_config()
+    finally:
+        monkeypatch.undo()
+        reset_settings()
+        jwt_config.cache_clear()

@@ -1,4 +1,5 @@
-"""Who is calling: an API key in `Authorization: Bearer`, checked against its hash.
+"""Who is calling: an API key in `Authorization: Bearer`, checked against its hash (or,
+when configured, a JWT: see jwt_auth.py).
 
 Identity comes only from the key. `X-Source-Agent` (the AIMux convention) picks one of
 the agents the key may act for; naming any other agent is a 403, and the header alone
@@ -71,6 +72,16 @@ def key_cache() -> KeyCache:
 REFUSED = "invalid API key: give a valid key as 'Authorization: Bearer amk_...'"
 
 
+async def _credential(token: str) -> KeyInfo | None:
+    """An API key's record, or a verified JWT's (when JWTs are on); None: unknown key."""
+    from aimesh_tasks.ingress.jwt_auth import jwt_config, looks_like_jwt, verify_jwt
+
+    config = jwt_config()
+    if config is not None and looks_like_jwt(token):
+        return verify_jwt(token, config)
+    return await key_cache().lookup(token)
+
+
 async def caller(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -79,7 +90,7 @@ async def caller(
     if credentials is None or not credentials.credentials:
         raise InvalidApiKey("missing API key: send 'Authorization: Bearer amk_...' "
                             "(create one with `aimesh keys create --agent <id>`)")
-    info = await key_cache().lookup(credentials.credentials)
+    info = await _credential(credentials.credentials)
     # One message for unknown, revoked and expired keys: the client learns nothing more.
     if info is None or not info.usable(datetime.now(UTC)):
         raise InvalidApiKey(REFUSED)
