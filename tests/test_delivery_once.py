@@ -21,6 +21,7 @@ from aimesh_tasks.db import LedgerRow, ReservationRow, session_scope
 from aimesh_tasks.errors import DeadlineExceeded
 from aimesh_tasks.governance import add_agent
 from aimesh_tasks.messages import AiMessage, utcnow
+from aimesh_tasks.observability.exporter import priority_lists, queue_depths
 from aimesh_tasks.pipeline import routing
 from aimesh_tasks.pipeline.outcomes import HandOff
 from aimesh_tasks.producer import submit
@@ -56,15 +57,23 @@ def _broker() -> redis.Redis:
     return redis.Redis.from_url(f"{REDIS}/{BROKER_DB}")
 
 
+def _depth(queue: str) -> int:
+    """Messages waiting in a queue, every priority list of it (kombu keeps one per step)."""
+    return queue_depths(_broker(), [queue])[queue]
+
+
 def _twice_on(queue: str, publish: Callable[[], Any]) -> None:
     """Publish one task message to a queue nobody consumes, then put two byte-identical
-    copies of it on `queue` in one command (what a visibility-timeout redelivery makes)."""
+    copies of it on `queue` in one command (what a visibility-timeout redelivery makes),
+    in the list of the message's priority."""
     broker = _broker()
-    broker.delete(HOLDING)
+    broker.delete(*priority_lists(HOLDING))
     publish()
-    raw = broker.rpop(HOLDING)
-    assert raw is not None, "the task message did not reach the holding queue"
-    broker.lpush(queue, raw, raw)
+    found = [(step, raw) for step, name in enumerate(priority_lists(HOLDING))
+             if (raw := broker.rpop(name)) is not None]
+    assert found, "the task message did not reach the holding queue"
+    [(step, raw)] = found
+    broker.lpush(priority_lists(queue)[step], raw, raw)
 
 
 @pytest.mark.parametrize("no_cache", [False, True])
@@ -99,7 +108,7 @@ def test_identical_copies_on_the_route_queue_are_one_call(
     wait_until(lambda: _charges(message.id)[1] == ["settled"], "the reservation settled",
                seen=lambda: _charges(message.id))
     # Let the second copy finish too (it finds the hand-off, then the journal).
-    wait_until(lambda: _broker().llen("aimesh.route") == 0, "the route queue drained")
+    wait_until(lambda: _depth("aimesh.route") == 0, "the route queue drained")
     assert len(_calls_of(sim, message.id)) == 1
     assert _charges(message.id) == (["call"], ["settled"])
 
@@ -117,7 +126,7 @@ def test_identical_copies_on_an_endpoint_queue_are_one_call(
         task_id=message.id, queue=HOLDING))
     answer = AsyncResult(message.id, app=app).get(timeout=60)
     assert answer["endpoint_id"] == target.id
-    wait_until(lambda: _broker().llen(target.queue) == 0, "the endpoint queue drained")
+    wait_until(lambda: _depth(target.queue) == 0, "the endpoint queue drained")
     wait_until(lambda: _charges(message.id)[1] == ["settled"], "the reservation settled",
                seen=lambda: _charges(message.id))
     assert len(_calls_of(sim, message.id)) == 1

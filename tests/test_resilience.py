@@ -15,6 +15,8 @@ Three kinds of test, on real Redis and Postgres throughout:
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import threading
 import time
 import uuid
@@ -28,6 +30,7 @@ from typing import Any
 import pytest
 import redis
 from celery.result import AsyncResult
+from kombu import Connection
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -66,7 +69,9 @@ from aimesh_tasks.resilience.retry import RetryLimits, RetryPolicy, retry_delay_
 from aimesh_tasks.routing import decisions_for
 from aimesh_tasks.settings import Settings, get_settings
 from aimesh_tasks.simulator import RunningSimulator
-from tests.conftest import BROKER_DB, REDIS
+from aimesh_tasks.tasks import route_message
+from tests.conftest import BROKER_DB, REDIS, SLOT
+from tests.processes import WorkerProcess
 from tests.relay import Relay
 from tests.waits import wait_until
 
@@ -594,12 +599,38 @@ def test_a_deadline_shorter_than_the_provider_is_deadline_exceeded_at_the_produc
     assert all(row.nusd <= held[0].nusd for row in _ledger(pending.id))  # at most what was called
 
 
-def _depth(queue: str) -> int:
+def _redis_depth(queue: str) -> int:
     return queue_depths(redis.Redis.from_url(f"{REDIS}/{BROKER_DB}"), [queue])[queue]
 
 
+def _overtaking(held: Relay, queue: str, send: Callable[[str, int], AsyncResult],
+                depth: Callable[[str], int]) -> None:
+    """Block the endpoint worker's 3 processes at the relay, queue six priority-0
+    messages and then three priority-9 ones, and let one answer through at a time: each
+    frees one process, which takes one message. The three priority-9 ones must be the
+    next three calls."""
+    slots = 3  # the endpoint worker's processes
+    blockers = [send(f"blocker {n}", 5) for n in range(slots)]
+    held.wait_arrivals(slots)
+    low = [send(f"low {n}", 0) for n in range(6)]
+    wait_until(lambda: depth(queue) == len(low), "the priority-0 backlog queued",
+               seen=lambda: depth(queue))
+    high = [send(f"high {n}", 9) for n in range(3)]
+    wait_until(lambda: depth(queue) == len(low) + len(high), "priority 9 queued",
+               seen=lambda: depth(queue))
+    for n in range(len(low) + len(high)):
+        held.release(1)
+        held.wait_arrivals(slots + n + 1)
+    order = [(a.call_key or "").rsplit(":", 1)[0] for a in held.arrivals()[slots:]]
+    assert set(order[:len(high)]) == {p.id for p in high}, order
+    assert set(order[len(high):]) == {p.id for p in low}
+    held.release_all()
+    for each in blockers + low + high:
+        assert each.get(timeout=60)["text"]
+
+
 @pytest.mark.usefixtures("workers")
-def test_priority_nine_messages_overtake_a_backlog_of_priority_zero(
+def test_priority_nine_messages_overtake_a_backlog_of_priority_zero_on_redis(
     simulator: Sim, endpoint: MakeEndpoint, relay: MakeRelay
 ) -> None:
     held = relay(simulator(), hold=True)
@@ -609,20 +640,77 @@ def test_priority_nine_messages_overtake_a_backlog_of_priority_zero(
     def send(prompt: str, priority: int) -> AsyncResult:
         return submit(agent_id=agent, prompt=prompt, max_tokens=16, priority=priority)
 
-    slots = 3  # the endpoint worker's processes (tests/conftest.py)
-    blockers = [send(f"blocker {n}", 5) for n in range(slots)]
-    held.wait_arrivals(slots)
-    low = [send(f"low {n}", 0) for n in range(6)]
-    wait_until(lambda: _depth(only.queue) == len(low), "the priority-0 backlog queued")
-    high = [send(f"high {n}", 9) for n in range(3)]
-    wait_until(lambda: _depth(only.queue) == len(low) + len(high), "priority 9 queued")
-    # One answer at a time: each frees one worker process, which takes one message.
-    for n in range(len(low) + len(high)):
-        held.release(1)
-        held.wait_arrivals(slots + n + 1)
-    order = [(a.call_key or "").rsplit(":", 1)[0] for a in held.arrivals()[slots:]]
-    assert order[:len(high)] and set(order[:len(high)]) == {p.id for p in high}
-    assert set(order[len(high):]) == {p.id for p in low}
-    held.release_all()
-    for each in blockers + low + high:
-        assert each.get(timeout=60)["endpoint_id"] == only.id
+    _overtaking(held, only.queue, send, _redis_depth)
+
+
+RABBIT = f"amqp://guest:guest@127.0.0.1:5672/aimesh_test_{SLOT}"
+
+
+def _rabbitmqctl(*args: str) -> None:
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 and "already_exists" not in done.stdout + done.stderr:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr[-500:]}. RabbitMQ "
+                    "must run at 127.0.0.1:5672 (e.g. `rabbitmq-server -detached`)")
+
+
+@pytest.fixture(scope="module")
+def rabbit_workers(database: str) -> Iterator[list[WorkerProcess]]:
+    """A router and an endpoint worker on RabbitMQ (their own vhost, emptied first);
+    results in this slot's Redis as for every other test."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is not installed: the RabbitMQ priority test needs "
+                    "RabbitMQ at 127.0.0.1:5672")
+    vhost = RABBIT.rsplit("/", 1)[1]
+    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=120)
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    env = {"AIMESH_BROKER_URL": RABBIT}
+    started = [WorkerProcess(f"rabbit-router-{uuid.uuid4().hex[:6]}",
+                             ["--router", "-P", "prefork", "-c", "2"], env),
+               WorkerProcess(f"rabbit-endpoints-{uuid.uuid4().hex[:6]}",
+                             ["--endpoints", "all", "-P", "prefork", "-c", "3"], env)]
+    try:
+        for worker in started:  # control commands would go through this test's Redis app
+            wait_until(lambda w=worker: f"{w.hostname} ready." in w.log.read_text(),
+                       f"worker {worker.name} ready on RabbitMQ", 60,
+                       seen=lambda w=worker: w.log.read_text()[-2000:])
+        yield started
+    finally:
+        for worker in started:
+            worker.stop()
+
+
+@pytest.mark.slow
+def test_priority_nine_messages_overtake_a_backlog_of_priority_zero_on_rabbitmq(
+    rabbit_workers: list[WorkerProcess], simulator: Sim, endpoint: MakeEndpoint,
+    relay: MakeRelay
+) -> None:
+    held = relay(simulator(), hold=True)
+    only = endpoint(held, "prio-rabbit")
+    agent = _agent("prio-rabbit", None)
+    with Connection(RABBIT) as connection:
+        producer = connection.Producer()
+
+        def send(prompt: str, priority: int) -> AsyncResult:
+            message = _message(agent, prompt=prompt, priority=priority)
+            return route_message.apply_async(
+                (message.to_json_dict(),), producer=producer,
+                priority=broker_priority(priority, RABBIT))
+
+        def depth(queue: str) -> int:
+            with Connection(RABBIT) as probe:
+                return int(probe.default_channel.queue_declare(queue, passive=True)
+                           .message_count)
+
+        wait_until(lambda: _declared(RABBIT, only.queue), "the endpoint queue declared by "
+                   "the endpoint worker following the registry")
+        _overtaking(held, only.queue, send, depth)
+
+
+def _declared(url: str, queue: str) -> bool:
+    try:
+        with Connection(url) as probe:
+            probe.default_channel.queue_declare(queue, passive=True)
+        return True
+    except Exception:  # NOT_FOUND closes the channel: not declared yet
+        return False

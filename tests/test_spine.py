@@ -26,6 +26,7 @@ from aimesh_tasks.db import CallAttemptRow, session_scope
 from aimesh_tasks.delivery import dead_letters
 from aimesh_tasks.errors import InvalidMessage, NoEndpointAvailable
 from aimesh_tasks.keys import ROUTE_QUEUE
+from aimesh_tasks.observability.exporter import priority_lists, queue_depths
 from aimesh_tasks.registry import Endpoint, set_enabled
 from aimesh_tasks.registry.live import call_finished, call_started
 from aimesh_tasks.routing import decisions_for
@@ -174,7 +175,7 @@ def test_failing_endpoint_falls_back_to_the_next_and_both_are_recorded(
 def test_bad_messages_are_refused_before_anything_is_queued() -> None:
     broker = redis.Redis.from_url(f"{REDIS}/{BROKER_DB}")
     queue = "aimesh.test.unconsumed"
-    broker.delete(queue)
+    broker.delete(*priority_lists(queue))
     bad = {"agent_id": "Bad Agent", "prompt": "hi"}
     with pytest.raises(InvalidMessage, match="agent_id"):
         submit(bad)
@@ -182,10 +183,10 @@ def test_bad_messages_are_refused_before_anything_is_queued() -> None:
         route_message.apply_async((bad,), queue=queue)
     with pytest.raises(InvalidMessage, match="max_tokens"):
         route_message.delay({"agent_id": "a", "prompt": "hi", "max_tokens": -1})
-    assert broker.llen(queue) == 0
+    assert queue_depths(broker, [queue])[queue] == 0  # every priority list of the queue
     route_message.apply_async(({"agent_id": "a", "prompt": "hi"},), queue=queue)
-    assert broker.llen(queue) == 1  # the same path does queue a good message
-    broker.delete(queue)
+    assert queue_depths(broker, [queue])[queue] == 1  # the same path does queue a good one
+    broker.delete(*priority_lists(queue))
 
 
 def test_pickle_message_is_refused_and_the_queue_keeps_flowing(
@@ -219,7 +220,8 @@ def test_pickle_message_is_refused_and_the_queue_keeps_flowing(
     body = base64.b64decode(json.loads(entry["raw"])["body"])  # the envelope, as queued
     assert str(marker).encode() in body  # the pickle kept as bytes, never loaded
     broker = redis.Redis.from_url(f"{REDIS}/{BROKER_DB}")
-    parked = [*broker.lrange(ROUTE_QUEUE, 0, -1), *broker.hvals("unacked")]
+    parked = [*(m for name in priority_lists(ROUTE_QUEUE) for m in broker.lrange(name, 0, -1)),
+              *broker.hvals("unacked")]
     assert not [m for m in parked if task_id.encode() in m]  # off the queue for good
     assert _ask()["text"]
     assert not marker.exists()

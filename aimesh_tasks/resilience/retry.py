@@ -25,12 +25,6 @@ its wait strategies are plain callables of an attempt number, which is what a re
 spread over task hops needs; the `backoff` package offers the same curve only as
 generators driving a decorated loop, and is no longer released.
 
-Hedged requests (issue 14, part 3) would sit beside this policy: a `hedge` policy whose
-before_call, for a message asking `hedge={"after_ms": N}`, publishes the next-ranked
-endpoint's call with a countdown of N ms under its own attempt number (reserved first,
-and only if a per-endpoint token bucket in Redis allows), and a first-answer-wins
-journal under the message id so the loser's result is dropped, its in-flight HTTP
-request aborted and both calls charged from their own usage.
 """
 
 from __future__ import annotations
