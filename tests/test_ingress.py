@@ -366,7 +366,7 @@ def test_respond_async_gives_202_a_position_while_queued_then_the_result(
     endpoint(held, "busy")
     auth = {"Authorization": f"Bearer {api_key}", "Prefer": "respond-async"}
     ids = []
-    for n in range(8):
+    for n in range(12):
         accepted = httpx.post(f"{ingress_url}/v1/chat/completions", headers=auth, timeout=30,
                               json={"model": "auto", "max_tokens": 8,
                                     "messages": [{"role": "user", "content": f"n{n}"}]})
@@ -381,14 +381,29 @@ def test_respond_async_gives_202_a_position_while_queued_then_the_result(
         return body
 
     last = ids[-1]
+    held.wait_held(3)  # the endpoint worker's three children are busy; the rest wait
+    # (the worker also reserves a few; the others are in the endpoint's queue)
     queued = wait_until(lambda: (s := state(last))["state"] == "queued" and s.get("endpoint_id")
-                        and s, "the last message to wait in its endpoint's queue",
+                        and s["position"] >= 3 and s, "the last message to wait in its queue",
                         seen=lambda: state(last))
-    assert queued["position"] >= 1 and queued["depth"] > queued["position"]
+    # (routed by four router processes at once, it need not be the last one in)
+    assert queued["depth"] > queued["position"]
+    assert queued["queue"].endswith(queued["endpoint_id"])
+    # From now on each wave of three calls takes 1.5 s: the queue drains in steps.
+    sim.configure(latency_ms=1500)
     held.open()
-    done = wait_until(lambda: (s := state(last))["state"] == "completed" and s,
-                      "the last message's result", seen=lambda: state(last))
+    seen: list[dict[str, Any]] = []
+
+    def finished() -> dict[str, Any] | None:
+        now = state(last)
+        seen.append(now)
+        return now if now["state"] == "completed" else None
+
+    done = wait_until(finished, "the last message's result", 120, seen=lambda: seen[-3:])
     assert done["result"]["choices"][0]["message"]["content"]
+    positions = [s["position"] for s in seen if s["state"] == "queued"]
+    assert positions == sorted(positions, reverse=True) and len(set(positions)) >= 2, positions
+    assert any(s.get("eta_s") for s in seen if s["state"] == "queued"), seen
     other = create_key("someone-else").key
     hidden = httpx.get(f"{ingress_url}/v1/aimesh/messages/{last}",
                        headers={"Authorization": f"Bearer {other}"})
