@@ -706,3 +706,23 @@ def test_jwt_algorithm_families_cannot_be_mixed(monkeypatch: pytest.MonkeyPatch)
         monkeypatch.undo()
         reset_settings()
         jwt_config.cache_clear()
+
+
+def test_cache_clear_is_admin_only_and_makes_the_next_identical_call_pay(
+        ingress_url: str, clean: None, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    sim = simulator()
+    endpoint(sim, "ing")
+    user, admin = create_key(AGENT).key, create_key("ops", admin=True).key
+    same = [{"role": "user", "content": "cache me once"}]  # (a truncated answer is not cached)
+    first = _chat(ingress_url, user, messages=same, max_tokens=64)
+    again = _chat(ingress_url, user, messages=same, max_tokens=64)
+    assert again.json()["aimesh"]["cached"] is True and sim.stats()["calls"] == 1
+    refused = httpx.post(f"{ingress_url}/v1/cache/clear",
+                         headers={"Authorization": f"Bearer {user}"})
+    assert refused.status_code == 403
+    cleared = httpx.post(f"{ingress_url}/v1/cache/clear",
+                         headers={"Authorization": f"Bearer {admin}"})
+    assert cleared.status_code == 200 and cleared.json()["deleted"] >= 1
+    third = _chat(ingress_url, user, messages=same, max_tokens=64)
+    assert first.status_code == third.status_code == 200
+    assert third.json()["aimesh"]["cached"] is False and sim.stats()["calls"] == 2

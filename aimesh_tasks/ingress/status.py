@@ -1,4 +1,5 @@
-"""The seed's own read routes: /healthz, /v1/status, /v1/providers, /v1/routes, /v1/agents.
+"""The seed's own routes: /healthz, /v1/status, /v1/providers, /v1/routes, /v1/agents,
+and POST /v1/cache/clear (admin).
 
 /healthz answers while the process serves (a liveness probe: no server is asked).
 /v1/status reads the registry, the live figures, the broker's queue depths and pings the
@@ -118,3 +119,11 @@ def routes_view(who: Caller) -> dict[str, Any]:
 async def routes(who: CallerDep) -> dict[str, Any]:
     """Governance routes: all for an admin key, else those the key's agents may use."""
     return await run_in_threadpool(routes_view, who)
+
+
+@router.post("/v1/cache/clear")
+async def clear_cache(_: AdminDep) -> dict[str, Any]:
+    """Delete every cached answer, exact and semantic (admin keys only)."""
+    from aimesh_tasks.cache_admin import clear_cache as clear
+
+    return {"object": "aimesh.cache_cleared", "deleted": await run_in_threadpool(clear)}
