@@ -44,6 +44,7 @@ os.environ.update(TEST_ENV)  # before aimesh_tasks reads its settings
 import redis  # noqa: E402
 from alembic.util.exc import CommandError  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
+from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
 from aimesh_tasks.db import Base, dispose_engines  # noqa: E402
 from aimesh_tasks.db.migrate import downgrade, upgrade  # noqa: E402
@@ -105,10 +106,11 @@ def servers() -> None:
 @pytest.fixture(scope="session")
 def database(servers: None) -> Iterator[str]:
     """The Postgres test database, migrated from empty. A database left at a revision this
-    tree does not have (another branch's run) cannot be downgraded: it is emptied instead."""
+    tree does not have (another branch's run), or half-way through one, cannot be
+    downgraded: it is emptied instead."""
     try:
         downgrade(DATABASE, "base")
-    except CommandError:
+    except (CommandError, SQLAlchemyError):  # an unknown or half-applied revision
         _empty_database()
     upgrade(DATABASE)
     yield DATABASE
