@@ -18,8 +18,9 @@ path before this work) and `retry_breaker` (the defaults: two retries with full-
 backoff, the breaker on). Hedged requests are not built; the bimodal-latency hedging
 comparison of issue 14 is therefore not measured here.
 
-Prints one JSON line last. Needs Redis and Postgres on loopback: Redis dbs from
-AIMESH_BENCH_DBS (default "4,5") and the Postgres database aimesh_bench_resilience.
+Prints one JSON line last. Needs Redis and Postgres (AIMESH_BENCH_REDIS, default
+redis://127.0.0.1:6379, dbs AIMESH_BENCH_DBS, default "4,5"; AIMESH_BENCH_POSTGRES,
+default postgresql://postgres@127.0.0.1:5432, database aimesh_bench_resilience).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from typing import Any
 
 REDIS = os.environ.get("AIMESH_BENCH_REDIS", "redis://127.0.0.1:6379")
 BROKER_DB, LIVE_DB = os.environ.get("AIMESH_BENCH_DBS", "4,5").split(",")
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-BENCH_DB = "postgresql://postgres@127.0.0.1:5432/aimesh_bench_resilience"
+PG = os.environ.get("AIMESH_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+PG_ADMIN = f"{PG}/postgres"
+BENCH_DB = f"{PG}/aimesh_bench_resilience"
 ENV = {
     "AIMESH_BROKER_URL": f"{REDIS}/{BROKER_DB}",
     "AIMESH_RESULT_BACKEND": f"{REDIS}/{BROKER_DB}",
@@ -181,7 +183,7 @@ def main() -> None:
         "failing_endpoint": FAILING, "python": platform.python_version(),
         "cpus": os.cpu_count(), "figures": figures,
         "single_success_gain": round(single_gain, 4),
-        "hedging": "not built (see aimesh_tasks/resilience/retry.py docstring)",
+        "hedging": "not built (design note: aimesh_tasks/resilience/__init__.py)",
     }))
 
 
