@@ -79,13 +79,16 @@ def show(
     if not views:
         typer.echo("no budgets set; set one with `aimesh budgets set AGENT --usd 25`")
         return
-    # The agent id is never cut (two agents with one prefix must stay apart); the other
-    # columns pair limit with spent and reserved so the table fits 80 columns.
-    rows = table("agent", "tokens spent/limit", "tokens held", "USD spent/limit", "USD held",
-                 "period", "expires")
+    # The agent id is never cut (two agents with one prefix must stay apart); limits share
+    # a column with what is used, and expiry shows only when a budget has one, so the
+    # table fits 80 columns.
+    expiring = any(v.expires_at for v in views)
+    rows = table("agent", "tokens used/limit", "USD used/limit", "held", "period",
+                 *(["expires"] if expiring else []))
     for v in views:
+        expires = [v.expires_at.strftime("%Y-%m-%d") if v.expires_at else "-"] if expiring \
+            else []
         rows.add_row(v.agent_id, f"{v.spent_tokens}/{_limit(v.token_limit)}",
-                     str(v.reserved_tokens), f"{v.spent_usd}/{_limit(v.usd_limit)}",
-                     str(v.reserved_usd), v.period,
-                     v.expires_at.strftime("%Y-%m-%d %H:%M") if v.expires_at else "-")
+                     f"{v.spent_usd}/{_limit(v.usd_limit)}",
+                     f"{v.reserved_tokens} tok, ${v.reserved_usd}", v.period, *expires)
     stdout().print(rows)

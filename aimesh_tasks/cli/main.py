@@ -9,6 +9,7 @@ SQLAlchemy or Redis client), which keeps it under half a second
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import typer
@@ -157,6 +158,17 @@ def _root(
     """
 
 
+def _quiet_result_teardown(unraisable: Any) -> None:
+    # A Celery AsyncResult still alive when Python shuts down unsubscribes from the Redis
+    # result backend in its __del__ while imports already fail; Python would print that
+    # as an ignored exception with a traceback after the command's own output.
+    where = getattr(unraisable.object, "__qualname__", "")
+    if sys.is_finalizing() and where == "AsyncResult.__del__":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main() -> None:
     """Run the CLI (errors a user can fix become one line on stderr, see cli.shell)."""
+    sys.unraisablehook = _quiet_result_teardown
     cli()

@@ -182,8 +182,9 @@ def describe(exc: Exception) -> str | None:
 
 
 def _asks_for_help(ctx: Any) -> bool:
-    words = [*getattr(ctx, "protected_args", []), *ctx.args]
-    return not words or any(w in ("--help", "-h") for w in words)
+    # typer's own copy of click keeps the subcommand's name in `_protected_args`.
+    protected = getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])
+    return "--help" in [*protected, *ctx.args]
 
 
 class AimeshGroup(TyperGroup):
