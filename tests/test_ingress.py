@@ -730,3 +730,63 @@ def test_cache_clear_is_admin_only_and_makes_the_next_identical_call_pay(
     third = _chat(ingress_url, user, messages=same, max_tokens=64)
     assert first.status_code == third.status_code == 200
     assert third.json()["aimesh"]["cached"] is False and sim.stats()["calls"] == 2
+
+
+def test_message_events_stream_each_state_change_until_the_result(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint,
+        gate: MakeGate) -> None:
+    held = gate(simulator())
+    endpoint(held, "busy")
+    _hold_the_endpoint(ingress_url, api_key, held)
+    auth = {"Authorization": f"Bearer {api_key}"}
+    accepted = httpx.post(f"{ingress_url}/v1/chat/completions", timeout=30,
+                          headers={**auth, "Prefer": "respond-async"},
+                          json={"model": "auto", "messages": [{"role": "user", "content": "ev"}]})
+    message_id = accepted.json()["id"]
+    events: list[dict[str, Any]] = []
+    with httpx.stream("GET", f"{ingress_url}/v1/aimesh/messages/{message_id}/events",
+                      headers=auth, timeout=60) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if len(events) == 1:
+                    held.open()  # the first state is seen while the endpoint is held
+    states = [e["state"] for e in events]
+    assert states[0] in ("queued", "running") and states[-1] == "completed", states
+    assert all(a != b for a, b in zip(events, events[1:], strict=False))  # changes only
+    assert events[-1]["result"]["id"] == f"chatcmpl-{message_id}"
+
+
+def test_a_client_dropping_a_stream_is_charged_what_was_billed_and_holds_nothing(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    from aimesh_tasks.db.models import LedgerRow, ReservationRow
+
+    sim = simulator(completion_tokens=40)
+    endpoint(sim, "ing")
+    add_agent(AGENT)
+    set_budget(AGENT, tokens=1_000_000)
+    ids = []
+    for n in range(5):
+        with httpx.stream("POST", f"{ingress_url}/v1/chat/completions", timeout=60,
+                          headers={"Authorization": f"Bearer {api_key}"},
+                          json={"model": "auto", "max_tokens": 64, "stream": True,
+                                "messages": [{"role": "user", "content": f"drop me {n}"}]}
+                          ) as stream:
+            assert stream.status_code == 200
+            ids.append(stream.headers["X-Aimesh-Message-Id"])
+            lines = stream.iter_lines()
+            next(lines), next(lines)  # a couple of chunks, then the client goes away
+
+    def charged() -> dict[str, int] | None:
+        with session_scope() as session:
+            rows = session.scalars(select(LedgerRow).where(LedgerRow.message_id.in_(ids))).all()
+            open_ = session.scalars(select(ReservationRow).where(
+                ReservationRow.agent_id == AGENT, ReservationRow.state == "reserved")).all()
+        by_message = {r.message_id: r.tokens for r in rows}
+        return by_message if len(by_message) == len(ids) and not open_ else None
+
+    tokens = wait_until(charged, "every dropped stream's call charged, nothing held")
+    billed = sim.stats()
+    assert billed["calls"] == len(ids)
+    assert sum(tokens.values()) == billed["prompt_tokens"] + billed["completion_tokens"]
