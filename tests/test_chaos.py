@@ -94,6 +94,13 @@ def test_a_call_killed_mid_flight_is_a_flagged_lost_charge_not_a_double_one() ->
     assert verdict.spend() == "flagged: 1 lost"
 
 
+def test_a_call_the_reaper_charged_at_its_estimate_explains_a_repeat() -> None:
+    verdict = judge(_facts([_call("m1:0"), _call("m1:0:redo-1")],
+                           [_charge("m1:0", "reaped", 74_000), _charge("m1:0:redo-1")]))
+    assert all(verdict.holds().values())
+    assert verdict.flagged == Counter({"reaped at estimate": 1})
+
+
 def test_a_lost_charge_for_a_call_never_made_is_flagged_as_such() -> None:
     verdict = judge(_facts([_call("m1:0:redo-1")],
                            [_charge("m1:0", "lost", 74_000), _charge("m1:0:redo-1")]))
@@ -132,7 +139,7 @@ def reports(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             ) -> dict[str, dict[str, Any]]:
     """Run the selected rows in one chaos-script subprocess; their reports by name."""
     selected = [item.callspec.params["row"] for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec")
+                if getattr(item, "module", None) is request.module and hasattr(item, "callspec")
                 and "row" in item.callspec.params]
     out = tmp_path_factory.mktemp("chaos") / "reports.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "chaos.py"),

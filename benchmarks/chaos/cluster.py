@@ -88,6 +88,7 @@ class Cluster:
         self.endpoints = Endpoints()
         self.holds = Holds()
         self.supervised: list[str] = []  # what the supervisor did, for the row's notes
+        self.left_dead: set[str] = set()  # workers that exited 0 (not restarted)
 
     def start(self) -> None:
         """Start Redis and Postgres and migrate the database."""
@@ -115,7 +116,8 @@ class Cluster:
         self._reset(aof)
         self.holds = Holds()
         for name, config in sims.items():
-            prices = {k: str(config.pop(k)) for k in ("price_in", "price_out") if k in config}
+            prices: dict[str, str] = {k: str(config.pop(k)) for k in ("price_in", "price_out")
+                                      if k in config}
             sim = start_simulator(SimulatorConfig(**config))
             relay = Relay(sim.url, self.holds)
             endpoint_id = self._register(name, relay.url, prices)
@@ -149,7 +151,7 @@ class Cluster:
         with get_engine().begin() as connection:
             connection.execute(text(f"TRUNCATE {names}"))
         ENDPOINTS.clear()
-        self.supervised = []
+        self.supervised, self.left_dead = [], set()
 
     def _register(self, name: str, url: str, prices: dict[str, str]) -> str:
         from aimesh_tasks.registry import add_endpoint
@@ -191,17 +193,15 @@ class Cluster:
         """What a supervisor with `restart: on-failure` does: a worker that exited with
         a non-zero status is started again; one that exited 0 is left dead."""
         for worker in self.workers:
-            if worker.proc is None or worker.alive() or worker.name in self._left_dead():
+            if worker.proc is None or worker.alive() or worker.name in self.left_dead:
                 continue
             status = worker.wait_exit(5)
             if status == 0:
                 self.supervised.append(f"{worker.name} exited 0: left dead")
+                self.left_dead.add(worker.name)
                 continue
             self.supervised.append(f"{worker.name} exited {status}: restarted")
             worker.start()
-
-    def _left_dead(self) -> set[str]:
-        return {note.split(" ", 1)[0] for note in self.supervised if note.endswith("left dead")}
 
     def end_row(self) -> None:
         """Stop the row's workers, relays and simulators."""

@@ -10,7 +10,9 @@
    charged at an estimate (`estimated`, `lost`, `reaped` without a journal) are flagged;
 4. no reservation left: no reservation held and no budget with a reserved amount;
 5. deliveries deduplicated: no call key billed twice, and no call (message + attempt)
-   billed more often than once plus the `lost` charges that explain a repeat.
+   billed more often than once plus the charges at an estimate (`lost`, `reaped`
+   without a journal: a call that may have reached the provider and left no answer)
+   that explain a repeat.
 
 `collect()` reads the facts once the row has drained; `judge()` is pure.
 """
@@ -142,21 +144,25 @@ def judge(facts: Facts, *, audited: bool = True) -> Verdict:
     for call in billed:
         by_key[call.call_key].append(call)
     verdict.repeated_keys = sorted(k for k, calls in by_key.items() if len(calls) > 1)
-    _judge_charges(facts, by_key, verdict)
-    _judge_repeats(facts, billed, verdict)
+    at_estimate = _judge_charges(facts, by_key, verdict)
+    _judge_repeats(billed, at_estimate, verdict)
     verdict.audit_wrong = _audit_wrong(facts) if audited else []
     return verdict
 
 
 def _judge_charges(facts: Facts, by_key: dict[str, list[ProviderCall]],
-                   verdict: Verdict) -> None:
+                   verdict: Verdict) -> list[str]:
+    """Judge every charge against the provider's log; the call keys charged at an
+    estimate because the call may have been made (`lost`, `reaped` without a journal)."""
     charged = {c.call_key: c for c in facts.charges if c.nusd or c.tokens}
+    at_estimate = []
     verdict.uncharged = sorted(k for k in by_key if k not in charged)
     extra: Counter[str] = Counter()
     for charge in charged.values():
         calls = by_key.get(charge.call_key)
         if charge.kind in ESTIMATE_KINDS:
             verdict.flagged[charge.kind if calls else f"{charge.kind} (never called)"] += 1
+            at_estimate += [charge.call_key] if charge.kind == "lost" else []
             continue
         if not calls:  # charged as a call the provider never answered
             extra[charge.message_id] += 1
@@ -167,16 +173,21 @@ def _judge_charges(facts: Facts, by_key: dict[str, list[ProviderCall]],
         if charge.nusd != cost:
             if charge.kind == "reaped":
                 verdict.flagged["reaped at estimate"] += 1
+                at_estimate.append(charge.call_key)
             else:
                 verdict.mispriced.append(f"{charge.call_key} ({charge.nusd} != {cost})")
     verdict.double_charged = sorted(extra)
+    return at_estimate
 
 
-def _judge_repeats(facts: Facts, billed: list[ProviderCall], verdict: Verdict) -> None:
+def _judge_repeats(billed: list[ProviderCall], at_estimate: list[str],
+                   verdict: Verdict) -> None:
+    """A call made again is explained only by an earlier call of it that may have
+    reached the provider and left no answer (charged at an estimate)."""
     per_call = Counter(base_key(c.call_key) for c in billed)
-    lost = Counter(base_key(c.call_key) for c in facts.charges if c.kind == "lost")
-    verdict.extra_calls = sorted(f"{key} ({n} calls, {lost[key]} lost)"
-                                 for key, n in per_call.items() if n > 1 + lost[key])
+    explained = Counter(base_key(key) for key in at_estimate)
+    verdict.extra_calls = sorted(f"{key} ({n} calls, {explained[key]} charged at an estimate)"
+                                 for key, n in per_call.items() if n > 1 + explained[key])
 
 
 def _audit_wrong(facts: Facts) -> list[str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from benchmarks.chaos.cluster import AGENTS, WORKFLOW_AGENT
@@ -65,34 +67,57 @@ def _duplicates(run: RowRun) -> None:
     """A third of the messages published twice at once (a producer's retry), a third as
     byte-identical copies on the route queue, a third on their endpoint's queue (what a
     visibility-timeout redelivery makes)."""
-    from aimesh_tasks.app import app
+    third = run.size // 3
+    copied: dict[str, list[str]] = {"aimesh.route": [], "aimesh.call": []}
+    for n, send in enumerate([_published_twice] * third + [_copies_on_route] * third
+                             + [_copies_on_endpoint] * (run.size - 2 * third)):
+        message = run.work.message(AGENTS[n % len(AGENTS)])
+        if run.work.publish(message, partial(send, message)):
+            task = "aimesh.call" if send is _copies_on_endpoint else "aimesh.route"
+            copied[task].append(message.id)
+    run.after.append(lambda: _check_delivered_twice(run, copied))
+
+
+def _check_delivered_twice(run: RowRun, copied: dict[str, list[str]]) -> None:
+    """Every duplicate did reach a worker: two deliveries of its task in the logs."""
+    logs = "".join(w.log.read_text(errors="replace") for w in run.cluster.workers)
+    for task, ids in copied.items():
+        once = [i for i in ids if logs.count(f"{task}[{i}] received") < 2]
+        if once:
+            run.problems.append(f"{len(once)} duplicates of {task} delivered once: {once[:3]}")
+    run.notes.append(f"{sum(map(len, copied.values()))} messages each delivered twice")
+
+
+def _published_twice(message: Any) -> None:
     from aimesh_tasks.tasks import route_message
 
-    third = run.size // 3
-    for n in range(third):
-        message = run.work.message(AGENTS[n % len(AGENTS)])
-        body = message.to_json_dict()
-        run.work.publish(message, lambda b=body: (route_message.apply_async((b,)),
-                                                  route_message.apply_async((b,))))
-    for n in range(third):
-        message = run.work.message(AGENTS[n % len(AGENTS)])
-        run.work.publish(message, lambda m=message: _copies_on("aimesh.route", lambda: (
-            route_message.apply_async((m.to_json_dict(),), queue=HOLDING))))
-    for n in range(run.size - 2 * third):
-        message = run.work.message(AGENTS[n % len(AGENTS)])
-        run.work.publish(message, lambda m=message: _copies_on_endpoint(app, m))
+    route_message.apply_async((message.to_json_dict(),))
+    route_message.apply_async((message.to_json_dict(),))
 
 
-def _copies_on(queue: str, publish: Any) -> None:
+def _copies_on_route(message: Any) -> None:
+    from aimesh_tasks.keys import ROUTE_QUEUE
+    from aimesh_tasks.tasks import route_message
+
+    _copies_on(ROUTE_QUEUE, partial(route_message.apply_async, (message.to_json_dict(),),
+                                    queue=HOLDING))
+
+
+def _copies_on(queue: str, publish: Callable[[], Any]) -> None:
+    """Publish one task message to the holding queue, then push two byte-identical
+    copies of it onto `queue`'s list of the same priority (kombu's Redis transport keeps
+    one list per priority step: `<queue>`, or `<queue>\x06\x16<step>`)."""
     broker = _broker()
     publish()
-    raw = broker.rpop(HOLDING)
-    if raw is None:
-        raise RuntimeError("the task message did not reach the holding queue")
-    broker.lpush(queue, raw, raw)
+    held = [key for key in broker.keys(HOLDING.encode() + b"*") if broker.llen(key)]
+    if len(held) != 1:
+        raise RuntimeError(f"the task message did not reach the holding queue ({held})")
+    raw = broker.rpop(held[0])
+    broker.lpush(queue.encode() + held[0][len(HOLDING):], raw, raw)
 
 
-def _copies_on_endpoint(app: Any, message: Any) -> None:
+def _copies_on_endpoint(message: Any) -> None:
+    from aimesh_tasks.app import app
     from aimesh_tasks.keys import endpoint_queue
     from aimesh_tasks.pipeline import routing
     from aimesh_tasks.pipeline.outcomes import HandOff
@@ -102,8 +127,8 @@ def _copies_on_endpoint(app: Any, message: Any) -> None:
     if not isinstance(routed, HandOff):
         raise RuntimeError(f"routing gave {type(routed).__name__}, not a hand-off")
     queue = endpoint_queue(routed.envelope.route[0]["id"])
-    _copies_on(queue, lambda: call_signature(routed.envelope).apply_async(
-        task_id=message.id, queue=HOLDING))
+    _copies_on(queue, partial(call_signature(routed.envelope).apply_async,
+                              task_id=message.id, queue=HOLDING))
 
 
 # --- provider faults ---------------------------------------------------------------------
@@ -202,12 +227,15 @@ def _then_check(fault: Any) -> Any:
     return row
 
 
-ROWS = [
+INPUT_ROWS = [
     Row("poison", "poison envelopes on two queues, an unknown task, a task that kills "
         "its worker", _poison, router=[*ROUTER, "-I", "benchmarks.chaos.poison"]),
     Row("duplicates", "each message published twice / copied twice onto the route queue "
         "/ onto its endpoint queue", _duplicates, endpoints=list(THREADS),
         sims={"a": {"latency_ms": 200}}),
+]
+
+FAULT_ROWS = [
     Row("provider-malformed", "30 % of the cheap endpoint's answers are truncated JSON",
         _load, sims={**CHEAP_AND_DEAR, "a": {**CHEAP_AND_DEAR["a"], "malformed_rate": 0.3}}),
     Row("provider-no-usage", "30 % of the answers carry no usage", _load,

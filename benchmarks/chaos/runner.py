@@ -61,6 +61,7 @@ class RowReport:
     verdict: Verdict | None
     problems: list[str]  # row-specific checks that failed (they break the row too)
     notes: list[str]
+    kills: int = 0  # pool children this row SIGKILLed at a phase
 
     @property
     def ok(self) -> bool:
@@ -77,7 +78,9 @@ class RowReport:
             "lost": len(verdict.lost) if verdict else None,
             "double_charged": len(verdict.double_charged) if verdict else None,
             "spend": verdict.spend() if verdict else None,
+            "flagged": dict(verdict.flagged) if verdict else None,
             "open_reservations": verdict.open_reservations if verdict else None,
+            "kills": self.kills,
             "holds": verdict.holds() if verdict else None,
             "broken": [*(verdict.broken() if verdict else ["no verdict"]), *self.problems],
             "notes": self.notes,
@@ -156,12 +159,13 @@ def run_row(cluster: Cluster, row: Row, size: int, fault_scale: float) -> RowRep
     finally:
         if run.kills:
             run.notes.append(f"{len(run.kills)} pool children SIGKILLed ({run.kills[0]}, ...)")
+        run.notes.extend(f"{kind} at submit: {text}" for kind, text in work.refusals.items())
         run.notes.extend(cluster.supervised)
         run.notes.extend(_worker_notes(cluster))
         cluster.end_row()
     failed = dict(work.errors)
     return RowReport(row.name, row.title, len(work.accepted), dict(work.refused), failed,
-                     drain_s, verdict, run.problems, run.notes)
+                     drain_s, verdict, run.problems, run.notes, len(run.kills))
 
 
 def _engine() -> Any:

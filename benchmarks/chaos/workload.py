@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 READY = ("SUCCESS", "FAILURE", "REVOKED")
@@ -25,6 +26,7 @@ class Workload:
         self.tag = uuid.uuid4().hex[:8]
         self.accepted: list[str] = []
         self.refused: Counter[str] = Counter()
+        self.refusals: dict[str, str] = {}  # the first message of each refusal type
         self.errors: Counter[str] = Counter()  # error types of FAILURE results
         self._outcomes: dict[str, str | None] = {}
         self.started = time.monotonic()
@@ -45,7 +47,7 @@ class Workload:
         ids = []
         for n in range(count):
             message = self.message(names[n % len(names)])
-            if self.publish(message, lambda m=message: submit_message(m)):
+            if self.publish(message, partial(submit_message, message)):
                 ids.append(message.id)
         return ids
 
@@ -55,6 +57,7 @@ class Workload:
             send()
         except Exception as exc:  # a refusal the producer sees: counted by type
             self.refused[type(exc).__name__] += 1
+            self.refusals.setdefault(type(exc).__name__, str(exc)[:200])
             return False
         self.track(message.id)
         return True
