@@ -59,6 +59,7 @@ class KeyInfo:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    respond_async: bool = False
 
     @property
     def agents(self) -> tuple[str, ...]:
@@ -77,7 +78,7 @@ class KeyInfo:
         return {"prefix": self.prefix, "agent_id": self.agent_id,
                 "acts_for": list(self.acts_for), "admin": self.admin, "note": self.note,
                 "created_at": iso(self.created_at), "expires_at": iso(self.expires_at),
-                "revoked_at": iso(self.revoked_at)}
+                "revoked_at": iso(self.revoked_at), "respond_async": self.respond_async}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +110,8 @@ def _hex(text: str) -> bool:
 def _info(row: IngressKeyRow) -> KeyInfo:
     return KeyInfo(prefix=row.prefix, agent_id=row.agent_id, acts_for=tuple(row.acts_for or ()),
                    admin=row.admin, note=row.note, created_at=_aware(row.created_at),
-                   expires_at=_aware(row.expires_at), revoked_at=_aware(row.revoked_at))
+                   expires_at=_aware(row.expires_at), revoked_at=_aware(row.revoked_at),
+                   respond_async=bool(row.respond_async))
 
 
 def _aware(value: Any) -> Any:
@@ -120,14 +122,17 @@ def _aware(value: Any) -> Any:
 
 
 def create_key(agent_id: str, *, acts_for: Iterable[str] = (), admin: bool = False,
-               expires_at: datetime | None = None, note: str = "") -> CreatedKey:
-    """Create a key for `agent_id`; InvalidInput names a bad agent id."""
+               expires_at: datetime | None = None, note: str = "",
+               respond_async: bool = False) -> CreatedKey:
+    """Create a key for `agent_id`; InvalidInput names a bad agent id. With respond_async,
+    the ingress answers the key's chat requests 202 (queued) by default."""
     validate_agent_id(agent_id)
     others = sorted({validate_agent_id(a) for a in acts_for} - {agent_id})[:MAX_ACTS_FOR]
     prefix = f"{KEY_TAG}_{secrets.token_hex(PREFIX_HEX // 2)}"
     key = f"{prefix}_{secrets.token_hex(SECRET_HEX // 2)}"
     row = IngressKeyRow(prefix=prefix, key_sha256=key_hash(key), agent_id=agent_id,
                         acts_for=others, admin=admin, note=note[:256],
+                        respond_async=respond_async,
                         created_at=datetime.now(UTC), expires_at=expires_at, revoked_at=None)
     with session_scope() as session:
         session.add(row)

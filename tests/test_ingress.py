@@ -790,3 +790,16 @@ def test_a_client_dropping_a_stream_is_charged_what_was_billed_and_holds_nothing
     billed = sim.stats()
     assert billed["calls"] == len(ids)
     assert sum(tokens.values()) == billed["prompt_tokens"] + billed["completion_tokens"]
+
+
+def test_a_respond_async_key_is_answered_202_without_asking(
+        ingress_url: str, clean: None, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    endpoint(simulator(), "ing")
+    key = create_key(AGENT, respond_async=True).key
+    accepted = _chat(ingress_url, key, max_tokens=8)
+    assert accepted.status_code == 202, accepted.text
+    location = accepted.headers["Location"]
+    done = wait_until(lambda: (s := httpx.get(f"{ingress_url}{location}", headers={
+        "Authorization": f"Bearer {key}"}).json())["state"] == "completed" and s,
+        "the queued message's result")
+    assert done["result"]["choices"][0]["message"]["content"]

@@ -45,11 +45,14 @@ def create(
     expires: str = typer.Option(None, "--expires", help="30d, 12h, or an ISO 8601 time."),
     admin: bool = typer.Option(False, "--admin", help="May use the admin routes."),
     note: str = typer.Option("", "--note", help="What the key is for."),
+    respond_async: bool = typer.Option(False, "--respond-async",
+                                       help="Answer its chat requests 202 + Location."),
     as_json: bool = typer.Option(False, "--json", help="Print the key and its record as JSON."),
 ) -> None:
     """Create a key; it is printed once and stored only as a hash."""
     created = create_key(agent, acts_for=acts_for or (), admin=admin,
-                         expires_at=parse_expiry(expires), note=note)
+                         expires_at=parse_expiry(expires), note=note,
+                         respond_async=respond_async)
     if as_json:
         typer.echo(json.dumps({"key": created.key, **created.info.to_dict()}))
         return

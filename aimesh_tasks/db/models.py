@@ -239,6 +239,8 @@ class IngressKeyRow(Base):
     acts_for: Mapped[list[str]] = mapped_column(JsonType, default=list)
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
     note: Mapped[str] = mapped_column(String(256), default="")
+    # Answer this key's chat requests 202 + Location, as if each said Prefer: respond-async.
+    respond_async: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

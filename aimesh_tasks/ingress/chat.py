@@ -4,9 +4,9 @@ A request is turned into an AiMessage for the calling agent and queued with `sub
 Synchronous (the default): the answer is awaited, up to the message's deadline or
 AIMESH_INGRESS_WAIT_S, then returned as a `chat.completion`, or with `stream: true` as
 Server-Sent Events in OpenAI's chunk format (the answer's text in pieces, then the usage
-chunk when `stream_options.include_usage`). With `Prefer: respond-async`: 202 at once,
-with a `Location` to poll (see messages.py). A message that outlives the wait is still
-queued: the 504 names its id to poll.
+chunk when `stream_options.include_usage`). With `Prefer: respond-async` (or a key
+created with --respond-async): 202 at once, with a `Location` to poll (see messages.py).
+A message that outlives the wait is still queued: the 504 names its id to poll.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     fields = await message_fields(body, request.headers)
     runtime = ingress(request)
     accepted = await runtime.accept(who.agent_id, fields)
-    if wants_async(request):
+    if wants_async(request) or who.key.respond_async:
         return accepted_response(accepted)
     finished = await runtime.wait(accepted.message_id, get_settings().ingress_wait_s)
     if finished is None:

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("acts_for", JsonType, nullable=False),
         sa.Column("admin", sa.Boolean(), nullable=False),
         sa.Column("note", sa.String(256), nullable=False),
+        sa.Column("respond_async", sa.Boolean(), nullable=False, server_default=sa.false()),
         sa.Column("created_at", Stamp, nullable=False),
         sa.Column("expires_at", Stamp),
         sa.Column("revoked_at", Stamp),
@@ -77,7 +78,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_table("ingress_batch_lines")
-    op.drop_table("ingress_batches")
-    op.drop_table("ingress_files")
-    op.drop_table("ingress_keys")
+    # IF EXISTS: a database migrated by an earlier draft of this revision (keys only) can
+    # still be taken down.
+    for table in ("ingress_batch_lines", "ingress_batches", "ingress_files", "ingress_keys"):
+        op.execute(f"DROP TABLE IF EXISTS {table}")
