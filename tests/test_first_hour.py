@@ -534,3 +534,12 @@ def test_a_broken_workflow_file_names_line_and_column(clean: None, tmp_path: Pat
     broken.write_text("name: x\nagent_id: a\nsteps:\n  - id: a\n   prompt: x\n")
     one_error_line(run("workflow", "run", str(broken)).stderr, "not valid YAML",
                    "line 5, column 4", "started at line 4, column 3")
+
+
+def test_endpoints_list_shows_the_base_url_and_the_key_variable(clean: None) -> None:
+    assert run("endpoints", "add", "fh-listed", "--url", "http://127.0.0.1:9", "--model", "m",
+               "--input-price", "0.001", "--output-price", "0.001", "--api-key-env",
+               "FH_LISTED_KEY").exit_code == 0
+    listed = run("endpoints", "list")
+    row = next(line for line in listed.stdout.splitlines() if "fh-listed" in line)
+    assert "http://127.0.0.1:9" in row and "env FH_LISTED_KEY" in row, listed.stdout

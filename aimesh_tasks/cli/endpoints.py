@@ -57,12 +57,12 @@ def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object pe
         typer.echo("no endpoints registered; add one with `aimesh endpoints add ID --url URL "
                    "--model MODEL --input-price USD --output-price USD`")
         return
-    rows = table("id", "provider", "model", "$/1k in/out", "capacity", "enabled", "in flight",
-                 "p50/p99 ms", "errors", "health", "breaker", "key")
+    rows = table("id", "provider", "url", "model", "$/1k in/out", "capacity", "enabled",
+                 "in flight", "p50/p99 ms", "errors", "health", "breaker", "key")
     for e in endpoints:
         live = figures.get(e.id, LiveFigures())
         d = e.to_dict()
-        rows.add_row(e.id, e.provider, e.model,
+        rows.add_row(e.id, e.provider, e.base_url, e.model,
                      f"{d['input_usd_per_1k']}/{d['output_usd_per_1k']}", str(e.capacity),
                      "yes" if e.enabled else "no", str(live.in_flight), _latency(live),
                      f"{live.error_rate:.1%}", live.health, breakers[e.id],
