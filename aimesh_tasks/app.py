@@ -20,6 +20,7 @@ from aimesh_tasks.delivery import install as install_delivery_guards
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.follow import FollowEndpoints
 from aimesh_tasks.observability.worker import install as install_observability
+from aimesh_tasks.observability.worker import never_silent
 from aimesh_tasks.settings import Settings, get_settings
 from aimesh_tasks.worker_steps import BackgroundJobsStep
 
@@ -113,6 +114,7 @@ def check_broker_keeps_messages(broker: str) -> None:
 
 
 @signals.worker_init.connect
+@never_silent  # Celery would log and ignore the ConfigError, and the worker would run
 def _check_before_worker_starts(**_: Any) -> None:
     check_delivery_settings()
 

@@ -543,3 +543,15 @@ def test_endpoints_list_shows_the_base_url_and_the_key_variable(clean: None) -> 
     listed = run("endpoints", "list")
     row = next(line for line in listed.stdout.splitlines() if "fh-listed" in line)
     assert "http://127.0.0.1:9" in row and "env FH_LISTED_KEY" in row, listed.stdout
+
+
+@pytest.mark.slow
+def test_plain_celery_worker_with_clashing_settings_stops_with_one_error_line() -> None:
+    celery = str(Path(AIMESH).with_name("celery"))
+    done = subprocess.run([celery, "-A", "aimesh_tasks.app", "worker", "-Q", "fh-nothing",
+                           "-P", "threads", "-c", "1", "-n", f"fh-clash-{uuid.uuid4().hex[:6]}@%h"],
+                          env={**os.environ, "AIMESH_VISIBILITY_TIMEOUT_S": "60"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "AIMESH_VISIBILITY_TIMEOUT_S (60) must exceed" in errors[0]
