@@ -19,7 +19,12 @@ def _client(url: str) -> Any:
         import fakeredis
 
         return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    # A socket timeout, so that a Redis that stops answering (paused, partitioned) raises
+    # redis.TimeoutError, which the task shells retry, instead of hanging a task until its
+    # soft time limit.
+    timeout_s = get_settings().redis_timeout_s
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
+                                socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
 
 def get_redis(url: str | None = None) -> redis.Redis:

@@ -43,6 +43,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_WORKFLOW_MAX_STEPS         | 500                 | most steps in one workflow        |
 | AIMESH_POLICIES                   | (empty)             | extra policies 'pkg.mod:Class,...'|
 | AIMESH_TRANSIENT_RETRIES          | 8                   | task retries on a Redis/PG outage |
+| AIMESH_REDIS_TIMEOUT_S            | 5                   | socket timeout of the Redis client|
 | AIMESH_ACCEPTED_LOG               | true                | accepted messages kept in Postgres|
 | AIMESH_REPUBLISH_AFTER_S          | 300                 | unseen accepted msg re-published  |
 | AIMESH_RECONCILE_INTERVAL_S       | 10                  | how often workers reconcile       |
@@ -192,6 +193,8 @@ class Settings(BaseSettings):
     policies: str = Field(
         "", description="Extra message-path policies: 'package.module:ClassName,...'."
     )
+    redis_timeout_s: float = Field(
+        5, gt=0, description="Socket timeout of the Redis client (live figures, dedup, leases).")
     transient_retries: int = Field(
         8, ge=0, le=100,
         description="Retries of a task after a transient Redis/Postgres error, with backoff.",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from aimesh_tasks import events
@@ -224,12 +224,15 @@ def reap_one(call_key: str, journal_usage: tuple[int, int] | None) -> str:
 
 
 def stale_reservations(older_than_s: float, limit: int = 500) -> list[str]:
-    """Call keys of reservations still held after `older_than_s` seconds."""
+    """Call keys of reservations still held `older_than_s` seconds after they were made,
+    or, once claimed, after their call started (a message that waited in a backlog and is
+    being called now is not stale)."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
+    since = func.coalesce(ReservationRow.called_at, ReservationRow.created_at)
     with session_scope() as session:
         return list(session.scalars(
             select(ReservationRow.call_key)
-            .where(ReservationRow.state == "reserved", ReservationRow.created_at < cutoff)
+            .where(ReservationRow.state == "reserved", since < cutoff)
             .order_by(ReservationRow.created_at).limit(limit)
         ))
 
