@@ -205,8 +205,9 @@ class Settings(BaseSettings):
         "workers re-publish those the broker lost (off in embedded mode).")
     republish_after_s: float = Field(
         300, gt=0,
-        description="An accepted message no worker has seen this long is re-published; set "
-        "it above the longest wait in the routing queue.")
+        description="An accepted message no worker has seen this long (or seen and not "
+        "finished this long plus the hard time limit) is re-published; set it above the "
+        "longest wait in a queue.")
     reconcile_interval_s: float = Field(
         10, gt=0, description="How often workers reconcile the accepted messages.")
     db_statement_timeout_s: float = Field(

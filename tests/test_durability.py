@@ -30,12 +30,14 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from kombu import Connection
 from sqlalchemy import create_engine, text
 
 from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.db import Base, dispose_engines
 from aimesh_tasks.db.migrate import upgrade
+from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.governance import add_agent
 from aimesh_tasks.keys import ROUTE_QUEUE, endpoint_queue
 from aimesh_tasks.redis_client import reset_redis_clients
@@ -321,10 +323,15 @@ def results(servers: Servers, ids: list[str]) -> dict[str, dict[str, Any]]:
     return {i: json.loads(r) for i, r in zip(ids, raw, strict=True) if r is not None}
 
 
-def wait_all_finished(servers: Servers, ids: list[str], timeout_s: float = 150
-                      ) -> dict[str, dict[str, Any]]:
-    """Wait until every id has a terminal result; fail naming how many do not."""
+def wait_all_finished(servers: Servers, ids: list[str], timeout_s: float = 150,
+                      workers: tuple[Worker, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Wait until every id has a terminal result; fail naming how many do not, or at once
+    when one of `workers` has exited."""
     def done() -> dict[str, dict[str, Any]] | None:
+        for worker in workers:
+            if worker.proc.poll() is not None:
+                pytest.fail(f"worker {worker.name} exited ({worker.proc.returncode}): "
+                            f"{worker.log.read_text()[-3000:]}")
         found = results(servers, ids)
         ready = {i: r for i, r in found.items() if r["status"] in ("SUCCESS", "FAILURE",
                                                                    "REVOKED")}
@@ -348,7 +355,7 @@ def rows(servers: Servers, query: str, **params: Any) -> list[Any]:
     engine = create_engine(servers.postgres.url.replace("postgresql://",
                                                         "postgresql+psycopg://"))
     try:
-        with engine.connect() as connection:
+        with engine.begin() as connection:
             return list(connection.execute(text(query), params))
     finally:
         engine.dispose()
@@ -445,10 +452,10 @@ def test_a_hand_off_lost_after_routing_is_published_again(
     assert_charges_match_calls(fresh, sim)
 
 
-# With AOF on, the visibility timeout and the re-publish bound are an hour: a message left
-# unacked by the connection loss would stall the test past its bound instead of finishing.
+# With AOF on, the visibility timeout is an hour: a message left unacked by the connection
+# loss would stall past the test's bound, or be published again by the reconciler (40 s).
 RESTART_BOUNDS = {
-    True: {"AIMESH_VISIBILITY_TIMEOUT_S": "3600", "AIMESH_REPUBLISH_AFTER_S": "3600",
+    True: {"AIMESH_VISIBILITY_TIMEOUT_S": "3600", "AIMESH_REPUBLISH_AFTER_S": "40",
            "AIMESH_RESERVATION_TIMEOUT_S": "7200"},
     False: {},
 }
@@ -459,30 +466,30 @@ RESTART_BOUNDS = {
 def test_broker_restart_mid_burst_loses_and_stalls_nothing(
         fresh: Servers, simulator: Callable[..., RunningSimulator], aof: bool) -> None:
     """The broker Redis is SIGKILLed mid-burst and started again 3 s later on the same
-    port. Workers reconnect; every accepted message succeeds (none with TaskRevokedError);
-    with AOF on nothing waits for the visibility timeout (an hour here: among the messages
-    are two with a countdown, which a worker holds unacked until it is due and which the
-    connection loss takes from it), with AOF off the messages the broker forgot are
-    published again from the accepted record."""
+    port. Workers reconnect; every accepted message succeeds (none with TaskRevokedError).
+    With AOF on, what was unacked does not wait for the visibility timeout (an hour here):
+    among the messages are two with a countdown, which a worker holds unacked until they
+    are due and which the connection loss takes from it; they finish without the
+    reconciler's help (a message caught in the BRPOP window may need it). With AOF off, the
+    messages the broker forgot are published again from the accepted record."""
     sim = simulator(latency_ms=150)
     metered_endpoint(sim, "durable-restart")
     broker = RedisServer(aof=aof)
     try:
         workers = start_workers({"AIMESH_BROKER_URL": broker.url(0), **RESTART_BOUNDS[aof]})
-        ids = publish(broker.url(0), messages_for("durable-restart", 2, "later"), countdown=15)
-        ids += publish(broker.url(0), messages_for("durable-restart", 80, "restart"))
+        later = publish(broker.url(0), messages_for("durable-restart", 2, "later"), countdown=10)
+        ids = later + publish(broker.url(0), messages_for("durable-restart", 80, "restart"))
         wait_until(lambda: len(results(fresh, ids)) >= 10, "10 messages answered", 120,
                    seen=lambda: len(results(fresh, ids)))
         broker.kill()
         time.sleep(3)  # the outage itself, not a wait for something to happen
         broker.start()
-        assert_all_succeeded(wait_all_finished(fresh, ids, timeout_s=180))
-        for worker in workers:
-            assert worker.proc.poll() is None, (
-                f"{worker.name} exited: {worker.log.read_text()[-2000:]}")
+        assert_all_succeeded(wait_all_finished(fresh, ids, timeout_s=180, workers=workers))
         assert_charges_match_calls(fresh, sim)
         states = wait_accepted_finished(fresh, ids)
-        if not aof:
+        if aof:
+            assert [states[i][1] for i in later] == [0, 0], "restored by the reconciler"
+        else:
             assert any(republished for _, republished, _ in states.values())
     finally:
         broker.stop()
@@ -578,3 +585,125 @@ def test_a_lock_held_on_the_budgets_table_makes_tasks_retry_not_fail(
     finally:
         engine.dispose()
     assert_charges_match_calls(fresh, sim)
+
+
+def test_a_redis_broker_that_evicts_is_refused_at_start_up(fresh: Servers) -> None:
+    """maxmemory-policy other than noeviction: the check names the setting and the fix,
+    and `aimesh worker` refuses to start (non-zero exit, the reason in its output)."""
+    from aimesh_tasks.app import check_broker_keeps_messages
+
+    check_broker_keeps_messages(fresh.redis.url(BROKER_DB))  # noeviction: accepted
+    evicting = RedisServer(extra=("--maxmemory-policy", "allkeys-lru"))
+    try:
+        with pytest.raises(ConfigError) as refused:
+            check_broker_keeps_messages(evicting.url(0))
+        assert refused.value.fields["setting"] == "maxmemory-policy"
+        assert "CONFIG SET maxmemory-policy noeviction" in refused.value.message
+        worker = Worker(["--router", "-P", "threads", "-c", "1"],
+                        {"AIMESH_BROKER_URL": evicting.url(0)})
+        assert worker.proc.wait(60) != 0
+        assert "maxmemory-policy" in worker.log.read_text()
+    finally:
+        evicting.stop()
+
+
+def _probe_app(servers: Servers) -> Celery:
+    """A bare Celery app on this module's broker and results (JSON only), for calling the
+    reconciler in this process."""
+    probe = Celery("durability-probe", broker=servers.redis.url(BROKER_DB),
+                   backend=servers.redis.url(RESULTS_DB))
+    probe.conf.update(task_serializer="json", result_serializer="json",
+                      accept_content=["json"], result_accept_content=["json"])
+    return probe
+
+
+def _queued_ids(broker: redis.Redis, queue: str) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for key in _queue_keys(broker, queue)
+            for raw in broker.lrange(key, 0, -1)]
+
+
+def test_one_reconciler_pass(fresh: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Marks move to Postgres; a quiet message with a result is only marked finished; one
+    re-published too often fails with UndeliverableMessage; a seen one waits for the
+    longer bound; the rest are published again under their own id; old finished rows go."""
+    from aimesh_tasks.delivery import accepted
+    from aimesh_tasks.delivery.reconciler import reconcile
+    from aimesh_tasks.messages import AiMessage
+
+    monkeypatch.setenv("AIMESH_REPUBLISH_AFTER_S", "0.01")
+    reset_settings()
+    made = {name: AiMessage(id=f"{name}-{uuid.uuid4().hex[:6]}", agent_id="durable-unit",
+                            prompt=f"{name} prompt", max_tokens=8)
+            for name in ("answered", "tired", "seen", "finished", "lost", "old")}
+    for message in made.values():
+        assert accepted.record(message)
+    assert not accepted.record(made["lost"]), "a second record of an id inserts nothing"
+    probe = _probe_app(fresh)
+    probe.backend.store_result(made["answered"].id, {"ok": True}, "SUCCESS")
+    tired = made["tired"].id
+    rows(fresh, "UPDATE accepted_messages SET republished = 5 WHERE message_id = :i "
+                "RETURNING 1", i=tired)
+    accepted.note_seen(made["seen"].id)
+    accepted.note_finished(made["finished"].id)
+    accepted.mark_finished([made["old"].id])
+    rows(fresh, "UPDATE accepted_messages SET updated_at = now() - interval '2 days' "
+                "WHERE message_id = :i RETURNING 1", i=made["old"].id)
+    time.sleep(0.05)  # past the (0.01 s) bound: time must pass for a message to be quiet
+
+    counts = reconcile(probe)
+
+    assert counts == {"seen": 1, "finished": 1, "answered": 1, "republished": 1, "failed": 1,
+                      "purged": 1}
+    states = accepted_states(fresh, [m.id for m in made.values()])
+    assert states == {made["answered"].id: ("finished", 0, False),
+                      tired: ("finished", 5, False),
+                      made["seen"].id: ("seen", 0, True),
+                      made["finished"].id: ("finished", 0, False),
+                      made["lost"].id: ("accepted", 1, True)}
+    assert _queued_ids(fresh.redis.client(BROKER_DB), ROUTE_QUEUE) == [made["lost"].id]
+    failure = results(fresh, [tired])[tired]
+    assert failure["status"] == "FAILURE"
+    assert failure["result"]["exc_type"] == "UndeliverableMessage"
+    assert "never finished" in str(failure["result"]["exc_message"])
+
+
+def test_a_message_is_accepted_while_postgres_is_unreachable(
+        fresh: Servers, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without its database the record is skipped with one log line, and the message is
+    published all the same (a database outage is not an outage for producers); a step of
+    a canvas is never recorded (it is published again by its workflow, not alone)."""
+    broker = fresh.redis.client(BROKER_DB)
+    message = messages_for("durable-unit", 1, "canvas")
+    publish(fresh.env["AIMESH_BROKER_URL"], message, group_id=uuid.uuid4().hex)
+    assert accepted_states(fresh, [message[0]["id"]]) == {}
+    monkeypatch.setenv("AIMESH_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    _forget_clients()
+    try:
+        ids = publish(fresh.env["AIMESH_BROKER_URL"], messages_for("durable-unit", 1, "nodb"))
+    finally:
+        monkeypatch.setenv("AIMESH_DATABASE_URL", fresh.postgres.url)
+        _forget_clients()
+    assert set(ids) <= set(_queued_ids(broker, ROUTE_QUEUE))
+    assert accepted_states(fresh, ids) == {}
+
+
+def test_transient_retries_back_off_with_a_floor() -> None:
+    """Each wait is between half and all of its exponential step (capped at 30 s and at
+    half the visibility timeout): the default 8 retries span at least a minute."""
+    from aimesh_tasks.tasks.shell import backoff_s
+
+    floors = []
+    for retries in range(8):
+        step = min(30, 2 ** retries)
+        waits = [backoff_s(retries) for _ in range(200)]
+        assert step / 2 <= min(waits) and max(waits) <= step
+        floors.append(step / 2)
+    assert sum(floors) >= 60
+
+
+def test_accepted_keys() -> None:
+    from aimesh_tasks import keys
+
+    assert keys.accepted_seen() == "aimesh:accepted:seen"
+    assert keys.accepted_finished() == "aimesh:accepted:finished"
+    assert keys.reconcile_lock() == "aimesh:accepted:reconcile:lock"

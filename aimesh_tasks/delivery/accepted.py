@@ -70,13 +70,13 @@ def record(message: AiMessage) -> bool:
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
     try:
         with engine.begin() as connection:
-            done = connection.execute(insert(TABLE).on_conflict_do_nothing(
-                index_elements=["message_id"]), row)
+            inserted = connection.execute(insert(TABLE).on_conflict_do_nothing(
+                index_elements=["message_id"]).returning(TABLE.c.message_id), row).first()
     except SQLAlchemyError as exc:
         logger.warning("accepted.unrecorded", extra={
             "message_id": message.id, "error": type(exc).__name__})
         return False
-    return bool(done.rowcount)
+    return inserted is not None
 
 
 def forget(message_id: str) -> None:

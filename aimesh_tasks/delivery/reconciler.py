@@ -8,8 +8,10 @@ idempotent, so a lock that expires mid-pass costs nothing but a duplicate). One 
 2. it picks the unfinished messages that have been quiet too long: accepted and not seen
    for AIMESH_REPUBLISH_AFTER_S (lost before any worker ran their routing task: a broker
    restart without AOF, a worker main process killed between its BRPOP and its unacked
-   record), or seen and not finished for that long and for the visibility timeout plus
-   the hard time limit (a later hop was lost; until then the broker may still redeliver);
+   record), or seen and not finished for that long plus the hard time limit (a later hop
+   was lost the same ways; a hop may run that long). Waiting for the visibility timeout
+   instead would make a lost hop wait for the very thing that is slow, and a message the
+   broker redelivers later anyway is only a duplicate;
 3. a message whose result is in the result backend is only marked finished (a follower
    its leader answered, a dead letter, a finished mark lost with Redis);
 4. the others are published again under their own task id; after AIMESH_MAX_DELIVERIES
@@ -68,7 +70,7 @@ def _pass(app: Any) -> dict[str, int]:
     settings = get_settings()
     seen, finished = accepted.apply_marks()
     after_s = settings.republish_after_s
-    stalled_s = max(after_s, settings.visibility_timeout_s + settings.task_time_limit_s)
+    stalled_s = after_s + settings.task_time_limit_s
     quiet = accepted.quiet(after_s, stalled_s, LIMIT)
     answered = {q.message_id for q in quiet if _has_result(app, q.message_id)}
     lost = [q for q in quiet if q.message_id not in answered]

@@ -24,7 +24,10 @@ Two windows of this transport are covered, not closed:
   ("'NoneType' object has no attribute 'hostname'") stops the worker (MEASURED.md finding
   13). `GuardedQoS` keeps their delivery tags instead, and the next channel (once the
   worker has reconnected) restores them: the worker lives on, and work that could not be
-  acked is not stuck for the visibility timeout.
+  acked is not stuck for the visibility timeout. A task still running through the loss
+  acks, when it ends, on the closed channel, where kombu fails the same way; that ack is
+  dropped (its message is back on its queue already: the copy runs again, and a duplicate
+  of a message is the same message).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.transport.virtual import Message
 
 from aimesh_tasks.delivery import dead_letters
@@ -70,7 +74,24 @@ def bury(queue: str, raw: bytes, error: BadEnvelope) -> None:
 
 
 class GuardedQoS(kombu_redis.QoS):
-    """kombu's Redis QoS, keeping what it could not restore for the next channel."""
+    """kombu's Redis QoS, keeping what it could not restore for the next channel and
+    dropping acks on a channel closed with its connection."""
+
+    def ack(self, delivery_tag: str) -> None:
+        if self.channel.connection is None:
+            self._dropped(delivery_tag)
+        else:
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if self.channel.connection is None:
+            self._dropped(delivery_tag)
+        else:
+            super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+
+    def _dropped(self, delivery_tag: str) -> None:
+        logger.info("delivery.ack_after_close", extra={"delivery_tag": delivery_tag})
+        virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def restore_unacked(self, client: Any = None) -> None:
         try:
