@@ -45,6 +45,10 @@ from aimesh_tasks.settings import get_settings
 logger = logging.getLogger(__name__)
 TABLE: Table = AcceptedMessageRow.__table__  # type: ignore[assignment]
 MARK_BATCH = 1000
+# Built once: the INSERT of `record`, by dialect (a second record of an id inserts nothing).
+_INSERT = {name: insert(TABLE).on_conflict_do_nothing(index_elements=["message_id"])
+           .returning(TABLE.c.message_id)
+           for name, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))}
 
 
 def enabled() -> bool:
@@ -67,11 +71,9 @@ def record(message: AiMessage) -> bool:
            "message": message.to_json_dict(), "republished": 0, "accepted_at": now,
            "updated_at": now}
     engine = get_relaxed_engine()
-    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
     try:
         with engine.begin() as connection:
-            inserted = connection.execute(insert(TABLE).on_conflict_do_nothing(
-                index_elements=["message_id"]).returning(TABLE.c.message_id), row).first()
+            inserted = connection.execute(_INSERT[engine.dialect.name], row).first()
     except SQLAlchemyError as exc:
         logger.warning("accepted.unrecorded", extra={
             "message_id": message.id, "error": type(exc).__name__})
@@ -140,9 +142,11 @@ def mark_finished(ids: list[str]) -> None:
 
 
 def apply_marks() -> tuple[int, int]:
-    """Move the seen and finished marks from Redis to Postgres: (seen, finished)."""
-    return _drain(keys.accepted_seen(), _apply_seen), _drain(keys.accepted_finished(),
-                                                               mark_finished)
+    """Move the seen and finished marks from Redis to Postgres: (seen, finished). Finished
+    first: most messages finish within one pass, and their seen marks then match no row
+    (one row write per message instead of two)."""
+    finished = _drain(keys.accepted_finished(), mark_finished)
+    return _drain(keys.accepted_seen(), _apply_seen), finished
 
 
 @dataclass(frozen=True, slots=True)
