@@ -38,7 +38,7 @@ def _legacy(message: dict[str, Any], route: list[Any], attempts: list[Any] | Non
 
 
 @app.task(name="aimesh.call", base=MessageTask, bind=True)
-def call_endpoint(self: MessageTask, envelope: Any, route: list[Any] | None = None,
+def call_endpoint(self: MessageTask, envelope: dict[str, Any], route: list[Any] | None = None,
                   attempts: list[Any] | None = None, started_at: str | None = None,
                   metered: bool = False, flight: dict[str, Any] | None = None,
                   errors_as_results: bool = False) -> Any:

@@ -90,7 +90,8 @@ def _next_call(envelope: Envelope) -> Signature:
 # AimeshError outcomes (budget refused, no endpoint, provider failed) are expected: Celery
 # logs them as one line, without a traceback.
 @app.task(name="aimesh.route", base=RouteTask, bind=True)
-def route_message(self: RouteTask, message: Any, errors_as_results: bool = False) -> Any:
+def route_message(self: RouteTask, message: dict[str, Any], errors_as_results: bool = False
+                  ) -> Any:
     """Answer from cache, join an identical message in flight, or route the message and
     hand it to the call on the winner's queue, under this task's id. With errors_as_results
     (workflow steps), a refusal or failure is returned as {"error": {...}}, not raised."""
