@@ -141,16 +141,34 @@ def _run_block(lang: str, body: str, env: dict[str, str], cwd: Path) -> str:
 
 
 @pytest.fixture()
-def scratch_servers(clean: None) -> Iterator[dict[str, str]]:
-    """This slot's Redis with a scratch database that does not exist yet, and no other
-    worker consuming (the session's are paused, so that the README's own serve it)."""
+def scratch_servers(clean: None, tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A Redis of its own (started here, stopped by PID) and a scratch database that does
+    not exist yet, so that only the README's own workers consume its messages. (Pausing
+    the session's workers is not enough: a paused worker's pending BRPOP still takes a
+    message off the queue, into a socket nobody reads until it resumes.)"""
     drop_database(SCRATCH_DB)
-    env = user_env(**{k: TEST_ENV[k] for k in ("AIMESH_BROKER_URL", "AIMESH_RESULT_BACKEND",
-                                              "AIMESH_REDIS_URL")},
-                   AIMESH_DATABASE_URL=SCRATCH_DB)
-    with only_these_workers(set(), []):
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(url), f"the README test's own redis-server on {port}")
+        env = user_env(AIMESH_BROKER_URL=f"{url}/0", AIMESH_RESULT_BACKEND=f"{url}/0",
+                       AIMESH_REDIS_URL=f"{url}/1", AIMESH_DATABASE_URL=SCRATCH_DB)
         yield env
-    drop_database(SCRATCH_DB)
+    finally:
+        server.kill()
+        server.wait(10)
+        drop_database(SCRATCH_DB)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
 
 
 @pytest.mark.slow
