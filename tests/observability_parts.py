@@ -111,6 +111,9 @@ def _wait_queues(host: str, check: Callable[[set[str]], bool], what: str) -> Non
                    seen=lambda: _queues_of(host))
 
 
+BRPOP_DRAIN_S = 2.5
+
+
 @contextmanager
 def only_these_workers(mine: set[str], endpoint_queues: list[str]) -> Iterator[None]:
     """Pause every other worker on this broker (the session's `workers`, any other this
@@ -132,6 +135,11 @@ def only_these_workers(mine: set[str], endpoint_queues: list[str]) -> Iterator[N
             app.control.cancel_consumer(queue, destination=[host], reply=True)
         _wait_queues(host, lambda names, gone=set(queues): not names & gone,
                      f"no longer consuming {queues}")
+    if paused:
+        # A BRPOP a worker issued before its consumer was cancelled still names the old
+        # queues, and Redis hands it the next message pushed there: let every such BRPOP
+        # run out (kombu's Redis transport blocks for 1 s at a time) before traffic starts.
+        time.sleep(BRPOP_DRAIN_S)
     try:
         yield
     finally:

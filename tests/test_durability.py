@@ -610,8 +610,9 @@ def test_a_redis_broker_that_evicts_is_refused_at_start_up(fresh: Servers) -> No
 def _probe_app(servers: Servers) -> Celery:
     """A bare Celery app on this module's broker and results (JSON only), for calling the
     reconciler in this process."""
+    # Not the current app: later tests' AsyncResult() without an app must not use it.
     probe = Celery("durability-probe", broker=servers.redis.url(BROKER_DB),
-                   backend=servers.redis.url(RESULTS_DB))
+                   backend=servers.redis.url(RESULTS_DB), set_as_current=False)
     probe.conf.update(task_serializer="json", result_serializer="json",
                       accept_content=["json"], result_accept_content=["json"])
     return probe

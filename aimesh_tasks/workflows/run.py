@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from celery.result import AsyncResult
 
+from aimesh_tasks.app import app
 from aimesh_tasks.embedded import ensure_embedded_worker
 from aimesh_tasks.errors import BudgetExceeded
 from aimesh_tasks.governance.audit import audit
@@ -50,4 +51,4 @@ def submit_workflow(workflow: Workflow | dict[str, Any] | str | Path,
     state.create_run(run_id, parsed, levels, plan)
     ensure_embedded_worker()
     compile_workflow(run_id, parsed, levels).apply_async()
-    return Submitted(run_id, AsyncResult(run_id))
+    return Submitted(run_id, AsyncResult(run_id, app=app))
