@@ -28,9 +28,16 @@ def _count(message_id: str) -> int:
 
 
 def test_records_wait_in_redis_until_flushed() -> None:
-    outbox.append("routing_decision", _decision("m-1"))
-    assert outbox.pending() == 1 and _count("m-1") == 0
-    assert outbox.flush() == 1
+    # The session's workers flush the same outbox every 0.2 s: hold the flushers' lock so
+    # that none moves the record while the test looks at it waiting in Redis.
+    get_redis().set(keys.outbox_lock(), "held-by-test", px=30_000)
+    try:
+        outbox.append("routing_decision", _decision("m-1"))
+        assert outbox.pending() == 1 and _count("m-1") == 0
+        assert outbox.flush() == 0  # the lock is held: nothing moves
+    finally:
+        get_redis().delete(keys.outbox_lock())
+    outbox.flush(wait_s=5)  # this process or a worker's flusher moves it, once
     assert outbox.pending() == 0 and _count("m-1") == 1
 
 
