@@ -25,12 +25,13 @@ from aimesh_tasks.pipeline.call import endpoint_to_args
 from aimesh_tasks.pipeline.dedup import answer_from_cache, queue_join_flight, semantic_answer
 from aimesh_tasks.pipeline.flight import deadline_exceeded, end_flight
 from aimesh_tasks.pipeline.outcomes import HandOff, Hit, Joined, Refused, RouteOutcome
-from aimesh_tasks.pipeline.route import plan_route, queue_route_inputs
+from aimesh_tasks.pipeline.route import RouteInputs, plan_route, queue_route_inputs
 from aimesh_tasks.policies import Policies, RouteContext, active
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.settings import get_settings
 
-DEDUP_OUTCOMES = {"hit": "hit", "follow": "join", "lead": "miss", "handed": "miss"}
+# A hand-off found again (a duplicate delivery) returns before this is read.
+DEDUP_OUTCOMES = {"hit": "hit", "follow": "join", "lead": "miss"}
 
 
 def route(app: Any, message: AiMessage, *, in_canvas: bool = False, reply: Reply = "raise",
@@ -67,7 +68,7 @@ def route(app: Any, message: AiMessage, *, in_canvas: bool = False, reply: Reply
 
 
 def _lead(app: Any, message: AiMessage, ctx: RouteContext, policies: Policies,
-          flight: Flight | None, inputs: Any, reply: Reply) -> RouteOutcome:
+          flight: Flight | None, inputs: RouteInputs, reply: Reply) -> RouteOutcome:
     try:
         policies.before_route(ctx)
     except AimeshError as exc:
