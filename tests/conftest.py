@@ -3,8 +3,9 @@
 The broker and result backend use Redis db 14 (flushed once per session, before the
 workers start); live figures use db 15 (flushed around every test); the database is
 Postgres `test`, migrated from empty once per session and truncated around every test.
-AIMESH_TEST_SLOT=N (1..5) moves a run to dbs 14-2N/15-2N and database aimesh_test_N,
-so that several runs can share one machine. AIMESH_TEST_REDIS and AIMESH_TEST_POSTGRES
+AIMESH_TEST_SLOT=N (1..7) moves a run to dbs 14-2N/15-2N and database aimesh_test_N,
+so that several runs can share one machine (slots 8 and up wrap round the 16 Redis dbs:
+give them their own redis-server with AIMESH_TEST_REDIS). AIMESH_TEST_REDIS and AIMESH_TEST_POSTGRES
 point the run at other servers (e.g. a closed port, to show which tests need none).
 
 Only tests that use Redis or Postgres depend on the `servers` fixture (through `database`,
@@ -22,7 +23,7 @@ import pytest
 
 SLOT = int(os.environ.get("AIMESH_TEST_SLOT", "0"))
 REDIS = os.environ.get("AIMESH_TEST_REDIS", "redis://127.0.0.1:6379")
-BROKER_DB, LIVE_DB = 14 - 2 * SLOT, 15 - 2 * SLOT
+BROKER_DB, LIVE_DB = (14 - 2 * SLOT) % 16, (15 - 2 * SLOT) % 16
 PG_SERVER = os.environ.get("AIMESH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 DATABASE = f"{PG_SERVER}/test" if SLOT == 0 else f"{PG_SERVER}/aimesh_test_{SLOT}"
 TEST_ENV = {
