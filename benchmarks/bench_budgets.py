@@ -6,14 +6,14 @@ Baseline: `UPDATE ... SET spent = spent + x WHERE spent + x <= limit RETURNING` 
 statement, one commit) on one hot row and on 100 rows. Ours: a full budget cycle per
 call, reserve → claim → settle (three transactions with row locks, a reservation row
 and a ledger row), on one hot agent and on 100 agents. Medians over the repeats; the
-last line is JSON. Uses the Postgres database aimesh_bench (created if missing).
+last line is JSON. Uses the Postgres database aimesh_bench (created if missing;
+AIMESH_BENCH_DBS moves it: benchmarks/places.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -23,10 +23,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-BENCH_DB = "postgresql://postgres@127.0.0.1:5432/aimesh_bench"
-os.environ.update({"AIMESH_DATABASE_URL": BENCH_DB, "AIMESH_REDIS_URL": "redis://127.0.0.1:6379/3",
-                   "AIMESH_BROKER_URL": "redis://127.0.0.1:6379/2"})
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Redis dbs and the Postgres database by AIMESH_BENCH_DBS (benchmarks/places.py).
+from benchmarks.places import BENCH_DB  # noqa: E402, I001
 
 import psycopg  # noqa: E402
 from sqlalchemy import text  # noqa: E402

@@ -28,19 +28,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REDIS = os.environ.get("AIMESH_BENCH_REDIS", "redis://127.0.0.1:6379")
-BROKER_DB, LIVE_DB = os.environ.get("AIMESH_BENCH_DBS", "2,3").split(",")
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-BENCH_DB = "postgresql://postgres@127.0.0.1:5432/aimesh_bench"
-os.environ.update({
-    "AIMESH_BROKER_URL": f"{REDIS}/{BROKER_DB}", "AIMESH_RESULT_BACKEND": f"{REDIS}/{BROKER_DB}",
-    "AIMESH_REDIS_URL": f"{REDIS}/{LIVE_DB}", "AIMESH_DATABASE_URL": BENCH_DB,
-    "AIMESH_LOG_LEVEL": "WARNING",
-})
+os.environ["AIMESH_LOG_LEVEL"] = "WARNING"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
+# Redis dbs and the Postgres database by AIMESH_BENCH_DBS (benchmarks/places.py).
+from benchmarks.places import BENCH_DB, BROKER_DB, LIVE_DB, REDIS, create_database  # noqa: E402, I001
+
 import redis  # noqa: E402
 import yaml  # noqa: E402
 from sqlalchemy import inspect  # noqa: E402
@@ -72,9 +66,7 @@ AGENT = "bench-agent"
 def prepare() -> dict[str, Any]:
     """Create, migrate and empty the benchmark database and Redis dbs; one endpoint per
     route of the labelled set; the agent, listed on every route, with a high rate limit."""
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname='aimesh_bench'").fetchone():
-            conn.execute("CREATE DATABASE aimesh_bench")
+    create_database()
     upgrade(BENCH_DB)
     with get_engine().begin() as connection:
         present = set(inspect(connection).get_table_names())

@@ -11,8 +11,9 @@ at a paced 50 msg/s for both (publish → result written, from timestamps on one
 The raw two-hop hands off the way the spine does (same task id, see
 aimesh_tasks/tasks/handoff.py); a raw two-hop with Celery's Task.replace is measured
 too, for reference (raw_replace_msgs_s).
-Prints one JSON line last. Needs Redis and Postgres on loopback (uses Redis dbs 2/3
-and the Postgres database aimesh_bench, created if missing).
+Prints one JSON line last. Needs Redis and Postgres on loopback (Redis dbs 2/3 and the
+Postgres database aimesh_bench, created if missing; AIMESH_BENCH_DBS moves both, see
+benchmarks/places.py).
 """
 
 from __future__ import annotations
@@ -30,22 +31,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REDIS = os.environ.get("AIMESH_BENCH_REDIS", "redis://127.0.0.1:6379")
-# Redis dbs for the broker/results and the live figures (AIMESH_BENCH_DBS="2,3").
-BROKER_DB, LIVE_DB = os.environ.get("AIMESH_BENCH_DBS", "2,3").split(",")
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-BENCH_DB = "postgresql://postgres@127.0.0.1:5432/aimesh_bench"
-ENV = {
-    "AIMESH_BROKER_URL": f"{REDIS}/{BROKER_DB}",
-    "AIMESH_RESULT_BACKEND": f"{REDIS}/{BROKER_DB}",
-    "AIMESH_REDIS_URL": f"{REDIS}/{LIVE_DB}",
-    "AIMESH_DATABASE_URL": BENCH_DB,
-}
-os.environ.update(ENV)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import psycopg  # noqa: E402
+# Redis dbs and the Postgres database by AIMESH_BENCH_DBS (benchmarks/places.py).
+from benchmarks.places import BENCH_DB, BROKER_DB, ENV, LIVE_DB, REDIS, create_database  # noqa: E402, I001
+
 import redis  # noqa: E402
 
 from aimesh_tasks import submit  # noqa: E402
@@ -65,9 +56,7 @@ def _free_port() -> int:
 
 def prepare_database() -> None:
     """Create and migrate the benchmark database; empty its Redis dbs."""
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname='aimesh_bench'").fetchone():
-            conn.execute("CREATE DATABASE aimesh_bench")
+    create_database()
     upgrade(BENCH_DB)
     for db in (BROKER_DB, LIVE_DB):
         redis.Redis.from_url(f"{REDIS}/{db}").flushdb()

@@ -10,7 +10,8 @@ record (routing, dedup, budget, audit, state in Postgres), then the gather step 
 finish task. The baseline is `chord(group(50 × bench.wf_call), bench.wf_gather)`: the
 same HTTP calls to the same simulator from the endpoint worker, nothing else. Figures are
 end-to-end seconds, submit → final result, medians of the repeats. JSON is printed last.
-Needs Redis and Postgres on loopback (Redis dbs 2/3, Postgres database aimesh_bench).
+Needs Redis and Postgres on loopback (Redis dbs 2/3, Postgres database aimesh_bench;
+AIMESH_BENCH_DBS moves both: benchmarks/places.py).
 """
 
 from __future__ import annotations
@@ -25,15 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REDIS = os.environ.get("AIMESH_BENCH_REDIS", "redis://127.0.0.1:6379")
-os.environ.update({  # the benchmark environment of bench_spine.py, before aimesh_tasks loads
-    "AIMESH_BROKER_URL": f"{REDIS}/2",
-    "AIMESH_RESULT_BACKEND": f"{REDIS}/2",
-    "AIMESH_REDIS_URL": f"{REDIS}/3",
-    "AIMESH_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/aimesh_bench",
-})
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import benchmarks.places  # noqa: E402, F401, I001  (the environment, before aimesh_tasks)
 
 import httpx  # noqa: E402
 from celery import chord, group  # noqa: E402
