@@ -10,7 +10,9 @@ aimesh.route + bench.a and an endpoint worker on the endpoint queue + bench.b. M
 at a paced 50 msg/s for both (publish → result written, from timestamps on one clock).
 The raw two-hop hands off the way the spine does (same task id, see
 aimesh_tasks/tasks/handoff.py); a raw two-hop with Celery's Task.replace is measured
-too, for reference (raw_replace_msgs_s).
+too, for reference (raw_replace_msgs_s), and a raw two-hop whose second hop makes the
+same HTTP call to the simulator (raw_call_msgs_s, and its paced p50): the fair baseline,
+since the spine's endpoint worker makes that call too (issue 18, goal 1).
 Prints one JSON line last. Needs Redis and Postgres on loopback (Redis dbs 2/3 and the
 Postgres database aimesh_bench, created if missing; AIMESH_BENCH_DBS moves both, see
 benchmarks/places.py).
@@ -43,7 +45,7 @@ from aimesh_tasks import submit  # noqa: E402
 from aimesh_tasks.app import app  # noqa: E402
 from aimesh_tasks.db.migrate import upgrade  # noqa: E402
 from aimesh_tasks.registry import add_endpoint, list_endpoints, remove_endpoint  # noqa: E402
-from benchmarks.raw_tasks import hop_a, hop_a_replace  # noqa: E402
+from benchmarks.raw_tasks import hop_a, hop_a_call, hop_a_replace  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -93,6 +95,9 @@ def wait_workers(names: list[str]) -> None:
     raise RuntimeError(f"workers {names} did not start; see /tmp/bench-*.log")
 
 
+SIMULATOR_URL = ""  # set by main() once the simulator listens
+
+
 def burst(kind: str, n: int) -> float:
     """Messages per second for n messages published at once, until the last result."""
     started = time.perf_counter()
@@ -106,6 +111,9 @@ def publish(kind: str, i: int) -> Any:
     """Publish one message of the kind ('raw' or 'spine')."""
     if kind == "raw":
         return hop_a.apply_async(({"published_at": time.time(), "i": i},), queue="bench.a")
+    if kind == "raw_call":
+        return hop_a_call.apply_async(({"published_at": time.time(), "i": i,
+                                        "url": SIMULATOR_URL},), queue="bench.a")
     if kind == "raw_replace":
         return hop_a_replace.apply_async(({"published_at": time.time(), "i": i},),
                                          queue="bench.a")
@@ -127,7 +135,7 @@ def paced_latencies_ms(kind: str, rate: float, seconds: float) -> list[float]:
     latencies = []
     for published, result in results:
         value = result.get(timeout=120)
-        if kind == "raw":
+        if kind in ("raw", "raw_call"):
             finished = value["finished_at"]
         else:
             finished = datetime.fromisoformat(value["finished_at"]).timestamp()
@@ -154,8 +162,10 @@ def main() -> None:
     parser.add_argument("--paced-seconds", type=float, default=8.0)
     args = parser.parse_args()
 
+    global SIMULATOR_URL
     prepare_database()
     port = _free_port()
+    SIMULATOR_URL = f"http://127.0.0.1:{port}"
     sim = start([str(BIN / "aimesh"), "simulate", "--port", str(port), "--latency-ms",
                  str(args.latency_ms)], "/tmp/bench-sim.log")
     time.sleep(1.0)
@@ -175,21 +185,30 @@ def main() -> None:
     try:
         wait_workers([f"brouter{tag}", f"bendpoint{tag}"])
         burst("raw", 100)
+        burst("raw_call", 100)
         burst("spine", 100)  # warm-up: connections, caches
-        raw, spine, raw_replace = [], [], []
+        raw, raw_call, spine, raw_replace = [], [], [], []
         for _ in range(args.repeats):
             raw.append(burst("raw", args.messages))
+            raw_call.append(burst("raw_call", args.messages))
             spine.append(burst("spine", args.messages))
             raw_replace.append(burst("raw_replace", args.messages))
-            print(f"burst: raw {raw[-1]:.0f} msgs/s, spine {spine[-1]:.0f} msgs/s, "
-                  f"raw with Task.replace {raw_replace[-1]:.0f} msgs/s", flush=True)
+            print(f"burst: raw {raw[-1]:.0f} msgs/s, raw with the call {raw_call[-1]:.0f}, "
+                  f"spine {spine[-1]:.0f} msgs/s, raw with Task.replace "
+                  f"{raw_replace[-1]:.0f} msgs/s", flush=True)
         raw_lat = paced_latencies_ms("raw", 50, args.paced_seconds)
+        raw_call_lat = paced_latencies_ms("raw_call", 50, args.paced_seconds)
         spine_lat = paced_latencies_ms("spine", 50, args.paced_seconds)
     finally:
         stop_all([*workers, sim])
     raw_tp, spine_tp = statistics.median(raw), statistics.median(spine)
     raw_p50, spine_p50 = percentile(raw_lat, 0.5), percentile(spine_lat, 0.5)
+    raw_call_tp, raw_call_p50 = statistics.median(raw_call), percentile(raw_call_lat, 0.5)
     figures = {
+        "raw_call_msgs_s": round(raw_call_tp, 1),
+        "ratio_to_raw_call": round(spine_tp / raw_call_tp, 3),
+        "raw_call_p50_ms": round(raw_call_p50, 2),
+        "p50_ratio_to_raw_call": round(spine_p50 / raw_call_p50, 3),
         "raw_two_hop_msgs_s": round(raw_tp, 1),
         "spine_msgs_s": round(spine_tp, 1),
         "ratio": round(spine_tp / raw_tp, 3),
