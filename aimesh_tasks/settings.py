@@ -23,6 +23,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_MAX_DELIVERIES             | 5                   | deliveries, then dead-lettered    |
 | AIMESH_PROVIDER_TIMEOUT_S         | 30                  | read timeout of an upstream call  |
 | AIMESH_PROVIDER_CONNECT_TIMEOUT_S | 5                   | connect timeout of an upstream call|
+| AIMESH_PROVIDER_CONNECTIONS_PER_URL | 1000              | open connections per provider URL |
 | AIMESH_MAX_TOKENS_CAP             | 32768               | largest max_tokens of a message   |
 | AIMESH_MAX_PAYLOAD_BYTES          | 262144              | largest chat payload, in bytes    |
 | AIMESH_LIVE_WINDOW                | 200                 | calls kept for p50/p99/error rate |
@@ -148,6 +149,10 @@ class Settings(BaseSettings):
     )
     provider_timeout_s: float = Field(30, gt=0, description="Read timeout of an upstream call.")
     provider_connect_timeout_s: float = Field(5, gt=0, description="Connect timeout upstream.")
+    provider_connections_per_url: int = Field(
+        1000, ge=1,
+        description="Connections a process keeps open to one provider base URL (keep-alive); "
+                    "a call finding them all busy waits for one, at most its read timeout.")
     max_tokens_cap: int = Field(32768, gt=0, description="Largest max_tokens allowed.")
     max_payload_bytes: int = Field(262144, gt=0, description="Largest message payload.")
     live_window: int = Field(200, ge=10, le=10000, description="Calls kept for live figures.")

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner, Result
@@ -25,7 +24,7 @@ from aimesh_tasks.cli.main import cli
 from aimesh_tasks.db import AuditRow, session_scope
 from aimesh_tasks.errors import AllEndpointsFailed, InvalidInput, ProviderError
 from aimesh_tasks.messages import AiMessage
-from aimesh_tasks.providers import PROVIDERS
+from aimesh_tasks.providers import PROVIDERS, aio
 from aimesh_tasks.providers import http as upstream
 from aimesh_tasks.providers.credentials import api_key, looks_like_key, missing_reason, redact
 from aimesh_tasks.registry import Endpoint, add_endpoint, get_endpoint, update_endpoint
@@ -135,7 +134,7 @@ def test_error_excerpt_redacts_the_key_and_key_like_tokens() -> None:
     body = {"error": {"message": f"Incorrect API key provided: {used} (also {PASTED_KEY}). "
                                  "See https://platform.openai.com/account/api-keys.",
                       "type": "invalid_request_error", "code": "invalid_api_key"}}
-    response = httpx.Response(401, json=body)
+    response = aio.Response(401, {"content-type": "application/json"}, json.dumps(body).encode())
     error = upstream._status_error(_ep(), PROVIDERS["openai"], response, used)
     for text in (error.message, error.fields["detail"]):
         assert used not in text and PASTED_KEY not in text

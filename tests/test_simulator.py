@@ -215,7 +215,7 @@ def test_stats_and_calls_count_every_request_with_call_keys() -> None:
     assert [c["status"] for c in calls] == [200, 200, 400]
     assert calls[0] == {"n": 1, "model": "gpt-sim", "status": 200, "call_key": "key-1",
                         "prompt_tokens": PROMPT_TOKENS,
-                        "completion_tokens": 16}
+                        "completion_tokens": 16, "disconnected": False}
     assert over_http == (stats, calls)
     assert health == {"status": "ok"}
     assert reset["calls"] == 0

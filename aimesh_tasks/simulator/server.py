@@ -34,13 +34,15 @@ WIRE_FORMATS: Final[tuple[Sequence[Route], ...]] = (
     gemini_format.ROUTES,
 )
 
-_CALL_FIELDS: Final = ("n", "model", "status", "prompt_tokens", "completion_tokens", "call_key")
+_CALL_FIELDS: Final = ("n", "model", "status", "prompt_tokens", "completion_tokens", "call_key",
+                       "disconnected")
 _STATUS_COUNTERS: Final = {
     200: "ok", 500: "errors_500", 429: "throttled_429", 400: "bad_request_400",
 }
 _COUNTERS: Final = ("calls", *_STATUS_COUNTERS.values(), "prompt_tokens", "completion_tokens")
-# Counted besides, and shown in stats() once they happen: the newer injected faults and
-# any other status a format answers (the wave-1 counters above keep their exact shape).
+# Counted besides, and shown in stats() once they happen: the newer injected faults, calls
+# whose caller went away first ("disconnected") and any other status a format answers (the
+# wave-1 counters above keep their exact shape).
 _EXTRA_COUNTERS: Final = ("overloaded", "malformed", "no_usage")
 Fault = Literal["server_error", "throttled", "overloaded", "malformed", "no_usage"]
 
@@ -54,6 +56,7 @@ class Call:
     call_key: str | None
     delay_s: float
     fault: Fault | None  # the injected fault, if any (see SimulatorConfig)
+    request: web.BaseRequest
 
 
 class SimState:
@@ -83,7 +86,8 @@ class SimState:
                 fault = name  # type: ignore[assignment]
                 break
         key = request.headers.get(CALL_KEY_HEADER)
-        return Call(self._counts["calls"], next(self._serials), key, delay_ms / 1000.0, fault)
+        return Call(self._counts["calls"], next(self._serials), key, delay_ms / 1000.0, fault,
+                    request)
 
     async def wait(self, call: Call) -> None:
         """Sleep the call's latency without blocking other requests."""
@@ -94,8 +98,13 @@ class SimState:
         self, call: Call, status: int, model: str | None = None,
         prompt_tokens: int = 0, completion_tokens: int = 0,
     ) -> None:
-        """Record the outcome of a call in the counters and the call log."""
+        """Record the outcome of a call in the counters and the call log, `disconnected`
+        when the caller went away before it (the call is still answered and billed, as a
+        provider bills a request its client abandoned)."""
         counts = self._counts
+        disconnected = _client_gone(call.request)
+        if disconnected:
+            counts["disconnected"] = counts.get("disconnected", 0) + 1
         name = _STATUS_COUNTERS.get(status, f"status_{status}")
         counts[name] = counts.get(name, 0) + 1
         if call.fault in _EXTRA_COUNTERS:
@@ -103,7 +112,8 @@ class SimState:
         if status == 200:
             counts["prompt_tokens"] += prompt_tokens
             counts["completion_tokens"] += completion_tokens
-        self._log.append((call.n, model, status, prompt_tokens, completion_tokens, call.call_key))
+        self._log.append((call.n, model, status, prompt_tokens, completion_tokens, call.call_key,
+                          disconnected))
 
     def stats(self) -> dict[str, int]:
         """Request and token counters since start or the last reset (counters beyond the
@@ -111,7 +121,9 @@ class SimState:
         return dict(self._counts)
 
     def calls(self) -> list[dict[str, Any]]:
-        """The most recent call records, oldest first."""
+        """The most recent call records, oldest first: `n`, `model`, `status`, the token
+        counts, the caller's `call_key` and `disconnected` (the caller closed its connection
+        before the answer was ready: an aborted or hedged-away call)."""
         return [dict(zip(_CALL_FIELDS, record, strict=True)) for record in self._log]
 
     def reset(self) -> None:
@@ -124,6 +136,12 @@ class SimState:
         """Apply runtime config changes (ConfigFieldError if invalid); return the config."""
         self.config = self.config.with_changes(changes)
         return self.config.as_dict()
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    """Whether the caller has closed the request's connection (aborted its call)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 STATE_KEY: Final = web.AppKey("aimesh_simulator_state", SimState)
