@@ -462,7 +462,7 @@ def test_call_log_keeps_the_call_key_header() -> None:
         post(sim, body(), headers={**HEADERS, "X-Aimesh-Call-Key": "key-7"})
         [call] = sim.calls()
     assert call == {"n": 1, "model": "claude-sim", "status": 200, "call_key": "key-7",
-                    "prompt_tokens": PROMPT_TOKENS, "completion_tokens": 16}
+                    "prompt_tokens": PROMPT_TOKENS, "completion_tokens": 16, "disconnected": False}
 
 
 # --- the official SDK against the simulator -------------------------------------------

@@ -234,7 +234,8 @@ def test_answer_has_the_documented_shape_and_the_openai_formats_figures() -> Non
     assert completion.text == openai["choices"][0]["message"]["content"]
     assert completion.input_tokens == openai["usage"]["prompt_tokens"] == PROMPT_TOKENS
     assert calls[0] == {"n": 1, "model": "gemini-sim", "status": 200, "call_key": "k-1",
-                        "prompt_tokens": PROMPT_TOKENS, "completion_tokens": 16}
+                        "prompt_tokens": PROMPT_TOKENS, "completion_tokens": 16,
+                        "disconnected": False}
 
 
 def test_answer_keeps_the_shape_of_a_real_gemini_event() -> None:
