@@ -9,9 +9,9 @@ holds as many calls as its pool has threads (threads -c1000) at the CPU cost of 
                     connect_s=5, read_s=30, cancel=event, on_line=print)
 
 Why aiohttp itself: measured against the simulator at 200 ms latency, 3,000 requests with
-1,000 in flight, the client's CPU per call was 0.34 ms for aiohttp, 0.59-0.74 ms for httpx on
-an aiohttp transport (`httpx-aiohttp`) and 21 ms for one httpx.AsyncClient with 1,000
-connections (its pool scans its connection list per request: ../shared/MEASURED.md
+1,000 in flight, the client's CPU per call was 0.34 ms for aiohttp, 0.71 ms for httpx on an
+aiohttp transport (`httpx-aiohttp`; medians of 3) and 21 ms for one httpx.AsyncClient with
+1,000 connections (its pool scans its connection list per request: ../shared/MEASURED.md
 finding 1). aiohttp is already a dependency (the simulator).
 
 - **Connections**: one `aiohttp.ClientSession` per base URL, keep-alive, at most
