@@ -518,7 +518,8 @@ def test_demo_on_rabbitmq_keeps_results_in_redis(clean: None, tmp_path: Path) ->
 def test_help_imports_no_heavy_module() -> None:
     probe = ("import json, sys\nsys.argv = ['aimesh', '--help']\n"
              "from aimesh_tasks.cli.main import main\ntry:\n    main()\nexcept SystemExit:\n"
-             "    pass\nheavy = ('celery', 'kombu', 'sqlalchemy', 'pydantic', 'redis', 'httpx')\n"
+             "    pass\nheavy = ('celery', 'kombu', 'sqlalchemy', 'pydantic', 'redis', 'httpx',\n"
+             "         'aiohttp')\n"
              "print(json.dumps([m for m in heavy if m in sys.modules]))\n")
     done = subprocess.run([sys.executable, "-c", probe], env=user_env(), capture_output=True,
                           text=True, timeout=60)

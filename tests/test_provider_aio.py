@@ -1,6 +1,6 @@
 """providers.aio against the real simulator: answers, cancel before and in flight (the
 simulator sees the disconnect), lines as they arrive, errors, an interrupted caller, a
-forked child, and many threads at once."""
+forked child, many threads at once; and call_provider's reading of a cancel."""
 
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ import httpx
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
+from aimesh_tasks.errors import ProviderError
+from aimesh_tasks.messages import AiMessage
 from aimesh_tasks.providers import aio
+from aimesh_tasks.providers.http import call_provider
+from aimesh_tasks.registry.endpoints import Endpoint
 from aimesh_tasks.simulator import RunningSimulator
 from tests.waits import wait_until
 
@@ -235,3 +239,47 @@ def test_two_hundred_threads_at_once_all_get_their_answers(simulator: Simulator)
     assert statuses == [200] * len(keys)
     assert sorted(c["call_key"] for c in sim.calls()) == sorted(keys)
     assert sim.stats()["ok"] == len(keys)
+
+
+# --- through call_provider: the path's reading of a cancel and a transport failure --------
+
+def _endpoint(base_url: str) -> Endpoint:
+    return Endpoint(id="aio-ep", provider="openai", base_url=base_url, model="gpt-sim",
+                    api_key_env=None, input_nusd_per_1k=1, output_nusd_per_1k=1, capacity=1,
+                    tags=frozenset(), enabled=True)
+
+
+def _provider_error(endpoint: Endpoint, key: str, **kwargs: Any) -> ProviderError:
+    with pytest.raises(ProviderError) as caught:
+        call_provider(endpoint, AiMessage(agent_id="aio", prompt="hi"), key, **kwargs)
+    return caught.value
+
+
+def _reading(error: ProviderError) -> tuple[Any, ...]:
+    return (error.action, error.fields["reason"], error.fields["maybe_billed"], error.retryable)
+
+
+def test_call_provider_fails_a_cancelled_call_saying_whether_it_was_sent(
+        simulator: Simulator) -> None:
+    sim = simulator(latency_ms=IN_FLIGHT_MS)
+    endpoint = _endpoint(sim.url)
+    before = threading.Event()
+    before.set()
+    assert _reading(_provider_error(endpoint, "aio-p0", cancel=before)) == (
+        "fail", "cancelled", False, False)
+    in_flight = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_provider_error, endpoint, "aio-p1", cancel=in_flight)
+        arrived(sim)
+        in_flight.set()
+        error = pending.result(timeout=60)
+    assert _reading(error) == ("fail", "cancelled", True, False)
+    assert "cancelled in flight" in error.message and error.endpoint_id == "aio-ep"
+    assert answered(sim, "aio-p1")["disconnected"] is True
+
+
+def test_call_provider_reads_a_refused_connection_as_never_sent() -> None:
+    with closed_port() as port:
+        error = _provider_error(_endpoint(f"http://127.0.0.1:{port}"), "aio-p2")
+    assert _reading(error) == ("fallback", "connect", False, True)
+    assert "ClientConnectorError calling http://127.0.0.1:" in error.message
