@@ -508,6 +508,11 @@ def _dict(*pairs: Any) -> dict[str, Any]:
     return {strval(pairs[i]): pairs[i + 1] for i in range(0, len(pairs), 2)}
 
 
+def _set(mapping: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    mapping[key] = value
+    return mapping
+
+
 def _required(message: str, value: Any) -> Any:
     if value is None or value == "":
         raise _Failed(message)
@@ -572,7 +577,9 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "hasPrefix": lambda prefix, s: strval(s).startswith(prefix),
     "join": lambda sep, items: sep.join(strval(v) for v in (items or [])),
     "list": lambda *a: list(a),
+    "append": lambda items, value: [*(items or []), value],
     "dict": _dict,
+    "set": _set,
     "hasKey": lambda d, k: k in d,
     "required": _required,
     "fail": _fail,
