@@ -17,7 +17,6 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import typer.main
 import yaml
 from kubernetes_validate.utils import ValidationError as K8sValidationError
 
@@ -26,50 +25,22 @@ from aimesh_tasks.cli.main import cli
 from aimesh_tasks.observability.exporter import ClusterCollector
 from aimesh_tasks.observability.metrics import ALL_METRICS
 from aimesh_tasks.settings import Settings
+from tests.deploy_parts import (
+    AIMESH_IMAGE,
+    K8S_VERSION,
+    NON_AIMESH_ENV,
+    SETTINGS_ENV,
+    command_queues,
+    documented_secret,
+    load_docs,
+    parse_aimesh,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
-K8S = [(path.name, doc) for path in sorted((ROOT / "deploy/k8s").glob("*.yaml"))
-       for doc in yaml.safe_load_all(path.read_text()) if doc]
-K8S_VERSION = "1.30.0"
-AIMESH_IMAGE = "aimesh-tasks"
-NON_AIMESH_ENV = {"PROMETHEUS_MULTIPROC_DIR"}  # prometheus-client's own variable
+K8S = load_docs(sorted((ROOT / "deploy/k8s").glob("*.yaml")))
 CHECK_JSONSCHEMA = str(Path(sys.executable).with_name("check-jsonschema"))
-
-
-def _settings_env_names() -> set[str]:
-    names = set()
-    for name, field in Settings.model_fields.items():
-        names.add(f"AIMESH_{name.upper()}")
-        alias = field.validation_alias
-        names.update(getattr(alias, "choices", []) or [])
-    return names
-
-
-SETTINGS_ENV = _settings_env_names()
-
-
-def _parse_aimesh(command: list[str]) -> Any:
-    """Parse an `aimesh ...` command line with the real CLI, without running it (typer
-    vendors its own click, so commands are told apart by their `commands` attribute)."""
-    assert command[0] == "aimesh", command
-    node: Any = typer.main.get_command(cli)
-    args = command[1:]
-    while hasattr(node, "commands"):
-        sub = node.get_command(node.context_class(node), args[0])
-        assert sub is not None, f"no command {args[0]!r} in {command}"
-        node, args = sub, args[1:]
-    return node.make_context(node.name or "", list(args), resilient_parsing=False)
-
-
-def _worker_queues(command: list[str]) -> set[str]:
-    params = _parse_aimesh(command).params
-    queues = {keys.ROUTE_QUEUE} if params.get("router") else set()
-    for endpoint_id in (params.get("endpoints") or "").split(","):
-        if endpoint_id and endpoint_id != "all":
-            queues.add(keys.endpoint_queue(endpoint_id))
-    return queues
 
 
 def _aimesh_services() -> dict[str, dict[str, Any]]:
@@ -99,7 +70,7 @@ def test_compose_has_every_role_and_each_aimesh_command_parses() -> None:
     services = _aimesh_services()
     commands = {name: s["command"] for name, s in services.items()}
     for command in commands.values():
-        _parse_aimesh(command)
+        parse_aimesh(command)
     roles = {tuple(c[1:2]) for c in commands.values()}
     assert {("db",), ("worker",), ("flower",), ("metrics",), ("simulate",)} <= roles
     assert ["aimesh", "db", "upgrade"] in commands.values()
@@ -131,7 +102,7 @@ def test_compose_serves_every_queue_of_the_registered_endpoints(clean: None) -> 
     assert registered == {c[3] for c in adds}
     served: set[str] = set()
     for command in (c for c in commands if c[1] == "worker"):
-        params = _parse_aimesh(command).params
+        params = parse_aimesh(command).params
         served |= set(worker_queues(params["router"], params["endpoints"], params["queues"]))
     assert keys.ROUTE_QUEUE in served
     missing = {keys.endpoint_queue(e) for e in registered} - served
@@ -251,7 +222,7 @@ def test_kubernetes_commands_parse_and_env_names_settings_fields() -> None:
         unknown = set(cm["data"]) - SETTINGS_ENV
         assert not unknown, unknown
     for name, container in _containers("Deployment") + _containers("Job"):
-        _parse_aimesh(container["command"])
+        parse_aimesh(container["command"])
         assert container["image"].startswith(AIMESH_IMAGE)
         for source in container.get("envFrom", []):
             if "configMapRef" in source:
@@ -265,7 +236,7 @@ def test_kubernetes_commands_parse_and_env_names_settings_fields() -> None:
 
 def test_every_worker_queue_has_a_worker_group_and_a_keda_scaler() -> None:
     workers = {name: c for name, c in _containers("Deployment") if c["command"][1] == "worker"}
-    served = {name: _worker_queues(c["command"]) for name, c in workers.items()}
+    served = {name: command_queues(c["command"]) for name, c in workers.items()}
     scalers = [d for _, d in K8S if d["kind"] == "ScaledObject"]
     scaled: dict[str, set[str]] = {}
     for scaler in scalers:
@@ -282,7 +253,7 @@ def test_every_worker_queue_has_a_worker_group_and_a_keda_scaler() -> None:
     for name, queues in served.items():
         assert queues, f"{name} serves no fixed queue: KEDA cannot scale it"
         assert scaled.get(name) == queues, f"{name}: queues {queues}, scaled {scaled.get(name)}"
-    broker = next(d for _, d in K8S if d["kind"] == "ConfigMap")["data"]["AIMESH_BROKER_URL"]
+    broker = documented_secret()["AIMESH_BROKER_URL"]  # it carries the Redis password
     assert broker.endswith("/0")  # the database index the scalers read
 
 
