@@ -196,9 +196,18 @@ def _store_variable(services: dict[str, Doc], store: str) -> str | None:
 def _url_problems(where: str, value: str, services: dict[str, Doc]) -> list[str]:
     if not value.startswith(URL_SCHEMES):
         return []
-    userinfo, _, hostport = urlsplit(value).netloc.rpartition("@")
-    host = hostport.split(":")[0]
-    password = userinfo.partition(":")[2]
+    # ${VAR:?message} holds '?' and ':': park each one while the URL is split
+    parked: list[str] = []
+
+    def park(match: re.Match[str]) -> str:
+        parked.append(match.group())
+        return f"parked{len(parked) - 1}"
+
+    parts = urlsplit(_INTERPOLATION.sub(park, value))
+    host = parts.hostname or ""
+    password = parts.password or ""
+    if re.fullmatch(r"parked\d+", password):
+        password = parked[int(password.removeprefix("parked"))]
     variable = required_variable(password)
     if variable is None:
         return [f"{where}: the URL's password must be ${{VAR:?...}} (none, or a literal)"]
