@@ -22,6 +22,7 @@ from kubernetes_validate.utils import ValidationError as K8sValidationError
 
 from aimesh_tasks import keys
 from aimesh_tasks.cli.main import cli
+from aimesh_tasks.ingress.metrics import DURATION, IN_PROGRESS, REQUESTS
 from aimesh_tasks.observability.exporter import ClusterCollector
 from aimesh_tasks.observability.metrics import ALL_METRICS
 from aimesh_tasks.settings import Settings
@@ -41,6 +42,7 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 K8S = load_docs(sorted((ROOT / "deploy/k8s").glob("*.yaml")))
 CHECK_JSONSCHEMA = str(Path(sys.executable).with_name("check-jsonschema"))
+INGRESS_METRICS = (REQUESTS, DURATION, IN_PROGRESS)  # the ingress's own registry
 
 
 def _aimesh_services() -> dict[str, dict[str, Any]]:
@@ -273,7 +275,7 @@ def test_workers_get_time_to_finish_their_tasks_on_shutdown() -> None:
 def _exported() -> dict[str, set[str]]:
     """Every sample name the code exports -> its label names."""
     names: dict[str, set[str]] = {}
-    for metric in ALL_METRICS:
+    for metric in (*ALL_METRICS, *INGRESS_METRICS):
         labels = set(metric._labelnames)
         family = metric.describe()[0]
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],
@@ -288,7 +290,8 @@ def _exported() -> dict[str, set[str]]:
 def test_dashboard_queries_name_only_exported_metrics_and_labels() -> None:
     dashboard = json.loads((ROOT / "deploy/grafana/aimesh.json").read_text())
     exported = _exported()
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    panels = _dashboard_panels(dashboard)
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
     assert exprs
     used: set[str] = set()
     for expr in exprs:
@@ -302,9 +305,24 @@ def test_dashboard_queries_name_only_exported_metrics_and_labels() -> None:
         for selector in re.findall(r"\{([^}]*)\}", expr):
             assert {s.split("=")[0] for s in selector.split(",")} <= labels, expr
     wanted = {"aimesh_end_to_end_latency_seconds_bucket", "aimesh_agent_cost_usd_total",
-              "aimesh_queue_depth_messages"}
+              "aimesh_queue_depth_messages", "aimesh_ingress_requests_total",
+              "aimesh_ingress_request_duration_seconds_bucket"}
     assert wanted <= used
     provisioning = yaml.safe_load(
         (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yaml").read_text())
     uids = {d["uid"] for d in provisioning["datasources"]}
-    assert {p["datasource"]["uid"] for p in dashboard["panels"]} <= uids
+    assert {p["datasource"]["uid"] for p in panels} <= uids
+    ids = [p["id"] for p in dashboard["panels"]] + [
+        c["id"] for p in dashboard["panels"] for c in p.get("panels", [])]
+    assert len(ids) == len(set(ids)), "two panels share an id"
+
+
+def _dashboard_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel with queries: rows hold none (a collapsed row keeps its panels inside)."""
+    found = []
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            found += panel.get("panels", [])
+        else:
+            found.append(panel)
+    return found
