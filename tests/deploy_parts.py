@@ -165,32 +165,25 @@ def _environment(service: Doc) -> dict[str, Any]:
     return dict(env)
 
 
+_STORE_SETTING = {"redis": "--requirepass", "postgres": "POSTGRES_PASSWORD",
+                  "rabbitmq": "RABBITMQ_DEFAULT_PASS"}
+
+
 def _store_password_problems(services: dict[str, Doc]) -> list[str]:
-    problems = []
-    if "redis" in services:
-        command = services["redis"].get("command") or []
-        given = command[command.index("--requirepass") + 1] if "--requirepass" in command else ""
-        if required_variable(given) is None:
-            problems.append("redis: needs --requirepass ${VAR:?...} (a password from the "
-                            "environment, no default)")
-    for name, variable in (("postgres", "POSTGRES_PASSWORD"),
-                           ("rabbitmq", "RABBITMQ_DEFAULT_PASS")):
-        if name in services:
-            given = str(_environment(services[name]).get(variable, ""))
-            if required_variable(given) is None:
-                problems.append(f"{name}: {variable} must be ${{VAR:?...}} (from the "
-                                "environment, no default)")
-    return problems
+    return [f"{store}: {_STORE_SETTING[store]} must be ${{VAR:?...}} (a password from the "
+            "environment, no default)"
+            for store in STORE_PORTS if store in services
+            and _store_variable(services, store) is None]
 
 
 def _store_variable(services: dict[str, Doc], store: str) -> str | None:
+    """The variable a store's password comes from (None: none, a literal, a default)."""
     service = services.get(store) or {}
     if store == "redis":
         command = service.get("command") or []
-        return required_variable(command[command.index("--requirepass") + 1]) \
-            if "--requirepass" in command else None
-    key = "POSTGRES_PASSWORD" if store == "postgres" else "RABBITMQ_DEFAULT_PASS"
-    return required_variable(str(_environment(service).get(key, "")))
+        flag = command.index("--requirepass") if "--requirepass" in command else -2
+        return required_variable(command[flag + 1]) if flag >= 0 else None
+    return required_variable(str(_environment(service).get(_STORE_SETTING[store], "")))
 
 
 def _url_problems(where: str, value: str, services: dict[str, Doc]) -> list[str]:

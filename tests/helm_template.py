@@ -374,16 +374,14 @@ def truth(value: Any) -> bool:
 # --- functions ---------------------------------------------------------------------------
 
 
+_KINDS = ((bool, "bool"), (int, "int"), (float, "float"), (str, "string"))
+
+
 def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, int):
-        return "int"
-    if isinstance(value, float):
-        return "float"
-    if isinstance(value, str):
-        return "string"
-    return "nil" if value is None else "other"
+    """Go's basic kind of `value` (bool before int: a Python bool is an int)."""
+    if value is None:
+        return "nil"
+    return next((name for type_, name in _KINDS if isinstance(value, type_)), "other")
 
 
 def _eq(first: Any, *others: Any) -> bool:
