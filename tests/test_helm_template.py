@@ -99,6 +99,13 @@ def test_define_include_nindent_and_toyaml(tmp_path: Path) -> None:
         "spec:\n  cpu: 500m\n  enabled: true\n  replicas: 2\n  z:\n  - 1\n  - 2\n")
 
 
+def test_the_template_action_renders_a_define_with_its_data(tmp_path: Path) -> None:
+    assert one(tmp_path, '{{ define "x" }}[{{ . }}]{{ end }}{{ template "x" "a" }}'
+                         '{{ template "x" }}') == "[a][]"
+    with pytest.raises(TemplateError, match="no template 'y'"):
+        one(tmp_path, '{{ template "y" }}')
+
+
 def test_sprig_functions_the_chart_uses(tmp_path: Path) -> None:
     template = ('{{ quote .Values.s }} {{ .Values.n | quote }} {{ squote "x" }} '
                 '{{ join "," .Values.l }} {{ printf "%s-%v" "a" .Values.n }} '
