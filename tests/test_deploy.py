@@ -17,59 +17,32 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import typer.main
 import yaml
 from kubernetes_validate.utils import ValidationError as K8sValidationError
 
 from aimesh_tasks import keys
 from aimesh_tasks.cli.main import cli
+from aimesh_tasks.ingress.metrics import DURATION, IN_PROGRESS, REQUESTS
 from aimesh_tasks.observability.exporter import ClusterCollector
 from aimesh_tasks.observability.metrics import ALL_METRICS
 from aimesh_tasks.settings import Settings
+from tests.deploy_parts import (
+    AIMESH_IMAGE,
+    K8S_VERSION,
+    NON_AIMESH_ENV,
+    SETTINGS_ENV,
+    command_queues,
+    documented_secret,
+    load_docs,
+    parse_aimesh,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
-K8S = [(path.name, doc) for path in sorted((ROOT / "deploy/k8s").glob("*.yaml"))
-       for doc in yaml.safe_load_all(path.read_text()) if doc]
-K8S_VERSION = "1.30.0"
-AIMESH_IMAGE = "aimesh-tasks"
-NON_AIMESH_ENV = {"PROMETHEUS_MULTIPROC_DIR"}  # prometheus-client's own variable
+K8S = load_docs(sorted((ROOT / "deploy/k8s").glob("*.yaml")))
 CHECK_JSONSCHEMA = str(Path(sys.executable).with_name("check-jsonschema"))
-
-
-def _settings_env_names() -> set[str]:
-    names = set()
-    for name, field in Settings.model_fields.items():
-        names.add(f"AIMESH_{name.upper()}")
-        alias = field.validation_alias
-        names.update(getattr(alias, "choices", []) or [])
-    return names
-
-
-SETTINGS_ENV = _settings_env_names()
-
-
-def _parse_aimesh(command: list[str]) -> Any:
-    """Parse an `aimesh ...` command line with the real CLI, without running it (typer
-    vendors its own click, so commands are told apart by their `commands` attribute)."""
-    assert command[0] == "aimesh", command
-    node: Any = typer.main.get_command(cli)
-    args = command[1:]
-    while hasattr(node, "commands"):
-        sub = node.get_command(node.context_class(node), args[0])
-        assert sub is not None, f"no command {args[0]!r} in {command}"
-        node, args = sub, args[1:]
-    return node.make_context(node.name or "", list(args), resilient_parsing=False)
-
-
-def _worker_queues(command: list[str]) -> set[str]:
-    params = _parse_aimesh(command).params
-    queues = {keys.ROUTE_QUEUE} if params.get("router") else set()
-    for endpoint_id in (params.get("endpoints") or "").split(","):
-        if endpoint_id and endpoint_id != "all":
-            queues.add(keys.endpoint_queue(endpoint_id))
-    return queues
+INGRESS_METRICS = (REQUESTS, DURATION, IN_PROGRESS)  # the ingress's own registry
 
 
 def _aimesh_services() -> dict[str, dict[str, Any]]:
@@ -99,7 +72,7 @@ def test_compose_has_every_role_and_each_aimesh_command_parses() -> None:
     services = _aimesh_services()
     commands = {name: s["command"] for name, s in services.items()}
     for command in commands.values():
-        _parse_aimesh(command)
+        parse_aimesh(command)
     roles = {tuple(c[1:2]) for c in commands.values()}
     assert {("db",), ("worker",), ("flower",), ("metrics",), ("simulate",)} <= roles
     assert ["aimesh", "db", "upgrade"] in commands.values()
@@ -131,7 +104,7 @@ def test_compose_serves_every_queue_of_the_registered_endpoints(clean: None) -> 
     assert registered == {c[3] for c in adds}
     served: set[str] = set()
     for command in (c for c in commands if c[1] == "worker"):
-        params = _parse_aimesh(command).params
+        params = parse_aimesh(command).params
         served |= set(worker_queues(params["router"], params["endpoints"], params["queues"]))
     assert keys.ROUTE_QUEUE in served
     missing = {keys.endpoint_queue(e) for e in registered} - served
@@ -251,7 +224,7 @@ def test_kubernetes_commands_parse_and_env_names_settings_fields() -> None:
         unknown = set(cm["data"]) - SETTINGS_ENV
         assert not unknown, unknown
     for name, container in _containers("Deployment") + _containers("Job"):
-        _parse_aimesh(container["command"])
+        parse_aimesh(container["command"])
         assert container["image"].startswith(AIMESH_IMAGE)
         for source in container.get("envFrom", []):
             if "configMapRef" in source:
@@ -265,7 +238,7 @@ def test_kubernetes_commands_parse_and_env_names_settings_fields() -> None:
 
 def test_every_worker_queue_has_a_worker_group_and_a_keda_scaler() -> None:
     workers = {name: c for name, c in _containers("Deployment") if c["command"][1] == "worker"}
-    served = {name: _worker_queues(c["command"]) for name, c in workers.items()}
+    served = {name: command_queues(c["command"]) for name, c in workers.items()}
     scalers = [d for _, d in K8S if d["kind"] == "ScaledObject"]
     scaled: dict[str, set[str]] = {}
     for scaler in scalers:
@@ -282,7 +255,7 @@ def test_every_worker_queue_has_a_worker_group_and_a_keda_scaler() -> None:
     for name, queues in served.items():
         assert queues, f"{name} serves no fixed queue: KEDA cannot scale it"
         assert scaled.get(name) == queues, f"{name}: queues {queues}, scaled {scaled.get(name)}"
-    broker = next(d for _, d in K8S if d["kind"] == "ConfigMap")["data"]["AIMESH_BROKER_URL"]
+    broker = documented_secret()["AIMESH_BROKER_URL"]  # it carries the Redis password
     assert broker.endswith("/0")  # the database index the scalers read
 
 
@@ -302,7 +275,7 @@ def test_workers_get_time_to_finish_their_tasks_on_shutdown() -> None:
 def _exported() -> dict[str, set[str]]:
     """Every sample name the code exports -> its label names."""
     names: dict[str, set[str]] = {}
-    for metric in ALL_METRICS:
+    for metric in (*ALL_METRICS, *INGRESS_METRICS):
         labels = set(metric._labelnames)
         family = metric.describe()[0]
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"],
@@ -317,7 +290,8 @@ def _exported() -> dict[str, set[str]]:
 def test_dashboard_queries_name_only_exported_metrics_and_labels() -> None:
     dashboard = json.loads((ROOT / "deploy/grafana/aimesh.json").read_text())
     exported = _exported()
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    panels = _dashboard_panels(dashboard)
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
     assert exprs
     used: set[str] = set()
     for expr in exprs:
@@ -331,9 +305,24 @@ def test_dashboard_queries_name_only_exported_metrics_and_labels() -> None:
         for selector in re.findall(r"\{([^}]*)\}", expr):
             assert {s.split("=")[0] for s in selector.split(",")} <= labels, expr
     wanted = {"aimesh_end_to_end_latency_seconds_bucket", "aimesh_agent_cost_usd_total",
-              "aimesh_queue_depth_messages"}
+              "aimesh_queue_depth_messages", "aimesh_ingress_requests_total",
+              "aimesh_ingress_request_duration_seconds_bucket"}
     assert wanted <= used
     provisioning = yaml.safe_load(
         (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yaml").read_text())
     uids = {d["uid"] for d in provisioning["datasources"]}
-    assert {p["datasource"]["uid"] for p in dashboard["panels"]} <= uids
+    assert {p["datasource"]["uid"] for p in panels} <= uids
+    ids = [p["id"] for p in dashboard["panels"]] + [
+        c["id"] for p in dashboard["panels"] for c in p.get("panels", [])]
+    assert len(ids) == len(set(ids)), "two panels share an id"
+
+
+def _dashboard_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel with queries: rows hold none (a collapsed row keeps its panels inside)."""
+    found = []
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            found += panel.get("panels", [])
+        else:
+            found.append(panel)
+    return found
