@@ -101,6 +101,7 @@ class Envelope:
     started_at: str | None = None
     charged_nusd: int = 0
     reply: Reply = "raise"
+    queue_position: int | None = None
     v: int = ENVELOPE_VERSION
 
     @property
@@ -132,7 +133,7 @@ class Envelope:
             "attempts": list(self.attempts), "metered": self.metered,
             "flight": self.flight.to_json() if self.flight is not None else None,
             "started_at": self.started_at, "charged_nusd": self.charged_nusd,
-            "reply": self.reply,
+            "reply": self.reply, "queue_position": self.queue_position,
         }
 
     @classmethod
@@ -158,6 +159,8 @@ class Envelope:
                 flight=Flight.from_json(flight) if flight else None,
                 started_at=data.get("started_at"),
                 charged_nusd=int(data.get("charged_nusd", 0)), reply=reply,
+                queue_position=(None if data.get("queue_position") is None
+                                else int(data["queue_position"])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidEnvelope(f"envelope: {exc}", field="envelope") from None

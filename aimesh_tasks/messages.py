@@ -35,8 +35,13 @@ AGENT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 MetadataValue = str | int | float | bool | None
 # Metadata the message path reads (governance): the route a message names, the message
-# whose output it was fed from, and the hops it carries from outside this cluster.
+# whose output it was fed from, the hops it carries from outside this cluster, and the
+# ingress API key it came with (stamped by the ingress from the verified key; its rate
+# limits apply beside the agent's, never instead of them).
 ROUTE_KEY, PARENT_KEY, HOPS_KEY = "aimesh.route", "aimesh.parent_id", "aimesh.hops"
+API_KEY_KEY = "aimesh.api_key"
+# An ingress API key's public prefix (aimesh_tasks/api_keys.py): 'amk_' and 12 hex.
+KEY_PREFIX_PATTERN = re.compile(r"^amk_[0-9a-f]{12}$")
 
 
 def canonical_json(value: Any) -> str:
@@ -175,6 +180,11 @@ class AiMessage(BaseModel):
                              f"case), got {route!r}")
         if parent is not None and not (isinstance(parent, str) and 0 < len(parent) <= 128):
             raise ValueError(f"'{PARENT_KEY}' must be a message id (1..128 characters)")
+        api_key = value.get(API_KEY_KEY)
+        if api_key is not None and not (isinstance(api_key, str)
+                                        and KEY_PREFIX_PATTERN.match(api_key)):
+            raise ValueError(f"'{API_KEY_KEY}' must be an API key's prefix ('amk_' and 12 "
+                             f"hex digits, as `aimesh keys list` shows), got {api_key!r}")
         if hops is None:
             return value
         if isinstance(hops, bool) or not isinstance(hops, int) or hops < 0:
@@ -273,6 +283,9 @@ class AiResult(BaseModel):
     finished_at: datetime
     attempts: list[Attempt] = Field(default_factory=list)
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    # Messages ahead of it in its endpoint's queue when it was handed there with every
+    # candidate at capacity (None: an endpoint had room, or the broker is not Redis).
+    queue_position: int | None = None
 
     @field_serializer("cost_usd", "cost_saved_usd", "charged_usd")
     def _exact_cost(self, value: Decimal) -> str:

@@ -9,19 +9,30 @@ the message path.
 
 The ETA uses the endpoint's live figures: calls finish at about `in_flight / p50` per
 second (at least one call at a time), so `(ahead + 1) / that` seconds.
+
+`on_enqueue` is the other view, taken by the router when it hands a message to an
+endpoint whose every candidate is at capacity: how many messages the message will have
+ahead of it (the lengths of its priority step's list and of those served before it, one
+round trip). It travels on the envelope to the result (`AiResult.queue_position`) and the
+ingress's `X-Aimesh-Queue-Position` header.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import redis
 
 from aimesh_tasks import keys
-from aimesh_tasks.observability.exporter import priority_lists
+from aimesh_tasks.observability.exporter import broker_client, priority_lists
 from aimesh_tasks.registry.live import LiveFigures
+from aimesh_tasks.resilience.priority import broker_priority, higher_first
+
+logger = logging.getLogger(__name__)
 
 SCAN_CHUNK = 1000
 
@@ -84,3 +95,30 @@ def eta_s(ahead: int, figures: LiveFigures | None) -> float | None:
         return None
     per_s = max(figures.in_flight, 1) / (figures.p50_ms / 1000)
     return round((ahead + 1) / per_s, 3)
+
+
+@lru_cache(maxsize=4)
+def _broker(broker_url: str) -> redis.Redis:
+    return broker_client(broker_url)
+
+
+def ahead_of_new(broker: redis.Redis, queue: str, step: int) -> int:
+    """Messages a message published now to `queue` at kombu priority step `step` has
+    ahead of it: all of its own step's list and of the steps served before it."""
+    pipe = broker.pipeline(transaction=False)
+    for name in priority_lists(queue)[:step + 1]:
+        pipe.llen(name)
+    return sum(int(n) for n in pipe.execute())
+
+
+def on_enqueue(broker_url: str, queue: str, priority: int) -> int | None:
+    """`ahead_of_new` for a message of `priority` (0-9) on a Redis broker; None on another
+    broker, or when the broker cannot be read (a position is not worth failing for)."""
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")) or higher_first(
+            broker_url):
+        return None
+    try:
+        return ahead_of_new(_broker(broker_url), queue, broker_priority(priority, broker_url))
+    except redis.RedisError as exc:
+        logger.warning("queue_position.unread", extra={"queue": queue, "error": repr(exc)})
+        return None

@@ -9,24 +9,27 @@ and the MiniLM model. Rate-limit windows move by an injected clock, never by sle
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import select
+from sqlalchemy import select, text
 from typer.testing import CliRunner
 
-from aimesh_tasks import keys, outbox, submit
+from aimesh_tasks import Step, Workflow, keys, outbox, submit, submit_workflow
+from aimesh_tasks.api_keys import create_key
 from aimesh_tasks.app import app
 from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.cli.main import cli
 from aimesh_tasks.db import AgentRow, AuditRow, LedgerRow, ReservationRow, session_scope
-from aimesh_tasks.delivery import dead_letters
+from aimesh_tasks.delivery import accepted, dead_letters
 from aimesh_tasks.errors import (
     Ambiguous,
     Forbidden,
@@ -47,16 +50,17 @@ from aimesh_tasks.governance.rate_limit import RateLimits, admission_tokens, usa
 from aimesh_tasks.governance.route_policy import RouteSelection
 from aimesh_tasks.governance.routes import list_routes
 from aimesh_tasks.governance.spec_file import apply_spec, parse_spec
+from aimesh_tasks.governance.table import TABLE, load_table
 from aimesh_tasks.governance.version import bump_version
 from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.messages import AiMessage, parse_message
 from aimesh_tasks.pipeline import calling, routing
-from aimesh_tasks.pipeline.outcomes import Done, HandOff, Hit, Refused
+from aimesh_tasks.pipeline.outcomes import Done, HandOff, Hit, Refused, Requeue
 from aimesh_tasks.policies import Policies, active
 from aimesh_tasks.policies.budget import BudgetAdmission
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint
-from aimesh_tasks.settings import reset_settings
+from aimesh_tasks.settings import get_settings, reset_settings
 
 pytestmark = pytest.mark.usefixtures("clean")
 LABELLED = Path(__file__).parent / "data" / "intents_labelled.yaml"
@@ -494,6 +498,163 @@ def test_rate_limit_is_exact_across_the_router_worker_processes(
     assert usage("busy-agent", 86400)[0] == 5
 
 
+def _queue_mode(agent: str, **counts: int) -> RateLimit:
+    add_agent(agent)
+    return set_rate_limit(RateLimit(agent, on_excess="queue", **counts))
+
+
+def test_queue_mode_waits_for_the_next_free_slot_holding_nothing_meanwhile(
+    sim: Any, endpoint: MakeEndpoint
+) -> None:
+    endpoint(sim, "rl-queue")
+    _queue_mode("queue-agent", requests_per_minute=2)
+    set_budget("queue-agent", usd="5")
+    clock = Clock()
+    policies = _governed(clock)
+    assert isinstance(_route(_message("queue-agent", "one"), policies), HandOff)
+    clock.now += 10
+    assert isinstance(_route(_message("queue-agent", "two"), policies), HandOff)
+    third = _message("queue-agent", "three")
+    clock.now += 10
+    waiting = _route(third, policies)
+    assert isinstance(waiting, Requeue) and waiting.countdown_s == pytest.approx(40.0)
+    again = _route(third, policies)  # arrived early (a countdown is not exact): waits on
+    assert isinstance(again, Requeue) and again.countdown_s == pytest.approx(40.0)
+    assert usage("queue-agent", 60, clock.now)[0] == 2  # the waiting one is not counted
+    assert get_redis().get(keys.handoff(third.id)) is None  # neither handed off
+    with session_scope() as session:  # nor holding a reservation
+        assert session.scalar(select(ReservationRow).where(
+            ReservationRow.message_id == third.id)) is None
+    [(event, detail)] = _audit(third.id)
+    assert event == "queued" and detail["policy"] == "rate_limits"
+    assert detail["limit"] == "requests_per_minute" and detail["countdown_s"] == 40.0
+    clock.now += 40  # the first message leaves the window; the second is still in it
+    assert isinstance(_route(third, policies), HandOff)
+    assert usage("queue-agent", 60, clock.now)[0] == 2
+    routed = dict(_audit(third.id))["routed"]
+    assert routed["rate_limits"]["admitted_at_ms"] == int(clock.now * 1000)
+
+
+def test_queue_mode_waits_at_most_half_the_visibility_timeout_and_never_past_a_deadline(
+    sim: Any, endpoint: MakeEndpoint
+) -> None:
+    endpoint(sim, "rl-day")
+    _queue_mode("daily-agent", requests_per_day=1)
+    policies = _governed(Clock())
+    assert isinstance(_route(_message("daily-agent", "today"), policies), HandOff)
+    capped = _route(_message("daily-agent", "tomorrow"), policies)
+    assert isinstance(capped, Requeue)  # a day's wait, in steps the broker can hold
+    assert capped.countdown_s == get_settings().visibility_timeout_s / 2
+    hurried = _route(_message("daily-agent", "now or never",
+                              deadline=datetime.now(UTC) + timedelta(hours=1)), policies)
+    assert isinstance(hurried, Refused) and isinstance(hurried.error, RateLimited)
+    assert hurried.error.limit == "requests_per_day"
+
+
+@pytest.mark.usefixtures("workers")
+def test_queue_mode_three_times_the_limit_at_once_all_complete_none_over_a_window(
+    sim: Any, endpoint: MakeEndpoint
+) -> None:
+    endpoint(sim, "rl-burst", capacity=50)
+    limit = 1  # per second: three messages sent back to back are over it
+    _queue_mode("burst-agent", requests_per_second=limit)
+    tag = uuid.uuid4().hex
+    results = [submit(agent_id="burst-agent", prompt=f"burst {n} {tag}", max_tokens=8)
+               for n in range(3 * limit)]
+    answers = [r.get(timeout=120) for r in results]  # a RateLimited would raise here
+    assert len({a["message_id"] for a in answers}) == 3 * limit
+    records = {r.id: dict(_audit(r.id)) for r in results}
+    admitted = sorted(rec["routed"]["rate_limits"]["admitted_at_ms"]
+                      for rec in records.values())
+    # The limiter's own clock: in any moving second, at most `limit` admissions.
+    assert all(sum(1 for t in admitted if start <= t < start + 1000) <= limit
+               for start in admitted), admitted
+    assert all("denied" not in rec for rec in records.values())
+    # What waited says why (at least the second of three sent back to back waited: only
+    # a router taking over a second per message would not make it wait).
+    queued = [rec["queued"] for rec in records.values() if "queued" in rec]
+    assert queued and all(q["limit"] == "requests_per_second" for q in queued), records
+
+
+def test_a_keys_limit_is_independent_of_its_agents(sim: Any, endpoint: MakeEndpoint) -> None:
+    endpoint(sim, "rl-keys")
+    add_agent("keyed-agent")
+    set_rate_limit(RateLimit("keyed-agent", requests_per_minute=5))
+    two_a_minute = RateLimit("", requests_per_minute=2)
+    first = create_key("keyed-agent", limits=two_a_minute).info.prefix
+    second = create_key("keyed-agent", limits=two_a_minute).info.prefix
+    policies = _governed(Clock())
+
+    def send(key: str | None, text: str) -> Any:
+        metadata = {"aimesh.api_key": key} if key else {}
+        return _route(_message("keyed-agent", text, metadata=metadata), policies)
+
+    assert all(isinstance(send(first, f"first {n}"), HandOff) for n in range(2))
+    over_key = send(first, "first 3")
+    assert isinstance(over_key, Refused) and isinstance(over_key.error, RateLimited)
+    assert over_key.error.fields["api_key"] == first and first in str(over_key.error)
+    # The other key of the same agent still has its own two.
+    assert all(isinstance(send(second, f"second {n}"), HandOff) for n in range(2))
+    assert isinstance(send(second, "second 3").error, RateLimited)
+    assert usage("keyed-agent", 60, api_key=first)[0] == 2
+    assert usage("keyed-agent", 60, api_key=second)[0] == 2
+    # Both keys' messages count against the agent's own limit too (4 of 5 now).
+    assert isinstance(send(None, "no key"), HandOff)
+    over_agent = send(None, "no key 2")
+    assert isinstance(over_agent.error, RateLimited)
+    assert over_agent.error.fields["api_key"] is None and "agent 'keyed-agent'" in str(
+        over_agent.error)
+    assert usage("keyed-agent", 60)[0] == 5
+
+
+def test_api_key_metadata_must_be_a_key_prefix() -> None:
+    with pytest.raises(InvalidMessage, match="'aimesh.api_key' must be an API key's prefix"):
+        parse_message({"agent_id": "a", "prompt": "p",
+                       "metadata": {"aimesh.api_key": "amk_not-hex"}})
+    good = parse_message({"agent_id": "a", "prompt": "p",
+                          "metadata": {"aimesh.api_key": "amk_0123456789ab"}})
+    assert good.metadata["aimesh.api_key"] == "amk_0123456789ab"
+
+
+def test_keys_cli_sets_shows_and_clears_a_keys_limits(clean: None) -> None:
+    runner = CliRunner()
+    made = runner.invoke(cli, ["keys", "create", "--agent", "cli-keyed", "--rpm", "3",
+                               "--tpm", "900", "--on-excess", "queue", "--json"])
+    assert made.exit_code == 0, made.output
+    created = json.loads(made.stdout)
+    assert created["limits"] == {"requests_per_minute": 3, "tokens_per_minute": 900,
+                                 "on_excess": "queue"}
+    prefix = created["prefix"]
+    changed = runner.invoke(cli, ["keys", "set-limits", prefix, "--rps", "1"])
+    assert changed.exit_code == 0 and "r/second=1 refuse" in changed.output
+    TABLE.clear()
+    assert TABLE.current().key_limits[prefix].requests_per_second == 1
+    listed = runner.invoke(cli, ["keys", "list"])
+    assert "r/second=1" in listed.output
+    cleared = runner.invoke(cli, ["keys", "set-limits", prefix, "--clear"])
+    assert cleared.exit_code == 0 and ": -" in cleared.output
+    assert prefix not in load_table(None).key_limits
+    bad = runner.invoke(cli, ["keys", "set-limits", prefix, "--rpm", "2", "--on-excess",
+                              "maybe"])
+    assert bad.exit_code != 0 and "--on-excess" in bad.output
+    neither = runner.invoke(cli, ["keys", "set-limits", prefix])
+    assert neither.exit_code != 0 and "--clear" in neither.output
+
+
+def test_a_routing_task_seen_again_is_not_taken_for_lost(clean: None) -> None:
+    message = _message("seen-agent", "waits a while")
+    assert accepted.record(message)
+    accepted.note_seen(message.id)
+    accepted.apply_marks()
+    with session_scope() as session:
+        session.execute(text("UPDATE accepted_messages SET updated_at = now() - interval "
+                             "'1 hour' WHERE message_id = :m"), {"m": message.id})
+    assert [q.message_id for q in accepted.quiet(600, 600, 10)] == [message.id]
+    accepted.note_seen(message.id)  # its routing task started again after a wait
+    accepted.apply_marks()
+    assert accepted.quiet(600, 600, 10) == []
+
+
 # --- loop caps ---------------------------------------------------------------------------
 
 
@@ -571,3 +732,32 @@ def test_a_ping_pong_between_two_agents_stops_at_the_hop_cap(
         held = [row.message_id for row in session.scalars(select(ReservationRow))
                 if row.message_id == refused]
     assert sorted(charged) == sorted(sent[:-1]) and held == []  # no spend past the cap
+
+
+@pytest.mark.usefixtures("workers")
+def test_a_workflow_chain_feeding_each_answer_on_stops_at_the_hop_cap(
+    sim: Any, endpoint: MakeEndpoint
+) -> None:
+    endpoint(sim, "wf-loop")
+    add_agent("wf-looper")
+    set_budget("wf-looper", usd="10")
+    cap = 8  # the workers' AIMESH_MAX_HOPS (the default)
+    # Step n quotes step n-1's answer: step n is n-1 hops from the first.
+    steps = [Step(id="s0", prompt=f"start {uuid.uuid4().hex[:8]}", max_tokens=8)]
+    steps += [Step(id=f"s{n}", prompt=f"answer {{{{ steps.s{n - 1}.text }}}}",
+                   depends_on=[f"s{n - 1}"], max_tokens=8) for n in range(1, cap + 3)]
+    run_id, pending = submit_workflow(Workflow(agent_id="wf-looper", steps=steps))
+    result = pending.get(timeout=120)
+    over = f"s{cap + 1}"
+    assert result["status"] == "failed"
+    assert sorted(result["outputs"]) == sorted(f"s{n}" for n in range(cap + 1))
+    assert result["failures"][over]["code"] == "loop_cap_exceeded"
+    assert result["failures"][over]["hops"] == cap + 1
+    assert set(result["skipped"]) == {f"s{cap + 2}"}
+    refused = f"{run_id}.{over}"
+    [entry] = [e for e in dead_letters.list_entries(ROUTE_QUEUE) if e["task_id"] == refused]
+    assert entry["reason"] == "loop_cap" and f"parent {run_id}.s{cap}" in entry["detail"]
+    with session_scope() as session:
+        charged = {row.message_id for row in session.scalars(select(LedgerRow))}
+        held = [r for r in session.scalars(select(ReservationRow)) if r.message_id == refused]
+    assert charged == {f"{run_id}.s{n}" for n in range(cap + 1)} and held == []

@@ -125,3 +125,20 @@ def test_fallbacks_are_ranked_after_the_winner() -> None:
     record = decision.to_record()
     assert record["winner"] == "a" and record["fallbacks"] == ["b", "c"]
     assert [e.id for e in decision.route] == ["a", "b", "c"]
+
+
+def test_every_candidate_at_capacity_is_ranked_not_refused_and_the_decision_says_saturated(
+) -> None:
+    endpoints = (_endpoint("busier", capacity=2), _endpoint("busy", capacity=4),
+                 _endpoint("off", enabled=False))
+    figures = {"busier": LiveFigures(in_flight=3), "busy": LiveFigures(in_flight=4)}
+    decision = decide(MESSAGE, endpoints, figures, weights=WEIGHTS, now=0.0,
+                      health_retry_s=30)
+    assert decision.saturated and decision.to_record()["saturated"] is True
+    assert [e.id for e in decision.route] == ["busy", "busier"]  # the lighter load first
+    assert decision.excluded == {"off": "disabled"}
+    # One candidate with room is enough: the full ones are left out, as before.
+    roomy = decide(MESSAGE, (*endpoints, _endpoint("roomy", price=9000)), figures,
+                   weights=WEIGHTS, now=0.0, health_retry_s=30)
+    assert not roomy.saturated and [e.id for e in roomy.route] == ["roomy"]
+    assert roomy.excluded["busy"] == "at capacity: 4/4 in flight"

@@ -10,8 +10,9 @@ from celery.canvas import _chain, _chord
 
 from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.workflows.compile import compile_workflow
-from aimesh_tasks.workflows.dag import find_cycle, validate_workflow
+from aimesh_tasks.workflows.dag import feeders, find_cycle, validate_workflow
 from aimesh_tasks.workflows.model import Step, Workflow, load_workflow, parse_workflow
+from aimesh_tasks.workflows.steps import step_message
 from aimesh_tasks.workflows.template import TemplateError, references, render
 
 
@@ -50,6 +51,25 @@ def test_levels_of_chain_fan_out_and_diamond() -> None:
     assert validate_workflow(fan, 10) == [["r0", "r1", "r2"], ["g"]]
     diamond = _flow(("d", ["b", "c"]), ("b", ["a"]), ("c", ["a"]), ("a", []))
     assert validate_workflow(diamond, 10) == [["a"], ["b", "c"], ["d"]]
+
+
+def test_feeders_name_the_quoted_step_at_the_end_of_the_longest_answer_chain() -> None:
+    flow = Workflow(agent_id="unit-agent", steps=[
+        Step(id="a", prompt="start"),
+        Step(id="b", prompt="on {{ steps.a.text }}", depends_on=["a"]),
+        Step(id="c", prompt="on {{ steps.b.text }}", depends_on=["b"]),
+        Step(id="side", prompt="alone"),
+        Step(id="order-only", prompt="no quote", depends_on=["c"]),
+        Step(id="join", prompt="{{ steps.side.text }} and {{ steps.c.text }}",
+             depends_on=["side", "c"]),
+    ])
+    fed = feeders(flow.steps, validate_workflow(flow, 10))
+    assert fed == {"a": None, "b": "a", "c": "b", "side": None, "order-only": None,
+                   "join": "c"}
+    message = step_message(flow, flow.step("join"), "run-1", {"side": "x", "c": "y"},
+                           fed["join"])
+    assert message.metadata["aimesh.parent_id"] == "run-1.c"
+    assert "aimesh.parent_id" not in step_message(flow, flow.step("a"), "run-1", {}).metadata
 
 
 @pytest.mark.parametrize(("steps", "field", "words"), [

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, select, update
 
@@ -158,9 +158,11 @@ def _batch(session: Any, row: IngressBatchRow) -> BatchInfo:
 
 
 def create_batch(agent_id: str, agents: Iterable[str], input_file_id: str, endpoint: str,
-                 completion_window: str, metadata: dict[str, str] | None) -> BatchInfo:
+                 completion_window: str, metadata: dict[str, str] | None,
+                 api_key: str | None = None) -> BatchInfo:
     """A batch over an uploaded file, its lines stored `pending`; InvalidInput names a bad
-    field or the first bad line of the file."""
+    field or the first bad line of the file. `api_key` is the prefix of the key that
+    created it: its lines count against that key's rate limits."""
     if endpoint != CHAT_URL:
         raise InvalidInput(f"endpoint: only {CHAT_URL} is supported", field="endpoint",
                            errors=[])
@@ -174,8 +176,8 @@ def create_batch(agent_id: str, agents: Iterable[str], input_file_id: str, endpo
         row = IngressBatchRow(
             id=f"batch_{uuid.uuid4().hex}", agent_id=agent_id, input_file_id=input_file_id,
             endpoint=endpoint, completion_window=completion_window, status="in_progress",
-            total=len(lines), batch_metadata=dict(metadata or {}), created_at=now,
-            in_progress_at=now)
+            total=len(lines), batch_metadata=dict(metadata or {}), api_key=api_key,
+            created_at=now, in_progress_at=now)
         session.add(row)
         session.flush()
         session.add_all(IngressBatchLineRow(batch_id=row.id, line_no=n, custom_id=line.custom_id,
@@ -217,10 +219,19 @@ def list_batches(agents: Iterable[str], limit: int = 20) -> list[BatchInfo]:
         return [_batch(session, row) for row in rows]
 
 
-def active_batches() -> list[tuple[str, str, str]]:
-    """(id, agent, status) of every batch still to drive."""
+class ActiveBatch(NamedTuple):
+    """A batch still to drive: its id, agent, status and the key that created it."""
+
+    id: str
+    agent_id: str
+    status: str
+    api_key: str | None
+
+
+def active_batches() -> list[ActiveBatch]:
+    """Every batch still to drive."""
     with session_scope() as session:
-        return [(r.id, r.agent_id, r.status) for r in session.scalars(
+        return [ActiveBatch(r.id, r.agent_id, r.status, r.api_key) for r in session.scalars(
             select(IngressBatchRow).where(IngressBatchRow.status.in_(ACTIVE)))]
 
 

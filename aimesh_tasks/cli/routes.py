@@ -66,9 +66,9 @@ def limits_(as_json: bool = typer.Option(False, "--json", help="One JSON object 
         for limit in found:
             typer.echo(json.dumps(limit.to_dict()))
         return
-    rows = table("agent", *limits.LIMIT_NAMES)
+    rows = table("agent", *limits.LIMIT_NAMES, "on_excess")
     for limit in found:
-        shown = limit.to_dict()
+        shown = limit.counts()
         rows.add_row(limit.agent_id, *("-" if shown[n] is None else str(shown[n])
-                                       for n in limits.LIMIT_NAMES))
+                                       for n in limits.LIMIT_NAMES), limit.on_excess)
     stdout().print(rows)

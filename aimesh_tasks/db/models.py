@@ -241,6 +241,13 @@ class IngressKeyRow(Base):
     note: Mapped[str] = mapped_column(String(256), default="")
     # Answer this key's chat requests 202 + Location, as if each said Prefer: respond-async.
     respond_async: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The key's own rate limits (None: none), beside its agent's (governance/limits.py).
+    requests_per_second: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    on_excess: Mapped[str] = mapped_column(String(8), default="refuse")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -263,7 +270,8 @@ class RouteRow(Base):
 
 
 class RateLimitRow(Base):
-    """An agent's rate limits: requests and tokens per minute and per day (None: no limit)."""
+    """An agent's rate limits: requests per second, requests and tokens per minute and per
+    day (None: no limit), and what a message over them gets ('refuse' or 'queue')."""
 
     __tablename__ = "rate_limits"
 
@@ -272,6 +280,8 @@ class RateLimitRow(Base):
     tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
     requests_per_day: Mapped[int | None] = mapped_column(BigInteger)
     tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_second: Mapped[int | None] = mapped_column(BigInteger)
+    on_excess: Mapped[str] = mapped_column(String(8), default="refuse")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
@@ -322,6 +332,8 @@ class IngressBatchRow(Base):
     error_file_id: Mapped[str | None] = mapped_column(String(64))
     total: Mapped[int] = mapped_column(Integer)
     batch_metadata: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    # The API key that created it (its lines count against that key's rate limits).
+    api_key: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

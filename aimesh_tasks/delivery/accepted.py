@@ -126,9 +126,11 @@ def _drain(key: str, apply: Any) -> int:
 
 
 def _apply_seen(ids: list[str]) -> None:
+    # A message seen again (a routing task that waited in the queue for a rate limit's
+    # slot and started again) restarts its quiet time: it is alive, not lost.
     with get_engine().begin() as connection:
         connection.execute(update(TABLE).where(
-            TABLE.c.message_id.in_(ids), TABLE.c.state == "accepted"
+            TABLE.c.message_id.in_(ids), TABLE.c.state.in_(("accepted", "seen"))
         ).values(state="seen", updated_at=_now()))
 
 

@@ -9,7 +9,9 @@ idempotent, so a lock that expires mid-pass costs nothing but a duplicate). One 
    for AIMESH_REPUBLISH_AFTER_S (lost before any worker ran their routing task: a broker
    restart without AOF, a worker main process killed between its BRPOP and its unacked
    record), or seen and not finished for that long plus the hard time limit (a later hop
-   was lost the same ways; a hop may run that long). Waiting for the visibility timeout
+   was lost the same ways; a hop may run that long). Each start of the routing task counts
+   as seen again, so a message that waits in the routing queue for a rate limit (at most
+   half the visibility timeout at a time) never looks lost. Waiting for the visibility timeout
    instead would make a lost hop wait for the very thing that is slow, and a message the
    broker redelivers later anyway is only a duplicate;
 3. a message whose result is in the result backend is only marked finished (a follower

@@ -5,8 +5,10 @@ the message id), so a task that runs twice after a redelivery audits once.
 
 Events: rejected (invalid message), denied (a policy refused it: budget, ACL, rate limit,
 ambiguous or unmatched route, loop cap; `detail.policy` and the error's `rule` or `limit`
-say which check fired), route_matched (the route a message resolved to, how, and every
-route's intent score), routed (with scores), cached (an exact or semantic cache hit, or a
+say which check fired), queued (a policy had the message wait in the routing queue, e.g.
+for a rate limit's next free slot; its first wait), route_matched (the route a message
+resolved to, how, and every route's intent score), routed (with scores, and what policies
+noted, e.g. when the rate limiter admitted it), cached (an exact or semantic cache hit, or a
 single-flight join), completed, failed. A record is in Redis before the task that made
 the decision is acked, so a killed worker loses none.
 """
@@ -21,8 +23,8 @@ from aimesh_tasks import outbox
 from aimesh_tasks.messages import utcnow
 from aimesh_tasks.redis_batch import Batch
 
-EVENTS = frozenset({"rejected", "denied", "route_matched", "routed", "cached", "completed",
-                    "failed"})
+EVENTS = frozenset({"rejected", "denied", "queued", "route_matched", "routed", "cached",
+                    "completed", "failed"})
 
 
 def audit(

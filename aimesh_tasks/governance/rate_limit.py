@@ -1,12 +1,23 @@
-"""Rate limits shared by every worker: requests and tokens per agent, in moving windows.
+"""Rate limits shared by every worker: requests and tokens per agent and per API key,
+in moving windows.
 
-Each agent's window (a minute, a day) is a sorted set of the messages admitted in it,
-scored by admission time, beside a hash of the tokens each is charged and their total. One
-Lua script checks every window and admits the message into all of them, or none: exact
-under any number of workers, and idempotent by message id (a redelivered routing task is
-not counted twice). Tokens are charged at admission from the estimate (input bound plus
-max_tokens) and corrected from the settled usage when the call finishes (`call_finished`),
-or to 0 when a cache hit or a single-flight join answers the message without a call.
+Each subject's window (a second, a minute, a day; the subject is 'agent:<id>' or
+'key:<prefix>') is a sorted set of the messages admitted in it, scored by admission time,
+beside a hash of the tokens each is charged and their total. One Lua script checks every
+window of both scopes, the agent's and the key's the message was sent with (metadata
+'aimesh.api_key', stamped by the ingress), and admits the message into all of them or
+none: exact under any number of workers, and idempotent by message id (a redelivered or
+re-queued routing task is not counted twice). Tokens are charged at admission from the
+estimate (input bound plus max_tokens) and corrected from the settled usage when the call
+finishes (`call_finished`), or to 0 when a cache hit or a single-flight join answers the
+message without a call.
+
+Over a limit, the limit's `on_excess` decides: `refuse` raises RateLimited (with
+`retry_after_s`); `queue` has `before_route` return the wait until the window frees
+enough, and routing publishes the routing task again after it (capped at half the
+visibility timeout, checked again on arrival). A queued message holds nothing meanwhile:
+it was not admitted into any window, and the budget and the hand-off come after this
+policy. A message whose slot frees only after its deadline, or never, is refused.
 
 The script rides routing's one round trip (`queue_route_reads`). That is why this is not
 the `limits` package: its Redis moving window runs each `hit` on its own client (one round
@@ -14,7 +25,8 @@ trip each, outside our batch), stores one list entry per unit of cost (a 4,000-t
 message would push 4,000 timestamps), counts a redelivered message again, cannot check
 requests and tokens together (one may pass and the other fail, half consumed), and cannot
 correct a cost after the call. The window's clock is Redis's (TIME), so pods with skewed
-clocks agree; tests inject one.
+clocks agree; tests inject one. The admission time is recorded with the routing decision
+(the `routed` audit record's `rate_limits.admitted_at_ms`).
 """
 
 from __future__ import annotations
@@ -22,14 +34,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from aimesh_tasks import events, keys
 from aimesh_tasks.errors import RateLimited
 from aimesh_tasks.estimation import estimate_input_tokens
-from aimesh_tasks.governance.limits import MINUTE_S, RateLimit
+from aimesh_tasks.governance.limits import DAY_S, MINUTE_S, SECOND_S, RateLimit
 from aimesh_tasks.governance.table import TABLE, GovernanceTable, queue_table
-from aimesh_tasks.messages import AiMessage
+from aimesh_tasks.messages import API_KEY_KEY, AiMessage, utcnow
 from aimesh_tasks.policies.base import Policy, RouteContext
 from aimesh_tasks.redis_batch import Batch, Reader, run, send
 from aimesh_tasks.redis_client import get_redis
@@ -39,9 +52,11 @@ logger = logging.getLogger(__name__)
 # estimate, which is an upper bound: the count errs on the side of the limit).
 CORRECTION_TABLE_AGE_S = 1.0
 
-# KEYS: per window, its log (sorted set) and tokens (hash). ARGV: now_ms (0: Redis TIME),
-# message id, tokens; then per window: window_ms, max_requests, max_tokens (-1: none).
-# Returns {admitted, retry_after_ms (-1: never fits), window, kind, current, limit}.
+# KEYS: per window (of every scope, in order), its log (sorted set) and tokens (hash).
+# ARGV: now_ms (0: Redis TIME), message id, tokens; then per window: window_ms,
+# max_requests, max_tokens (-1: none). Returns {admitted, retry_after_ms (-1: never
+# fits), window (1-based, 0: admitted), kind, current, limit, admitted_at_ms}; a message
+# already admitted gets its first admission's time.
 ADMIT_LUA = """
 local now = tonumber(ARGV[1])
 if now <= 0 then
@@ -49,7 +64,7 @@ if now <= 0 then
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local member, need, n = ARGV[2], tonumber(ARGV[3]), #KEYS / 2
-local seen = false
+local seen = nil
 for i = 1, n do
   local log, tok = KEYS[2 * i - 1], KEYS[2 * i]
   local cutoff = now - tonumber(ARGV[1 + 3 * i])
@@ -63,9 +78,9 @@ for i = 1, n do
     redis.call('HINCRBY', tok, '_total', -freed)
     redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
   end
-  if redis.call('ZSCORE', log, member) then seen = true end
+  seen = seen or redis.call('ZSCORE', log, member)
 end
-if seen then return {1, 0, 0, '', 0, 0} end
+if seen then return {1, 0, 0, '', 0, 0, tonumber(seen)} end
 for i = 1, n do
   local log, tok = KEYS[2 * i - 1], KEYS[2 * i]
   local window = tonumber(ARGV[1 + 3 * i])
@@ -73,20 +88,20 @@ for i = 1, n do
   local count = redis.call('ZCARD', log)
   if max_requests >= 0 and count + 1 > max_requests then
     local oldest = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
-    return {0, tonumber(oldest[2]) + window - now, i, 'requests', count, max_requests}
+    return {0, tonumber(oldest[2]) + window - now, i, 'requests', count, max_requests, 0}
   end
   local total = tonumber(redis.call('HGET', tok, '_total')) or 0
   if max_tokens >= 0 and total + need > max_tokens then
-    if need > max_tokens then return {0, -1, i, 'tokens', total, max_tokens} end
+    if need > max_tokens then return {0, -1, i, 'tokens', total, max_tokens, 0} end
     local entries = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
     local freed = 0
     for j = 1, #entries, 2 do
       freed = freed + (tonumber(redis.call('HGET', tok, 'm:' .. entries[j])) or 0)
       if total - freed + need <= max_tokens then
-        return {0, tonumber(entries[j + 1]) + window - now, i, 'tokens', total, max_tokens}
+        return {0, tonumber(entries[j + 1]) + window - now, i, 'tokens', total, max_tokens, 0}
       end
     end
-    return {0, window, i, 'tokens', total, max_tokens}
+    return {0, window, i, 'tokens', total, max_tokens, 0}
   end
 end
 for i = 1, n do
@@ -98,7 +113,7 @@ for i = 1, n do
   redis.call('PEXPIRE', log, window)
   redis.call('PEXPIRE', tok, window)
 end
-return {1, 0, 0, '', 0, 0}
+return {1, 0, 0, '', 0, 0, now}
 """
 
 # KEYS: per window, log and tokens. ARGV: message id, a call's settled tokens. The first
@@ -119,15 +134,19 @@ return 1
 """
 
 
-def subject(agent_id: str) -> str:
-    """Whose counters: an agent's (an API key's would be 'key:<id>')."""
-    return f"agent:{agent_id}"
+def limits_of(table: GovernanceTable, message: AiMessage) -> list[RateLimit]:
+    """The limits a message is counted against: its agent's, then its API key's."""
+    found = [table.limits.get(message.agent_id)]
+    key = message.metadata.get(API_KEY_KEY)
+    if key is not None:
+        found.append(table.key_limits.get(str(key)))
+    return [limit for limit in found if limit is not None]
 
 
-def _window_keys(limit: RateLimit) -> list[str]:
-    who = subject(limit.agent_id)
-    return [k for w in limit.windows
-            for k in (keys.rate_log(who, w.window_s), keys.rate_tokens(who, w.window_s))]
+def _window_keys(limits: list[RateLimit]) -> list[str]:
+    return [k for limit in limits for w in limit.windows
+            for k in (keys.rate_log(limit.subject, w.window_s),
+                      keys.rate_tokens(limit.subject, w.window_s))]
 
 
 def admission_tokens(message: AiMessage) -> int:
@@ -135,9 +154,14 @@ def admission_tokens(message: AiMessage) -> int:
     return (message.token_estimate or estimate_input_tokens(message.chat())) + message.max_tokens
 
 
+_PER = {SECOND_S: "second", MINUTE_S: "minute", DAY_S: "day"}
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """The script's answer for one message."""
+    """The script's answer for one message: admitted (at `admitted_at_ms`, the limiter's
+    clock), or refused by one window of `limit`, which frees enough in `retry_after_ms`
+    (-1: never, the message alone is over it)."""
 
     admitted: bool
     retry_after_ms: int
@@ -145,54 +169,64 @@ class Admission:
     kind: str
     current: int
     limit_value: int
+    admitted_at_ms: int = 0
+    limit: RateLimit | None = None
 
     def refusal(self, agent_id: str) -> RateLimited:
         """The RateLimited error for a refused message."""
-        per = "minute" if self.window_s == MINUTE_S else "day"
+        per = _PER.get(self.window_s, f"{self.window_s} s")
         name = f"{self.kind}_per_{per}"
         never = self.retry_after_ms < 0
         retry_after_s = None if never else max(self.retry_after_ms, 1) / 1000
         why = (f"this message's estimate alone is over the limit of {self.limit_value} "
                f"{self.kind} per {per}; lower max_tokens or shorten the prompt" if never
                else f"retry after {retry_after_s:.3f} s")
+        key = self.limit.api_key if self.limit is not None else None
+        who = f"API key {key} (agent '{agent_id}')" if key else f"agent '{agent_id}'"
         return RateLimited(
-            f"agent '{agent_id}' is at its rate limit {name} = {self.limit_value} "
-            f"({self.current} in the last {per}); {why}", policy="rate_limits",
-            agent_id=agent_id, limit=name, limit_value=self.limit_value, current=self.current,
+            f"{who} is at its rate limit {name} = {self.limit_value} ({self.current} in the "
+            f"last {per}); {why}", policy="rate_limits", agent_id=agent_id, api_key=key,
+            limit=name, limit_value=self.limit_value, current=self.current,
             window_s=self.window_s, retry_after_s=retry_after_s)
 
 
-def queue_admit(batch: Batch, message: AiMessage, limit: RateLimit, now_ms: int = 0
+def queue_admit(batch: Batch, message: AiMessage, limits: list[RateLimit], now_ms: int = 0
                 ) -> Reader[Admission]:
-    """Queue admitting `message` under `limit` (now_ms 0: Redis's clock)."""
+    """Queue admitting `message` into every window of `limits` (all or none; now_ms 0:
+    Redis's clock)."""
+    windows = [(limit, w) for limit in limits for w in limit.windows]
     args: list[Any] = [now_ms, message.id, admission_tokens(message)]
-    for w in limit.windows:
+    for _, w in windows:
         args += [w.window_s * 1000, -1 if w.max_requests is None else w.max_requests,
                  -1 if w.max_tokens is None else w.max_tokens]
-    index = batch.script(ADMIT_LUA, _window_keys(limit), args)
+    index = batch.script(ADMIT_LUA, _window_keys(limits), args)
 
     def read() -> Admission:
-        admitted, retry_ms, window, kind, current, value = batch[index]
-        window_s = limit.windows[int(window) - 1].window_s if int(window) else 0
-        return Admission(bool(admitted), int(retry_ms), window_s, str(kind), int(current),
-                         int(value))
+        admitted, retry_ms, window, kind, current, value, at_ms = batch[index]
+        limit, refused_by = windows[int(window) - 1] if int(window) else (None, None)
+        return Admission(bool(admitted), int(retry_ms),
+                         refused_by.window_s if refused_by is not None else 0, str(kind),
+                         int(current), int(value), int(at_ms), limit)
 
     return read
 
 
-def correct(agent_id: str, message_id: str, tokens: int) -> None:
-    """Charge a message's window entries what its call really used (no-op if the agent
-    limits no tokens, or the message is not in its windows)."""
-    limit = TABLE.current(max_age_s=CORRECTION_TABLE_AGE_S).limits.get(agent_id)
-    if limit is None or not limit.limits_tokens:
-        return
-    send(lambda batch: batch.script(CORRECT_LUA, _window_keys(limit), [message_id, tokens]))
+def correct(message: AiMessage, tokens: int) -> None:
+    """Charge a message's window entries what its call really used (no-op if neither its
+    agent nor its key limits tokens, or the message is not in their windows)."""
+    table = TABLE.current(max_age_s=CORRECTION_TABLE_AGE_S)
+    limits = [limit for limit in limits_of(table, message) if limit.limits_tokens]
+    if limits:
+        send(lambda batch: batch.script(CORRECT_LUA, _window_keys(limits),
+                                        [message.id, tokens]))
 
 
-def usage(agent_id: str, window_s: int, now_s: float | None = None) -> tuple[int, int]:
-    """(messages, tokens) an agent is counted in a window (read-only; for views and tests)."""
+def usage(agent_id: str, window_s: int, now_s: float | None = None, *,
+          api_key: str | None = None) -> tuple[int, int]:
+    """(messages, tokens) an agent (or, given `api_key`, that key) is counted in a window
+    (read-only; for views and tests)."""
     client = get_redis()
-    who = subject(agent_id)
+    who = RateLimit(agent_id, api_key=api_key).subject
     low = "-inf" if now_s is None else f"({int(now_s * 1000) - window_s * 1000}"
     members = [str(m) for m in client.zrangebyscore(keys.rate_log(who, window_s), low, "+inf")]
     if not members:
@@ -214,7 +248,7 @@ def _on_deduplicated(sender: Any, message: AiMessage, outcome: str = "", **_: An
 
 def _safely(message: AiMessage, tokens: int) -> None:
     try:
-        correct(message.agent_id, message.id, tokens)
+        correct(message, tokens)
     except Exception as exc:  # an observer must not fail the message; the estimate stays
         logger.warning("rate_limit.correction_failed", extra={
             "message_id": message.id, "agent_id": message.agent_id, "error": repr(exc)})
@@ -230,12 +264,13 @@ def connect_corrections() -> None:
 @dataclass(frozen=True, slots=True)
 class _Read:
     table: GovernanceTable
-    limit: RateLimit | None
+    limits: list[RateLimit]
     admission: Admission | None
 
 
 class RateLimits(Policy):
-    """Admit a message into its agent's windows, or refuse it with RateLimited."""
+    """Admit a message into its agent's and its API key's windows; over a limit, refuse
+    it with RateLimited or, when that limit says `queue`, have it wait for the next slot."""
 
     name = "rate_limits"
 
@@ -249,19 +284,43 @@ class RateLimits(Policy):
     def queue_route_reads(self, batch: Batch, message: AiMessage) -> Reader[Any]:
         # The limits as this process last knew them; before_route checks them against the
         # version read in this same batch and admits again in the rare case they moved.
-        limit = TABLE.current().limits.get(message.agent_id)
+        limits = limits_of(TABLE.current(), message)
         read_table = queue_table(batch)
-        read_admission = queue_admit(batch, message, limit, self._now_ms()) if limit else None
-        return lambda: _Read(read_table(), limit,
+        read_admission = queue_admit(batch, message, limits, self._now_ms()) if limits else None
+        return lambda: _Read(read_table(), limits,
                              read_admission() if read_admission is not None else None)
 
-    def before_route(self, ctx: RouteContext) -> None:
+    def before_route(self, ctx: RouteContext) -> float | None:
         read: _Read = ctx.reads[self.name]
         message = ctx.message
-        limit = read.table.limits.get(message.agent_id)
+        limits = limits_of(read.table, message)
         admission = read.admission
-        if limit != read.limit:
-            admission = (run(lambda batch: queue_admit(batch, message, limit, self._now_ms()))
-                         if limit is not None else None)
-        if admission is not None and not admission.admitted:
-            raise admission.refusal(message.agent_id)
+        if limits != read.limits:
+            admission = (run(lambda batch: queue_admit(batch, message, limits, self._now_ms()))
+                         if limits else None)
+        if admission is None:
+            return None
+        if admission.admitted:
+            ctx.notes[self.name] = {"admitted_at_ms": admission.admitted_at_ms,
+                                    "scopes": [limit.subject for limit in limits]}
+            return None
+        refusal = admission.refusal(message.agent_id)
+        wait_s = queue_wait_s(admission, message)
+        if wait_s is None:
+            raise refusal
+        ctx.notes[self.name] = {k: refusal.fields.get(k)
+                                for k in ("limit", "limit_value", "current", "api_key")}
+        return wait_s
+
+
+def queue_wait_s(admission: Admission, message: AiMessage) -> float | None:
+    """How long a refused message waits for its slot, when the limit that refused it
+    queues, the slot will ever free, and it frees before the message's deadline; else
+    None (the message is refused)."""
+    limit = admission.limit
+    if limit is None or limit.on_excess != "queue" or admission.retry_after_ms < 0:
+        return None
+    wait_s = max(admission.retry_after_ms, 1) / 1000
+    if message.expired(utcnow() + timedelta(seconds=wait_s)):
+        return None
+    return wait_s

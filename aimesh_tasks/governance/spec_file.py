@@ -9,6 +9,7 @@
         fallback: general                  # weak intent matches go here (optional)
     rate_limits:                           # per registered agent; null removes its limits
       billing-bot: {requests_per_minute: 60, tokens_per_minute: 40000}
+      batch-bot: {requests_per_second: 2, on_excess: queue}   # over it: wait, not 429
 
 Routes in the file are created or replaced; routes not in it are kept (`aimesh routes
 remove` removes one). A file with any error is refused whole, naming the route and the field.
@@ -28,7 +29,7 @@ from sqlalchemy import select
 from aimesh_tasks.db import session_scope
 from aimesh_tasks.db.models import RateLimitRow, RouteRow
 from aimesh_tasks.errors import InvalidInput
-from aimesh_tasks.governance.limits import LIMIT_NAMES, RateLimit, write_rate_limit
+from aimesh_tasks.governance.limits import LIMIT_NAMES, OnExcess, RateLimit, write_rate_limit
 from aimesh_tasks.governance.routes import ANY_REGISTERED, Route, Target, list_routes
 from aimesh_tasks.governance.version import bump_version
 from aimesh_tasks.messages import AGENT_ID_PATTERN, utcnow
@@ -82,13 +83,15 @@ class RouteSpec(BaseModel):
 
 
 class LimitSpec(BaseModel):
-    """One agent's rate limits."""
+    """One agent's rate limits, and what a message over them gets."""
 
     model_config = ConfigDict(extra="forbid")
+    requests_per_second: int | None = Field(None, ge=1)
     requests_per_minute: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
     requests_per_day: int | None = Field(None, ge=1)
     tokens_per_day: int | None = Field(None, ge=1)
+    on_excess: OnExcess = "refuse"
 
     @model_validator(mode="after")
     def _one_at_least(self) -> LimitSpec:

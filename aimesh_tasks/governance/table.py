@@ -1,4 +1,5 @@
-"""The governance table each process keeps: routes, registered agents and rate limits.
+"""The governance table each process keeps: routes, registered agents, rate limits (of
+agents and of API keys).
 
 Loaded from the database and kept until the governance version in Redis moves (every
 change of routes, agents or limits replaces it, see governance/version.py). The message
@@ -16,7 +17,7 @@ from sqlalchemy import select
 
 from aimesh_tasks import keys
 from aimesh_tasks.db import AgentRow, session_scope
-from aimesh_tasks.governance.limits import RateLimit, list_rate_limits
+from aimesh_tasks.governance.limits import RateLimit, list_key_limits, list_rate_limits
 from aimesh_tasks.governance.routes import Route, list_routes
 from aimesh_tasks.redis_batch import Batch, Reader
 from aimesh_tasks.redis_client import get_redis
@@ -26,12 +27,14 @@ _UNLOADED = object()
 
 @dataclass(frozen=True)
 class GovernanceTable:
-    """Routes by name, registered agents (id → enabled), rate limits by agent id."""
+    """Routes by name, registered agents (id → enabled), rate limits by agent id and by
+    API key prefix."""
 
     version: str | None = None
     routes: dict[str, Route] = field(default_factory=dict)
     agents: dict[str, bool] = field(default_factory=dict)
     limits: dict[str, RateLimit] = field(default_factory=dict)
+    key_limits: dict[str, RateLimit] = field(default_factory=dict)
 
 
 def load_table(version: str | None) -> GovernanceTable:
@@ -39,7 +42,8 @@ def load_table(version: str | None) -> GovernanceTable:
     with session_scope() as session:
         agents = {row.id: row.enabled for row in session.scalars(select(AgentRow))}
     return GovernanceTable(version, {r.name: r for r in list_routes()}, agents,
-                           {limit.agent_id: limit for limit in list_rate_limits()})
+                           {limit.agent_id: limit for limit in list_rate_limits()},
+                           {str(limit.api_key): limit for limit in list_key_limits()})
 
 
 class TableCache:

@@ -20,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from aimesh_tasks.api_keys import AgentNotAllowed, InvalidApiKey, KeyInfo, find_key, key_hash
+from aimesh_tasks.messages import KEY_PREFIX_PATTERN
 from aimesh_tasks.settings import get_settings
 
 SOURCE_AGENT_HEADER = "x-source-agent"
@@ -37,6 +38,12 @@ class Caller:
     @property
     def admin(self) -> bool:
         return self.key.admin
+
+    @property
+    def api_key(self) -> str | None:
+        """The prefix of the API key this caller used (None: a JWT): the messages it sends
+        count against that key's own rate limits."""
+        return self.key.prefix if KEY_PREFIX_PATTERN.match(self.key.prefix) else None
 
 
 class KeyCache:

@@ -46,7 +46,7 @@ async def _queue_one(index: int, item: ChatCompletionRequest, request: Request,
             raise InvalidMessage(f"requests.{index}.stream: streaming is not available in "
                                  "a batch", field=f"requests.{index}.stream", errors=[])
         fields = await message_fields(item, request.headers)
-        return await ingress(request).accept(who.agent_id, fields)
+        return await ingress(request).accept(who.agent_id, fields, api_key=who.api_key)
     except AimeshError as exc:
         return _error_item(index, exc)
 

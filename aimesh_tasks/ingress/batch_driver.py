@@ -96,17 +96,17 @@ class BatchDriver:
 
     async def tick(self) -> None:
         """One step of every batch this process holds the lease of."""
-        for batch_id, agent_id, status in await run_in_threadpool(store.active_batches):
-            if await run_in_threadpool(_lease, batch_id, self.token):
-                await self.step(batch_id, agent_id, status)
+        for batch in await run_in_threadpool(store.active_batches):
+            if await run_in_threadpool(_lease, batch.id, self.token):
+                await self.step(batch)
 
-    async def step(self, batch_id: str, agent_id: str, status: str) -> None:
+    async def step(self, batch: store.ActiveBatch) -> None:
         """Queue some pending lines (or cancel them), record finished ones, finalize."""
-        if status == "cancelling":
+        batch_id = batch.id
+        if batch.status == "cancelling":
             await run_in_threadpool(store.cancel_pending, batch_id)
         pending = await run_in_threadpool(store.lines_in, batch_id, "pending", STEP_LINES)
-        queued_now = [await self._queue(batch_id, agent_id, line.line_no, line.body)
-                      for line in pending]
+        queued_now = [await self._queue(batch, line.line_no, line.body) for line in pending]
         outcomes = [outcome for outcome in queued_now if outcome is not None]
         queued = await run_in_threadpool(store.lines_in, batch_id, "queued", STEP_LINES * 5)
         finished = await asyncio.gather(*(self.runtime.waiter.peek(
@@ -118,13 +118,15 @@ class BatchDriver:
         if not pending:
             await run_in_threadpool(store.finalize, batch_id)
 
-    async def _queue(self, batch_id: str, agent_id: str, line_no: int,
-                     body: dict[str, Any]) -> Outcome | None:
-        """Queue one line; its failure if it cannot be a message; None (still pending) if
-        the broker cannot take it now."""
+    async def _queue(self, batch: store.ActiveBatch, line_no: int, body: dict[str, Any]
+                     ) -> Outcome | None:
+        """Queue one line (sent with the key that created the batch); its failure if it
+        cannot be a message; None (still pending) if the broker cannot take it now."""
         try:
             fields = await run_in_threadpool(_fields, body)
-            await self.runtime.accept(agent_id, fields, store.message_id_of(batch_id, line_no))
+            await self.runtime.accept(batch.agent_id, fields,
+                                      store.message_id_of(batch.id, line_no),
+                                      api_key=batch.api_key)
         except ServiceUnavailable:
             return None
         except AimeshError as exc:

@@ -63,7 +63,7 @@ async def create_batch(body: BatchCreate, who: CallerDep) -> dict[str, Any]:
     """Queue every request of an uploaded file."""
     created = await run_in_threadpool(
         store.create_batch, who.agent_id, who.key.agents, body.input_file_id, body.endpoint,
-        body.completion_window, body.metadata)
+        body.completion_window, body.metadata, who.api_key)
     return created.to_openai()
 
 

@@ -4,8 +4,11 @@ A request is turned into an AiMessage for the calling agent and queued with `sub
 Synchronous (the default): the answer is awaited, up to the message's deadline or
 AIMESH_INGRESS_WAIT_S, then returned as a `chat.completion`, or with `stream: true` as
 Server-Sent Events in OpenAI's chunk format (the answer's text in pieces, then the usage
-chunk when `stream_options.include_usage`). With `Prefer: respond-async` (or a key
-created with --respond-async): 202 at once, with a `Location` to poll (see messages.py).
+chunk when `stream_options.include_usage`). A request whose every candidate endpoint is at
+capacity is not refused: it waits in the best one's queue, and its answer carries
+`X-Aimesh-Queue-Position` (the messages that were ahead of it there). With `Prefer:
+respond-async` (or a key created with --respond-async): 202 at once, with a `Location` to
+poll (see messages.py).
 A message that outlives the wait is still queued: the 504 names its id to poll.
 """
 
@@ -39,6 +42,7 @@ from aimesh_tasks.settings import get_settings
 
 router = APIRouter(tags=["openai"])
 RESPOND_ASYNC = "respond-async"
+QUEUE_POSITION_HEADER = "X-Aimesh-Queue-Position"
 
 
 def ingress(request: Request) -> Ingress:
@@ -84,10 +88,14 @@ def still_waiting(message_id: str) -> JSONResponse:
 
 def result_headers(result: dict[str, Any]) -> dict[str, str]:
     """What the message path tells a synchronous caller in headers: the message id, the
-    endpoint, and how long the message waited in the queue."""
-    return {"X-Aimesh-Message-Id": str(result.get("message_id", "")),
-            "X-Aimesh-Endpoint": str(result.get("endpoint_id", "")),
-            "X-Aimesh-Queue-Wait-Ms": f"{float(result.get('queue_wait_ms') or 0):.1f}"}
+    endpoint, how long the message waited in the queue, and, when it was queued behind an
+    endpoint at capacity (every candidate was), how many messages were ahead of it."""
+    headers = {"X-Aimesh-Message-Id": str(result.get("message_id", "")),
+               "X-Aimesh-Endpoint": str(result.get("endpoint_id", "")),
+               "X-Aimesh-Queue-Wait-Ms": f"{float(result.get('queue_wait_ms') or 0):.1f}"}
+    if result.get("queue_position") is not None:
+        headers[QUEUE_POSITION_HEADER] = str(int(result["queue_position"]))
+    return headers
 
 
 def _sse(chunk: dict[str, Any] | str) -> bytes:
@@ -108,7 +116,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     """OpenAI's chat completion, on the queue."""
     fields = await message_fields(body, request.headers)
     runtime = ingress(request)
-    accepted = await runtime.accept(who.agent_id, fields)
+    accepted = await runtime.accept(who.agent_id, fields, api_key=who.api_key)
     if wants_async(request) or who.key.respond_async:
         return accepted_response(accepted)
     finished = await runtime.wait(accepted.message_id, get_settings().ingress_wait_s)

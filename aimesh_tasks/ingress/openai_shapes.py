@@ -111,7 +111,7 @@ def usage(result: dict[str, Any]) -> dict[str, int]:
 def aimesh_extras(result: dict[str, Any]) -> dict[str, Any]:
     """What the message path adds to OpenAI's shape (under `aimesh`; SDKs keep it)."""
     names = ("message_id", "agent_id", "endpoint_id", "cost_usd", "charged_usd", "cached", "dedup",
-             "queue_wait_ms", "processing_ms", "usage_estimated")
+             "queue_wait_ms", "processing_ms", "usage_estimated", "queue_position")
     return {name: result.get(name) for name in names}
 
 

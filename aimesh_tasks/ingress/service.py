@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aimesh_tasks import keys
 from aimesh_tasks.errors import InvalidMessage, NotFound, ServiceUnavailable
+from aimesh_tasks.messages import API_KEY_KEY
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry.cache import ENDPOINTS
 from aimesh_tasks.registry.endpoints import Endpoint
@@ -101,6 +102,17 @@ def header_fields(headers: Any) -> dict[str, Any]:
     return fields
 
 
+def stamped_metadata(metadata: dict[str, Any] | None, api_key: str | None
+                     ) -> dict[str, Any]:
+    """The message's metadata naming the verified key it came with, so that the key's
+    rate limits apply: whatever the client put under 'aimesh.api_key' is replaced (or
+    dropped, for a caller without an API key, such as a JWT)."""
+    kept = {k: v for k, v in (metadata or {}).items() if k != API_KEY_KEY}
+    if api_key is not None:
+        kept[API_KEY_KEY] = api_key
+    return kept
+
+
 def _accept_sync(data: dict[str, Any]) -> Accepted:
     from aimesh_tasks.producer import submit
 
@@ -130,9 +142,12 @@ class Ingress:
         self.waiter = waiter
 
     async def accept(self, agent_id: str, fields: dict[str, Any],
-                     message_id: str | None = None) -> Accepted:
-        """Validate and queue a message of `agent_id` (InvalidMessage, ServiceUnavailable)."""
-        data = {**fields, "agent_id": agent_id, "id": message_id or uuid.uuid4().hex}
+                     message_id: str | None = None, *, api_key: str | None = None
+                     ) -> Accepted:
+        """Validate and queue a message of `agent_id` sent with the verified `api_key`
+        (its prefix; None: no API key) (InvalidMessage, ServiceUnavailable)."""
+        data = {**fields, "agent_id": agent_id, "id": message_id or uuid.uuid4().hex,
+                "metadata": stamped_metadata(fields.get("metadata"), api_key)}
         return await run_in_threadpool(_accept_sync, data)
 
     async def wait(self, message_id: str, timeout_s: float) -> Finished | None:

@@ -248,9 +248,10 @@ def _settle(charged_key: str, completion: Completion | None, estimate: Estimate 
 
 
 def build_result(message: AiMessage, endpoint: Endpoint, completion: Completion,
-                 attempts: list[Attempt], started_at: datetime, charged_nusd: int
-                 ) -> AiResult:
-    """The AiResult of a successful call; `charged_nusd` is the message's whole charge."""
+                 attempts: list[Attempt], started_at: datetime, charged_nusd: int,
+                 queue_position: int | None = None) -> AiResult:
+    """The AiResult of a successful call; `charged_nusd` is the message's whole charge,
+    `queue_position` the messages ahead of it in a saturated endpoint's queue."""
     finished_at = utcnow()
     return AiResult(
         message_id=message.id,
@@ -272,6 +273,7 @@ def build_result(message: AiMessage, endpoint: Endpoint, completion: Completion,
         finished_at=finished_at,
         attempts=attempts,
         metadata=message.metadata,
+        queue_position=queue_position,
     )
 
 

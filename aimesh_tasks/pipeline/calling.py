@@ -126,7 +126,8 @@ def _decide(app: Any, envelope: Envelope, message: AiMessage, done: CallResult,
     endpoint = ctx.endpoint
     past = [*(Attempt.model_validate(a) for a in envelope.attempts), done.attempt]
     charged = envelope.charged_nusd + done.charged_nusd
-    result = build_result(message, endpoint, done.completion, past, started_at, charged)
+    result = build_result(message, endpoint, done.completion, past, started_at, charged,
+                          envelope.queue_position)
     audit("completed", message_id=message.id, agent_id=message.agent_id,
           endpoint_id=endpoint.id, tokens=result.input_tokens + result.output_tokens,
           cost_nusd=usd_to_nusd(result.cost_usd), batch=tail,

@@ -2,8 +2,9 @@
 
 Routing gives one of `Hit` (answered without a call: exact or semantic cache), `Joined`
 (an identical message is in flight; its leader answers this one), `HandOff` (call the
-envelope's first endpoint on its queue) or `Refused` (a policy, the budget or routing
-said no). A call gives `Done`, `Fallback` (hand the envelope on: to the next endpoint,
+envelope's first endpoint on its queue), `Requeue` (a policy asked the message to wait:
+route it again after `countdown_s`) or `Refused` (a policy, the budget or routing said
+no). A call gives `Done`, `Fallback` (hand the envelope on: to the next endpoint,
 or to the same one for a retry, after `countdown_s`), `Retry` (run this call again after
 `countdown_s`) or `Failed`.
 
@@ -15,6 +16,7 @@ or to the same one for a retry, after `countdown_s`), `Retry` (run this call aga
 | Fallback  | (a Fallback's countdown: short ones sleep first, longer ones are  |
 |           | a countdown on the published task)                                |
 | Retry     | publishes this task again with a countdown                        |
+| Requeue   | the same, not counted as a retry (a wait, not a failure)          |
 | Refused,  | raises the error, or returns {"error": ...} when the envelope asks |
 | Failed    | for errors as results (workflow steps)                            |
 """
@@ -80,11 +82,20 @@ class Retry:
 
 
 @dataclass(frozen=True, slots=True)
+class Requeue:
+    """Route this message again after `countdown_s` (a policy's wait, e.g. for a free
+    slot of a rate limit that queues); nothing was admitted, reserved or handed off."""
+
+    countdown_s: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     """The message failed for good."""
 
     error: AimeshError
 
 
-RouteOutcome = Hit | Joined | HandOff | Refused
+RouteOutcome = Hit | Joined | HandOff | Requeue | Refused
 CallOutcome = Done | Fallback | Retry | Failed

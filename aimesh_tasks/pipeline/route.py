@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aimesh_tasks import events
 from aimesh_tasks.budgets.metered import queue_is_metered
@@ -48,11 +49,11 @@ def queue_route_inputs(batch: Batch, message: AiMessage) -> Reader[RouteInputs]:
 
 
 def plan_route(message: AiMessage, inputs: RouteInputs, records: Batch,
-               choose: Callable[[list[Endpoint]], list[Endpoint]] | None = None
-               ) -> RoutingDecision:
+               choose: Callable[[list[Endpoint]], list[Endpoint]] | None = None,
+               notes: dict[str, Any] | None = None) -> RoutingDecision:
     """The ranked endpoints for `message` among the candidates `choose` leaves (all, by
-    default), recorded on `records` (the caller sends it); NoEndpointAvailable (recorded
-    and sent) if none."""
+    default), recorded on `records` (the caller sends it) with what policies noted;
+    NoEndpointAvailable (recorded and sent) if none."""
     settings = get_settings()
     figures = inputs.figures
     endpoints = ENDPOINTS.at(inputs.version)
@@ -82,7 +83,8 @@ def plan_route(message: AiMessage, inputs: RouteInputs, records: Batch,
     audit("routed", message_id=message.id, agent_id=message.agent_id,
           endpoint_id=decision.winner.id,
           detail={"fallbacks": record["fallbacks"],
-                  "scores": {c["endpoint_id"]: c["score"] for c in record["candidates"]}},
+                  "scores": {c["endpoint_id"]: c["score"] for c in record["candidates"]},
+                  **(notes or {})},
           batch=records)
     events.message_routed.send(sender=plan_route, message=message, decision=decision)
     return decision

@@ -1,10 +1,11 @@
 """Routing one message, start to end, as a plain function that returns an outcome.
 
     deadline → one Redis round trip (dedup join, live figures, metered flag, policies'
-    reads) → already handed off? / cache hit / join a flight → policies.before_route →
-    semantic cache → decide among the candidates policies.choose leaves → policies.admit
-    (the budget reservation) → remember the hand-off (and send the routing records) →
-    HandOff
+    reads) → already handed off? / cache hit / join a flight → policies.before_route
+    (refuse, or wait: Requeue) → semantic cache → decide among the candidates
+    policies.choose leaves → policies.admit (the budget reservation) → [every candidate
+    at capacity: the position it takes in the winner's queue] → remember the hand-off
+    (and send the routing records) → HandOff
 
 Every step either adds to the outcome or ends it; the routing task maps the outcome
 to Celery (aimesh_tasks/tasks/route.py). Nothing here needs a worker.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aimesh_tasks import events
+from aimesh_tasks import events, queue_position
 from aimesh_tasks.dedup.cache import queue_remember_handoff
 from aimesh_tasks.envelope import Envelope, Flight, Reply
 from aimesh_tasks.errors import AimeshError
@@ -24,9 +25,9 @@ from aimesh_tasks.pipeline import semantic
 from aimesh_tasks.pipeline.call import endpoint_to_args
 from aimesh_tasks.pipeline.dedup import answer_from_cache, queue_join_flight, semantic_answer
 from aimesh_tasks.pipeline.flight import deadline_exceeded, end_flight
-from aimesh_tasks.pipeline.outcomes import HandOff, Hit, Joined, Refused, RouteOutcome
+from aimesh_tasks.pipeline.outcomes import HandOff, Hit, Joined, Refused, Requeue, RouteOutcome
 from aimesh_tasks.pipeline.route import RouteInputs, plan_route, queue_route_inputs
-from aimesh_tasks.policies import Policies, RouteContext, active
+from aimesh_tasks.policies import Policies, RouteContext, Wait, active
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.settings import get_settings
 
@@ -61,20 +62,25 @@ def route(app: Any, message: AiMessage, *, in_canvas: bool = False, reply: Reply
     inputs = read_inputs()
     ctx = RouteContext(message, metered_hint=inputs.metered, reads=read_policies())
     try:
-        return _lead(app, message, ctx, policies, flight, inputs, reply)
+        outcome = _lead(app, message, ctx, policies, flight, inputs, reply)
     except AimeshError as exc:
         end_flight(app, flight, None)
         return Refused(exc)
+    if isinstance(outcome, Requeue):  # it leads nothing while it waits: its followers
+        end_flight(app, flight, None)  # route again, and the first of them leads
+    return outcome
 
 
 def _lead(app: Any, message: AiMessage, ctx: RouteContext, policies: Policies,
           flight: Flight | None, inputs: RouteInputs, reply: Reply) -> RouteOutcome:
     try:
-        policies.before_route(ctx)
+        wait = policies.before_route(ctx)
     except AimeshError as exc:
         audit("denied", message_id=message.id, agent_id=message.agent_id,
               reason=exc.message[:512], detail={"policy": _policy_of(exc), **exc.to_dict()})
         raise
+    if wait is not None:
+        return _requeue(message, ctx, wait)
     if flight is not None:
         equivalent = semantic_answer(message, flight)
         if equivalent is not None:
@@ -82,15 +88,20 @@ def _lead(app: Any, message: AiMessage, ctx: RouteContext, policies: Policies,
             return Hit(equivalent)
     records = Batch()
     decision = plan_route(message, inputs, records,
-                          choose=lambda candidates: policies.choose(ctx, candidates))
+                          choose=lambda candidates: policies.choose(ctx, candidates),
+                          notes=ctx.notes)
     try:
         policies.admit(ctx, decision)
     except AimeshError:
         records.send()  # the decision is recorded whether or not it was admitted
         raise
+    # Every candidate at capacity: it waits in the winner's queue, behind this many.
+    position = (queue_position.on_enqueue(get_settings().broker_url, decision.winner.queue,
+                                          message.priority) if decision.saturated else None)
     envelope = Envelope(message=message.to_json_dict(),
                         route=[endpoint_to_args(e) for e in decision.route],
-                        metered=ctx.metered, flight=flight, reply=reply)
+                        metered=ctx.metered, flight=flight, reply=reply,
+                        queue_position=position)
     # Kept with the records, in their round trip: a duplicate delivery of this message
     # that routed at the same moment gets the envelope kept first, so both hand off the
     # same call (whose lease then makes it one call, one charge).
@@ -98,6 +109,18 @@ def _lead(app: Any, message: AiMessage, ctx: RouteContext, policies: Policies,
     read_kept = queue_remember_handoff(records, message.id, _without_prompt(envelope), ttl_s)
     records.send()
     return HandOff(_with_message(read_kept(), message))
+
+
+def _requeue(message: AiMessage, ctx: RouteContext, wait: Wait) -> Requeue:
+    """Wait as a policy asked, for at most half the visibility timeout (a longer countdown
+    would outlive the broker's redelivery of the unacked task): on arrival the message is
+    routed again from the start, and the policy checks again."""
+    countdown_s = min(wait.wait_s, get_settings().visibility_timeout_s / 2)
+    reason = f"{wait.policy} asked it to wait {wait.wait_s:.3f} s"
+    audit("queued", message_id=message.id, agent_id=message.agent_id, reason=reason,
+          detail={"policy": wait.policy, "wait_s": wait.wait_s, "countdown_s": countdown_s,
+                  **ctx.notes.get(wait.policy, {})})
+    return Requeue(countdown_s, reason)
 
 
 def _without_prompt(envelope: Envelope) -> dict[str, Any]:

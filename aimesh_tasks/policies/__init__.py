@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol, runtime_checkable
 
@@ -69,6 +70,14 @@ def with_exclusions(error: NoEndpointAvailable, excluded: dict[str, str]
                                {**error.fields, "excluded": merged})
 
 
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """A policy's `before_route` asked the message to wait `wait_s` in the routing queue."""
+
+    policy: str
+    wait_s: float
+
+
 class Policies:
     """An ordered list of policies, called hook by hook."""
 
@@ -80,9 +89,14 @@ class Policies:
         readers = [(p.name, p.queue_route_reads(batch, message)) for p in self.policies]
         return lambda: {name: read() for name, read in readers if read is not None}
 
-    def before_route(self, ctx: RouteContext) -> None:
+    def before_route(self, ctx: RouteContext) -> Wait | None:
+        """Each policy's before_route in order, until one refuses (raises) or asks the
+        message to wait (the policies after it are not asked)."""
         for policy in self.policies:
-            policy.before_route(ctx)
+            wait_s = policy.before_route(ctx)
+            if wait_s is not None:
+                return Wait(policy.name, wait_s)
+        return None
 
     def choose(self, ctx: RouteContext, candidates: list[Endpoint]) -> Chosen:
         excluded: dict[str, str] = {}
@@ -147,4 +161,4 @@ def active() -> Policies:
 
 
 __all__ = ["AfterCall", "CallContext", "Chosen", "Policies", "Policy", "RecordsCalls",
-           "RouteContext", "active", "with_exclusions"]
+           "RouteContext", "Wait", "active", "with_exclusions"]

@@ -8,7 +8,7 @@ each hook of each policy in that order (the way dramatiq's middleware works). Ob
 | hook               | when                                       | may                          |
 |--------------------|--------------------------------------------|------------------------------|
 | queue_route_reads  | before routing's one Redis round trip      | add reads to it (no new trip)|
-| before_route       | after the dedup decision, before routing   | refuse: raise an AimeshError |
+| before_route       | after the dedup decision, before routing   | refuse, or wait (seconds)    |
 | choose             | before candidates are scored               | filter or reorder them       |
 | admit              | after the winner is known, before hand-off | refuse (budget), note state  |
 | queue_call_reads   | before the call's first Redis round trip   | add reads to it              |
@@ -17,6 +17,9 @@ each hook of each policy in that order (the way dramatiq's middleware works). Ob
 
 A refusal is an `AimeshError` raised from the hook; raised from `before_route` it is
 audited as `denied` with the policy's name and reason, and nothing is reserved or queued.
+Seconds returned from `before_route` send the message back to the routing queue for that
+long (at most half the visibility timeout; it is checked again on arrival), audited as
+`queued`: the later policies' `before_route`, the budget and the hand-off wait with it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class RouteContext:
     metered_hint: bool | None = None  # the metered-agents mirror's answer (None: unsure)
     reads: dict[str, Any] = field(default_factory=dict)
     metered: bool = False  # set by the budget policy's admit
+    # What policies want kept with the routing decision, by policy name (in the `routed`
+    # audit record's detail).
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,8 +80,10 @@ class Policy:
         `ctx.reads[self.name]` before `before_route`."""
         return None
 
-    def before_route(self, ctx: RouteContext) -> None:
-        """Raise an AimeshError to refuse the message before budget and dispatch."""
+    def before_route(self, ctx: RouteContext) -> float | None:
+        """Raise an AimeshError to refuse the message before budget and dispatch; return
+        seconds to have it wait in the routing queue and be routed again after them."""
+        return None
 
     def choose(self, ctx: RouteContext, candidates: list[Endpoint]) -> list[Endpoint]:
         """The candidates routing may score (filter or reorder)."""

@@ -1,4 +1,14 @@
-"""Candidate filtering and the routing decision for one message."""
+"""Candidate filtering and the routing decision for one message.
+
+Where "at capacity" (calls in flight >= the endpoint's capacity) matters: an endpoint at
+capacity is left out (recorded as such) whenever another candidate has room, so ranking
+always prefers an endpoint with room. When every candidate that could serve the message
+is at capacity, they are not refused: they are ranked among themselves (their load is in
+the score) and the decision is `saturated`, so the message is handed to the best one's
+queue and waits there for a worker, up to its deadline, instead of failing with
+NoEndpointAvailable. Capacity is what routing plans with; what bounds the calls an
+endpoint really has in flight is the concurrency of the workers consuming its queue.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +34,8 @@ class RoutingDecision:
     excluded: dict[str, str]
     weights: tuple[float, float, float]
     route: list[Endpoint] = field(default_factory=list)
+    # Every candidate was at capacity: the message waits in the winner's queue.
+    saturated: bool = False
 
     @property
     def winner(self) -> Endpoint:
@@ -44,13 +56,15 @@ class RoutingDecision:
                            for c in self.ranked],
             "excluded": self.excluded,
             "weights": dict(zip(("cost", "load", "latency"), self.weights, strict=True)),
+            "saturated": self.saturated,
         }
 
 
 def exclusion_reason(
     endpoint: Endpoint, figures: LiveFigures, message: AiMessage, now: float, retry_s: float
 ) -> str | None:
-    """Why an endpoint cannot take this message, or None if it can."""
+    """Why an endpoint cannot take this message at all, or None if it can (with room or
+    not: see `at_capacity`)."""
     if not endpoint.enabled:
         return "disabled"
     if message.model is not None and message.model != endpoint.model:
@@ -59,6 +73,11 @@ def exclusion_reason(
         return f"lacks capability '{message.capability}'"
     if figures.is_down(now, retry_s):
         return f"unhealthy: down since {figures.health_at:.0f}, retried after {retry_s:g}s"
+    return None
+
+
+def at_capacity(endpoint: Endpoint, figures: LiveFigures) -> str | None:
+    """Why an endpoint has no room for another call now, or None if it has."""
     if figures.in_flight >= endpoint.capacity:
         return f"at capacity: {figures.in_flight}/{endpoint.capacity} in flight"
     return None
@@ -80,17 +99,27 @@ def decide(
     now: float,
     health_retry_s: float,
 ) -> RoutingDecision:
-    """Filter, score and rank the endpoints for a message; NoEndpointAvailable if none fits."""
+    """Filter, score and rank the endpoints for a message; NoEndpointAvailable if none fits
+    (endpoints at capacity only count when no candidate has room: the decision is then
+    `saturated`)."""
     input_tokens = message.token_estimate or estimate_input_tokens(message.chat())
     excluded: dict[str, str] = {}
     candidates: list[Endpoint] = []
+    full: dict[str, str] = {}
     for endpoint in endpoints:
         live = figures.get(endpoint.id, LiveFigures())
         reason = exclusion_reason(endpoint, live, message, now, health_retry_s)
-        if reason is None:
-            candidates.append(endpoint)
-        else:
+        if reason is not None:
             excluded[endpoint.id] = reason
+            continue
+        candidates.append(endpoint)
+        busy = at_capacity(endpoint, live)
+        if busy is not None:
+            full[endpoint.id] = busy
+    saturated = bool(candidates) and len(full) == len(candidates)
+    if not saturated:
+        candidates = [e for e in candidates if e.id not in full]
+        excluded.update(full)
     ranked = score_candidates(
         [
             CandidateFigures(
@@ -111,6 +140,7 @@ def decide(
         excluded=excluded,
         weights=weights,
         route=[by_id[c.endpoint_id] for c in ranked],
+        saturated=saturated,
     )
     if not ranked:
         raise NoEndpointAvailable(_no_candidate_message(endpoints, excluded), 

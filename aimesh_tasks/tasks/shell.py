@@ -32,6 +32,7 @@ import redis.exceptions
 import sqlalchemy.exc
 from celery import Signature, Task
 from celery.exceptions import Reject
+from celery.exceptions import Retry as CeleryRetry
 
 from aimesh_tasks.delivery import accepted
 from aimesh_tasks.envelope import Reply
@@ -45,6 +46,7 @@ from aimesh_tasks.pipeline.outcomes import (
     Hit,
     Joined,
     Refused,
+    Requeue,
     Retry,
     RouteOutcome,
 )
@@ -124,6 +126,18 @@ class MessageTask(Task):  # type: ignore[misc]
         except Reject as failed:  # the retry could not be published: the broker is away
             raise Reject(failed.reason, requeue=True) from exc
 
+    def _requeue(self, countdown_s: float) -> NoReturn:
+        """Publish this task again after `countdown_s`, as a retry does (same id, same
+        canvas options), without counting it as one: the transient-outage retries and
+        their backoff stay whole for a message that waited in the queue."""
+        again = self.signature_from_request(self.request, countdown=countdown_s,
+                                            retries=int(self.request.retries or 0))
+        try:
+            again.apply_async()
+        except kombu.exceptions.OperationalError as exc:  # the broker is away
+            raise Reject(exc, requeue=True) from exc
+        raise CeleryRetry(when=countdown_s, sig=again)
+
     def deliver(self, outcome: RouteOutcome | CallOutcome, reply: Reply,
                 next_call: Callable[[Any], Signature]) -> Any:
         """Map an outcome to what the task returns, publishes or raises."""
@@ -140,6 +154,8 @@ class MessageTask(Task):  # type: ignore[misc]
             return None
         if isinstance(outcome, Retry):
             self._retry(outcome.countdown_s)
+        if isinstance(outcome, Requeue):
+            self._requeue(outcome.countdown_s)
         assert isinstance(outcome, Refused | Failed)
         if reply == "result":
             return error_result(outcome.error)

@@ -26,16 +26,19 @@ FAILED = "aimesh.workflow.failed"
 
 
 @app.task(name=STEP, bind=True)
-def run_step(self: Task, run_id: str, step_id: str, definition: dict[str, Any]) -> Any:
+def run_step(self: Task, run_id: str, step_id: str, definition: dict[str, Any],
+             fed_from: str | None = None) -> Any:
     """Skip the step (cancelled run, or a dependency without an answer), or render its
     message from its dependencies' outputs and replace this task by that message's route,
-    followed by recording its answer."""
+    followed by recording its answer. `fed_from`: the quoted step whose message is this
+    message's parent (its hops are counted from there)."""
     started = state.begin_step(run_id, step_id)
     if started.action != "run":
         return started.outcome
     workflow = Workflow.model_validate(definition)
     try:
-        message = step_message(workflow, workflow.step(step_id), run_id, started.outputs)
+        message = step_message(workflow, workflow.step(step_id), run_id, started.outputs,
+                               fed_from)
     except InvalidMessage as exc:
         return state.end_step(run_id, step_id, {"error": exc.to_dict()})
     raise self.replace(chain(

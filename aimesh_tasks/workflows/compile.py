@@ -21,7 +21,8 @@ step reads its dependencies' outputs from the run's state in the database, and e
 task signature is immutable, so the canvas only orders the work.
 
 Step task ids are `<run id>.<step id>`; the finish task's id is the run id, so
-`AsyncResult(run_id)` resolves to the run's result.
+`AsyncResult(run_id)` resolves to the run's result. A step whose prompt quotes an answer
+carries the step it is fed from (`dag.feeders`), so its message counts the hops.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from celery.canvas import Signature
 
 from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.tasks.workflow import barrier, finish_run, run_crashed, run_step
+from aimesh_tasks.workflows.dag import feeders
 from aimesh_tasks.workflows.model import Workflow
 
 
@@ -49,8 +51,9 @@ def _on_route_queue(sig: Signature, run_id: str) -> Signature:
     return sig.set(queue=ROUTE_QUEUE).on_error(run_crashed.s(run_id).set(queue=ROUTE_QUEUE))
 
 
-def _step(run_id: str, step_id: str, definition: dict[str, Any]) -> Signature:
-    return _on_route_queue(run_step.si(run_id, step_id, definition).set(
+def _step(run_id: str, step_id: str, definition: dict[str, Any], fed_from: str | None
+          ) -> Signature:
+    return _on_route_queue(run_step.si(run_id, step_id, definition, fed_from).set(
         task_id=step_task_id(run_id, step_id)), run_id)
 
 
@@ -72,10 +75,11 @@ def compile_workflow(run_id: str, workflow: Workflow, levels: Sequence[Sequence[
                      ) -> Signature:
     """The canvas of a run: levels in order, chords where a level fans out, finish last."""
     shared = workflow.to_json_dict()
+    fed_from = feeders(workflow.steps, levels)
     canvas = _on_route_queue(finish_run.si(run_id).set(task_id=run_id), run_id)
     next_is_group = False
     for level in reversed(levels):
-        canvas = _prepend([_step(run_id, s, _one_step(shared, s)) for s in level], canvas,
-                          next_is_group, run_id)
+        canvas = _prepend([_step(run_id, s, _one_step(shared, s), fed_from[s]) for s in level],
+                          canvas, next_is_group, run_id)
         next_is_group = len(level) > 1
     return canvas

@@ -9,6 +9,11 @@ Refused, each with an InvalidInput naming the step and the fix:
 
 `levels()` orders the steps into topological levels: a step's level is one more than the
 highest level among its dependencies, so every step of a level can run at once.
+
+`feeders()` names, for each step whose prompt quotes a dependency's answer, the quoted
+dependency at the end of the longest such chain: the step's message names that step's
+message as its parent, so its hop count (loop caps, governance/loop_cap.py) is one more
+than the longest chain of answers fed into it.
 """
 
 from __future__ import annotations
@@ -99,6 +104,22 @@ def levels(steps: Sequence[Step]) -> list[list[str]]:
     for step in steps:
         grouped[level[step.id]].append(step.id)
     return grouped
+
+
+def feeders(steps: Sequence[Step], order: Sequence[Sequence[str]]) -> dict[str, str | None]:
+    """For each step (of a valid workflow, `order` its levels), the quoted dependency at
+    the end of the longest chain of quoted answers that reaches it (ties: the first
+    quoted), or None when its prompt quotes no answer."""
+    by_id = {step.id: step for step in steps}
+    depth: dict[str, int] = {}
+    fed_from: dict[str, str | None] = {}
+    for level in order:
+        for step_id in level:
+            quoted = references(by_id[step_id].prompt)
+            deepest = max(quoted, key=lambda ref: depth[ref], default=None)
+            fed_from[step_id] = deepest
+            depth[step_id] = 0 if deepest is None else depth[deepest] + 1
+    return fed_from
 
 
 def validate_workflow(workflow: Workflow, max_steps: int) -> list[list[str]]:

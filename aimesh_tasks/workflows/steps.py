@@ -1,7 +1,9 @@
 """A step's message (pure): the rendered prompt plus the step's hints, sent as the run's agent.
 
 Message ids are `<run id>.<step id>`: a step task that runs twice (a redelivery) sends the
-same message, so its budget reservation and charge are found again, never doubled.
+same message, so its budget reservation and charge are found again, never doubled. A step
+fed a dependency's answer names that step's message as its parent ('aimesh.parent_id'),
+so the loop cap counts its hops as for any agent fed another's output.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from aimesh_tasks.messages import AiMessage, parse_message
+from aimesh_tasks.messages import PARENT_KEY, AiMessage, parse_message
 from aimesh_tasks.workflows.model import Step, Workflow
 from aimesh_tasks.workflows.template import render
 
@@ -19,9 +21,10 @@ def message_id(run_id: str, step_id: str) -> str:
     return f"{run_id}.{step_id}"
 
 
-def step_message_dict(workflow: Workflow, step: Step, run_id: str, prompt: str
-                      ) -> dict[str, Any]:
-    """The message fields of a step whose prompt is already rendered."""
+def step_message_dict(workflow: Workflow, step: Step, run_id: str, prompt: str,
+                      fed_from: str | None = None) -> dict[str, Any]:
+    """The message fields of a step whose prompt is already rendered (`fed_from`: the
+    step whose answer it quotes at the end of the longest chain, see dag.feeders)."""
     chat = [{"role": "system", "content": step.system}] if step.system else []
     chat.append({"role": "user", "content": prompt})
     fields: dict[str, Any] = {
@@ -32,6 +35,8 @@ def step_message_dict(workflow: Workflow, step: Step, run_id: str, prompt: str
         "no_cache": step.no_cache,
         "metadata": {"workflow_run": run_id, "workflow_step": step.id},
     }
+    if fed_from is not None:
+        fields["metadata"][PARENT_KEY] = message_id(run_id, fed_from)
     for hint in ("model", "capability", "temperature"):
         if getattr(step, hint) is not None:
             fields[hint] = getattr(step, hint)
@@ -39,8 +44,8 @@ def step_message_dict(workflow: Workflow, step: Step, run_id: str, prompt: str
 
 
 def step_message(workflow: Workflow, step: Step, run_id: str,
-                 outputs: Mapping[str, str]) -> AiMessage:
+                 outputs: Mapping[str, str], fed_from: str | None = None) -> AiMessage:
     """The validated message of a step, its prompt rendered from its dependencies' outputs
     (InvalidMessage names the field, e.g. a rendered prompt over the payload cap)."""
     prompt = render(step.prompt, outputs)
-    return parse_message(step_message_dict(workflow, step, run_id, prompt))
+    return parse_message(step_message_dict(workflow, step, run_id, prompt, fed_from))
