@@ -4,13 +4,16 @@
 
 Routes messages with `pipeline.routing.route` in this process (real Redis and Postgres,
 no worker, no provider call: the outcome is the hand-off), in bench_spine.py's terms of
-the router's work per message, three ways, interleaved per repeat:
+the router's work per message, four ways, interleaved per repeat:
 
     baseline   the budget policy only, no routes defined
     governed   loop cap + route named in metadata + ACL (listed agent) + rate limit + budget
-    intent     the same, the route chosen by the message's intent (one MiniLM embedding)
+    keyed      the same, each message sent with an API key that has limits of its own
+               (the key's windows join the agent's in the one admission script)
+    intent     as governed, the route chosen by the message's intent (one MiniLM embedding)
 
-and reports each one's p50 per message and the added p50 over the baseline. Then the
+and reports each one's p50 per message, the added p50 over the baseline, and what the
+per-key check adds (keyed against governed). Then the
 intent classifier's accuracy and lookup p50 on tests/data/intents_labelled.yaml. Prints
 one JSON line last. Needs Redis and Postgres on loopback (Redis dbs 2/3 by default,
 AIMESH_BENCH_DBS="b,l"; the Postgres database aimesh_bench, created if missing).
@@ -39,6 +42,7 @@ import redis  # noqa: E402
 import yaml  # noqa: E402
 from sqlalchemy import inspect  # noqa: E402
 
+from aimesh_tasks.api_keys import create_key  # noqa: E402
 from aimesh_tasks.app import app  # noqa: E402
 from aimesh_tasks.db import Base, get_engine  # noqa: E402
 from aimesh_tasks.db.migrate import upgrade  # noqa: E402
@@ -83,6 +87,9 @@ def prepare() -> dict[str, Any]:
     add_agent(AGENT)
     set_rate_limit(RateLimit(AGENT, requests_per_minute=10_000_000,
                              tokens_per_minute=10_000_000_000))
+    key = create_key(AGENT, limits=RateLimit("", requests_per_minute=10_000_000,
+                                             tokens_per_minute=10_000_000_000))
+    spec["api_key"] = key.info.prefix
     return spec
 
 
@@ -102,10 +109,12 @@ def _time(policies: Policies, messages: list[AiMessage]) -> list[float]:
     return took
 
 
-def _messages(n: int, kind: str) -> list[AiMessage]:
+def _messages(n: int, kind: str, api_key: str | None = None) -> list[AiMessage]:
     prompts = ["Can I get my money back for last month's invoice, order {}?",
                "Will it snow in Denver on day {}?", "Why does my build {} not compile?"]
-    metadata = {} if kind == "intent" else {"aimesh.route": "billing"}
+    metadata: dict[str, Any] = {} if kind == "intent" else {"aimesh.route": "billing"}
+    if api_key is not None:
+        metadata["aimesh.api_key"] = api_key
     return [AiMessage(agent_id=AGENT, prompt=prompts[i % 3].format(uuid.uuid4().hex[:8]),
                       max_tokens=16, metadata=metadata) for i in range(n)]
 
@@ -115,20 +124,25 @@ def measure_path(spec: dict[str, Any], n: int, repeats: int) -> dict[str, float]
     baseline = Policies([BudgetAdmission()])
     governed = Policies([LoopCap(), RouteSelection(), RouteAcl(), RateLimits(),
                          BudgetAdmission()])
-    times: dict[str, list[float]] = {"baseline": [], "governed": [], "intent": []}
+    times: dict[str, list[float]] = {"baseline": [], "governed": [], "keyed": [], "intent": []}
+    key = spec["api_key"]
     for _ in range(repeats):
         _clear_routes()
         _time(baseline, _messages(20, "named"))  # warm the registry cache
         times["baseline"] += _time(baseline, _messages(n, "named"))
         apply_spec({"routes": spec["routes"]})
         _time(governed, _messages(20, "intent"))  # warm the model and route embeddings
-        times["governed"] += _time(governed, _messages(n, "named"))
+        for _half in range(2):  # key off and on, twice, in halves: drift hits both alike
+            times["governed"] += _time(governed, _messages(n // 2, "named"))
+            times["keyed"] += _time(governed, _messages(n // 2, "named", key))
         times["intent"] += _time(governed, _messages(n, "intent"))
     p50 = {k: statistics.median(v) for k, v in times.items()}
     return {"baseline_p50_ms": round(p50["baseline"], 3),
             "governed_p50_ms": round(p50["governed"], 3),
+            "keyed_p50_ms": round(p50["keyed"], 3),
             "intent_p50_ms": round(p50["intent"], 3),
             "governed_added_p50_ms": round(p50["governed"] - p50["baseline"], 3),
+            "key_check_added_p50_ms": round(p50["keyed"] - p50["governed"], 3),
             "intent_added_p50_ms": round(p50["intent"] - p50["baseline"], 3)}
 
 

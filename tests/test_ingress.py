@@ -803,3 +803,73 @@ def test_a_respond_async_key_is_answered_202_without_asking(
         "Authorization": f"Bearer {key}"}).json())["state"] == "completed" and s,
         "the queued message's result")
     assert done["result"]["choices"][0]["message"]["content"]
+
+
+def test_a_sync_request_behind_a_saturated_endpoint_waits_and_reports_its_position(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint,
+        gate: MakeGate) -> None:
+    held = gate(simulator())
+    full = endpoint(held, "full", capacity=3)  # as many as the endpoint worker's children
+    _hold_the_endpoint(ingress_url, api_key, held)
+    replies: dict[str, httpx.Response] = {}
+
+    def ask(name: str) -> threading.Thread:
+        def run() -> None:
+            replies[name] = _chat(ingress_url, api_key, max_tokens=8, messages=[
+                {"role": "user", "content": f"wait your turn, {name}"}])
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    def queued_ids() -> list[str]:
+        from aimesh_tasks.observability.exporter import broker_client, priority_lists
+        from aimesh_tasks.settings import get_settings
+
+        broker = broker_client(get_settings().broker_url)
+        try:
+            raw = [item for name in priority_lists(full.queue)
+                   for item in broker.lrange(name, 0, -1)]
+        finally:
+            broker.close()
+        return [json.loads(item)["headers"]["id"] for item in raw]
+
+    first = ask("first")
+    wait_until(lambda: len(queued_ids()) == 1, "the first request to wait in the full "
+               "endpoint's queue", seen=queued_ids)
+    second = ask("second")
+    wait_until(lambda: len(queued_ids()) == 2, "the second request to wait behind it",
+               seen=queued_ids)
+    held.open()
+    first.join(60)
+    second.join(60)
+    for name, ahead in (("first", 0), ("second", 1)):
+        reply = replies[name]
+        assert reply.status_code == 200, reply.text  # not a 429 or a 503
+        assert reply.headers["X-Aimesh-Queue-Position"] == str(ahead)
+        assert reply.json()["aimesh"]["queue_position"] == ahead
+        assert reply.headers["X-Aimesh-Endpoint"] == full.id
+
+
+def test_a_keys_own_rate_limit_is_a_429_while_another_key_of_its_agent_passes(
+        ingress_url: str, clean: None, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    from aimesh_tasks.governance.limits import RateLimit
+
+    endpoint(simulator(), "ing")
+    add_agent(AGENT)
+    once = create_key(AGENT, limits=RateLimit("", requests_per_minute=1)).key
+    twice = create_key(AGENT, limits=RateLimit("", requests_per_minute=2))
+    hello = [{"role": "user", "content": "per key"}]
+    assert _chat(ingress_url, once, messages=hello).status_code == 200
+    limited = _chat(ingress_url, once, messages=[{"role": "user", "content": "again"}])
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert "API key amk_" in limited.json()["error"]["message"]
+    # The other key has its own count; naming the first key in metadata changes nothing
+    # (the ingress stamps the key that was verified).
+    forged = {"aimesh.api_key": once.split("_")[0] + "_" + once.split("_")[1]}
+    for n in range(2):
+        reply = _chat(ingress_url, twice.key, metadata=forged,
+                      messages=[{"role": "user", "content": f"other key {n}"}])
+        assert reply.status_code == 200, reply.text
+    over = _chat(ingress_url, twice.key, messages=[{"role": "user", "content": "third"}])
+    assert over.status_code == 429 and twice.info.prefix in over.json()["error"]["message"]
