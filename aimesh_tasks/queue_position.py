@@ -30,7 +30,7 @@ import redis
 from aimesh_tasks import keys
 from aimesh_tasks.observability.exporter import broker_client, priority_lists
 from aimesh_tasks.registry.live import LiveFigures
-from aimesh_tasks.resilience.priority import broker_priority, higher_first
+from aimesh_tasks.resilience.priority import broker_priority
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ def ahead_of_new(broker: redis.Redis, queue: str, step: int) -> int:
 def on_enqueue(broker_url: str, queue: str, priority: int) -> int | None:
     """`ahead_of_new` for a message of `priority` (0-9) on a Redis broker; None on another
     broker, or when the broker cannot be read (a position is not worth failing for)."""
-    if not broker_url.startswith(("redis://", "rediss://", "unix://")) or higher_first(
-            broker_url):
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
         return None
     try:
         return ahead_of_new(_broker(broker_url), queue, broker_priority(priority, broker_url))
