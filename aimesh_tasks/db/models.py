@@ -227,8 +227,22 @@ class WorkflowStepRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
-class IngressKeyRow(Base):
-    """An ingress API key: only its SHA-256 is kept, found by its public prefix."""
+class RateLimitColumns:
+    """The counts of a rate limit (None: no limit of that kind) and what a message over
+    it gets ('refuse' or 'queue'): on an agent's row and on an API key's
+    (governance/limits.py)."""
+
+    requests_per_second: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    requests_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    on_excess: Mapped[str] = mapped_column(String(8), default="refuse")
+
+
+class IngressKeyRow(RateLimitColumns, Base):
+    """An ingress API key: only its SHA-256 is kept, found by its public prefix; its own
+    rate limits (beside its agent's) are its RateLimitColumns."""
 
     __tablename__ = "ingress_keys"
 
@@ -241,13 +255,6 @@ class IngressKeyRow(Base):
     note: Mapped[str] = mapped_column(String(256), default="")
     # Answer this key's chat requests 202 + Location, as if each said Prefer: respond-async.
     respond_async: Mapped[bool] = mapped_column(Boolean, default=False)
-    # The key's own rate limits (None: none), beside its agent's (governance/limits.py).
-    requests_per_second: Mapped[int | None] = mapped_column(BigInteger)
-    requests_per_minute: Mapped[int | None] = mapped_column(BigInteger)
-    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
-    requests_per_day: Mapped[int | None] = mapped_column(BigInteger)
-    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
-    on_excess: Mapped[str] = mapped_column(String(8), default="refuse")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -269,19 +276,12 @@ class RouteRow(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-class RateLimitRow(Base):
-    """An agent's rate limits: requests per second, requests and tokens per minute and per
-    day (None: no limit), and what a message over them gets ('refuse' or 'queue')."""
+class RateLimitRow(RateLimitColumns, Base):
+    """An agent's rate limits (its RateLimitColumns)."""
 
     __tablename__ = "rate_limits"
 
     agent_id: Mapped[str] = mapped_column(String(64), ForeignKey("agents.id"), primary_key=True)
-    requests_per_minute: Mapped[int | None] = mapped_column(BigInteger)
-    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
-    requests_per_day: Mapped[int | None] = mapped_column(BigInteger)
-    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
-    requests_per_second: Mapped[int | None] = mapped_column(BigInteger)
-    on_excess: Mapped[str] = mapped_column(String(8), default="refuse")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
