@@ -54,7 +54,9 @@ class RunningSimulator:
 
     def _serve(self, host: str, port: int) -> None:
         loop = self._loop
-        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        # A client that goes away cancels its handler: a paused stream sees it (streaming.py).
+        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                               handler_cancellation=True)
         try:
             loop.run_until_complete(self._listen(runner, host, port))
         except BaseException as exc:  # handed to the starting thread
@@ -100,6 +102,14 @@ class RunningSimulator:
     def reset(self) -> None:
         """Zero the counters and the call log."""
         self._on_loop(self._state.reset)
+
+    def held(self) -> int:
+        """How many streams are paused at `hold_after_words` now."""
+        return self._on_loop(lambda: self._state.holds.count)
+
+    def release(self) -> int:
+        """Let every paused stream go on; how many were paused."""
+        return self._on_loop(self._state.holds.release)
 
     def configure(self, **fields: Any) -> dict[str, Any]:
         """Change runtime config fields (ValueError naming a bad field); return the config."""
