@@ -300,3 +300,16 @@ class LoopCapExceeded(Refused):
     @property
     def max_hops(self) -> int:
         return int(self.fields.get("max_hops") or 0)
+
+
+def _subclasses(cls: type[AimeshError]) -> list[type[AimeshError]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _subclasses(child))]
+
+
+def error_from_dict(data: dict[str, Any]) -> AimeshError:
+    """The error that `AimeshError.to_dict()` gave `data`, rebuilt by its `code` (a plain
+    AimeshError for a code this release does not know)."""
+    fields = dict(data)
+    code, message = fields.pop("code", None), str(fields.pop("message", ""))
+    cls = next((c for c in _subclasses(AimeshError) if c.code == code), AimeshError)
+    return cls(message, fields)

@@ -95,7 +95,7 @@ def test_a_stream_cut_by_the_client_is_billed_the_words_written(provider: str) -
             got = [next(reading.deltas) for _ in range(5)]
             wait_until(lambda: sim.held() == 1, "the stream paused after 5 words")
         # The client has gone: the paused stream sees it and is billed what it wrote.
-        [call] = wait_until(lambda: [c for c in sim.calls() if c.get("disconnected")],
+        [call] = wait_until(lambda: [c for c in sim.calls() if c.get("disconnected")] or None,
                             "the simulator to log the disconnect", seen=sim.calls)
         stats = sim.stats()
     assert len(got) == 5 and call["completion_tokens"] == 5 and call["status"] == 200

@@ -54,9 +54,7 @@ class RunningSimulator:
 
     def _serve(self, host: str, port: int) -> None:
         loop = self._loop
-        # A client that goes away cancels its handler: a paused stream sees it (streaming.py).
-        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-                               handler_cancellation=True)
+        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         try:
             loop.run_until_complete(self._listen(runner, host, port))
         except BaseException as exc:  # handed to the starting thread
