@@ -244,3 +244,9 @@ def streams_gone_channel() -> str:
     """Pub/sub channel the ingress announces a gone client on (the message id), so that a
     worker aborting calls on disconnect hears it at once."""
     return f"{PREFIX}:streams:gone"
+
+
+def stream_reader_wake(reader_id: str) -> str:
+    """Stream an ingress process's stream reader also reads, written to wake its blocking
+    XREAD when a relay starts following a message (aimesh_tasks/streams/reader.py)."""
+    return f"{PREFIX}:stream-reader:{reader_id}:wake"
