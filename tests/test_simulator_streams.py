@@ -120,3 +120,12 @@ def test_release_wakes_only_the_streams_paused_now() -> None:
             sim.release()
             assert len(list(reading.deltas)) == WORDS
         assert sim.held() == 0
+
+
+def test_stream_pacing_fields_are_checked_by_name() -> None:
+    with pytest.raises(ValueError, match="word_interval_ms"):
+        SimulatorConfig(word_interval_ms=-1)
+    with pytest.raises(ValueError, match="hold_after_words"):
+        SimulatorConfig(hold_after_words=-1)
+    with running() as sim:
+        assert sim.configure(word_interval_ms=5, hold_after_words=2)["word_interval_ms"] == 5

@@ -27,6 +27,7 @@ RUNTIME_FIELDS: Final = (
     "known_models",
     "unknown_model_status",
     "hold_after_words",
+    "word_interval_ms",
 )
 # The statuses an unknown model may get: the providers' 404, or a gateway's 400 (LiteLLM).
 UNKNOWN_MODEL_STATUSES: Final = (404, 400)
@@ -43,6 +44,7 @@ FAULT_RATES: Final = {
 # field -> (lowest, highest) allowed value
 _FLOAT_RANGES: Final[dict[str, tuple[float, float]]] = {
     "latency_ms": (0.0, math.inf),
+    "word_interval_ms": (0.0, math.inf),
     "jitter_ms": (0.0, math.inf),
     "error_rate": (0.0, 1.0),
     "throttle_rate": (0.0, 1.0),
@@ -82,7 +84,8 @@ class SimulatorConfig:
     LiteLLM proxy does instead (400, "Invalid model name passed in model=...").
 
     `hold_after_words` (None: never) pauses every streamed answer once that many words
-    are written, until `POST /_sim/release` (simulator/streaming.py).
+    are written, until `POST /_sim/release`; `word_interval_ms` spaces a streamed answer's
+    words, as a model generating them does (simulator/streaming.py).
     """
 
     latency_ms: float = 0
@@ -99,6 +102,7 @@ class SimulatorConfig:
     known_models: tuple[str, ...] | None = None
     unknown_model_status: int = 404
     hold_after_words: int | None = None
+    word_interval_ms: float = 0
 
     def __post_init__(self) -> None:
         for name, (low, high) in _FLOAT_RANGES.items():

@@ -14,7 +14,8 @@ word.
 
 Billing rule for a stream the client cuts off: the call is billed its prompt tokens and
 the completion words written before the simulator saw the disconnect (a failed write, or
-the client closing while the stream is paused); the call log records those figures with
+the client closing while the stream is paused or between spaced words:
+`word_interval_ms`); the call log records those figures with
 `"disconnected": true`, and the `disconnected` counter counts such calls. A stream that
 ends normally is billed its whole completion, as a non-streamed answer is.
 """
@@ -107,6 +108,8 @@ async def stream(state: SimState, call: Call, request: web.Request, pieces: Iter
             if _pauses(piece, written, state.config.hold_after_words, held):
                 held = True
                 await state.holds.wait(request)
+            if piece.words and written and state.config.word_interval_ms:
+                await asyncio.sleep(state.config.word_interval_ms / 1000)
             await response.write(piece.data)
             written += piece.words
         await response.write_eof()
