@@ -121,6 +121,8 @@ def test_each_format_streams_through_a_worker_before_its_call_ends(
     [row] = wait_until(lambda: _ledger([message_id]) or None, "the call's ledger row")
     assert row.tokens == call["prompt_tokens"] + WORDS and row.kind == "call"
     assert not call["disconnected"] and not _open_reservations()
+    wait_until(lambda: not get_redis().exists(keys.message_stream(message_id)),
+               "the relayed stream deleted, not left to expire")
 
 
 def test_a_client_that_drops_mid_call_is_finished_and_charged_what_was_billed(

@@ -100,9 +100,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     """OpenAI's chat completion, on the queue."""
     fields = await message_fields(body, request.headers)
     runtime = ingress(request)
-    live = body.stream and runtime.streams is not None  # no Redis: cut from the final text
+    queued_only = wants_async(request) or who.key.respond_async
+    # Relayed as it comes; no Redis: cut from the final text; 202: nobody relays it.
+    live = body.stream and runtime.streams is not None and not queued_only
     accepted = await runtime.accept(who.agent_id, {**fields, "stream": live})
-    if wants_async(request) or who.key.respond_async:
+    if queued_only:
         return accepted_response(accepted)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if live:

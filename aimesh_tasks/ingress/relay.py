@@ -175,6 +175,8 @@ class Relay:
         if first is GONE:
             self.streams.client_left(self.message_id)
             return Response(status_code=499)  # nobody reads it
+        if isinstance(first, End | Failure):
+            self.streams.relayed(self.message_id)
         result, error = _outcome(first)
         if result is not None:
             return StreamingResponse(whole_answer(result, self.include_usage),
@@ -195,6 +197,7 @@ class Relay:
                 for item in out:
                     yield item
                 if ended:
+                    self.streams.relayed(self.message_id)
                     return
                 event = await self.next_event()
         finally:

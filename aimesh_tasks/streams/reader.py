@@ -11,6 +11,7 @@ wakes it through the reader's own wake stream. No thread and no connection per r
     entry = await following.next()               # Start, Delta, End or Failure
     following.close()
     reader.client_left(message_id)               # the gone flag + PUBLISH (workers hear)
+    reader.relayed(message_id)                   # relayed to its end: delete it
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -97,9 +99,25 @@ class StreamReader:
         """Tell the workers that the message's client went away: the gone flag (for a
         worker to look at) and a PUBLISH (for one aborting on disconnect to hear at once).
         Runs as its own task: the caller is usually being cancelled."""
-        task = asyncio.get_running_loop().create_task(self._mark_gone(message_id))
+        self._later(self._mark_gone(message_id))
+
+    def relayed(self, message_id: str) -> None:
+        """The message's stream was relayed to its end: delete it now rather than let it
+        wait for its expiry (a late replay of a redelivered call writes a new one, which
+        expires unread)."""
+        self._later(self._delete(message_id))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _delete(self, message_id: str) -> None:
+        try:
+            await self._redis.delete(keys.message_stream(message_id))
+        except (aioredis.RedisError, OSError) as exc:  # it expires anyway
+            logger.warning("streams.not_deleted", extra={
+                "message_id": message_id, "error": type(exc).__name__})
 
     async def close(self) -> None:
         """Stop reading; close the connections."""
