@@ -59,7 +59,7 @@ from aimesh_tasks.providers.base import (
     int_header,
     status_class,
 )
-from aimesh_tasks.providers.sse import SseEvent, StreamFailed, StreamState
+from aimesh_tasks.providers.sse import ParsedStream, SseEvent, StreamFailed
 
 API_VERSION = "2023-06-01"
 # Anthropic's temperature range is [0, 1]; ours (OpenAI's) is [0, 2]. A message valid for
@@ -249,23 +249,17 @@ class AnthropicMessages:
         )
 
 
-class AnthropicStream:
-    """The events of one streamed message (see the module docstring)."""
+class AnthropicStream(ParsedStream):
+    """The events of one streamed message (see the module docstring); ended by
+    message_stop."""
 
     def __init__(self) -> None:
-        self.state = StreamState()
+        super().__init__()
         self._input: tuple[int, bool] = (0, False)
-
-    @property
-    def ended(self) -> bool:
-        """message_stop arrived."""
-        return self.state.ended
 
     def feed(self, event: SseEvent) -> str:
         """The text one event adds."""
         data = event.json()
-        if not isinstance(data, dict):
-            raise ValueError("malformed stream: an event's data is not a JSON object")
         kind = data.get("type") or event.event
         if kind == "error":
             raise StreamFailed(data)
@@ -312,7 +306,3 @@ class AnthropicStream:
             prompt, _, known = _usage(usage)
         if known:
             self.state.usage(prompt, output)
-
-    def completion(self) -> Completion:
-        """The answer so far."""
-        return self.state.completion()

@@ -54,7 +54,7 @@ from aimesh_tasks.providers.base import (
     retry_after_s,
     status_class,
 )
-from aimesh_tasks.providers.sse import SseEvent, StreamState
+from aimesh_tasks.providers.sse import ParsedStream, SseEvent
 
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 # Cohere's `p` must lie in [0.01, 0.99]; top_p 1.0 (no nucleus cut) maps to the widest.
@@ -209,22 +209,13 @@ class CohereChat:
         )
 
 
-class CohereStream:
-    """The events of one streamed Chat v2 answer (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.state = StreamState()
-
-    @property
-    def ended(self) -> bool:
-        """message-end arrived."""
-        return self.state.ended
+class CohereStream(ParsedStream):
+    """The events of one streamed Chat v2 answer (see the module docstring); ended by
+    message-end."""
 
     def feed(self, event: SseEvent) -> str:
         """The text one event adds."""
         data = event.json()
-        if not isinstance(data, dict):
-            raise ValueError("malformed stream: an event's data is not a JSON object")
         kind = data.get("type") or event.event
         delta = data.get("delta")
         if kind == "message-start":
@@ -242,10 +233,6 @@ class CohereStream:
         if usage is not None:
             self.state.usage(int(usage.get("input_tokens") or 0),
                              int(usage.get("output_tokens") or 0))
-
-    def completion(self) -> Completion:
-        """The answer so far."""
-        return self.state.completion()
 
 
 def _delta_text(delta: Any) -> str:

@@ -47,7 +47,7 @@ from aimesh_tasks.providers.base import (
     retry_after_s,
     status_class,
 )
-from aimesh_tasks.providers.sse import SseEvent, StreamFailed, StreamState
+from aimesh_tasks.providers.sse import ParsedStream, SseEvent, StreamFailed
 
 _ROLES = {"user": "user", "tool": "user", "assistant": "model"}
 _SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -240,11 +240,8 @@ class Gemini:
         return RateLimits(reset_s=retry_after_s(headers, time.time()))
 
 
-class GeminiStream:
+class GeminiStream(ParsedStream):
     """The chunks of one streamGenerateContent answer (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.state = StreamState()
 
     @property
     def ended(self) -> bool:
@@ -254,8 +251,6 @@ class GeminiStream:
     def feed(self, event: SseEvent) -> str:
         """The text one chunk adds; its usage figures replace the earlier ones."""
         chunk = event.json()
-        if not isinstance(chunk, dict):
-            raise ValueError("malformed stream: a chunk is not a JSON object")
         if chunk.get("error") is not None:
             raise StreamFailed(chunk)
         state = self.state
@@ -272,7 +267,3 @@ class GeminiStream:
         if finish_reason is not None:
             state.finish_reason = finish_reason
         return state.add(text)
-
-    def completion(self) -> Completion:
-        """The answer so far."""
-        return self.state.completion()

@@ -28,7 +28,7 @@ from aimesh_tasks.providers.base import (
     int_header,
     status_class,
 )
-from aimesh_tasks.providers.sse import SseEvent, StreamFailed, StreamState, count
+from aimesh_tasks.providers.sse import ParsedStream, SseEvent, StreamFailed, count
 
 DONE = "[DONE]"
 
@@ -113,11 +113,8 @@ class OpenAICompatible:
         )
 
 
-class OpenAIStream:
+class OpenAIStream(ParsedStream):
     """The chunks of one streamed chat completion (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.state = StreamState()
 
     @property
     def ended(self) -> bool:
@@ -130,8 +127,6 @@ class OpenAIStream:
             self.state.ended = True
             return ""
         chunk = event.json()
-        if not isinstance(chunk, dict):
-            raise ValueError("malformed stream: a chunk is not a JSON object")
         if chunk.get("error") is not None:
             raise StreamFailed(chunk)
         state = self.state
@@ -153,7 +148,3 @@ class OpenAIStream:
         if content is not None and not isinstance(content, str):
             raise ValueError("malformed stream: delta.content is not a string")
         return state.add(content or "")
-
-    def completion(self) -> Completion:
-        """The answer so far."""
-        return self.state.completion()

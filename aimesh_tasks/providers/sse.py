@@ -34,13 +34,16 @@ class SseEvent:
     event: str
     data: str
 
-    def json(self) -> Any:
-        """The data as JSON; ValueError naming the event if it is not JSON."""
+    def json(self) -> dict[str, Any]:
+        """The data as a JSON object; ValueError naming the event if it is not one."""
+        name = self.event or "data"
         try:
-            return json.loads(self.data)
+            data = json.loads(self.data)
         except ValueError as exc:
-            name = self.event or "data"
             raise ValueError(f"stream event '{name}' is not JSON: {self.data[:80]!r}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"malformed stream: event '{name}' is not a JSON object")
+        return data
 
 
 class StreamFailed(Exception):
@@ -116,6 +119,23 @@ class StreamState:
                           output_tokens=self.output_tokens, model=self.model,
                           finish_reason=self.finish_reason, request_id=self.request_id,
                           usage_known=self.usage_known)
+
+
+class ParsedStream:
+    """What the adapters' stream parsers share: the state they fill, the answer so far,
+    and `ended` once the state says the provider's terminal event came."""
+
+    def __init__(self) -> None:
+        self.state = StreamState()
+
+    @property
+    def ended(self) -> bool:
+        """The provider's terminal event arrived."""
+        return self.state.ended
+
+    def completion(self) -> Completion:
+        """The answer so far."""
+        return self.state.completion()
 
 
 def count(value: Any, name: str) -> int:
