@@ -197,6 +197,13 @@ class ProviderError(AimeshError):
     def endpoint_id(self) -> str | None:
         return self.fields.get("endpoint_id")
 
+    @property
+    def endpoint_fault(self) -> bool:
+        """The failure counts against the endpoint's health: it is not the message's own
+        fault ('fail'), or it was made the message's last after the endpoint broke (a
+        stream cut once it had begun: `endpoint_fault` set)."""
+        return bool(self.fields.get("endpoint_fault", self.action != "fail"))
+
 
 class AllEndpointsFailed(ProviderError):
     """Every ranked endpoint was tried; `attempts` lists each one's error."""

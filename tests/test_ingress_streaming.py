@@ -215,6 +215,25 @@ def test_a_cache_hit_and_a_follower_of_a_streaming_leader_stream_too(
     assert sim.stats()["calls"] == 1
 
 
+def test_a_call_that_breaks_after_it_streamed_ends_the_message_and_is_not_sent_elsewhere(
+        sdk: openai.OpenAI, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    breaking, spare = simulator(completion_tokens=30, hold_after_words=3), simulator()
+    endpoint(breaking, "stream-breaks", price_in="0.0001", price_out="0.0001")
+    endpoint(spare, "stream-spare", price_in="0.01", price_out="0.01")
+    stream = iter(sdk.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "break mid-way"}],
+        max_tokens=64, stream=True))
+    head = [next(stream) for _ in range(4)]  # the role and 3 words
+    message_id = _message_id(head[0])
+    wait_until(lambda: breaking.held() == 1, "the first endpoint to hold its stream")
+    breaking.stop()  # the provider goes away mid-answer
+    with pytest.raises(openai.APIError, match="streamed"):
+        list(stream)
+    assert spare.stats()["calls"] == 0  # the client's text would not continue elsewhere
+    [row] = wait_until(lambda: _ledger([message_id]) or None, "the broken call charged")
+    assert row.kind == "lost" and not _open_reservations()
+
+
 def test_a_redelivered_streaming_call_replays_its_journal_and_calls_once(
         ingress: IngressProcess, simulator: Sim, endpoint: MakeEndpoint) -> None:
     agent = "kill-before-settle"  # paused at before_settle by the session's failpoints

@@ -84,3 +84,9 @@ def test_an_error_rebuilt_from_its_dict_keeps_its_class_and_fields() -> None:
     assert rebuilt.to_dict() == error.to_dict()
     assert type(error_from_dict({"code": "provider_error", "message": "m"})) is ProviderError
     assert error_from_dict({"code": "from-the-future", "message": "m"}).message == "m"
+
+
+def test_a_failure_counts_against_the_endpoint_unless_it_is_the_messages_own() -> None:
+    assert ProviderError("x", action="fallback").endpoint_fault
+    assert not ProviderError("x", action="fail").endpoint_fault
+    assert ProviderError("x", action="fail", endpoint_fault=True).endpoint_fault

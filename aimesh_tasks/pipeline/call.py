@@ -226,8 +226,7 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
     else:
         cost_nusd = 0
     before_settle = Batch() if metered else tail
-    # The message's fault is not the endpoint's; a stream that broke after it began is.
-    healthy = error is None or (error.action == "fail" and "streamed_chars" not in error.fields)
+    healthy = error is None or not error.endpoint_fault
     queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms, healthy)
     if completion is not None:
         journal.queue_record(before_settle, charged_key, completion, cost_nusd)

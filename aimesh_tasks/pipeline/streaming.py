@@ -64,8 +64,8 @@ class StreamedCall:
         return ProviderError(
             f"{error.message} (after {self.forward.sent} characters were streamed: a "
             "stream that has begun is not made again elsewhere)",
-            {**error.fields, "action": "fail", "retryable": False, "streamed_chars":
-             self.forward.sent})
+            {**error.fields, "action": "fail", "retryable": False, "endpoint_fault": True,
+             "streamed_chars": self.forward.sent})
 
 
 def aborted_charge(message: AiMessage, endpoint: Endpoint, error: ProviderError
