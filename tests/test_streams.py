@@ -123,3 +123,18 @@ def test_the_watch_sets_the_cancel_event_of_a_gone_client_at_once() -> None:
         assert not cancel.is_set()
         get_redis().publish(keys.streams_gone_channel(), message_id)
         assert cancel.wait(WAIT_S), "the watch did not hear the gone client"
+
+
+def test_the_result_waiter_serves_more_reads_at_once_than_it_has_connections() -> None:
+    from aimesh_tasks.app import app
+    from aimesh_tasks.results import READ_CONNECTIONS, ResultWaiter
+
+    async def scenario() -> list[Any]:
+        waiter = ResultWaiter.for_app(app)
+        try:  # 200 streams starting at once each read their result first
+            return list(await asyncio.gather(*(waiter.peek(_id())
+                                               for _ in range(3 * READ_CONNECTIONS))))
+        finally:
+            await waiter.close()
+
+    assert asyncio.run(scenario()) == [None] * (3 * READ_CONNECTIONS)
