@@ -35,6 +35,7 @@ READ_COUNT = 256
 RETRY_S = 0.5
 WAKE_TTL_S = 60
 WAKE_MAXLEN = 16
+CONNECTIONS = 32
 
 
 class Following:
@@ -58,10 +59,11 @@ class StreamReader:
     """The message streams this process relays, read by one task (see the module)."""
 
     def __init__(self, url: str) -> None:
-        # No socket timeout shorter than the block; keep-alive notices a dead peer.
-        self._redis = aioredis.Redis.from_url(url, decode_responses=True,
-                                              socket_keepalive=True,
-                                              socket_timeout=BLOCK_MS / 1000 + 10)
+        # No socket timeout shorter than the block; keep-alive notices a dead peer; the
+        # deletes and flags of many relays ending at once queue for a connection.
+        self._redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=CONNECTIONS, timeout=None, decode_responses=True,
+            socket_keepalive=True, socket_timeout=BLOCK_MS / 1000 + 10))
         self._wake = keys.stream_reader_wake(uuid.uuid4().hex)
         self._wake_seen = "0-0"
         self._last: dict[str, str] = {}  # message id -> last entry id read
