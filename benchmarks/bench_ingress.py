@@ -2,7 +2,7 @@
 
     python benchmarks/bench_ingress.py [--rate 20] [--seconds 10] [--burst 1000]
         [--concurrency 100] [--held 300] [--held-latency-ms 1000] [--held-word-ms 50]
-        [--held-repeats 3]
+        [--held-repeats 3] [--parts latency,throughput,held]
 
 Starts a simulator (0 ms), a router and an endpoint worker (threads) and one ingress
 process (`uvicorn aimesh_tasks.ingress.app:app`, one worker), then measures:
@@ -142,22 +142,16 @@ def via_ingress(client: httpx.Client, url: str, key: str) -> float:
 
 
 def paced(call: Any, rate: float, seconds: float) -> list[float]:
-    """Start `call` at `rate` per second for `seconds`, each in its own thread."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        value = call()
-        with lock:
-            latencies.append(value)
-
+    """Start `call` at `rate` per second for `seconds`, each in its own thread; a call
+    that fails fails the run."""
     with ThreadPoolExecutor(max_workers=256) as pool:
+        started = []
         next_at = time.perf_counter()
         for _ in range(int(rate * seconds)):
             time.sleep(max(0.0, next_at - time.perf_counter()))
-            pool.submit(one)
+            started.append(pool.submit(call))
             next_at += 1.0 / rate
-    return latencies
+        return [future.result() for future in started]
 
 
 def submit_throughput(n: int, concurrency: int) -> float:
@@ -304,6 +298,21 @@ def held_figures(url: str, key: str, n: int, pid: int, model: str, repeats: int
                                                / median(False, "rss_peak_mib"), 3)}
 
 
+def latency_figures(client: httpx.Client, url: str, key: str, rate: float, seconds: float
+                    ) -> dict[str, float]:
+    """(a): submit() against the ingress at a paced rate, p50/p99 and what it adds."""
+    direct = paced(via_submit, rate, seconds)
+    through = paced(lambda: via_ingress(client, url, key), rate, seconds)
+    return {"rate_s": rate,
+            "submit_p50_ms": round(percentile(direct, 0.5), 2),
+            "submit_p99_ms": round(percentile(direct, 0.99), 2),
+            "ingress_p50_ms": round(percentile(through, 0.5), 2),
+            "ingress_p99_ms": round(percentile(through, 0.99), 2),
+            "added_p50_ms": round(percentile(through, 0.5) - percentile(direct, 0.5), 2),
+            "added_p99_ms": round(percentile(through, 0.99) - percentile(direct, 0.99), 2),
+            "added_mean_ms": round(statistics.mean(through) - statistics.mean(direct), 2)}
+
+
 def main() -> None:
     """Run the measurements and print the figures, JSON last."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -316,7 +325,12 @@ def main() -> None:
     parser.add_argument("--held-word-ms", type=float, default=50.0,
                         help="the slow endpoint's words this far apart in a stream")
     parser.add_argument("--held-repeats", type=int, default=3)
+    parser.add_argument("--parts", default="latency,throughput,held",
+                        help="which of (a) latency, (b) throughput, (c) held to measure")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"latency", "throughput", "held"}:
+        parser.error(f"--parts: {args.parts!r}: give latency, throughput and/or held")
 
     prepare()
     sim_port, slow_port, port = _free_port(), _free_port(), _free_port()
@@ -352,32 +366,24 @@ def main() -> None:
         for _ in range(20):  # warm-up: connections, caches, the registry copy
             via_submit()
             via_ingress(client, url, key)
-        direct = paced(via_submit, args.rate, args.seconds)
-        through = paced(lambda: via_ingress(client, url, key), args.rate, args.seconds)
-        submit_rate = submit_throughput(args.burst, args.concurrency)
-        ingress_rate = asyncio.run(_ingress_load(url, key, args.burst, args.concurrency,
-                                                 "fast"))
-        held = held_figures(url, key, args.held, procs[-1].pid, "slow", args.held_repeats)
+        figures: dict[str, Any] = {}
+        if "latency" in parts:
+            figures |= latency_figures(client, url, key, args.rate, args.seconds)
+        if "throughput" in parts:
+            submit_rate = submit_throughput(args.burst, args.concurrency)
+            ingress_rate = asyncio.run(_ingress_load(url, key, args.burst, args.concurrency,
+                                                     "fast"))
+            figures |= {"concurrency": args.concurrency, "burst": args.burst,
+                        "submit_msgs_s": round(submit_rate, 1),
+                        "ingress_msgs_s": round(ingress_rate, 1),
+                        "throughput_ratio": round(ingress_rate / submit_rate, 3)}
+        if "held" in parts:
+            figures |= held_figures(url, key, args.held, procs[-1].pid, "slow",
+                                    args.held_repeats)
+            figures |= {"held_latency_ms": args.held_latency_ms,
+                        "held_word_ms": args.held_word_ms}
     finally:
         stop_all(procs)
-    figures = {
-        "rate_s": args.rate,
-        "submit_p50_ms": round(percentile(direct, 0.5), 2),
-        "submit_p99_ms": round(percentile(direct, 0.99), 2),
-        "ingress_p50_ms": round(percentile(through, 0.5), 2),
-        "ingress_p99_ms": round(percentile(through, 0.99), 2),
-        "added_p50_ms": round(percentile(through, 0.5) - percentile(direct, 0.5), 2),
-        "added_p99_ms": round(percentile(through, 0.99) - percentile(direct, 0.99), 2),
-        "added_mean_ms": round(statistics.mean(through) - statistics.mean(direct), 2),
-        "concurrency": args.concurrency,
-        "submit_msgs_s": round(submit_rate, 1),
-        "ingress_msgs_s": round(ingress_rate, 1),
-        "throughput_ratio": round(ingress_rate / submit_rate, 3),
-        **held,
-        "held_latency_ms": args.held_latency_ms,
-        "held_word_ms": args.held_word_ms,
-        "burst": args.burst,
-    }
     print(json.dumps(figures))
 
 
