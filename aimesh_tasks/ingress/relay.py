@@ -175,7 +175,7 @@ class Relay:
         if first is GONE:
             self.streams.client_left(self.message_id)
             return Response(status_code=499)  # nobody reads it
-        if isinstance(first, End | Failure):
+        if isinstance(first, End | Failure | Finished):  # a stream may have begun meanwhile
             self.streams.relayed(self.message_id)
         result, error = _outcome(first)
         if result is not None:
