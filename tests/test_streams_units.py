@@ -90,3 +90,17 @@ def test_a_failure_counts_against_the_endpoint_unless_it_is_the_messages_own() -
     assert ProviderError("x", action="fallback").endpoint_fault
     assert not ProviderError("x", action="fail").endpoint_fault
     assert ProviderError("x", action="fail", endpoint_fault=True).endpoint_fault
+
+
+def test_without_a_redis_server_the_ingress_has_no_stream_reader(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from aimesh_tasks.settings import reset_settings
+    from aimesh_tasks.streams.reader import StreamReader
+
+    monkeypatch.setenv("AIMESH_REDIS_URL", "memory://")
+    reset_settings()
+    try:
+        assert StreamReader.for_settings() is None  # streams are cut from the final text
+    finally:
+        monkeypatch.undo()
+        reset_settings()
