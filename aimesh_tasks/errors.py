@@ -197,6 +197,13 @@ class ProviderError(AimeshError):
     def endpoint_id(self) -> str | None:
         return self.fields.get("endpoint_id")
 
+    @property
+    def endpoint_fault(self) -> bool:
+        """The failure counts against the endpoint's health: it is not the message's own
+        fault ('fail'), or it was made the message's last after the endpoint broke (a
+        stream cut once it had begun: `endpoint_fault` set)."""
+        return bool(self.fields.get("endpoint_fault", self.action != "fail"))
+
 
 class AllEndpointsFailed(ProviderError):
     """Every ranked endpoint was tried; `attempts` lists each one's error."""
@@ -300,3 +307,16 @@ class LoopCapExceeded(Refused):
     @property
     def max_hops(self) -> int:
         return int(self.fields.get("max_hops") or 0)
+
+
+def _subclasses(cls: type[AimeshError]) -> list[type[AimeshError]]:
+    return [cls, *(sub for child in cls.__subclasses__() for sub in _subclasses(child))]
+
+
+def error_from_dict(data: dict[str, Any]) -> AimeshError:
+    """The error that `AimeshError.to_dict()` gave `data`, rebuilt by its `code` (a plain
+    AimeshError for a code this release does not know)."""
+    fields = dict(data)
+    code, message = fields.pop("code", None), str(fields.pop("message", ""))
+    cls = next((c for c in _subclasses(AimeshError) if c.code == code), AimeshError)
+    return cls(message, fields)

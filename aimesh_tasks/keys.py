@@ -227,3 +227,26 @@ def breaker_probes(endpoint_id: str) -> str:
 def ingress_batch_driver(batch_id: str) -> str:
     """Lease of the one ingress process driving a batch (its token, with a TTL)."""
     return f"{PREFIX}:ingress:batch:{batch_id}:driver"
+
+
+def message_stream(message_id: str) -> str:
+    """Stream of a streaming message's text deltas and call ends, as they happen (a Redis
+    stream, trimmed and expiring: aimesh_tasks/streams)."""
+    return f"{PREFIX}:stream:{message_id}"
+
+
+def stream_gone(message_id: str) -> str:
+    """Set (with a TTL) by the ingress when the client of a streaming message went away."""
+    return f"{PREFIX}:stream:{message_id}:gone"
+
+
+def streams_gone_channel() -> str:
+    """Pub/sub channel the ingress announces a gone client on (the message id), so that a
+    worker aborting calls on disconnect hears it at once."""
+    return f"{PREFIX}:streams:gone"
+
+
+def stream_reader_wake(reader_id: str) -> str:
+    """Stream an ingress process's stream reader also reads, written to wake its blocking
+    XREAD when a relay starts following a message (aimesh_tasks/streams/reader.py)."""
+    return f"{PREFIX}:stream-reader:{reader_id}:wake"

@@ -114,6 +114,7 @@ class AiMessage(BaseModel):
     | no_store        | do not store this answer in the cache                          |
     | cache_ttl_s     | this answer's cache TTL (default AIMESH_DEDUP_TTL_SECS)        |
     | cache_group     | share cached answers with a group (AIMESH_CACHE_GROUPS member) |
+    | stream          | the call streams: its text is forwarded as it arrives (streams/) |
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -137,6 +138,8 @@ class AiMessage(BaseModel):
     no_store: bool = False
     cache_ttl_s: int | None = Field(None, ge=1, le=30 * 86400)
     cache_group: str | None = Field(None, min_length=1, max_length=64)
+    # Strict: a "yes" or a 1 is a mistake to name, not a truth to guess.
+    stream: bool = Field(False, strict=True)
     submitted_at: datetime = Field(default_factory=utcnow)
 
     @field_validator("agent_id")

@@ -26,6 +26,9 @@ from celery import Celery, states
 
 logger = logging.getLogger(__name__)
 EMBEDDED_POLL_S = 0.02
+# Connections for the waits' reads: more waits than this queue for one (redis-py's plain
+# pool would refuse the 101st read under way with MaxConnectionsError).
+READ_CONNECTIONS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +50,9 @@ class ResultWaiter:
         self.app = app
         self.poll_s = poll_s
         url = str(app.conf.result_backend or "")
-        self._redis = (aioredis.Redis.from_url(url, socket_keepalive=True)
-                       if url.startswith(("redis://", "rediss://", "unix://")) else None)
+        self._redis = (aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=READ_CONNECTIONS, timeout=None, socket_keepalive=True))
+            if url.startswith(("redis://", "rediss://", "unix://")) else None)
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}

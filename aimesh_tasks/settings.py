@@ -64,6 +64,9 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_INGRESS_JWT_ALGORITHMS     | RS256               | ingress: allowed algs, one family |
 | AIMESH_INGRESS_JWT_KEY            | (empty)             | ingress: public key PEM or secret |
 | AIMESH_INGRESS_JWT_AGENT_CLAIM    | sub                 | ingress: claim naming the agent   |
+| AIMESH_STREAM_ON_DISCONNECT       | finish              | client gone: 'finish' or 'abort'  |
+| AIMESH_STREAM_MAXLEN              | 1024                | entries kept per message stream   |
+| AIMESH_STREAM_TTL_S               | 300                 | a message stream outlives its last|
 | AIMESH_RETRY_MAX_ATTEMPTS         | 2                   | same-endpoint retries (429/503/529)|
 | AIMESH_RETRY_BASE_S               | 0.5                 | first backoff window (full jitter)|
 | AIMESH_RETRY_MAX_DELAY_S          | 30                  | longest wait; longer: fall back   |
@@ -260,6 +263,16 @@ class Settings(BaseSettings):
         "algorithms) or the shared secret (HS*).")
     ingress_jwt_agent_claim: str = Field(
         "sub", min_length=1, description="The JWT claim that names the agent.")
+    stream_on_disconnect: Literal["finish", "abort"] = Field(
+        "finish", description="A streaming call whose client went away: 'finish' it (charged "
+        "from the provider's final usage) or 'abort' it (the connection is closed; charged "
+        "the final usage if it came, else the reservation, flagged 'aborted').")
+    stream_maxlen: int = Field(
+        1024, ge=16, description="Entries a message's delta stream keeps (XADD MAXLEN ~); a "
+        "reader that falls further behind gets the rest from the final result.")
+    stream_ttl_s: int = Field(
+        300, ge=10, description="A message's delta stream expires this long after its last "
+        "entry.")
     retry_max_attempts: int = Field(
         2, ge=0, le=20,
         description="Retries of a call at the same endpoint after a short overload (429, 503, "

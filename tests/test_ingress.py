@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +32,7 @@ from aimesh_tasks.governance.agents import add_agent
 from aimesh_tasks.registry import Endpoint
 from aimesh_tasks.simulator import RunningSimulator
 from tests.gate import Gate
+from tests.ingress_parts import IngressProcess, free_port
 from tests.waits import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
@@ -55,59 +54,10 @@ INGRESS_ENV = {"AIMESH_INGRESS_JWT_ISSUER": JWT_ISSUER,
                "AIMESH_INGRESS_JWT_KEY": RSA_PUBLIC_PEM}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class IngressProcess:
-    """`uvicorn aimesh_tasks.ingress.app:app` on 127.0.0.1:`port`, in its own session."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = Path(f"/tmp/aimesh-test-ingress-{port}.log")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("a") as out:
-            self.proc = subprocess.Popen(
-                [UVICORN, "aimesh_tasks.ingress.app:app", "--host", "127.0.0.1", "--port",
-                 str(self.port), "--log-level", "warning"],
-                cwd=ROOT, env={**os.environ, **INGRESS_ENV}, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(self._healthy, "the ingress to answer /healthz", 60)
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            pytest.fail(f"the ingress exited: {self.log.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown of any kind (a crash)."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @pytest.fixture(scope="session")
 def ingress(workers: Any) -> Iterator[IngressProcess]:
     """One real ingress process for the session (a test may kill and restart it)."""
-    server = IngressProcess(_free_port())
+    server = IngressProcess(free_port(), INGRESS_ENV)
     server.start()
     yield server
     server.stop()

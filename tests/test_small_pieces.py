@@ -39,6 +39,10 @@ def test_key_and_queue_formats_are_pinned() -> None:
     assert keys.semantic_entry("agent:a", "e1") == "aimesh:semantic:agent:a:entry:e1"
     assert keys.metered_agents() == "aimesh:budgets:metered"
     assert keys.metered_agents_ready() == "aimesh:budgets:metered:ready"
+    assert keys.message_stream("m1") == "aimesh:stream:m1"
+    assert keys.stream_gone("m1") == "aimesh:stream:m1:gone"
+    assert keys.streams_gone_channel() == "aimesh:streams:gone"
+    assert keys.stream_reader_wake("r1") == "aimesh:stream-reader:r1:wake"
 
 
 def test_money_is_exact_and_rounds_costs_up() -> None:

@@ -36,15 +36,17 @@ def body_cap(path: str) -> int:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Build this process's Celery app, result waiter and batch driver; stop them at the
-    end."""
+    """Build this process's Celery app, result waiter, stream reader and batch driver;
+    stop them at the end."""
     from aimesh_tasks.app import app as celery_app
     from aimesh_tasks.ingress.batch_driver import BatchDriver
     from aimesh_tasks.ingress.service import Ingress
     from aimesh_tasks.results import ResultWaiter
+    from aimesh_tasks.streams.reader import StreamReader
 
     waiter = ResultWaiter.for_app(celery_app, get_settings().ingress_result_poll_s)
-    app.state.ingress = Ingress(waiter)
+    streams = StreamReader.for_settings()
+    app.state.ingress = Ingress(waiter, streams)
     driver = BatchDriver(app.state.ingress)
     driver.start()
     try:
@@ -52,6 +54,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await driver.stop()
         await waiter.close()
+        if streams is not None:
+            await streams.close()
 
 
 def create_app() -> FastAPI:

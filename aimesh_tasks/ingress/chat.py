@@ -2,35 +2,31 @@
 
 A request is turned into an AiMessage for the calling agent and queued with `submit()`.
 Synchronous (the default): the answer is awaited, up to the message's deadline or
-AIMESH_INGRESS_WAIT_S, then returned as a `chat.completion`, or with `stream: true` as
-Server-Sent Events in OpenAI's chunk format (the answer's text in pieces, then the usage
-chunk when `stream_options.include_usage`). A request whose every candidate endpoint is at
-capacity is not refused: it waits in the best one's queue, and its answer carries
-`X-Aimesh-Queue-Position` (the messages that were ahead of it there). With `Prefer:
-respond-async` (or a key created with --respond-async): 202 at once, with a `Location` to
-poll (see messages.py).
-A message that outlives the wait is still queued: the 504 names its id to poll.
+AIMESH_INGRESS_WAIT_S, then returned as a `chat.completion`. With `stream: true` the
+message streams through the queue: the endpoint worker calls the provider with streaming
+on and the text is relayed as it arrives, as Server-Sent Events in OpenAI's chunk format,
+then the usage chunk when `stream_options.include_usage` (relay.py). A request whose every
+candidate endpoint is at capacity is not refused: it waits in the best one's queue, and
+its answer carries `X-Aimesh-Queue-Position` (the messages that were ahead of it there).
+With `Prefer: respond-async` (or a key created with --respond-async): 202 at once, with a
+`Location` to poll (see messages.py). A message that outlives the wait is still queued:
+the 504 names its id to poll.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from aimesh_tasks.errors import DeadlineExceeded, InvalidMessage
+from aimesh_tasks.errors import InvalidMessage
 from aimesh_tasks.ingress.auth import CallerDep
 from aimesh_tasks.ingress.errors import failure_response
-from aimesh_tasks.ingress.openai_shapes import (
-    ChatCompletionRequest,
-    chunks,
-    completion,
-    models_list,
-)
+from aimesh_tasks.ingress.openai_shapes import ChatCompletionRequest, completion, models_list
+from aimesh_tasks.ingress.relay import Relay, still_waiting_error, whole_answer
 from aimesh_tasks.ingress.service import (
     Accepted,
     Ingress,
@@ -79,11 +75,7 @@ def accepted_response(accepted: Accepted) -> JSONResponse:
 
 def still_waiting(message_id: str) -> JSONResponse:
     """504: the answer did not come in time; the message is still queued."""
-    error = DeadlineExceeded(
-        f"no answer within the ingress's wait (AIMESH_INGRESS_WAIT_S); message "
-        f"{message_id} is still queued: GET /v1/aimesh/messages/{message_id}",
-        message_id=message_id)
-    return failure_response(error)
+    return failure_response(still_waiting_error(message_id))
 
 
 def result_headers(result: dict[str, Any]) -> dict[str, str]:
@@ -98,15 +90,14 @@ def result_headers(result: dict[str, Any]) -> dict[str, str]:
     return headers
 
 
-def _sse(chunk: dict[str, Any] | str) -> bytes:
-    data = chunk if isinstance(chunk, str) else json.dumps(chunk, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
-async def _stream(result: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
-    for chunk in chunks(result, include_usage):
-        yield _sse(chunk)
-    yield _sse("[DONE]")
+async def streamed(runtime: Ingress, accepted: Accepted, include_usage: bool,
+                   request: Request) -> Response:
+    """A streaming message's answer, relayed from its stream as it comes (relay.py)."""
+    assert runtime.streams is not None
+    following = await runtime.streams.follow(accepted.message_id)
+    relay = Relay(runtime.streams, following, runtime.waiter, include_usage,
+                  get_settings().ingress_wait_s)
+    return await relay.respond(request)
 
 
 @router.post("/v1/chat/completions", response_model=None,
@@ -116,17 +107,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     """OpenAI's chat completion, on the queue."""
     fields = await message_fields(body, request.headers)
     runtime = ingress(request)
-    accepted = await runtime.accept(who.agent_id, fields, api_key=who.api_key)
-    if wants_async(request) or who.key.respond_async:
+    queued_only = wants_async(request) or who.key.respond_async
+    # Relayed as it comes; no Redis: cut from the final text; 202: nobody relays it.
+    live = body.stream and runtime.streams is not None and not queued_only
+    accepted = await runtime.accept(who.agent_id, {**fields, "stream": live},
+                                    api_key=who.api_key)
+    if queued_only:
         return accepted_response(accepted)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if live:
+        return await streamed(runtime, accepted, include_usage, request)
     finished = await runtime.wait(accepted.message_id, get_settings().ingress_wait_s)
     if finished is None:
         return still_waiting(accepted.message_id)
     if not finished.ok:
         return failure_response(finished.result)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(finished.result, include_usage),
+        return StreamingResponse(whole_answer(finished.result, include_usage),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           **result_headers(finished.result)})

@@ -13,6 +13,7 @@ OpenAI's own exhausted quota), distinct from a rate limit (`rate_limit_exceeded`
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -108,6 +109,13 @@ def failure_response(error: BaseException) -> JSONResponse:
         return aimesh_error_response(error)
     return error_response(f"the message failed in a worker ({type(error).__name__})", 502,
                           code="worker_error", kind="server_error")
+
+
+def failure_body(error: BaseException) -> dict[str, Any]:
+    """The OpenAI error object of `failure_response` (sent inside a stream that has
+    begun, where the status can no longer say it)."""
+    body: dict[str, Any] = json.loads(bytes(failure_response(error).body))
+    return body
 
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:

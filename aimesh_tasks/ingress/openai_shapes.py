@@ -137,24 +137,51 @@ def text_pieces(text: str) -> list[str]:
     return ["".join(words[i:i + CHUNK_WORDS]) for i in range(0, len(words), CHUNK_WORDS)]
 
 
+class Chunks:
+    """The `chat.completion.chunk`s of one answer, made one at a time: the role, text
+    pieces, the finish reason, then (with include_usage) one chunk with no choices and
+    the usage; every chunk carries `usage: null` but that last one."""
+
+    def __init__(self, message_id: str, model: str, created: int, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self._base: dict[str, Any] = {
+            "id": completion_id(message_id), "object": "chat.completion.chunk",
+            "created": created, "model": model, "system_fingerprint": None}
+        self._extra: dict[str, Any] = {"usage": None} if include_usage else {}
+
+    def _choice(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**self._base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                           "finish_reason": finish}], **self._extra}
+
+    def role(self) -> dict[str, Any]:
+        """The first chunk: the assistant's role, no text yet."""
+        return self._choice({"role": "assistant", "content": ""})
+
+    def text(self, piece: str) -> dict[str, Any]:
+        """A chunk of answer text."""
+        return self._choice({"content": piece})
+
+    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The chunk with the answer's finish reason."""
+        return self._choice({}, _finish_reason(result))
+
+    def usage(self, result: dict[str, Any]) -> dict[str, Any]:
+        """The usage chunk (no choices), with what the message path adds."""
+        return {**self._base, "choices": [], "usage": usage(result),
+                "aimesh": aimesh_extras(result)}
+
+    def ending(self, result: dict[str, Any]) -> list[dict[str, Any]]:
+        """The finish chunk, and the usage chunk when include_usage."""
+        return [self.finish(result), *([self.usage(result)] if self.include_usage else [])]
+
+
 def chunks(result: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-    """The `chat.completion.chunk`s of an answer: the role, the text in pieces, the finish
-    reason, then (with include_usage) one chunk with no choices and the usage."""
-    base = {"id": completion_id(str(result["message_id"])), "object": "chat.completion.chunk",
-            "created": _created(result), "model": result["model"], "system_fingerprint": None}
-    extra: dict[str, Any] = {"usage": None} if include_usage else {}
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                     "finish_reason": finish}], **extra}
-
-    out = [chunk({"role": "assistant", "content": ""})]
-    out += [chunk({"content": piece}) for piece in text_pieces(str(result["text"]))]
-    out.append(chunk({}, _finish_reason(result)))
-    if include_usage:
-        out.append({**base, "choices": [], "usage": usage(result),
-                    "aimesh": aimesh_extras(result)})
-    return out
+    """The `chat.completion.chunk`s of a whole answer (a cache or dedup hit): the role,
+    the text in pieces of a few words, the finish reason, the usage (see Chunks)."""
+    made = Chunks(str(result["message_id"]), str(result["model"]), _created(result),
+                  include_usage)
+    return [made.role(), *(made.text(piece) for piece in text_pieces(str(result["text"]))),
+            *made.ending(result)]
 
 
 def models_list(names: list[str]) -> dict[str, Any]:

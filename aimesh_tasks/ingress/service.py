@@ -27,6 +27,7 @@ from aimesh_tasks.registry.cache import ENDPOINTS
 from aimesh_tasks.registry.endpoints import Endpoint
 from aimesh_tasks.registry.live import registry_version
 from aimesh_tasks.results import Finished, ResultWaiter
+from aimesh_tasks.streams.reader import StreamReader
 
 AUTO = "auto"
 RECORD_TTL_S = 86400  # as long as Celery keeps results (celery_config.result_expires)
@@ -136,10 +137,12 @@ def _accept_sync(data: dict[str, Any]) -> Accepted:
 
 
 class Ingress:
-    """The ingress's shared state: the result waiter of this process."""
+    """The ingress's shared state: the result waiter and the stream reader of this
+    process (None without Redis: streams are then cut from the final text)."""
 
-    def __init__(self, waiter: ResultWaiter) -> None:
+    def __init__(self, waiter: ResultWaiter, streams: StreamReader | None = None) -> None:
         self.waiter = waiter
+        self.streams = streams
 
     async def accept(self, agent_id: str, fields: dict[str, Any],
                      message_id: str | None = None, *, api_key: str | None = None

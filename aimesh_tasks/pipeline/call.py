@@ -1,8 +1,9 @@
 """One call for one envelope, charged exactly once: lease, claim, call, journal, settle.
 
     begin (one round trip: journalled outcome? lease held? take it; in flight at the
-    endpoint; policies' reads) → [journalled: settle it, don't repeat] → [held: wait for
-    the holder's journal] → claim the reservation → call → journal → settle → records
+    endpoint; policies' reads) → [journalled: settle it, don't repeat (a streaming message
+    replays its text)] → [held: wait for the holder's journal] → claim the reservation →
+    call (streamed: pipeline/streaming.py) → journal → settle → records
 
 A call that may have reached the provider is charged once: by its own delivery, by a
 later delivery that finds its journal, or (a delivery that died mid-call) as `lost` at
@@ -30,12 +31,14 @@ from aimesh_tasks.failpoints import failpoint
 from aimesh_tasks.messages import AiMessage, AiResult, Attempt, utcnow
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
 from aimesh_tasks.pipeline import journal, lease
+from aimesh_tasks.pipeline.streaming import ABORTED, StreamedCall, aborted_charge
 from aimesh_tasks.providers.base import Completion
 from aimesh_tasks.providers.http import call_provider
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.registry.endpoints import Endpoint
 from aimesh_tasks.registry.live import call_abandoned, queue_call_finished, queue_call_started
 from aimesh_tasks.settings import get_settings
+from aimesh_tasks.streams.writer import replay
 
 WAIT_POLL_S = 0.05
 
@@ -128,8 +131,10 @@ def _call(message: AiMessage, endpoint: Endpoint, call_key: str
     started = time.perf_counter()
     completion: Completion | None = None
     error: ProviderError | None = None
+    streamed = StreamedCall(message, endpoint, call_key) if message.stream else None
     try:
-        completion = call_provider(endpoint, message, call_key)
+        completion = (streamed() if streamed is not None
+                      else call_provider(endpoint, message, call_key))
     except ProviderError as exc:
         error = exc
     except SoftTimeLimitExceeded:  # a hang past the soft time limit: the request was sent
@@ -137,6 +142,8 @@ def _call(message: AiMessage, endpoint: Endpoint, call_key: str
             f"endpoint '{endpoint.id}' did not answer within the task's soft time limit",
             endpoint_id=endpoint.id, action="fallback", reason="timeout", maybe_billed=True,
             retryable=True)
+    if error is not None and streamed is not None:
+        error = streamed.final(error)
     latency_ms = (time.perf_counter() - started) * 1000
     attempt = Attempt(endpoint_id=endpoint.id, ok=error is None, latency_ms=round(latency_ms, 3),
                       error=error.to_dict() if error else None)
@@ -191,6 +198,8 @@ def recover(message: AiMessage, endpoint: Endpoint, began: lease.Began, metered:
     if metered:
         settle(began.charged_key, done.input_tokens + done.output_tokens, entry.cost_nusd,
                kind="call" if done.usage_known else "estimated")
+    if message.stream:  # the client may lack some of it: the relay skips what it has
+        replay(message.id, began.charged_key, endpoint.id, endpoint.model, done.text)
     return CallResult(Attempt(endpoint_id=endpoint.id, ok=True, latency_ms=0.0), done, None,
                       entry.cost_nusd, estimated=not done.usage_known)
 
@@ -210,13 +219,14 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
         cost_nusd = cost_of(endpoint, completion)
     elif error is not None and error.fields.get("maybe_billed"):
         # The request reached the provider (an unreadable 200, a timeout or a connection
-        # lost after sending): we cannot know what it billed, so the worst case.
-        estimate = worst_case(message, endpoint)
+        # lost after sending): we cannot know what it billed, so the worst case; an
+        # aborted stream, what the provider reported before the abort if it did.
+        estimate = aborted_charge(message, endpoint, error) or worst_case(message, endpoint)
         cost_nusd = estimate.nusd
     else:
         cost_nusd = 0
     before_settle = Batch() if metered else tail
-    healthy = error is None or error.action == "fail"  # the message's fault is not the endpoint's
+    healthy = error is None or not error.endpoint_fault
     queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms, healthy)
     if completion is not None:
         journal.queue_record(before_settle, charged_key, completion, cost_nusd)
@@ -225,15 +235,19 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
     if metered:
         before_settle.send()
         failpoint("before_settle", message.agent_id)
-        _settle(charged_key, completion, estimate, cost_nusd,
-                "estimated" if error is not None and error.fields.get("reason") ==
-                "malformed_response" else "lost")
+        _settle(charged_key, completion, estimate, cost_nusd, _unknown_usage_kind(error))
     lease.queue_release(tail, call_key, began.value)
     _record_attempt(message, endpoint, attempt, completion, cost_nusd, tail)
     events.call_finished.send(sender=make_call, message=message, endpoint=endpoint,
                               attempt=attempt, completion=completion, cost_nusd=cost_nusd)
     estimated = (completion is not None and not completion.usage_known) or estimate is not None
     return CallResult(attempt, completion, error, cost_nusd + lost_nusd, estimated)
+
+
+def _unknown_usage_kind(error: ProviderError | None) -> str:
+    """The ledger kind of a call charged without the provider's usage."""
+    reason = error.fields.get("reason") if error is not None else None
+    return {"malformed_response": "estimated", "cancelled": ABORTED}.get(str(reason), "lost")
 
 
 def _settle(charged_key: str, completion: Completion | None, estimate: Estimate | None,

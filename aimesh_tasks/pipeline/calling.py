@@ -39,6 +39,7 @@ from aimesh_tasks.pipeline.outcomes import CallOutcome, Done, Failed, Fallback, 
 from aimesh_tasks.policies import AfterCall, CallContext, Policies, active
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.registry.live import call_abandoned
+from aimesh_tasks.streams.writer import queue_end, queue_failure
 
 
 def call(app: Any, envelope: Envelope, *, wait_s: float, policies: Policies | None = None
@@ -133,6 +134,8 @@ def _decide(app: Any, envelope: Envelope, message: AiMessage, done: CallResult,
           cost_nusd=usd_to_nusd(result.cost_usd), batch=tail,
           detail={"usage_estimated": True} if done.estimated else None)
     answer_followers = queue_end_flight(app, tail, envelope.flight, result)
+    if message.stream:  # after the call was settled: the relay shows the usage charged
+        queue_end(tail, message.id, result.to_json_dict())
     tail.send()
     events.message_completed.send(sender=call, message=message, result=result)
     answer_followers()
@@ -211,7 +214,11 @@ def _expired(message: AiMessage, past: list[Attempt]) -> DeadlineExceeded:
 
 
 def _fail(message: AiMessage, error: AimeshError) -> AimeshError:
+    batch = Batch()
     audit("failed", message_id=message.id, agent_id=message.agent_id,
-          endpoint_id=error.fields.get("endpoint_id"), reason=error.message)
+          endpoint_id=error.fields.get("endpoint_id"), reason=error.message, batch=batch)
+    if message.stream:
+        queue_failure(batch, message.id, error.to_dict())
+    batch.send()
     events.message_failed.send(sender=call, message=message, error=error)
     return error

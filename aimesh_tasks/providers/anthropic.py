@@ -28,6 +28,14 @@ type decides, the status only where the type is unknown or generic:
 | 504    | timeout_error         | fallback | timeout                                    |
 | 529    | overloaded_error      | retry    | overloaded                                 |
 
+Streamed (`"stream": true`), the answer is named events: `message_start` (the message's
+id, model and `usage` with the input figures), `content_block_start`, `ping`,
+`content_block_delta` (`text_delta` text; other delta types, such as a tool's JSON or
+thinking, add no answer text), `content_block_stop`, `message_delta` (the `stop_reason`
+and the usage so far: cumulative `output_tokens`, and input figures when it carries them),
+`message_stop`. An `event: error` (e.g. `overloaded_error` mid-stream) is an error
+reported in the stream, classified by its type like a failed answer.
+
 Rate-limit headers: `anthropic-ratelimit-requests-remaining`,
 `anthropic-ratelimit-tokens-remaining` and `anthropic-ratelimit-requests-reset` (an RFC 3339
 time); `retry-after` is read by the shared transport (providers/http.py).
@@ -51,6 +59,7 @@ from aimesh_tasks.providers.base import (
     int_header,
     status_class,
 )
+from aimesh_tasks.providers.sse import ParsedStream, SseEvent, StreamFailed
 
 API_VERSION = "2023-06-01"
 # Anthropic's temperature range is [0, 1]; ours (OpenAI's) is [0, 2]. A message valid for
@@ -187,6 +196,17 @@ class AnthropicMessages:
             headers["x-api-key"] = api_key
         return ProviderRequest(path=self.path, json=body, headers=headers)
 
+    def build_stream_request(self, model: str, message: AiMessage, api_key: str | None
+                             ) -> ProviderRequest:
+        """A streaming Messages request."""
+        plain = self.build_request(model, message, api_key)
+        return ProviderRequest(path=plain.path, json={**plain.json, "stream": True},
+                               headers=plain.headers)
+
+    def stream_parser(self) -> AnthropicStream:
+        """A parser of one stream of Messages events."""
+        return AnthropicStream()
+
     def parse_response(self, body: dict[str, Any]) -> Completion:
         """The text blocks' text, the provider's usage figures, the stop reason and id."""
         if not isinstance(body, dict):
@@ -227,3 +247,62 @@ class AnthropicMessages:
             reset_s=_seconds_until(headers.get("anthropic-ratelimit-requests-reset"),
                                    self._clock()),
         )
+
+
+class AnthropicStream(ParsedStream):
+    """The events of one streamed message (see the module docstring); ended by
+    message_stop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._input: tuple[int, bool] = (0, False)
+
+    def feed(self, event: SseEvent) -> str:
+        """The text one event adds."""
+        data = event.json()
+        kind = data.get("type") or event.event
+        if kind == "error":
+            raise StreamFailed(data)
+        if kind == "message_start":
+            self._start(data.get("message"))
+        elif kind == "content_block_delta":
+            return self._delta(data.get("delta"))
+        elif kind == "message_delta":
+            self._message_delta(data)
+        elif kind == "message_stop":
+            self.state.ended = True
+        return ""
+
+    def _start(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            raise ValueError("malformed stream: message_start has no message object")
+        self.state.model = str(message.get("model") or "")
+        message_id = message.get("id")
+        self.state.request_id = message_id if isinstance(message_id, str) else None
+        prompt, _, known = _usage(message.get("usage"))
+        self._input = (prompt, known)
+
+    def _delta(self, delta: Any) -> str:
+        if not isinstance(delta, dict):
+            raise ValueError("malformed stream: content_block_delta has no delta object")
+        if delta.get("type") != "text_delta":
+            return ""
+        text = delta.get("text")
+        if not isinstance(text, str):
+            raise ValueError("malformed stream: text_delta.text is not a string")
+        return self.state.add(text)
+
+    def _message_delta(self, data: dict[str, Any]) -> None:
+        delta = data.get("delta")
+        stop = delta.get("stop_reason") if isinstance(delta, dict) else None
+        if isinstance(stop, str):
+            self.state.finish_reason = _STOP_REASONS.get(stop, stop)
+        usage = data.get("usage")
+        if not isinstance(usage, dict) or "output_tokens" not in usage:
+            return
+        output = _token_count(usage, "output_tokens")
+        prompt, known = self._input
+        if usage.get("input_tokens") is not None:  # newer API versions repeat them here
+            prompt, _, known = _usage(usage)
+        if known:
+            self.state.usage(prompt, output)

@@ -2,9 +2,12 @@
 
 An adapter only translates: an AiMessage into the provider's HTTP request, the provider's
 JSON answer into a Completion, a failed answer into an `ErrorClass` (what the path should
-do about it), and the provider's rate-limit headers into `RateLimits`. Transport, timeouts
-and connection reuse are shared (providers/http.py), so a new provider is one file plus
-one line in the PROVIDERS dict.
+do about it), and the provider's rate-limit headers into `RateLimits`. A streamed call is
+the same translation in the provider's streaming format: `build_stream_request` asks for
+Server-Sent Events, and a `StreamParser` (one per call, pure) turns each event into the
+text it adds, ending with the usage and finish reason the provider reported. Transport,
+timeouts and connection reuse are shared (providers/http.py), so a new provider is one
+file plus one line in the PROVIDERS dict.
 
 What an `ErrorClass.action` means to the message path:
 
@@ -22,9 +25,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from aimesh_tasks.messages import AiMessage
+
+if TYPE_CHECKING:
+    from aimesh_tasks.providers.sse import SseEvent
 
 Action = Literal["retry", "fallback", "fail"]
 # Bounded excerpt of a provider's error message kept on errors and in the audit.
@@ -83,11 +89,39 @@ class RateLimits:
     reset_s: float | None = None
 
 
+class StreamParser(Protocol):
+    """One streamed answer being read, event by event (pure; one instance per call)."""
+
+    @property
+    def ended(self) -> bool:
+        """The provider's terminal event arrived: the answer is whole."""
+        ...
+
+    def feed(self, event: SseEvent) -> str:
+        """The text `event` adds to the answer ('' for none). ValueError if the event is
+        malformed; `StreamFailed` if it reports an error."""
+        ...
+
+    def completion(self) -> Completion:
+        """The answer so far, with the provider's usage (`usage_known` False until the
+        provider sent it)."""
+        ...
+
+
 class Provider(Protocol):
     """Translate to and from one provider's wire format."""
 
     def build_request(self, model: str, message: AiMessage, api_key: str | None) -> ProviderRequest:
         """The HTTP request asking `model` to answer `message`."""
+        ...
+
+    def build_stream_request(self, model: str, message: AiMessage, api_key: str | None
+                             ) -> ProviderRequest:
+        """The same request, asking for the answer as Server-Sent Events (with usage)."""
+        ...
+
+    def stream_parser(self) -> StreamParser:
+        """A parser for one streamed answer of this format."""
         ...
 
     def parse_response(self, body: dict[str, Any]) -> Completion:

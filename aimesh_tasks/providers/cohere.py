@@ -7,6 +7,12 @@ STOP_SEQUENCE, TOOL_CALL, ERROR, ...) and `usage` with `billed_units` (what Cohe
 and `tokens` (everything the model saw, prompt template included); the call is charged
 from `billed_units` when present.
 
+Streamed (`"stream": true`), the answer is events named by their `type`: `message-start`
+(the id), `content-start`, `content-delta` (text in `delta.message.content.text`),
+`content-end`, then `message-end` with `delta.finish_reason` and `delta.usage` (the same
+`billed_units` and `tokens` as a whole answer); tool and citation events add no answer
+text.
+
 Error bodies are `{"message": "..."}`, sometimes with an `"id"`. The statuses listed by the
 API reference and the v2 SDK, and what they mean here:
 
@@ -48,6 +54,7 @@ from aimesh_tasks.providers.base import (
     retry_after_s,
     status_class,
 )
+from aimesh_tasks.providers.sse import ParsedStream, SseEvent
 
 _SYSTEM_ROLES = frozenset({"system", "developer"})
 # Cohere's `p` must lie in [0.01, 0.99]; top_p 1.0 (no nucleus cut) maps to the widest.
@@ -97,7 +104,7 @@ def _text(body: dict[str, Any]) -> str:
 
 def _usage(body: dict[str, Any]) -> dict[str, Any] | None:
     """`usage.billed_units`, else `usage.tokens`; None when neither has token counts."""
-    usage = body.get("usage")
+    usage = body.get("usage") if isinstance(body, dict) else None
     if not isinstance(usage, dict):
         return None
     for name in ("billed_units", "tokens"):
@@ -153,6 +160,17 @@ class CohereChat:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         return ProviderRequest(path=self.path, json=body, headers=headers)
 
+    def build_stream_request(self, model: str, message: AiMessage, api_key: str | None
+                             ) -> ProviderRequest:
+        """A streaming Chat v2 request."""
+        plain = self.build_request(model, message, api_key)
+        return ProviderRequest(path=plain.path, json={**plain.json, "stream": True},
+                               headers=plain.headers)
+
+    def stream_parser(self) -> CohereStream:
+        """A parser of one stream of Chat v2 events."""
+        return CohereStream()
+
     def parse_response(self, body: dict[str, Any]) -> Completion:
         """The text items of `message.content`, usage and the finish reason (in the
         OpenAI words: 'stop', 'length', ...)."""
@@ -189,3 +207,39 @@ class CohereChat:
             requests_remaining=int_header(headers, "x-trial-endpoint-call-remaining"),
             reset_s=retry_after_s(headers, time.time()),
         )
+
+
+class CohereStream(ParsedStream):
+    """The events of one streamed Chat v2 answer (see the module docstring); ended by
+    message-end."""
+
+    def feed(self, event: SseEvent) -> str:
+        """The text one event adds."""
+        data = event.json()
+        kind = data.get("type") or event.event
+        delta = data.get("delta")
+        if kind == "message-start":
+            self.state.request_id = data.get("id") or None
+        elif kind == "content-delta":
+            return self.state.add(_delta_text(delta))
+        elif kind == "message-end":
+            self._end(delta if isinstance(delta, dict) else {})
+        return ""
+
+    def _end(self, delta: dict[str, Any]) -> None:
+        self.state.ended = True
+        self.state.finish_reason = _finish_reason(delta.get("finish_reason"))
+        usage = _usage(delta)
+        if usage is not None:
+            self.state.usage(int(usage.get("input_tokens") or 0),
+                             int(usage.get("output_tokens") or 0))
+
+
+def _delta_text(delta: Any) -> str:
+    try:
+        text = delta["message"]["content"].get("text", "")
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed stream: content-delta without text ({exc})") from exc
+    if not isinstance(text, str):
+        raise ValueError("malformed stream: content-delta text is not a string")
+    return text

@@ -15,6 +15,13 @@ never cached as complete (pipeline/dedup.py looks for "length"):
 | SAFETY, RECITATION, BLOCKLIST, PROHIBITED_CONTENT, SPII, ... | content_filter             |
 | anything else                                                | the name, lower-cased      |
 
+Streamed: `POST /v1beta/models/{model}:streamGenerateContent?alt=sse`; every `data:` line
+is a whole GenerateContentResponse holding the next piece of text, the last one with the
+`finishReason`; `usageMetadata` comes on the chunks (the figures so far), so the last one
+seen is the call's usage. There is no terminal sentinel: the stream ends after the chunk
+with the finishReason (or a prompt blocked by `promptFeedback`). An `{"error": ...}`
+chunk is an error reported in the stream.
+
 Errors are `{"error": {"code", "message", "status", "details"}}` with a google.rpc status
 name; classification goes by that name, then by HTTP status. Gemini sends no rate-limit
 headers and no Retry-After: it says how long to wait in a `google.rpc.RetryInfo` detail
@@ -40,6 +47,7 @@ from aimesh_tasks.providers.base import (
     retry_after_s,
     status_class,
 )
+from aimesh_tasks.providers.sse import ParsedStream, SseEvent, StreamFailed
 
 _ROLES = {"user": "user", "tool": "user", "assistant": "model"}
 _SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -134,12 +142,52 @@ def _daily_quota(details: list[Any]) -> bool:
     return any("PerDay" in quota for quota in _detail_values(details, "quotaId"))
 
 
+def _text(body: dict[str, Any]) -> tuple[str, str | None]:
+    """The answer text of a response (or chunk) and its finish word, if any."""
+    candidates: Any = body.get("candidates")
+    feedback = body.get("promptFeedback")
+    if not candidates and isinstance(feedback, dict) and feedback.get("blockReason"):
+        return "", "content_filter"
+    candidate = candidates[0]
+    finish_reason = finish_word(candidate.get("finishReason"))
+    parts: Any = (candidate.get("content") or {}).get("parts")
+    if parts is None and finish_reason is not None:  # e.g. SAFETY, or all thinking
+        return "", finish_reason
+    # Thought summaries (`thought: true`) are not part of the answer.
+    return "".join(p.get("text", "") for p in parts if not p.get("thought")), finish_reason
+
+
+def _usage(body: dict[str, Any]) -> tuple[int, int] | None:
+    """(prompt, output) tokens of `usageMetadata` (thinking billed as output), or None."""
+    usage = body.get("usageMetadata")
+    if not (isinstance(usage, dict) and "promptTokenCount" in usage):
+        return None
+    output = int(usage.get("candidatesTokenCount") or 0) + int(
+        usage.get("thoughtsTokenCount") or 0)
+    return int(usage["promptTokenCount"]), output
+
+
 class Gemini:
     """POST {base_url}/v1beta/models/{model}:generateContent, key in `x-goog-api-key`."""
 
     def path(self, model: str) -> str:
         """The generateContent path of `model` ('models/' prefix optional)."""
         return f"/v1beta/models/{quote(model.removeprefix('models/'), safe='')}:generateContent"
+
+    def stream_path(self, model: str) -> str:
+        """The streamGenerateContent path of `model`, asking for Server-Sent Events."""
+        return self.path(model).replace(":generateContent", ":streamGenerateContent?alt=sse")
+
+    def build_stream_request(self, model: str, message: AiMessage, api_key: str | None
+                             ) -> ProviderRequest:
+        """A streamGenerateContent request (the same body)."""
+        plain = self.build_request(model, message, api_key)
+        return ProviderRequest(path=self.stream_path(model), json=plain.json,
+                               headers=plain.headers)
+
+    def stream_parser(self) -> GeminiStream:
+        """A parser of one stream of GenerateContentResponse chunks."""
+        return GeminiStream()
 
     def build_request(self, model: str, message: AiMessage, api_key: str | None) -> ProviderRequest:
         """A non-streaming generateContent request."""
@@ -159,15 +207,12 @@ class Gemini:
         """Text of the first candidate, usage from `usageMetadata`; a prompt blocked by
         safety filters is an empty answer with finish_reason 'content_filter'."""
         try:
-            text, finish_reason = self._text(body)
-            usage = body.get("usageMetadata")
-            usage = usage if isinstance(usage, dict) and "promptTokenCount" in usage else None
-            output = (int(usage.get("candidatesTokenCount") or 0)
-                      + int(usage.get("thoughtsTokenCount") or 0)) if usage else 0
+            text, finish_reason = _text(body)
+            usage = _usage(body)
             return Completion(
                 text=text,
-                input_tokens=int(usage["promptTokenCount"]) if usage else 0,
-                output_tokens=output,
+                input_tokens=usage[0] if usage else 0,
+                output_tokens=usage[1] if usage else 0,
                 model=str(body.get("modelVersion", "")),
                 finish_reason=finish_reason,
                 request_id=body.get("responseId"),
@@ -175,19 +220,6 @@ class Gemini:
             )
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed generateContent response: missing or bad {exc}") from exc
-
-    def _text(self, body: dict[str, Any]) -> tuple[str, str | None]:
-        candidates: Any = body.get("candidates")
-        feedback = body.get("promptFeedback")
-        if not candidates and isinstance(feedback, dict) and feedback.get("blockReason"):
-            return "", "content_filter"
-        candidate = candidates[0]
-        finish_reason = finish_word(candidate.get("finishReason"))
-        parts: Any = (candidate.get("content") or {}).get("parts")
-        if parts is None and finish_reason is not None:  # e.g. SAFETY, or all thinking
-            return "", finish_reason
-        # Thought summaries (`thought: true`) are not part of the answer.
-        return "".join(p.get("text", "") for p in parts if not p.get("thought")), finish_reason
 
     def classify_error(self, status: int, body: Any, headers: Mapping[str, str]) -> ErrorClass:
         """By the google.rpc status name, else the HTTP status: a 400 about the API key and
@@ -206,3 +238,32 @@ class Gemini:
         """Gemini documents no rate-limit headers; a Retry-After that a gateway in front of
         it (or the simulator) sends is read as the reset time."""
         return RateLimits(reset_s=retry_after_s(headers, time.time()))
+
+
+class GeminiStream(ParsedStream):
+    """The chunks of one streamGenerateContent answer (see the module docstring)."""
+
+    @property
+    def ended(self) -> bool:
+        """A chunk with a finish reason arrived (or the prompt was blocked)."""
+        return self.state.finish_reason is not None
+
+    def feed(self, event: SseEvent) -> str:
+        """The text one chunk adds; its usage figures replace the earlier ones."""
+        chunk = event.json()
+        if chunk.get("error") is not None:
+            raise StreamFailed(chunk)
+        state = self.state
+        try:
+            usage = _usage(chunk)
+            text, finish_reason = _text(chunk) if chunk.get("candidates") or chunk.get(
+                "promptFeedback") else ("", None)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed stream chunk: missing or bad {exc}") from exc
+        if usage is not None:
+            state.usage(*usage)
+        state.model = str(chunk.get("modelVersion") or state.model)
+        state.request_id = chunk.get("responseId") or state.request_id
+        if finish_reason is not None:
+            state.finish_reason = finish_reason
+        return state.add(text)

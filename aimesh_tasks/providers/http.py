@@ -4,12 +4,15 @@ The request itself runs in `providers.aio` (one asyncio loop per process, aiohtt
 bounded keep-alive pool per base URL); this module builds it from the endpoint's adapter,
 caps its timeouts at the message's deadline, and reads the answer or the failure into a
 Completion or a ProviderError the path can act on (`action`, `maybe_billed`).
+`stream_provider` makes the same call with streaming on, in the provider's own format,
+handing each text delta on as it arrives.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,11 +24,13 @@ from aimesh_tasks.providers.base import (
     Completion,
     Provider,
     ProviderRequest,
+    StreamParser,
     excerpt,
     retry_after_s,
 )
 from aimesh_tasks.providers.credentials import api_key as read_api_key
 from aimesh_tasks.providers.credentials import redact
+from aimesh_tasks.providers.sse import IN_STREAM_ERROR_STATUS, SseDecoder, SseEvent, StreamFailed
 from aimesh_tasks.registry.endpoints import Endpoint
 from aimesh_tasks.settings import get_settings
 
@@ -78,10 +83,12 @@ def call_timeout(message: AiMessage, now: datetime | None = None) -> CallTimeout
 
 
 def _send(endpoint: Endpoint, request: ProviderRequest, headers: dict[str, str],
-          timeout: CallTimeout, cancel: threading.Event | None) -> aio.Response:
+          timeout: CallTimeout, cancel: threading.Event | None,
+          on_line: aio.LineCallback | None = None) -> aio.Response:
     try:
         return aio.post(endpoint.base_url, request.path, request.json, headers,
-                        connect_s=timeout.connect_s, read_s=timeout.read_s, cancel=cancel)
+                        connect_s=timeout.connect_s, read_s=timeout.read_s, cancel=cancel,
+                        on_line=on_line)
     except aio.TransportError as exc:
         # A request that never connected cannot have been billed; one that failed later
         # (read timeout, dropped connection) may have been: the path charges it at the
@@ -121,15 +128,94 @@ def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str, *,
     try:
         return adapter.parse_response(response.json())
     except ValueError as exc:
-        raise ProviderError(
-            f"endpoint '{endpoint.id}' sent a response we cannot read: {exc}",
-            endpoint_id=endpoint.id,
-            status=200,
-            action="fallback",
-            reason="malformed_response",
-            maybe_billed=True,
-            retryable=True,
-        ) from exc
+        raise _unreadable(endpoint, exc) from exc
+
+
+def _unreadable(endpoint: Endpoint, exc: ValueError) -> ProviderError:
+    """A 200 answer we cannot read: billed, we cannot know how much (the reservation)."""
+    return ProviderError(
+        f"endpoint '{endpoint.id}' sent a response we cannot read: {exc}",
+        endpoint_id=endpoint.id,
+        status=200,
+        action="fallback",
+        reason="malformed_response",
+        maybe_billed=True,
+        retryable=True,
+    )
+
+
+class _Reading:
+    """A streamed answer read line by line (on the caller's thread): SSE events into the
+    adapter's parser, its text deltas to `deltas`."""
+
+    def __init__(self, parser: StreamParser, deltas: Callable[[str], None]) -> None:
+        self.parser = parser
+        self._decoder = SseDecoder()
+        self._deltas = deltas
+
+    def line(self, raw: bytes) -> None:
+        """One line of the body (a parser error raised here aborts the request)."""
+        event = self._decoder.feed(raw)
+        if event is not None:
+            self._event(event)
+
+    def close(self) -> None:
+        """The body ended: an event left without its blank line."""
+        event = self._decoder.close()
+        if event is not None:
+            self._event(event)
+
+    def _event(self, event: SseEvent) -> None:
+        text = self.parser.feed(event)
+        if text:
+            self._deltas(text)
+
+
+def stream_provider(endpoint: Endpoint, message: AiMessage, call_key: str,
+                    deltas: Callable[[str], None], *,
+                    cancel: threading.Event | None = None) -> Completion:
+    """Make one upstream call with streaming on: each text delta goes to `deltas` as the
+    provider sends it, and the completion carries the usage the stream ended with.
+
+    Failures are those of `call_provider`, plus: an error reported inside the stream
+    (classified by the adapter like a failed answer), an unreadable event or a stream that
+    ends before its final event (`malformed_response`), each billed (`maybe_billed`).
+    A cancel keeps the usage the provider reported before it (`reported_usage`)."""
+    adapter = PROVIDERS[endpoint.provider]
+    api_key = read_api_key(endpoint)
+    request = adapter.build_stream_request(endpoint.model, message, api_key)
+    reading = _Reading(adapter.stream_parser(), deltas)
+    try:
+        response = _send(endpoint, request, {**request.headers, CALL_KEY_HEADER: call_key},
+                         call_timeout(message), cancel, on_line=reading.line)
+        if response.status != 200:
+            raise _status_error(endpoint, adapter, response, api_key)
+        reading.close()
+    except StreamFailed as exc:
+        raise _failed_in_stream(endpoint, adapter, exc.body, api_key) from exc
+    except ValueError as exc:
+        raise _unreadable(endpoint, exc) from exc
+    except ProviderError as exc:
+        done = reading.parser.completion()
+        if exc.fields.get("reason") == "cancelled" and done.usage_known:
+            exc.fields["reported_usage"] = {"input_tokens": done.input_tokens,
+                                            "output_tokens": done.output_tokens}
+        raise
+    if not reading.parser.ended:
+        raise _unreadable(endpoint, ValueError("the stream ended before its final event"))
+    return reading.parser.completion()
+
+
+def _failed_in_stream(endpoint: Endpoint, adapter: Provider, body: Any,
+                      api_key: str | None) -> ProviderError:
+    verdict = adapter.classify_error(IN_STREAM_ERROR_STATUS, body, {})
+    detail = redact(verdict.detail, api_key)
+    return ProviderError(
+        f"endpoint '{endpoint.id}' reported an error in its stream ({verdict.reason})"
+        + (f": {detail}" if detail else ""),
+        endpoint_id=endpoint.id, status=200, action=verdict.action, reason=verdict.reason,
+        detail=detail or None, retryable=verdict.action != "fail", maybe_billed=True,
+        retry_after_s=verdict.retry_after_s)
 
 
 @dataclass(frozen=True, slots=True)

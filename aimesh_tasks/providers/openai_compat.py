@@ -3,6 +3,13 @@
 Error bodies are `{"error": {"message", "type", "param", "code"}}`; rate-limit headers are
 `x-ratelimit-remaining-requests`, `x-ratelimit-remaining-tokens` and
 `x-ratelimit-reset-requests` (a duration such as '1s' or '6m0s').
+
+Streamed (`stream: true` with `stream_options.include_usage`), the answer is `data:` lines
+of `chat.completion.chunk` objects: the text in `choices[0].delta.content`, the
+`finish_reason` on the last chunk with a choice, then one chunk with `choices: []` and the
+whole call's `usage` (every other chunk has `usage: null`), then `data: [DONE]`. A stream
+cut before the usage chunk has no usage: it is charged at the reservation, flagged, like
+an answer without usage. An `{"error": ...}` chunk is an error reported in the stream.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ from aimesh_tasks.providers.base import (
     int_header,
     status_class,
 )
+from aimesh_tasks.providers.sse import ParsedStream, SseEvent, StreamFailed, count
+
+DONE = "[DONE]"
 
 _OPTIONAL_PARAMETERS = ("temperature", "top_p", "stop")
 # A 400/404 whose code says the endpoint (its model or key), not the message, is wrong.
@@ -53,6 +63,17 @@ class OpenAICompatible:
                 body[name] = value
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         return ProviderRequest(path=self.path, json=body, headers=headers)
+
+    def build_stream_request(self, model: str, message: AiMessage, api_key: str | None
+                             ) -> ProviderRequest:
+        """A streaming chat completion request, asking for the usage chunk."""
+        plain = self.build_request(model, message, api_key)
+        body = {**plain.json, "stream": True, "stream_options": {"include_usage": True}}
+        return ProviderRequest(path=plain.path, json=body, headers=plain.headers)
+
+    def stream_parser(self) -> OpenAIStream:
+        """A parser of one stream of chat.completion.chunk events."""
+        return OpenAIStream()
 
     def parse_response(self, body: dict[str, Any]) -> Completion:
         """Text of the first choice, and the provider's usage figures."""
@@ -90,3 +111,40 @@ class OpenAICompatible:
             tokens_remaining=int_header(headers, "x-ratelimit-remaining-tokens"),
             reset_s=duration_s(headers.get("x-ratelimit-reset-requests")),
         )
+
+
+class OpenAIStream(ParsedStream):
+    """The chunks of one streamed chat completion (see the module docstring)."""
+
+    @property
+    def ended(self) -> bool:
+        """[DONE] arrived, or a finish reason did (a server that sends no [DONE])."""
+        return self.state.ended or self.state.finish_reason is not None
+
+    def feed(self, event: SseEvent) -> str:
+        """The content delta of one chunk."""
+        if event.data.strip() == DONE:
+            self.state.ended = True
+            return ""
+        chunk = event.json()
+        if chunk.get("error") is not None:
+            raise StreamFailed(chunk)
+        state = self.state
+        state.model = str(chunk.get("model") or state.model)
+        state.request_id = chunk.get("id") or state.request_id
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and "prompt_tokens" in usage:
+            state.usage(count(usage["prompt_tokens"], "prompt_tokens"),
+                        count(usage.get("completion_tokens"), "completion_tokens"))
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list) or not choices:
+            return ""
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise ValueError("malformed stream: choices[0] is not an object")
+        if choice.get("finish_reason"):
+            state.finish_reason = str(choice["finish_reason"])
+        content = (choice.get("delta") or {}).get("content")
+        if content is not None and not isinstance(content, str):
+            raise ValueError("malformed stream: delta.content is not a string")
+        return state.add(content or "")

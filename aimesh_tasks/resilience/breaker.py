@@ -150,7 +150,7 @@ class CircuitBreaker(Policy):
         held: CallBreaker | None = ctx.reads.get(self.name)
         if held is None or held.admitted_epoch is None:
             return  # not admitted by this delivery (journalled by an earlier one)
-        ok = error is None or error.action == "fail"
+        ok = error is None or not error.endpoint_fault
         if not ok and error is not None and error.status is None and ctx.message.expired():
             return  # cut short by the message's deadline, not the endpoint's fault
         queue_record(batch, ctx.endpoint.id, ctx.call_key, ok=ok,

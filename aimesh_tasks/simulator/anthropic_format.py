@@ -13,9 +13,10 @@ messages before the turns, so a prompt gives the same text and token figures her
 the OpenAI format (tokens.py). Injected faults: server_error → 500 ``api_error``;
 throttled → 429 ``rate_limit_error`` with Retry-After and the rate-limit headers;
 overloaded → 529 ``overloaded_error`` with Retry-After; malformed → 200 with a cut JSON
-body; no_usage → 200 without ``usage``. Streams follow the documented event flow:
-message_start, content_block_start, ping, content_block_delta per word,
-content_block_stop, message_delta (stop reason and output tokens), message_stop.
+body; no_usage → 200 without ``usage`` (in a stream: none in message_start or
+message_delta). Streams follow the documented event flow, written event by event
+(simulator/streaming.py): message_start, content_block_start, ping, content_block_delta
+per word, content_block_stop, message_delta (stop reason and output tokens), message_stop.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from aimesh_tasks.simulator import tokens
+from aimesh_tasks.simulator.streaming import Billing, Piece, stream
 
 if TYPE_CHECKING:
     from aimesh_tasks.simulator.server import Call, Route, SimState
@@ -196,10 +198,19 @@ def stream_events(id_: str, model: str, completion: tokens.Completion
     yield "message_stop", {"type": "message_stop"}
 
 
-def sse_body(events: Iterator[tuple[str, dict[str, Any]]]) -> bytes:
-    """Server-sent events with an ``event:`` name and a ``data:`` line each."""
-    return "".join(f"event: {name}\ndata: {_ENCODER.encode(data)}\n\n"
-                   for name, data in events).encode()
+def stream_pieces(id_: str, model: str, completion: tokens.Completion,
+                  with_usage: bool = True) -> Iterator[Piece]:
+    """The stream's events on the wire (``event:`` name and ``data:`` line each): a word
+    per content_block_delta, the tail from content_block_stop on; the no_usage fault
+    leaves the usage out of message_start and message_delta."""
+    for name, data in stream_events(id_, model, completion):
+        if not with_usage:
+            data = {k: v for k, v in data.items() if k != "usage"}
+            if name == "message_start":
+                data["message"] = {k: v for k, v in data["message"].items() if k != "usage"}
+        encoded = f"event: {name}\ndata: {_ENCODER.encode(data)}\n\n".encode()
+        yield Piece(encoded, words=int(name == "content_block_delta"),
+                    tail=name in ("content_block_stop", "message_delta", "message_stop"))
 
 
 def _json(payload: object, status: int, headers: dict[str, str]) -> web.Response:
@@ -223,19 +234,10 @@ def _fault_response(fault: str, retry_after_s: int, request_id: str) -> web.Resp
     return _json(error_body(kind, message, request_id), status, headers)
 
 
-async def _stream(request: web.Request, body: bytes, request_id: str) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "request-id": request_id})
-    await response.prepare(request)
-    await response.write(body)
-    await response.write_eof()
-    return response
-
-
 def _answer(state: SimState, call: Call, parsed: MessagesRequest, request_id: str
-            ) -> web.Response | bytes:
-    """A fault's response, or the completed message (as an SSE body when streamed)."""
+            ) -> web.Response | tuple[Iterator[Piece], Billing]:
+    """A fault's response, or the completed message (its events and billing when
+    streamed)."""
     config = state.config
     model = config.model_name or parsed.model
     if not config.knows(parsed.model):  # the API's answer to a model it does not serve
@@ -247,10 +249,11 @@ def _answer(state: SimState, call: Call, parsed: MessagesRequest, request_id: st
         return _fault_response(call.fault, config.retry_after_s, request_id)
     completion = tokens.complete(config.seed, config.completion_tokens, parsed.messages,
                                  parsed.max_tokens)
-    state.finish(call, 200, model, completion.prompt_tokens, completion.completion_tokens)
     id_ = f"msg_{state.instance}{call.serial:08x}"
     if parsed.stream:
-        return sse_body(stream_events(id_, model, completion))
+        return (stream_pieces(id_, model, completion, with_usage=call.fault != "no_usage"),
+                Billing(model, completion.prompt_tokens))
+    state.finish(call, 200, model, completion.prompt_tokens, completion.completion_tokens)
     body = message_body(id_, model, completion)
     if call.fault == "no_usage":
         del body["usage"]
@@ -277,8 +280,8 @@ def messages(state: SimState) -> Handler:
             return _json(error_body(exc.kind, str(exc), request_id), exc.status,
                          {"request-id": request_id})
         answer = _answer(state, call, parsed, request_id)
-        if isinstance(answer, bytes):
-            return await _stream(request, answer, request_id)
+        if isinstance(answer, tuple):
+            return await stream(state, call, request, *answer, {"request-id": request_id})
         return answer
 
     return handle

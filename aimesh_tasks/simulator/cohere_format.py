@@ -14,7 +14,8 @@ Contributes ``ROUTES`` to the simulator app (see `server.WIRE_FORMATS`). What it
 | fault `no_usage`             | 200    | no `usage` (in a stream: none in `message-end`)          |
 | success                      | 200    | `{id, finish_reason, message: {role, content}, usage}`   |
 | success, `"stream": true`    | 200    | SSE: message-start, content-start, content-delta...,     |
-|                              |        | content-end, message-end (finish_reason and usage)       |
+|                              |        | content-end, message-end (finish_reason and usage),      |
+|                              |        | written event by event (simulator/streaming.py)          |
 
 Text and token counts come from `tokens.complete`, so they equal the OpenAI format's for
 the same chat; `usage.billed_units` carries them (the call log records them), while
@@ -36,6 +37,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from aimesh_tasks.simulator import tokens
+from aimesh_tasks.simulator.streaming import Billing, Piece, stream
 
 if TYPE_CHECKING:
     from aimesh_tasks.simulator.server import Call, Route, SimState
@@ -205,10 +207,14 @@ def stream_events(id_: str, completion: tokens.Completion, with_usage: bool = Tr
     yield {"type": "message-end", "delta": end}
 
 
-def sse_body(events: Iterator[dict[str, Any]]) -> bytes:
-    """Server-sent events, each named by its type."""
-    return "".join(f"event: {event['type']}\ndata: {_ENCODER.encode(event)}\n\n"
-                   for event in events).encode()
+def sse_pieces(events: Iterator[dict[str, Any]]) -> Iterator[Piece]:
+    """Server-sent events, each named by its type: a word per content-delta, the tail from
+    content-end on."""
+    for event in events:
+        kind = event["type"]
+        yield Piece(f"event: {kind}\ndata: {_ENCODER.encode(event)}\n\n".encode(),
+                    words=int(kind == "content-delta"), tail=kind in ("content-end",
+                                                                     "message-end"))
 
 
 def _unknown_model(model: str) -> str:
@@ -253,15 +259,6 @@ def _authorized(request: web.Request) -> str | None:
     return None if _BEARER.match(value) else "invalid api token"
 
 
-async def _stream(request: web.Request, call: Call, body: bytes) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache", **_trial_headers(call)})
-    await response.prepare(request)
-    await response.write(body)
-    await response.write_eof()
-    return response
-
-
 def chat(state: SimState) -> Handler:
     """The ``POST /v2/chat`` handler bound to one simulator's state."""
 
@@ -289,12 +286,13 @@ def chat(state: SimState) -> Handler:
             return _fault_response(state, call, call.fault)
         completion = tokens.complete(config.seed, config.completion_tokens,
                                      chat_request.messages, chat_request.max_tokens)
-        state.finish(call, 200, model, completion.prompt_tokens, completion.completion_tokens)
         id_ = _call_id(state, call)
         with_usage = call.fault != "no_usage"
         if chat_request.stream:
-            return await _stream(request, call, sse_body(stream_events(id_, completion,
-                                                                       with_usage)))
+            return await stream(state, call, request,
+                                sse_pieces(stream_events(id_, completion, with_usage)),
+                                Billing(model, completion.prompt_tokens), _trial_headers(call))
+        state.finish(call, 200, model, completion.prompt_tokens, completion.completion_tokens)
         body = chat_body(id_, completion)
         if not with_usage:
             del body["usage"]

@@ -26,6 +26,8 @@ RUNTIME_FIELDS: Final = (
     "model_name",
     "known_models",
     "unknown_model_status",
+    "hold_after_words",
+    "word_interval_ms",
 )
 # The statuses an unknown model may get: the providers' 404, or a gateway's 400 (LiteLLM).
 UNKNOWN_MODEL_STATUSES: Final = (404, 400)
@@ -42,6 +44,7 @@ FAULT_RATES: Final = {
 # field -> (lowest, highest) allowed value
 _FLOAT_RANGES: Final[dict[str, tuple[float, float]]] = {
     "latency_ms": (0.0, math.inf),
+    "word_interval_ms": (0.0, math.inf),
     "jitter_ms": (0.0, math.inf),
     "error_rate": (0.0, 1.0),
     "throttle_rate": (0.0, 1.0),
@@ -79,6 +82,10 @@ class SimulatorConfig:
     `model_not_found`, Anthropic's 404 `not_found_error`, Gemini's 404 NOT_FOUND,
     Cohere's 404. `unknown_model_status` 400 makes the OpenAI format answer as the
     LiteLLM proxy does instead (400, "Invalid model name passed in model=...").
+
+    `hold_after_words` (None: never) pauses every streamed answer once that many words
+    are written, until `POST /_sim/release`; `word_interval_ms` spaces a streamed answer's
+    words, as a model generating them does (simulator/streaming.py).
     """
 
     latency_ms: float = 0
@@ -94,6 +101,8 @@ class SimulatorConfig:
     model_name: str | None = None
     known_models: tuple[str, ...] | None = None
     unknown_model_status: int = 404
+    hold_after_words: int | None = None
+    word_interval_ms: float = 0
 
     def __post_init__(self) -> None:
         for name, (low, high) in _FLOAT_RANGES.items():
@@ -109,6 +118,8 @@ class SimulatorConfig:
         self.known_models = _checked_models(self.known_models)
         if self.unknown_model_status not in UNKNOWN_MODEL_STATUSES:
             raise ConfigFieldError("unknown_model_status", "must be 404 or 400")
+        if self.hold_after_words is not None:
+            _check_int("hold_after_words", self.hold_after_words, 0, MAX_COMPLETION_TOKENS)
 
     def knows(self, model: str) -> bool:
         """Whether a request naming `model` is served (see `known_models`)."""

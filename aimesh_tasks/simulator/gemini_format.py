@@ -2,7 +2,8 @@
 
 Contributes ``ROUTES`` to the simulator app (see `server.WIRE_FORMATS`):
 `POST /v1beta/models/{model}:generateContent` and `:streamGenerateContent` (`?alt=sse` for
-server-sent events, else one JSON array of the chunks, as the API does).
+server-sent events, written chunk by chunk: simulator/streaming.py; else one JSON array
+of the chunks, as the API does).
 
 Text and token counts come from `tokens.complete` over the request turned back into chat
 messages (`systemInstruction` -> system, `user` -> user, `model` -> assistant), so the same
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from aimesh_tasks.simulator import tokens
+from aimesh_tasks.simulator import streaming, tokens
+from aimesh_tasks.simulator.streaming import Piece
 
 if TYPE_CHECKING:
     from aimesh_tasks.simulator.server import Call, Route, SimState
@@ -234,24 +236,18 @@ def chunk_bodies(id_: str, model: str, completion: tokens.Completion,
                         _FINISH[completion.finish_reason] if last else None, usage)
 
 
-def sse_body(chunks: Iterator[dict[str, Any]]) -> bytes:
-    """Server-sent events, one `data:` line per chunk; the stream just ends (no [DONE])."""
-    return "".join(f"data: {_ENCODER.encode(chunk)}\r\n\r\n" for chunk in chunks).encode()
+def sse_pieces(chunks: Iterator[dict[str, Any]]) -> Iterator[Piece]:
+    """Server-sent events, one `data:` line (CRLF-framed) and one word per chunk; the last
+    chunk, with the finishReason, is the tail; the stream just ends (no [DONE])."""
+    for chunk in chunks:
+        last = chunk["candidates"][0].get("finishReason") is not None
+        yield Piece(f"data: {_ENCODER.encode(chunk)}\r\n\r\n".encode(), words=1, tail=last)
 
 
 def _json(payload: object, status: int = 200, headers: dict[str, str] | None = None
           ) -> web.Response:
     return web.Response(body=_ENCODER.encode(payload).encode(), status=status, headers=headers,
                         content_type="application/json")
-
-
-async def _stream(request: web.Request, body: bytes) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    await response.write(body)
-    await response.write_eof()
-    return response
 
 
 def _refusal(request: web.Request, raw: bytes) -> web.Response | GenerateRequest:
@@ -279,14 +275,15 @@ async def _answer(state: SimState, call: Call, request: web.Request, generate: G
         return _json(body, status=status, headers=retry)
     completion = tokens.complete(config.seed, config.completion_tokens, generate.messages,
                                  generate.max_tokens)
-    state.finish(call, 200, model, completion.prompt_tokens, completion.completion_tokens)
     id_ = f"sim-{state.instance}{call.serial:08x}"
     with_usage = call.fault != "no_usage"
+    if stream and request.query.get("alt") == "sse":
+        return await streaming.stream(
+            state, call, request, sse_pieces(chunk_bodies(id_, model, completion, with_usage)),
+            streaming.Billing(model, completion.prompt_tokens))
+    state.finish(call, 200, model, completion.prompt_tokens, completion.completion_tokens)
     if stream:
-        chunks = chunk_bodies(id_, model, completion, with_usage)
-        if request.query.get("alt") == "sse":
-            return await _stream(request, sse_body(chunks))
-        return _json(list(chunks))
+        return _json(list(chunk_bodies(id_, model, completion, with_usage)))
     encoded = _ENCODER.encode(response_body(id_, model, completion, with_usage)).encode()
     if call.fault == "malformed":
         encoded = encoded[:-7]

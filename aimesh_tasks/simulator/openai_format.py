@@ -1,7 +1,9 @@
 """OpenAI Chat Completions wire format: request checks, response, chunk and error bodies.
 
 Contributes ``ROUTES`` to the simulator app (see `server.WIRE_FORMATS`). Other provider
-formats (Anthropic, Gemini, Cohere) are sibling modules with the same shape.
+formats (Anthropic, Gemini, Cohere) are sibling modules with the same shape. A streamed
+answer is written chunk by chunk (simulator/streaming.py: pausing, and the billing of a
+stream the client cuts off).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from aimesh_tasks.simulator import tokens
+from aimesh_tasks.simulator.streaming import Billing, Piece, stream
 
 if TYPE_CHECKING:
     from aimesh_tasks.simulator.server import Route, SimState
@@ -163,30 +166,32 @@ def completion_body(id_: str, model: str, completion: tokens.Completion) -> dict
             "choices": [choice], "usage": usage(completion)}
 
 
-def chunk_bodies(
-    id_: str, model: str, completion: tokens.Completion, include_usage: bool
-) -> Iterator[dict[str, Any]]:
-    """The ``chat.completion.chunk`` objects of a streamed completion, in order."""
+def chunk_pieces(
+    id_: str, model: str, completion: tokens.Completion, include_usage: bool,
+    with_usage: bool = True,
+) -> Iterator[Piece]:
+    """The ``chat.completion.chunk`` events of a streamed completion, in order, ending with
+    ``data: [DONE]``; with `include_usage`, every chunk has ``usage: null`` but the last,
+    which has no choices and the usage (left out by the no_usage fault)."""
     head = {"id": id_, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": model}
+            "model": model, **({"usage": None} if include_usage else {})}
 
     def chunk(delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return {**head, "choices": [choice]}
 
-    yield chunk({"role": "assistant", "content": ""})
+    yield Piece(event(chunk({"role": "assistant", "content": ""})))
     for index, word in enumerate(completion.words):
-        yield chunk({"content": word if index == 0 else " " + word})
-    yield chunk({}, completion.finish_reason)
-    if include_usage:
-        yield {**head, "choices": [], "usage": usage(completion)}
+        yield Piece(event(chunk({"content": word if index == 0 else " " + word})), words=1)
+    yield Piece(event(chunk({}, completion.finish_reason)), tail=True)
+    if include_usage and with_usage:
+        yield Piece(event({**head, "choices": [], "usage": usage(completion)}), tail=True)
+    yield Piece(b"data: [DONE]\n\n", tail=True)
 
 
-def sse_body(chunks: Iterator[dict[str, Any]]) -> bytes:
-    """Server-sent events for the chunks, ending with ``data: [DONE]``."""
-    events = [f"data: {_ENCODER.encode(chunk)}\n\n" for chunk in chunks]
-    events.append("data: [DONE]\n\n")
-    return "".join(events).encode()
+def event(chunk: dict[str, Any]) -> bytes:
+    """One server-sent event carrying a chunk."""
+    return f"data: {_ENCODER.encode(chunk)}\n\n".encode()
 
 
 def _json(payload: object, status: int = 200) -> web.Response:
@@ -199,15 +204,6 @@ def _fault_response(fault: str, retry_after_s: int) -> web.Response:
     headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
     return web.Response(body=body, status=status, headers=headers,
                         content_type="application/json")
-
-
-async def _stream(request: web.Request, body: bytes) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    await response.write(body)
-    await response.write_eof()
-    return response
 
 
 def chat_completions(state: SimState) -> Handler:
@@ -234,11 +230,13 @@ def chat_completions(state: SimState) -> Handler:
             return _fault_response(call.fault, config.retry_after_s)
         completion = tokens.complete(config.seed, config.completion_tokens, chat.messages,
                                      chat.max_tokens)
-        state.finish(call, 200, model, completion.prompt_tokens, completion.completion_tokens)
         id_ = f"chatcmpl-{state.instance}{call.serial:08x}"
         if chat.stream:
-            chunks = chunk_bodies(id_, model, completion, chat.include_usage)
-            return await _stream(request, sse_body(chunks))
+            pieces = chunk_pieces(id_, model, completion, chat.include_usage,
+                                  with_usage=call.fault != "no_usage")
+            return await stream(state, call, request, pieces,
+                                Billing(model, completion.prompt_tokens))
+        state.finish(call, 200, model, completion.prompt_tokens, completion.completion_tokens)
         body = completion_body(id_, model, completion)
         if call.fault == "no_usage":
             del body["usage"]

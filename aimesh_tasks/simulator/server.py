@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler
 
 from aimesh_tasks.simulator import anthropic_format, cohere_format, gemini_format, openai_format
 from aimesh_tasks.simulator.config import FAULT_RATES, ConfigFieldError, SimulatorConfig
+from aimesh_tasks.simulator.streaming import Holds, client_gone
 
 CALL_KEY_HEADER: Final = "X-Aimesh-Call-Key"
 CALL_LOG_SIZE: Final = 100_000
@@ -69,6 +70,7 @@ class SimState:
         self._dice = random.Random(config.seed)
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._log: deque[tuple[Any, ...]] = deque(maxlen=CALL_LOG_SIZE)
+        self.holds = Holds()
 
     def begin(self, request: web.BaseRequest) -> Call:
         """Count a request and roll its latency and injected fault."""
@@ -100,9 +102,10 @@ class SimState:
     ) -> None:
         """Record the outcome of a call in the counters and the call log, `disconnected`
         when the caller went away before it (the call is still answered and billed, as a
-        provider bills a request its client abandoned)."""
+        provider bills a request its client abandoned; a stream cut short is billed what
+        it wrote: simulator/streaming.py)."""
         counts = self._counts
-        disconnected = _client_gone(call.request)
+        disconnected = client_gone(call.request)
         if disconnected:
             counts["disconnected"] = counts.get("disconnected", 0) + 1
         name = _STATUS_COUNTERS.get(status, f"status_{status}")
@@ -138,12 +141,6 @@ class SimState:
         return self.config.as_dict()
 
 
-def _client_gone(request: web.BaseRequest) -> bool:
-    """Whether the caller has closed the request's connection (aborted its call)."""
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
 STATE_KEY: Final = web.AppKey("aimesh_simulator_state", SimState)
 
 
@@ -166,6 +163,12 @@ def _control_routes(state: SimState) -> list[web.RouteDef]:
         state.reset()
         return web.json_response(state.stats())
 
+    async def held(_: web.Request) -> web.Response:
+        return web.json_response({"held": state.holds.count})
+
+    async def release(_: web.Request) -> web.Response:
+        return web.json_response({"released": state.holds.release()})
+
     async def configure(request: web.Request) -> web.Response:
         try:
             changes = json.loads(await request.read())
@@ -184,6 +187,8 @@ def _control_routes(state: SimState) -> list[web.RouteDef]:
         web.get("/_sim/calls", calls),
         web.post("/_sim/reset", reset),
         web.post("/_sim/config", configure),
+        web.get("/_sim/held", held),
+        web.post("/_sim/release", release),
     ]
 
 

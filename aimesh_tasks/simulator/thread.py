@@ -101,6 +101,14 @@ class RunningSimulator:
         """Zero the counters and the call log."""
         self._on_loop(self._state.reset)
 
+    def held(self) -> int:
+        """How many streams are paused at `hold_after_words` now."""
+        return self._on_loop(lambda: self._state.holds.count)
+
+    def release(self) -> int:
+        """Let every paused stream go on; how many were paused."""
+        return self._on_loop(self._state.holds.release)
+
     def configure(self, **fields: Any) -> dict[str, Any]:
         """Change runtime config fields (ValueError naming a bad field); return the config."""
         return self._on_loop(lambda: self._state.configure(fields))
