@@ -1,9 +1,12 @@
 """Reserve, claim, settle, release: every upstream call charged exactly once.
 
-Postgres is the truth. Every step is one transaction holding the budget row's lock
-(`SELECT ... FOR UPDATE`), so concurrent reservations can never together exceed a limit,
-and each is idempotent by `call_key` (message id + attempt), so a redelivered task finds
-its reservation or settlement and neither reserves nor charges again.
+Postgres is the truth. Every step is one transaction holding the budget row's lock, so
+concurrent reservations can never together exceed a limit, and each is idempotent by
+`call_key` (message id + attempt), so a redelivered task finds its reservation or
+settlement and neither reserves nor charges again. On Postgres, reserve, claim and
+settle go through pg_batch (many operations of one process in one transaction, in
+arrival order); what it hands back, and everything on SQLite, takes the general path
+here (`SELECT ... FOR UPDATE`, one operation per transaction).
 
 A reservation's life: reserved → (claimed: called_at set just before the upstream call)
 → settled (ledger row with the provider's usage) or released (no call was made).
@@ -20,9 +23,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from aimesh_tasks import events
-from aimesh_tasks.budgets import fast_pg
+from aimesh_tasks.budgets import pg_batch
 from aimesh_tasks.budgets.estimate import Estimate
 from aimesh_tasks.budgets.periods import current_period_start
+from aimesh_tasks.budgets.pg_batch import Standing
 from aimesh_tasks.db import BudgetResetRow, BudgetRow, LedgerRow, ReservationRow, session_scope
 from aimesh_tasks.errors import BudgetExceeded
 from aimesh_tasks.governance.audit import audit
@@ -59,6 +63,14 @@ def roll_period(session: Session, budget: BudgetRow) -> None:
     budget.period_start, budget.spent_tokens, budget.spent_nusd = start, 0, 0
 
 
+def _standing(budget: BudgetRow) -> Standing:
+    return Standing(
+        agent_id=budget.agent_id, token_limit=budget.token_limit,
+        usd_limit_nusd=budget.usd_limit_nusd, spent_tokens=budget.spent_tokens,
+        spent_nusd=budget.spent_nusd, reserved_tokens=budget.reserved_tokens,
+        reserved_nusd=budget.reserved_nusd)
+
+
 def _refusal(budget: BudgetRow, need: Estimate) -> str | None:
     if budget.expires_at is not None and budget.expires_at <= utcnow():
         return "expired"
@@ -71,26 +83,23 @@ def _refusal(budget: BudgetRow, need: Estimate) -> str | None:
     return None
 
 
-def _deny(budget: BudgetRow, need: Estimate, reason: str, message_id: str,
+def _deny(budget: Standing, need: Estimate, reason: str, message_id: str,
           endpoint_id: str) -> BudgetExceeded:
-    snapshot = {
-        "token_limit": budget.token_limit, "usd_limit_nusd": budget.usd_limit_nusd,
-        "spent_tokens": budget.spent_tokens, "spent_nusd": budget.spent_nusd,
-        "reserved_tokens": budget.reserved_tokens, "reserved_nusd": budget.reserved_nusd,
-        "needed_tokens": need.tokens, "needed_nusd": need.nusd,
-    }
-    audit("denied", message_id=message_id, agent_id=budget.agent_id, endpoint_id=endpoint_id,
+    agent_id = budget["agent_id"]
+    snapshot = {**{k: v for k, v in budget.items() if k != "agent_id"},
+                "needed_tokens": need.tokens, "needed_nusd": need.nusd}
+    audit("denied", message_id=message_id, agent_id=agent_id, endpoint_id=endpoint_id,
           tokens=need.tokens, cost_nusd=need.nusd, reason=reason, detail=snapshot)
-    tokens_left = _left(budget.token_limit, budget.spent_tokens, budget.reserved_tokens)
-    nusd_left = _left(budget.usd_limit_nusd, budget.spent_nusd, budget.reserved_nusd)
+    tokens_left = _left(budget["token_limit"], budget["spent_tokens"], budget["reserved_tokens"])
+    nusd_left = _left(budget["usd_limit_nusd"], budget["spent_nusd"], budget["reserved_nusd"])
     left_usd = None if nusd_left is None else str(nusd_to_usd(max(nusd_left, 0)))
     what = "has expired" if reason == "expired" else (
         f"cannot cover this call: it needs up to {need.tokens} tokens / "
         f"${nusd_to_usd(need.nusd)}, and {tokens_left if tokens_left is not None else 'no limit'}"
         f" tokens / ${left_usd if left_usd is not None else 'no limit'} are left")
     return BudgetExceeded(
-        f"budget of agent '{budget.agent_id}' {what}; raise it with `aimesh budgets set`",
-        agent_id=budget.agent_id, needed_tokens=need.tokens,
+        f"budget of agent '{agent_id}' {what}; raise it with `aimesh budgets set`",
+        agent_id=agent_id, needed_tokens=need.tokens,
         needed_usd=str(nusd_to_usd(need.nusd)), left_tokens=tokens_left, left_usd=left_usd,
         reason=reason,
     )
@@ -103,12 +112,19 @@ def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
     Idempotent: a call_key already reserved or settled returns what is held; a released
     one is reserved again. Raises BudgetExceeded (and audits 'denied') if it cannot fit.
     """
-    fast = fast_pg.reserve(agent_id, message_id, endpoint_id, call_key, need) if (
-        fast_pg.available()) else None
-    if fast == "reserved":
-        return Held(call_key, need.tokens, need.nusd, "reserved")
-    if fast == "unmetered":
-        return None
+    if pg_batch.available():
+        done = pg_batch.run(pg_batch.ReserveOp(
+            op="reserve", call_key=call_key, agent_id=agent_id, message_id=message_id,
+            endpoint_id=endpoint_id, tokens=need.tokens, nusd=need.nusd))
+        outcome = done["outcome"]
+        if outcome == "reserved":
+            return Held(call_key, need.tokens, need.nusd, "reserved")
+        if outcome == "held":
+            return Held(call_key, done["tokens"], done["nusd"], done["state"])
+        if outcome == "unmetered":
+            return None
+        if outcome == "denied":
+            raise _deny(done["standing"], need, done["reason"], message_id, endpoint_id)
     denial: BudgetExceeded | None = None
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
@@ -122,7 +138,7 @@ def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
         roll_period(session, budget)
         reason = _refusal(budget, need)
         if reason is not None:
-            denial = _deny(budget, need, reason, message_id, endpoint_id)
+            denial = _deny(_standing(budget), need, reason, message_id, endpoint_id)
         else:
             now = utcnow()
             budget.reserved_tokens += need.tokens
@@ -140,8 +156,9 @@ def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
 
 def claim(call_key: str) -> ClaimState:
     """Mark a reservation as about to be called; say what state it was found in."""
-    if fast_pg.available() and fast_pg.claim(call_key):
-        return "claimed"
+    if pg_batch.available():
+        return pg_batch.run(pg_batch.ClaimOp(op="claim", call_key=call_key)
+                            )["outcome"]  # type: ignore[return-value]
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
         if held is None:
@@ -157,12 +174,16 @@ def claim(call_key: str) -> ClaimState:
 def settle(call_key: str, tokens: int, nusd: int, *, kind: str = "call") -> bool:
     """Charge the actual usage, release the rest, write the ledger row; False if the
     reservation was already settled or released (nothing changes)."""
-    settled = fast_pg.settle(call_key, tokens, nusd, kind) if fast_pg.available() else None
-    if settled is not None:
-        agent_id, tokens_left, nusd_left = settled
-        events.budget_settled.send(sender=settle, agent_id=agent_id, tokens_left=tokens_left,
-                                   nusd_left=nusd_left)
-        return True
+    if pg_batch.available():
+        done = pg_batch.run(pg_batch.SettleOp(op="settle", call_key=call_key, tokens=tokens,
+                                              nusd=nusd, kind=kind))
+        if done["outcome"] == "settled":
+            events.budget_settled.send(sender=settle, agent_id=done["agent_id"],
+                                       tokens_left=done["tokens_left"],
+                                       nusd_left=done["nusd_left"])
+            return True
+        if done["outcome"] == "closed":
+            return False
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
         if held is None or held.state != "reserved":

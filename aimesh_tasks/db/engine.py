@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,13 +60,15 @@ def get_engine(url: str | None = None) -> Engine:
 def _postgres_options(url: str, *extra: str) -> dict[str, Any]:
     """Connection options of a Postgres URL: statement and lock timeouts (a statement
     stuck behind a lock fails with a transient error, which makes its task retry, instead
-    of holding a worker for ever) and a connect timeout (an unreachable host fails fast)."""
+    of holding a worker for ever), a connect timeout (an unreachable host fails fast), and
+    the process id as application_name (pg_stat_activity shows whose session is whose)."""
     if not url.startswith("postgresql"):
         return {}
     settings = get_settings()
     options = [f"-c statement_timeout={int(settings.db_statement_timeout_s * 1000)}",
                f"-c lock_timeout={int(settings.db_lock_timeout_s * 1000)}", *extra]
-    return {"options": " ".join(options), "connect_timeout": 10}
+    return {"options": " ".join(options), "connect_timeout": 10,
+            "application_name": f"aimesh-{os.getpid()}"}
 
 
 def get_relaxed_engine(url: str | None = None) -> Engine:
@@ -82,6 +86,16 @@ def get_relaxed_engine(url: str | None = None) -> Engine:
                                connect_args=_postgres_options(url, "-c synchronous_commit=off"))
         _engines[key] = engine
     return engine
+
+
+def raw_autocommit_connection(url: str | None = None) -> psycopg.Connection[Any]:
+    """A new psycopg connection to Postgres in autocommit (each statement its own
+    transaction, durable when it returns), with the engine's options, for a hot path
+    that keeps its own connections."""
+    url = url or get_settings().database_url
+    if not url.startswith("postgresql://"):
+        raise ValueError(f"database_url: {url!r} is not a Postgres URL (postgresql://...)")
+    return psycopg.connect(url, autocommit=True, **_postgres_options(url))
 
 
 def _migrate_embedded(url: str) -> None:

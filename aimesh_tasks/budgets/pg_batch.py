@@ -1,0 +1,207 @@
+"""Reserve, claim and settle in Postgres batches: each is one operation of the function
+`budget_apply` (migration 0010), and the operations that a process's threads make at the
+same time share one transaction and one commit (group commit, group_commit.py).
+
+Why group commit (issue 18, goal 4). A hot agent's cost was the budget row's lock held
+across each commit's WAL flush: every reserve and settle waited for the one before it to
+reach the disk, so one agent could do no more than one conditional UPDATE can. A batch
+takes the row lock once, applies its operations in arrival order (each decided exactly
+as the general path in ledger.py would, on the row as the earlier ones left it), and
+flushes once. The other design, admission in Redis against an escrow slice granted from
+Postgres, would take Postgres off the path entirely but moves the truth out of it: a
+lost Redis must then be reconciled against a write-behind ledger, spend up to a slice is
+unknown until it is, and reservations stop being rows a redelivered task can find. Group
+commit was the cheaper prototype and measured past the goal (benchmarks/bench_budgets.py;
+the figures are in the branch's report), so the ledger stays the one truth.
+
+Each operation's outcome is one of:
+- reserve: reserved | held (this call key is reserved or settled already) | unmetered |
+  denied (with the budget's standing, to audit) | general;
+- claim: claimed | called_before | settled | released | missing;
+- settle: settled (with what is left) | closed (settled or released before) | general.
+'general' hands the operation to ledger.py's general path (a released reservation
+reserved again, a period that rolled over, a reservation whose budget is gone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal, TypedDict
+
+import psycopg
+from sqlalchemy.exc import DBAPIError
+
+from aimesh_tasks.budgets.group_commit import GroupCommit
+from aimesh_tasks.db import get_engine
+from aimesh_tasks.db.engine import raw_autocommit_connection
+
+
+class Standing(TypedDict):
+    """A budget as it stood when a reservation did not fit (what a denial audits)."""
+
+    agent_id: str
+    token_limit: int | None
+    usd_limit_nusd: int | None
+    spent_tokens: int
+    spent_nusd: int
+    reserved_tokens: int
+    reserved_nusd: int
+
+
+class ReserveOp(TypedDict):
+    """Hold `tokens` / `nusd` for one call against the agent's budget."""
+
+    op: Literal["reserve"]
+    call_key: str
+    agent_id: str
+    message_id: str
+    endpoint_id: str
+    tokens: int
+    nusd: int
+
+
+class ClaimOp(TypedDict):
+    """Mark the call as about to be made."""
+
+    op: Literal["claim"]
+    call_key: str
+
+
+class SettleOp(TypedDict):
+    """Charge the call's actual usage and write its ledger row."""
+
+    op: Literal["settle"]
+    call_key: str
+    tokens: int
+    nusd: int
+    kind: str
+
+
+Op = ReserveOp | ClaimOp | SettleOp
+
+
+class Outcome(TypedDict, total=False):
+    """What budget_apply decided for one operation (`outcome` always set)."""
+
+    outcome: str
+    tokens: int  # held: what the existing reservation holds
+    nusd: int
+    state: str
+    reason: str  # denied: 'exhausted' or 'expired'
+    standing: Standing
+    agent_id: str  # settled: the agent, and what its budget has left (None: no limit)
+    tokens_left: int | None
+    nusd_left: int | None
+
+
+_APPLY = "SELECT budget_apply(%s::jsonb, %s::jsonb, %s::jsonb)"  # reserves, claims, settles
+_DEADLOCK = "40P01"
+_ATTEMPTS = 3
+
+
+def available() -> bool:
+    """True when the database is Postgres (SQLite has only the general path)."""
+    return get_engine().dialect.name == "postgresql"
+
+
+def _distinct_runs(ops: Sequence[Op]) -> list[Sequence[Op]]:
+    """The batch cut where a call key comes again (two deliveries of one call), so that
+    each call of budget_apply names a key once and sees what the earlier ones did."""
+    runs: list[Sequence[Op]] = []
+    start, seen = 0, set[str]()
+    for n, op in enumerate(ops):
+        if op["call_key"] in seen:
+            runs.append(ops[start:n])
+            start, seen = n, set[str]()
+        seen.add(op["call_key"])
+    runs.append(ops[start:])
+    return runs
+
+
+def _apply_run(connection: psycopg.Connection[Any], ops: Sequence[Op]) -> list[Outcome]:
+    by_kind: dict[str, list[Op]] = {"reserve": [], "claim": [], "settle": []}
+    for op in ops:
+        by_kind[op["op"]].append(op)
+    row = connection.execute(_APPLY, [json.dumps(listed) for listed in by_kind.values()]
+                             ).fetchone()
+    assert row is not None
+    decided: dict[str, list[Outcome]] = row[0]
+    position = dict.fromkeys(by_kind, 0)
+    outcomes = []
+    for op in ops:
+        outcomes.append(decided[op["op"]][position[op["op"]]])
+        position[op["op"]] += 1
+    return outcomes
+
+
+class _Connections:
+    """This process's connections for batches (autocommit): one, as batches go one at a
+    time, and another only while a connection is being replaced.
+
+    Batches use psycopg directly, not the SQLAlchemy engine: on a cycle of reserve,
+    claim and settle the engine's execute and pool checkout cost as much CPU as all the
+    rest. Errors are raised as SQLAlchemy's (OperationalError stays transient for the
+    tasks); a broken connection is dropped, and the next batch opens a new one."""
+
+    def __init__(self) -> None:
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def use(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._lock:
+            connection = self._idle.pop() if self._idle else None
+        try:
+            if connection is None:
+                connection = raw_autocommit_connection()
+            yield connection
+        except psycopg.Error as exc:
+            raise DBAPIError.instance(_APPLY, None, exc, psycopg.Error) from exc
+        finally:
+            if connection is not None and not connection.closed and not connection.broken:
+                with self._lock:
+                    self._idle.append(connection)
+            elif connection is not None:
+                connection.close()
+
+
+def _apply(connections: _Connections, ops: Sequence[Op]) -> list[Outcome]:
+    """Apply `ops` in one transaction; one outcome each, in order. Usually one statement
+    in autocommit: one round trip, the commit included. A deadlock with another
+    process's batch (budget rows are locked in agent order, so only a call key raced by
+    two deliveries can cause one) rolls the batch back whole, and it is tried again."""
+    runs = _distinct_runs(ops)
+    attempt = 1
+    while True:
+        try:
+            with connections.use() as connection:
+                if len(runs) == 1:
+                    return _apply_run(connection, ops)
+                with connection.transaction():
+                    return [o for run in runs for o in _apply_run(connection, run)]
+        except DBAPIError as exc:
+            if attempt == _ATTEMPTS or getattr(exc.orig, "sqlstate", None) != _DEADLOCK:
+                raise
+            attempt += 1
+
+
+_groups: dict[int, GroupCommit[Op, Outcome]] = {}
+_groups_lock = threading.Lock()
+
+
+def run(op: Op) -> Outcome:
+    """Apply one operation together with whatever this process's other threads are
+    applying; its outcome. Errors (a lost connection, a lock timeout) are the batch's."""
+    pid = os.getpid()  # a forked child batches on its own connections, in its own queue
+    group = _groups.get(pid)
+    if group is None:
+        with _groups_lock:
+            if pid not in _groups:
+                connections = _Connections()
+                _groups[pid] = GroupCommit(lambda ops: _apply(connections, ops))
+            group = _groups[pid]
+    return group.run(op)
