@@ -1,8 +1,13 @@
-"""The budget invariants as SQL, checked at the end of every budget test."""
+"""The budget invariants as SQL, checked at the end of every budget test; and the probes
+the budget batch tests share (a budget row held locked, a batch waiting for it)."""
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, text
 
 from aimesh_tasks import outbox
 from aimesh_tasks.db import get_engine
@@ -38,3 +43,25 @@ def assert_budget_invariants() -> None:
             if rows:
                 broken[name] = [tuple(r) for r in rows][:5]
     assert not broken, f"budget invariants broken: {broken}"
+
+
+@contextmanager
+def budget_row_locked(agent_id: str) -> Iterator[Connection]:
+    """Hold the agent's budget row locked (as a slow transaction elsewhere would)."""
+    with get_engine().connect() as connection:
+        transaction = connection.begin()
+        connection.execute(text("SELECT 1 FROM budgets WHERE agent_id = :a FOR UPDATE"),
+                           {"a": agent_id})
+        try:
+            yield connection
+        finally:
+            transaction.rollback()
+
+
+def blocked_batch() -> Any:
+    """A budget batch waiting in Postgres for a row lock (pid, application_name), if any;
+    application_name is 'aimesh-<pid of the process that sent it>'."""
+    with get_engine().connect() as connection:
+        return connection.execute(text(
+            "SELECT pid, application_name FROM pg_stat_activity "
+            "WHERE query LIKE 'SELECT budget_apply%' AND wait_event_type = 'Lock'")).first()

@@ -31,7 +31,8 @@ from aimesh_tasks.providers.base import Completion
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint, add_endpoint
 from aimesh_tasks.simulator import RunningSimulator
-from tests.budget_checks import assert_budget_invariants
+from tests.budget_checks import assert_budget_invariants, blocked_batch, budget_row_locked
+from tests.gate import Gate
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")
@@ -182,6 +183,58 @@ def test_sigkill_between_reserve_call_and_settle_charges_exactly_the_calls_made(
     assert sum(r.nusd for r in ledger) == budget.spent_usd * 10**9 == _sim_cost_nusd(sim, target)
     assert sum(r.tokens for r in ledger) == budget.spent_tokens
     assert sim.stats()["calls"] == 1
+    assert_budget_invariants()
+
+
+def test_router_killed_while_its_reserve_batch_waits_in_postgres_reserves_once(
+    simulator: Sim, endpoint: MakeEndpoint
+) -> None:
+    """The writer killed mid-batch: the router process whose reservation batch is inside
+    Postgres (waiting for the budget row another transaction holds) is SIGKILLed. The
+    batch then commits without its caller, or not at all; either way the redelivered
+    message reserves once, calls once, and is charged exactly what the provider billed."""
+    sim = simulator(completion_tokens=10)
+    target = endpoint(sim, "kill-mid-reserve")
+    agent = _agent("kill-mid-reserve")
+    set_budget(agent, tokens=1_000_000)
+    with budget_row_locked(agent):
+        async_result = submit(agent_id=agent, prompt=PROMPT, max_tokens=32)
+        batch = wait_until(blocked_batch, "the router's reserve batch waiting for the row")
+        os.kill(int(batch.application_name.removeprefix("aimesh-")), signal.SIGKILL)
+    assert async_result.get(timeout=90)["text"]
+    with session_scope() as session:
+        held = list(session.scalars(select(ReservationRow.state)
+                                    .where(ReservationRow.agent_id == agent)))
+    assert held == ["settled"]
+    assert sim.stats()["calls"] == 1
+    assert sum(r.nusd for r in _ledger(agent)) == _sim_cost_nusd(sim, target)
+    assert_budget_invariants()
+
+
+def test_endpoint_worker_killed_while_its_settle_batch_waits_charges_the_call_once(
+    simulator: Sim, endpoint: MakeEndpoint, gate: Callable[[RunningSimulator], Gate]
+) -> None:
+    """The writer killed mid-batch, at settle: the provider has answered (held at a gate
+    until the budget row is locked), the call is journalled, and the endpoint worker
+    whose settle batch waits in Postgres is SIGKILLed. The redelivery finds the journal:
+    one upstream call, charged once at its actual usage."""
+    sim = simulator(completion_tokens=10)
+    held = gate(sim)
+    target = endpoint(held, "kill-mid-settle")
+    agent = _agent("kill-mid-settle")
+    set_budget(agent, tokens=1_000_000)
+    async_result = submit(agent_id=agent, prompt=PROMPT, max_tokens=32)
+    caller = held.caller_pid(held.wait_held(1)[0])
+    with budget_row_locked(agent):
+        held.open()
+        batch = wait_until(blocked_batch, "the endpoint worker's settle batch waiting")
+        assert batch.application_name == f"aimesh-{caller}"
+        os.kill(caller, signal.SIGKILL)
+    assert async_result.get(timeout=90)["text"]
+    assert sim.stats()["calls"] == 1
+    ledger = _ledger(agent)
+    assert [r.kind for r in ledger] == ["call"]
+    assert ledger[0].nusd == _sim_cost_nusd(sim, target)
     assert_budget_invariants()
 
 

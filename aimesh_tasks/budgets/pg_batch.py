@@ -28,8 +28,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
 
 import psycopg
@@ -37,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 
 from aimesh_tasks.budgets.group_commit import GroupCommit
 from aimesh_tasks.db import get_engine
-from aimesh_tasks.db.engine import raw_autocommit_connection
+from aimesh_tasks.db.engine import autocommit_connection
 
 
 class Standing(TypedDict):
@@ -138,47 +137,30 @@ def _apply_run(connection: psycopg.Connection[Any], ops: Sequence[Op]) -> list[O
     return outcomes
 
 
-class _Connections:
-    """This process's connections for batches (autocommit): one, as batches go one at a
-    time, and another only while a connection is being replaced.
-
-    Batches use psycopg directly, not the SQLAlchemy engine: on a cycle of reserve,
-    claim and settle the engine's execute and pool checkout cost as much CPU as all the
-    rest. Errors are raised as SQLAlchemy's (OperationalError stays transient for the
-    tasks); a broken connection is dropped, and the next batch opens a new one."""
-
-    def __init__(self) -> None:
-        self._idle: list[psycopg.Connection[Any]] = []
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def use(self) -> Iterator[psycopg.Connection[Any]]:
-        with self._lock:
-            connection = self._idle.pop() if self._idle else None
-        try:
-            if connection is None:
-                connection = raw_autocommit_connection()
-            yield connection
-        except psycopg.Error as exc:
-            raise DBAPIError.instance(_APPLY, None, exc, psycopg.Error) from exc
-        finally:
-            if connection is not None and not connection.closed and not connection.broken:
-                with self._lock:
-                    self._idle.append(connection)
-            elif connection is not None:
-                connection.close()
+_groups: dict[int, GroupCommit[Op, Outcome]] = {}
+_groups_lock = threading.Lock()
 
 
-def _apply(connections: _Connections, ops: Sequence[Op]) -> list[Outcome]:
-    """Apply `ops` in one transaction; one outcome each, in order. Usually one statement
-    in autocommit: one round trip, the commit included. A deadlock with another
+def _group() -> GroupCommit[Op, Outcome]:
+    """This process's queue (a forked child gets its own, never its parent's)."""
+    pid = os.getpid()
+    group = _groups.get(pid)
+    if group is None:
+        with _groups_lock:
+            group = _groups.setdefault(pid, GroupCommit(apply))
+    return group
+
+
+def apply(ops: Sequence[Op]) -> list[Outcome]:
+    """Apply `ops` now, in one transaction; one outcome each, in order. Usually one
+    statement in autocommit: one round trip, the commit included. A deadlock with another
     process's batch (budget rows are locked in agent order, so only a call key raced by
     two deliveries can cause one) rolls the batch back whole, and it is tried again."""
     runs = _distinct_runs(ops)
     attempt = 1
     while True:
         try:
-            with connections.use() as connection:
+            with autocommit_connection() as connection:
                 if len(runs) == 1:
                     return _apply_run(connection, ops)
                 with connection.transaction():
@@ -189,19 +171,8 @@ def _apply(connections: _Connections, ops: Sequence[Op]) -> list[Outcome]:
             attempt += 1
 
 
-_groups: dict[int, GroupCommit[Op, Outcome]] = {}
-_groups_lock = threading.Lock()
-
-
 def run(op: Op) -> Outcome:
     """Apply one operation together with whatever this process's other threads are
-    applying; its outcome. Errors (a lost connection, a lock timeout) are the batch's."""
-    pid = os.getpid()  # a forked child batches on its own connections, in its own queue
-    group = _groups.get(pid)
-    if group is None:
-        with _groups_lock:
-            if pid not in _groups:
-                connections = _Connections()
-                _groups[pid] = GroupCommit(lambda ops: _apply(connections, ops))
-            group = _groups[pid]
-    return group.run(op)
+    applying (group commit); its outcome. Errors (a lost connection, a lock timeout) are
+    the whole batch's."""
+    return _group().run(op)

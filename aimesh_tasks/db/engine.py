@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from aimesh_tasks.settings import get_settings
@@ -88,14 +90,56 @@ def get_relaxed_engine(url: str | None = None) -> Engine:
     return engine
 
 
-def raw_autocommit_connection(url: str | None = None) -> psycopg.Connection[Any]:
-    """A new psycopg connection to Postgres in autocommit (each statement its own
-    transaction, durable when it returns), with the engine's options, for a hot path
-    that keeps its own connections."""
+class _AutocommitPool:
+    """Reused psycopg connections to one Postgres URL, in autocommit."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._idle: list[psycopg.Connection[Any]] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._lock:
+            connection = self._idle.pop() if self._idle else None
+        if connection is None:
+            connection = psycopg.connect(self.url, autocommit=True,
+                                         **_postgres_options(self.url))
+        try:
+            yield connection
+        finally:
+            if connection.closed or connection.broken:  # dropped: the next use reconnects
+                connection.close()
+            else:
+                with self._lock:
+                    self._idle.append(connection)
+
+    def dispose(self, close: bool) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle if close else ():
+            connection.close()
+
+
+_autocommit_pools: dict[str, _AutocommitPool] = {}
+
+
+@contextmanager
+def autocommit_connection(url: str | None = None) -> Iterator[psycopg.Connection[Any]]:
+    """A pooled psycopg connection to Postgres (default AIMESH_DATABASE_URL) in autocommit:
+    each statement its own transaction, durable when it returns, in one round trip. For
+    a hot path that sends one statement per transaction, where the engine's execute and
+    pool checkout cost as much CPU as the statement. Errors are raised as SQLAlchemy's
+    (an OperationalError stays transient for the tasks)."""
     url = url or get_settings().database_url
     if not url.startswith("postgresql://"):
         raise ValueError(f"database_url: {url!r} is not a Postgres URL (postgresql://...)")
-    return psycopg.connect(url, autocommit=True, **_postgres_options(url))
+    pool = _autocommit_pools.get(url) or _autocommit_pools.setdefault(url, _AutocommitPool(url))
+    try:
+        with pool.connection() as connection:
+            yield connection
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
 
 
 def _migrate_embedded(url: str) -> None:
@@ -126,5 +170,8 @@ def dispose_engines(*, close: bool = True) -> None:
     the parent's connections are not this process's to close."""
     for engine in _engines.values():
         engine.dispose(close=close)
+    for pool in _autocommit_pools.values():
+        pool.dispose(close)
     _engines.clear()
     _sessionmakers.clear()
+    _autocommit_pools.clear()

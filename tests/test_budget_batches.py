@@ -1,0 +1,220 @@
+"""Budget batches in Postgres (budget_apply, aimesh_tasks/budgets/pg_batch.py): what one
+batch decides, and what a batch whose connection is killed half-way leaves (nothing).
+
+Real Postgres; no workers. Batches are applied directly (pg_batch.apply) where a test
+needs to know exactly what one batch holds, and through the group commit otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
+
+from aimesh_tasks.budgets import get_budget, set_budget
+from aimesh_tasks.budgets import pg_batch as pg
+from aimesh_tasks.budgets.estimate import Estimate
+from aimesh_tasks.budgets.ledger import claim, release, reserve, settle
+from aimesh_tasks.db import (
+    LedgerRow,
+    ReservationRow,
+    dispose_engines,
+    get_engine,
+    session_scope,
+)
+from aimesh_tasks.errors import BudgetExceeded
+from aimesh_tasks.governance.agents import add_agent
+from aimesh_tasks.settings import reset_settings
+from tests.budget_checks import assert_budget_invariants, blocked_batch, budget_row_locked
+from tests.waits import wait_until
+
+pytestmark = pytest.mark.usefixtures("clean")
+
+
+def _agent(tokens: int) -> str:
+    agent_id = f"batch-{uuid.uuid4().hex[:6]}"
+    add_agent(agent_id)
+    set_budget(agent_id, tokens=tokens)
+    return agent_id
+
+
+def _reserve(agent_id: str, call_key: str, tokens: int) -> pg.ReserveOp:
+    return pg.ReserveOp(op="reserve", call_key=call_key, agent_id=agent_id,
+                        message_id=call_key, endpoint_id="ep", tokens=tokens, nusd=0)
+
+
+def _settle(call_key: str, tokens: int) -> pg.SettleOp:
+    return pg.SettleOp(op="settle", call_key=call_key, tokens=tokens, nusd=0, kind="call")
+
+
+def _claim(call_key: str) -> pg.ClaimOp:
+    return pg.ClaimOp(op="claim", call_key=call_key)
+
+
+def _reservations(agent_id: str) -> dict[str, str]:
+    with session_scope() as session:
+        return dict(session.execute(select(ReservationRow.call_key, ReservationRow.state)
+                                    .where(ReservationRow.agent_id == agent_id)).all())
+
+
+def test_one_batch_admits_in_arrival_order_and_a_later_smaller_call_still_fits() -> None:
+    agent = _agent(tokens=250)
+    outcomes = pg.apply([_reserve(agent, "k1", 100), _reserve(agent, "k2", 200),
+                         _reserve(agent, "k3", 100), _reserve(agent, "k4", 50),
+                         _reserve(agent, "k5", 1)])
+    assert [o["outcome"] for o in outcomes] == ["reserved", "denied", "reserved", "reserved",
+                                                "denied"]
+    # each refusal is decided on the budget as the earlier operations left it
+    assert outcomes[1]["reason"] == "exhausted"
+    assert outcomes[1]["standing"]["reserved_tokens"] == 100
+    assert outcomes[4]["standing"]["reserved_tokens"] == 250
+    assert get_budget(agent).reserved_tokens == 250
+    assert _reservations(agent) == {"k1": "reserved", "k3": "reserved", "k4": "reserved"}
+
+
+def test_a_batch_where_every_call_fits_reserves_them_all() -> None:
+    agents = [_agent(tokens=1000) for _ in range(3)]
+    ops = [_reserve(a, f"{a}:{n}", 100) for n in range(4) for a in agents]
+    assert [o["outcome"] for o in pg.apply(ops)] == ["reserved"] * 12
+    assert [get_budget(a).reserved_tokens for a in agents] == [400, 400, 400]
+
+
+def test_a_batch_naming_one_call_key_again_applies_its_operations_in_order() -> None:
+    agent = _agent(tokens=1000)
+    outcomes = pg.apply([_reserve(agent, "k", 100), _reserve(agent, "k", 100), _claim("k"),
+                         _claim("k"), _settle("k", 60), _settle("k", 60), _claim("k")])
+    assert [o["outcome"] for o in outcomes] == ["reserved", "held", "claimed",
+                                                "called_before", "settled", "closed",
+                                                "settled"]
+    assert outcomes[1]["state"] == "reserved" and outcomes[1]["tokens"] == 100
+    budget = get_budget(agent)
+    assert (budget.spent_tokens, budget.reserved_tokens) == (60, 0)
+    assert_budget_invariants()
+
+
+def test_claim_and_settle_say_what_they_found() -> None:
+    agent = _agent(tokens=1000)
+    pg.apply([_reserve(agent, "gone", 10), _reserve(agent, "done", 10)])
+    assert release("gone") is True
+    pg.apply([_claim("done"), _settle("done", 7)])
+    outcomes = pg.apply([_claim("missing"), _claim("gone"), _claim("done"),
+                         _settle("gone", 5), _settle("missing", 5), _reserve(agent, "done", 10)])
+    assert [o["outcome"] for o in outcomes] == ["missing", "released", "settled", "closed",
+                                                "closed", "held"]
+    assert outcomes[5]["state"] == "settled"
+    with session_scope() as session:
+        charged = list(session.scalars(select(LedgerRow.tokens)
+                                       .where(LedgerRow.agent_id == agent)))
+    assert charged == [7]
+    assert_budget_invariants()
+
+
+def test_settle_reports_what_is_left_after_every_settlement_of_the_batch() -> None:
+    agent = _agent(tokens=1000)
+    pg.apply([_reserve(agent, "a", 100), _reserve(agent, "b", 100)])
+    outcomes = pg.apply([_settle("a", 30), _settle("b", 20)])
+    assert [(o["outcome"], o["agent_id"], o["tokens_left"]) for o in outcomes] == [
+        ("settled", agent, 950), ("settled", agent, 950)]
+    assert outcomes[0]["nusd_left"] is None  # no money limit
+    assert_budget_invariants()
+
+
+def test_an_expired_budget_is_refused_in_a_batch() -> None:
+    agent = _agent(tokens=1000)
+    with get_engine().begin() as connection:
+        connection.execute(text("UPDATE budgets SET expires_at = now() - interval '1 second' "
+                                "WHERE agent_id = :a"), {"a": agent})
+    with pytest.raises(BudgetExceeded, match="has expired"):
+        reserve(agent, "m", "ep", "m:0", Estimate(10, 10, 0))
+    assert _reservations(agent) == {}
+
+
+@pytest.fixture()
+def patient_locks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Statements wait for row locks as long as the test needs (not the 5 s default), so
+    a slow machine cannot end the wait before the test does."""
+    monkeypatch.setenv("AIMESH_DB_LOCK_TIMEOUT_S", "300")
+    reset_settings()
+    dispose_engines()
+    yield
+    monkeypatch.undo()
+    reset_settings()
+    dispose_engines()
+
+
+def _terminate(pid: int) -> None:
+    with get_engine().connect() as connection:
+        assert connection.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+
+
+def _queued(n: int) -> bool:
+    return len(pg._group()._queue) == n
+
+
+def test_a_batch_whose_connection_is_killed_mid_batch_applies_nothing_and_its_callers_fail(
+        patient_locks: None) -> None:
+    """The writer is killed mid-batch: its connection ends while the batch waits, inside
+    Postgres, for a budget row another transaction holds. Nothing of that batch is
+    applied, every caller in it gets a transient error (its task would retry), and the
+    operations queued behind it go in the next batch; a retry then reserves each once."""
+    agent = _agent(tokens=10_000)
+    need = Estimate(50, 50, 0)
+    with budget_row_locked(agent), ThreadPoolExecutor(4) as pool:
+        first: Future[Any] = pool.submit(reserve, agent, "m1", "ep", "m1:0", need)
+        blocked = wait_until(blocked_batch, "the first batch waiting for the budget row")
+        behind = [pool.submit(reserve, agent, f"m{n}", "ep", f"m{n}:0", need) for n in (2, 3)]
+        wait_until(lambda: _queued(2), "two reservations queued behind the first batch")
+        _terminate(blocked.pid)
+        with pytest.raises(OperationalError):
+            first.result(60)
+        # the next batch holds both queued reservations; kill it too, mid-batch
+        second = wait_until(lambda: (b := blocked_batch()) is not None and b.pid != blocked.pid
+                            and b, "the second batch waiting for the budget row")
+        _terminate(second.pid)
+        for future in behind:
+            with pytest.raises(OperationalError):
+                future.result(60)
+    assert _reservations(agent) == {}
+    assert get_budget(agent).reserved_tokens == 0
+    for n in (1, 2, 3):  # the tasks' retries
+        assert reserve(agent, f"m{n}", "ep", f"m{n}:0", need) is not None
+    assert get_budget(agent).reserved_tokens == 300
+    for n in (1, 2, 3):
+        assert claim(f"m{n}:0") == "claimed"
+        assert settle(f"m{n}:0", 60, 0) is True
+    assert get_budget(agent).spent_tokens == 180
+    assert_budget_invariants()
+
+
+def test_concurrent_callers_share_batches_and_never_overspend() -> None:
+    """Many threads reserve, claim and settle against one small budget at once: what is
+    admitted never exceeds it, and every refusal was right when it was made."""
+    agent = _agent(tokens=2_000)
+    need = Estimate(50, 50, 0)
+    denied: list[BudgetExceeded] = []
+    lock = threading.Lock()
+
+    def cycle(n: int) -> None:
+        key = f"c{n}:0"
+        try:
+            reserve(agent, f"c{n}", "ep", key, need)
+        except BudgetExceeded as exc:
+            with lock:
+                denied.append(exc)
+            return
+        assert claim(key) == "claimed"
+        assert settle(key, 100, 0) is True
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(cycle, range(60)))
+    budget = get_budget(agent)
+    assert budget.spent_tokens == (60 - len(denied)) * 100 == 2_000
+    for exc in denied:  # refused only when what was left could not cover it
+        assert exc.fields["left_tokens"] < exc.fields["needed_tokens"]
+    assert_budget_invariants()
