@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
+from typing import Literal, get_args
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -34,6 +34,7 @@ from aimesh_tasks.messages import utcnow
 from aimesh_tasks.money import nusd_to_usd
 
 ClaimState = Literal["claimed", "called_before", "settled", "released", "missing"]
+_CLAIM_STATES: dict[str, ClaimState] = {state: state for state in get_args(ClaimState)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,15 +117,24 @@ def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
         done = pg_batch.run(pg_batch.ReserveOp(
             op="reserve", call_key=call_key, agent_id=agent_id, message_id=message_id,
             endpoint_id=endpoint_id, tokens=need.tokens, nusd=need.nusd))
-        outcome = done["outcome"]
-        if outcome == "reserved":
-            return Held(call_key, need.tokens, need.nusd, "reserved")
-        if outcome == "held":
-            return Held(call_key, done["tokens"], done["nusd"], done["state"])
-        if outcome == "unmetered":
-            return None
-        if outcome == "denied":
-            raise _deny(done["standing"], need, done["reason"], message_id, endpoint_id)
+        if done["outcome"] != "general":
+            return _batch_reserved(done, call_key, need, message_id, endpoint_id)
+    return _reserve_one(agent_id, message_id, endpoint_id, call_key, need)
+
+
+def _batch_reserved(done: pg_batch.Outcome, call_key: str, need: Estimate, message_id: str,
+                    endpoint_id: str) -> Held | None:
+    if done["outcome"] == "reserved":
+        return Held(call_key, need.tokens, need.nusd, "reserved")
+    if done["outcome"] == "held":
+        return Held(call_key, done["tokens"], done["nusd"], done["state"])
+    if done["outcome"] == "denied":
+        raise _deny(done["standing"], need, done["reason"], message_id, endpoint_id)
+    return None  # unmetered
+
+
+def _reserve_one(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
+                 need: Estimate) -> Held | None:
     denial: BudgetExceeded | None = None
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
@@ -157,8 +167,8 @@ def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
 def claim(call_key: str) -> ClaimState:
     """Mark a reservation as about to be called; say what state it was found in."""
     if pg_batch.available():
-        return pg_batch.run(pg_batch.ClaimOp(op="claim", call_key=call_key)
-                            )["outcome"]  # type: ignore[return-value]
+        return _CLAIM_STATES[pg_batch.run(pg_batch.ClaimOp(op="claim", call_key=call_key)
+                                          )["outcome"]]
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
         if held is None:
