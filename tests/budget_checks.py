@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from sqlalchemy import Connection, text
 
@@ -58,10 +57,15 @@ def budget_row_locked(agent_id: str) -> Iterator[Connection]:
             transaction.rollback()
 
 
-def blocked_batch() -> Any:
-    """A budget batch waiting in Postgres for a row lock (pid, application_name), if any;
-    application_name is 'aimesh-<pid of the process that sent it>'."""
+def blocked_batches() -> dict[int, str]:
+    """Budget batches waiting in Postgres for a row lock: backend pid → application_name
+    ('aimesh-<pid of the process that sent the batch>')."""
     with get_engine().connect() as connection:
-        return connection.execute(text(
+        return dict(connection.execute(text(
             "SELECT pid, application_name FROM pg_stat_activity "
-            "WHERE query LIKE 'SELECT budget_apply%' AND wait_event_type = 'Lock'")).first()
+            "WHERE query LIKE 'SELECT budget_apply%' AND wait_event_type = 'Lock'")).all())
+
+
+def blocked_batch() -> tuple[int, str] | None:
+    """One budget batch waiting for a row lock (see blocked_batches), if there is one."""
+    return next(iter(blocked_batches().items()), None)

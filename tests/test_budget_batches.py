@@ -31,7 +31,7 @@ from aimesh_tasks.db import (
 from aimesh_tasks.errors import BudgetExceeded
 from aimesh_tasks.governance.agents import add_agent
 from aimesh_tasks.settings import reset_settings
-from tests.budget_checks import assert_budget_invariants, blocked_batch, budget_row_locked
+from tests.budget_checks import assert_budget_invariants, blocked_batches, budget_row_locked
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("clean")
@@ -137,9 +137,10 @@ def test_an_expired_budget_is_refused_in_a_batch() -> None:
 
 @pytest.fixture()
 def patient_locks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Statements wait for row locks as long as the test needs (not the 5 s default), so
-    a slow machine cannot end the wait before the test does."""
-    monkeypatch.setenv("AIMESH_DB_LOCK_TIMEOUT_S", "300")
+    """Statements wait for row locks as long as the test needs (not 5 s, and no 30 s
+    statement timeout), so a slow machine cannot end a wait before the test does."""
+    monkeypatch.setenv("AIMESH_DB_LOCK_TIMEOUT_S", "0")
+    monkeypatch.setenv("AIMESH_DB_STATEMENT_TIMEOUT_S", "0")
     reset_settings()
     dispose_engines()
     yield
@@ -161,34 +162,47 @@ def test_a_batch_whose_connection_is_killed_mid_batch_applies_nothing_and_its_ca
         patient_locks: None) -> None:
     """The writer is killed mid-batch: its connection ends while the batch waits, inside
     Postgres, for a budget row another transaction holds. Nothing of that batch is
-    applied, every caller in it gets a transient error (its task would retry), and the
-    operations queued behind it go in the next batch; a retry then reserves each once."""
+    applied and every caller in it gets a transient error (its task would retry), while
+    a batch beside it and the operations queued behind go on; a retry reserves once."""
+    assert pg.PARALLEL_BATCHES == 2, "this test lays out two batches in flight"
     agent = _agent(tokens=10_000)
     need = Estimate(50, 50, 0)
-    with budget_row_locked(agent), ThreadPoolExecutor(4) as pool:
-        first: Future[Any] = pool.submit(reserve, agent, "m1", "ep", "m1:0", need)
-        blocked = wait_until(blocked_batch, "the first batch waiting for the budget row")
-        behind = [pool.submit(reserve, agent, f"m{n}", "ep", f"m{n}:0", need) for n in (2, 3)]
-        wait_until(lambda: _queued(2), "two reservations queued behind the first batch")
-        _terminate(blocked.pid)
+
+    def start(n: int) -> Future[Any]:
+        return pool.submit(reserve, agent, f"m{n}", "ep", f"m{n}:0", need)
+
+    def blocked(count: int) -> dict[int, str] | None:
+        found = blocked_batches()
+        return found if len(found) == count else None
+
+    with ThreadPoolExecutor(6) as pool, budget_row_locked(agent):
+        first = start(1)
+        killed = set(wait_until(lambda: blocked(1), "the first batch waiting for the row"))
+        beside = start(2)
+        waiting = set(wait_until(lambda: blocked(2), "a second batch beside it"))
+        behind = [start(3), start(4)]
+        wait_until(lambda: _queued(2), "two reservations queued behind both batches")
+        _terminate(killed.pop())
         with pytest.raises(OperationalError):
             first.result(60)
-        # the next batch holds both queued reservations; kill it too, mid-batch
-        second = wait_until(lambda: (b := blocked_batch()) is not None and b.pid != blocked.pid
-                            and b, "the second batch waiting for the budget row")
-        _terminate(second.pid)
+        # its lead passed on: one batch now holds both queued reservations; kill it too
+        merged = wait_until(lambda: set(b) - waiting if (b := blocked(2)) else None,
+                            "the queued reservations' batch waiting for the row")
+        _terminate(merged.pop())
         for future in behind:
             with pytest.raises(OperationalError):
                 future.result(60)
-    assert _reservations(agent) == {}
-    assert get_budget(agent).reserved_tokens == 0
-    for n in (1, 2, 3):  # the tasks' retries
+    assert beside.result(60) is not None  # the lock is gone: the batch beside went through
+    assert _reservations(agent) == {"m2:0": "reserved"}
+    assert get_budget(agent).reserved_tokens == 100
+    for n in (1, 3, 4):  # the tasks' retries
         assert reserve(agent, f"m{n}", "ep", f"m{n}:0", need) is not None
-    assert get_budget(agent).reserved_tokens == 300
-    for n in (1, 2, 3):
+    assert reserve(agent, "m2", "ep", "m2:0", need) is not None  # a redelivery: held
+    assert get_budget(agent).reserved_tokens == 400
+    for n in (1, 2, 3, 4):
         assert claim(f"m{n}:0") == "claimed"
         assert settle(f"m{n}:0", 60, 0) is True
-    assert get_budget(agent).spent_tokens == 180
+    assert get_budget(agent).spent_tokens == 240
     assert_budget_invariants()
 
 

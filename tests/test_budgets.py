@@ -199,8 +199,8 @@ def test_router_killed_while_its_reserve_batch_waits_in_postgres_reserves_once(
     set_budget(agent, tokens=1_000_000)
     with budget_row_locked(agent):
         async_result = submit(agent_id=agent, prompt=PROMPT, max_tokens=32)
-        batch = wait_until(blocked_batch, "the router's reserve batch waiting for the row")
-        os.kill(int(batch.application_name.removeprefix("aimesh-")), signal.SIGKILL)
+        _, sender = wait_until(blocked_batch, "the router's reserve batch waiting for the row")
+        os.kill(int(sender.removeprefix("aimesh-")), signal.SIGKILL)
     assert async_result.get(timeout=90)["text"]
     with session_scope() as session:
         held = list(session.scalars(select(ReservationRow.state)
@@ -227,8 +227,8 @@ def test_endpoint_worker_killed_while_its_settle_batch_waits_charges_the_call_on
     caller = held.caller_pid(held.wait_held(1)[0])
     with budget_row_locked(agent):
         held.open()
-        batch = wait_until(blocked_batch, "the endpoint worker's settle batch waiting")
-        assert batch.application_name == f"aimesh-{caller}"
+        _, sender = wait_until(blocked_batch, "the endpoint worker's settle batch waiting")
+        assert sender == f"aimesh-{caller}"
         os.kill(caller, signal.SIGKILL)
     assert async_result.get(timeout=90)["text"]
     assert sim.stats()["calls"] == 1

@@ -14,17 +14,20 @@ from tests.waits import wait_until
 
 
 class GatedApply:
-    """An `apply` that records each batch and holds the first one until opened."""
+    """An `apply` that records each batch and holds the first one (or all) until opened."""
 
-    def __init__(self, fail_first: bool = False) -> None:
+    def __init__(self, fail_first: bool = False, hold_all: bool = False) -> None:
         self.batches: list[list[str]] = []
         self.first_in = threading.Event()
         self.open = threading.Event()
         self.fail_first = fail_first
+        self.hold_all = hold_all
 
     def __call__(self, ops: Sequence[str]) -> list[str]:
         self.batches.append(list(ops))
-        if len(self.batches) == 1:
+        if self.hold_all:
+            assert self.open.wait(30), "the test never opened the gate"
+        elif len(self.batches) == 1:
             self.first_in.set()
             assert self.open.wait(30), "the test never opened the gate"
             if self.fail_first:
@@ -91,3 +94,18 @@ def test_an_apply_that_answers_the_wrong_count_fails_the_batch_loudly() -> None:
     group: GroupCommit[str, str] = GroupCommit(lambda ops: [])
     with pytest.raises(RuntimeError, match="0 outcomes for a batch of 1"):
         group.run("a")
+
+
+def test_with_two_in_parallel_a_second_batch_goes_while_the_first_is_applied() -> None:
+    apply = GatedApply(hold_all=True)
+    group: GroupCommit[str, str] = GroupCommit(apply, parallel=2)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(group.run, "a")
+        wait_until(lambda: apply.batches == [["a"]], "the first batch being applied")
+        second = pool.submit(group.run, "b")  # a second leader: its batch goes at once
+        wait_until(lambda: apply.batches == [["a"], ["b"]], "the second batch being applied")
+        later = _start(pool, group, ["c", "d"])  # both batches in flight: these queue
+        apply.open.set()
+        assert [f.result(30) for f in [first, second, *later]] == [
+            "done a", "done b", "done c", "done d"]
+    assert apply.batches == [["a"], ["b"], ["c", "d"]]

@@ -1,13 +1,16 @@
 """Group commit: the budget operations that threads of one process make at the same time
 are applied together, in one transaction, by whichever of them arrives first.
 
-A caller queues its operation. If no batch is being applied it leads: it takes every
-operation queued so far (its own first among them, in arrival order), applies them with
-one call of `apply`, hands each caller its own outcome, and passes the lead to the
-oldest operation that arrived meanwhile. Otherwise it waits until its outcome is handed
-to it, or the lead is. There is no writer thread: a process with one caller at a time (a
-prefork worker) applies each operation alone, with no hand-off, and a process with many
-(threads, an asyncio runner) pays one commit for a whole batch.
+A caller queues its operation. If fewer than `parallel` batches are being applied it
+leads: it takes every operation queued so far (its own first among them, in arrival
+order), applies them with one call of `apply`, hands each caller its own outcome, and
+passes the lead to the oldest operation that arrived meanwhile. Otherwise it waits until
+its outcome is handed to it, or the lead is. There is no writer thread: a process with
+one caller at a time (a prefork worker) applies each operation alone, with no hand-off,
+and a process with many (threads, an asyncio runner) pays one commit for a whole batch.
+With `parallel=2` the next batch is sent while one commits: on a hot row it waits for
+the row inside the database rather than for its leader's thread to be scheduled, and
+batches of different rows commit side by side.
 
 A batch succeeds or fails whole: when `apply` raises, every caller in the batch gets
 that error (nothing of the batch was applied, or all of it was and each operation is
@@ -39,27 +42,31 @@ class _Waiter(Generic[Op, Outcome]):
 
 
 class GroupCommit(Generic[Op, Outcome]):
-    """Apply concurrent operations in batches of at most `max_batch`, in arrival order, one
-    batch at a time; `apply` gets a batch's operations and returns one outcome each."""
+    """Apply concurrent operations in batches of at most `max_batch`, in arrival order, at
+    most `parallel` batches at a time; `apply` gets a batch's operations and returns one
+    outcome each, in order."""
 
     def __init__(self, apply: Callable[[Sequence[Op]], Sequence[Outcome]], *,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, parallel: int = 1) -> None:
         self._apply = apply
         self._max_batch = max_batch
+        self._parallel = parallel
         self._lock = threading.Lock()
         self._queue: list[_Waiter[Op, Outcome]] = []
-        self._leading = False
+        self._leaders = 0
 
     def run(self, op: Op) -> Outcome:
         """Apply `op` (with whatever else is queued); its outcome, or the batch's error."""
         mine: _Waiter[Op, Outcome] = _Waiter(op)
         with self._lock:
             self._queue.append(mine)
-            mine.leads, self._leading = not self._leading, True
+            mine.leads = self._leaders < self._parallel
+            self._leaders += mine.leads
         try:
             while not mine.finished:
-                if mine.leads:
-                    self._apply_batch(self._take())
+                batch = self._take() if mine.leads else []
+                if batch:
+                    self._apply_batch(batch)
                 else:  # the outcome comes, or the lead does
                     mine.wake.wait()
                     mine.wake.clear()
@@ -93,16 +100,17 @@ class GroupCommit(Generic[Op, Outcome]):
 
     def _hand_on(self, mine: _Waiter[Op, Outcome]) -> None:
         """The caller is leaving (done, or interrupted by a time limit): an operation it
-        left queued is dropped, and the lead, if it holds it, passes to the oldest waiter."""
+        left queued is dropped, and a lead it holds passes to the oldest waiter without
+        one (its operation may already be in another leader's batch: then it only waits)."""
         with self._lock:
             if not mine.finished and mine in self._queue:
                 self._queue.remove(mine)
             if not mine.leads:
                 return
             mine.leads = False
-            nxt = self._queue[0] if self._queue else None
+            nxt = next((w for w in self._queue if not w.leads), None)
             if nxt is None:
-                self._leading = False
+                self._leaders -= 1
             else:
                 nxt.leads = True
         if nxt is not None:

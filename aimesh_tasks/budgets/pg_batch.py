@@ -137,6 +137,7 @@ def _apply_run(connection: psycopg.Connection[Any], ops: Sequence[Op]) -> list[O
     return outcomes
 
 
+PARALLEL_BATCHES = 2  # one committing, the next already waiting for its rows in Postgres
 _groups: dict[int, GroupCommit[Op, Outcome]] = {}
 _groups_lock = threading.Lock()
 
@@ -147,7 +148,7 @@ def _group() -> GroupCommit[Op, Outcome]:
     group = _groups.get(pid)
     if group is None:
         with _groups_lock:
-            group = _groups.setdefault(pid, GroupCommit(apply))
+            group = _groups.setdefault(pid, GroupCommit(apply, parallel=PARALLEL_BATCHES))
     return group
 
 
