@@ -6,8 +6,9 @@ Baseline: `UPDATE ... SET spent = spent + x WHERE spent + x <= limit RETURNING` 
 statement, one commit) on one hot row and on 100 rows. Ours: a full budget cycle per
 call, reserve → claim → settle (three operations, each group-committed with the other
 threads' in one Postgres statement; a reservation row and a ledger row per call), on one
-hot agent and on 100 agents. Medians over the repeats; the last line is JSON. Uses the Postgres database aimesh_bench (created if missing;
-AIMESH_BENCH_DBS moves it: benchmarks/places.py).
+hot agent and on 100 agents. Medians over the repeats; the last line is JSON. Uses the
+Postgres database aimesh_bench (created if missing; AIMESH_BENCH_DBS moves it:
+benchmarks/places.py).
 """
 
 from __future__ import annotations
