@@ -21,6 +21,7 @@ from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.follow import FollowEndpoints
 from aimesh_tasks.observability.worker import install as install_observability
 from aimesh_tasks.observability.worker import never_silent
+from aimesh_tasks.serving import ServeEndpoints
 from aimesh_tasks.settings import Settings, get_settings
 from aimesh_tasks.worker_steps import BackgroundJobsStep
 
@@ -37,6 +38,7 @@ def build_app() -> Celery:
     # changed before then (the CLI's --broker, say) are the ones used.
     built.config_from_object("aimesh_tasks.celery_config")
     built.steps["consumer"].add(FollowEndpoints)
+    built.steps["consumer"].add(ServeEndpoints)
     built.steps["worker"].add(BackgroundJobsStep)
     install_delivery_guards(built)
     return built

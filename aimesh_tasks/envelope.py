@@ -42,6 +42,7 @@ class RouteEntry(TypedDict):
     enabled: bool
     max_output_tokens: int | None
     api_key_file: NotRequired[str | None]  # absent in envelopes queued before 0005
+    origin: NotRequired[str]  # 'operator' or 'announced'; absent before 0013: 'operator'
 
 
 # In the attempt record of a call the path retried at the same endpoint: the wait, in

@@ -2,8 +2,12 @@
 
 A worker started with `aimesh worker --endpoints all`, or any worker given
 AIMESH_WORKER_FOLLOW_ENDPOINTS=1, and the embedded worker consume
-the queue of every enabled endpoint: when the registry changes, it starts consuming new
-endpoints' queues and stops consuming removed or disabled ones, with no restart.
+the queue of every enabled endpoint an operator added: when the registry changes, it
+starts consuming new endpoints' queues and stops consuming removed or disabled ones, with
+no restart. A self-registered endpoint's queue is its servers' (`aimesh worker --serve`):
+followers and router workers consume it only while none of its servers lives, to drain
+it: each message there is refused at the call (resilience/servers.py, never called) and
+falls back by the normal rules. They stop once a server beats again.
 
 Every worker that consumes endpoint queues (following or not) also checks, every
 AIMESH_FOLLOW_INTERVAL_S, that it has the API key of each endpoint it serves (the
@@ -74,7 +78,8 @@ class KeyCheck:
 
 class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
     """Every AIMESH_FOLLOW_INTERVAL_S: align the consumed endpoint queues with the registry
-    (when following) and check the served endpoints' keys."""
+    (when following), drain the queues of self-registered endpoints left without a live
+    server (when following or routing), and check the served endpoints' keys."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
@@ -83,18 +88,29 @@ class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
         self.version: str | None = None
         self.timer_entry: Any = None
         self.follow = False
+        self.drains = False
+        self.fixed: set[str] = set()
+        self.serves: frozenset[str] = frozenset()
+        self.draining: set[str] = set()
         self.endpoints: dict[str, Endpoint] = {}
         self.keys: KeyCheck | None = None
 
     def start(self, consumer: Any) -> None:
+        from aimesh_tasks.keys import ROUTE_QUEUE, endpoint_id_of_queue
         from aimesh_tasks.settings import get_settings
 
+        settings = get_settings()
         self.follow = bool(consumer.app.conf.get(FOLLOW_SETTING)
-                           or get_settings().worker_follow_endpoints)
+                           or settings.worker_follow_endpoints)
+        consumed = {q.name for q in consumer.task_consumer.queues}
+        self.drains = self.follow or ROUTE_QUEUE in consumed
+        self.serves = settings.served_endpoints
+        if not self.follow:  # the endpoint queues it was started with are never cancelled
+            self.fixed = {q for q in consumed if endpoint_id_of_queue(q) is not None}
         self.keys = KeyCheck(str(getattr(consumer, "hostname", "") or "worker"))
         self.sync(consumer)
         self.timer_entry = consumer.timer.call_repeatedly(
-            get_settings().follow_interval_s, self.sync, (consumer,)
+            settings.follow_interval_s, self.sync, (consumer,)
         )
 
     def stop(self, consumer: Any) -> None:
@@ -108,43 +124,74 @@ class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
                 logger.debug("could not withdraw key reports", exc_info=True)
 
     def sync(self, consumer: Any) -> None:
-        """Follow the registry (when following), then check the served endpoints' keys;
-        a broken Redis or database must not kill the consumer: retried next tick."""
+        """Follow the registry and drain orphaned queues (when following or routing), then
+        check the served endpoints' keys; a broken Redis or database must not kill the
+        consumer: retried next tick."""
         from aimesh_tasks.keys import endpoint_id_of_queue
 
         try:
-            if not self.follow and not self._served_ids(consumer, endpoint_id_of_queue):
-                return  # a router: nothing to follow, no key to check
-            self._reload(consumer)
+            if not self.drains and not self._served_ids(consumer, endpoint_id_of_queue):
+                return  # nothing to follow or drain, no key to check
+            self._reload()
+            if self.drains:
+                self._align(consumer)
             served = self._served_ids(consumer, endpoint_id_of_queue)
             if self.keys is not None:
-                self.keys.check([self.endpoints[i] for i in sorted(served)
-                                 if i in self.endpoints])
+                self.keys.check([e for i in sorted(served)
+                                 if (e := self.endpoints.get(i)) is not None and self._calls(e)])
         except Exception:
             logger.exception("could not read the endpoint registry; retrying")
+
+    def _calls(self, endpoint: Endpoint) -> bool:
+        """This worker calls `endpoint` (a self-registered one only if it serves it)."""
+        return not endpoint.announced or endpoint.id in self.serves
 
     @staticmethod
     def _served_ids(consumer: Any, id_of: Any) -> set[str]:
         names = (q.name for q in consumer.task_consumer.queues)
         return {endpoint_id for name in names if (endpoint_id := id_of(name)) is not None}
 
-    def _reload(self, consumer: Any) -> None:
-        """Re-read the registry when its version moved; consume exactly the queues of the
-        enabled endpoints when following (other queues are left alone)."""
-        from aimesh_tasks.keys import endpoint_id_of_queue, endpoint_queue
+    def _reload(self) -> None:
+        """Re-read the registry when its version moved."""
         from aimesh_tasks.registry.endpoints import list_endpoints
         from aimesh_tasks.registry.live import registry_version
 
         version = registry_version()
-        if version == self.version:
-            return
-        self.endpoints = {e.id: e for e in list_endpoints()}
+        if version != self.version:
+            self.endpoints = {e.id: e for e in list_endpoints()}
+            self.version = version
+
+    def _align(self, consumer: Any) -> None:
+        """Consume exactly the wanted endpoint queues: those it was started with or serves,
+        every enabled operator endpoint's when following, and the orphaned ones."""
+        from aimesh_tasks.keys import endpoint_id_of_queue, endpoint_queue
+
+        orphans = self._orphans()
+        for endpoint_id in sorted(orphans ^ self.draining):
+            logger.info("serve.draining" if endpoint_id in orphans else "serve.drained",
+                        extra={"endpoint_id": endpoint_id})
+        self.draining = orphans
+        wanted = self.fixed | {endpoint_queue(i) for i in self.serves | orphans}
         if self.follow:
-            wanted = {endpoint_queue(i) for i, e in self.endpoints.items() if e.enabled}
-            consuming = {q.name for q in consumer.task_consumer.queues}
-            for queue in sorted(wanted - consuming):
-                consumer.add_task_queue(queue)
-            for queue in sorted(consuming - wanted):
-                if endpoint_id_of_queue(queue) is not None:
-                    consumer.cancel_task_queue(queue)
-        self.version = version
+            wanted |= {endpoint_queue(i) for i, e in self.endpoints.items()
+                       if e.enabled and not e.announced}
+        consuming = {q.name for q in consumer.task_consumer.queues}
+        for queue in sorted(wanted - consuming):
+            consumer.add_task_queue(queue)
+        for queue in sorted(consuming - wanted):
+            if endpoint_id_of_queue(queue) is not None:
+                consumer.cancel_task_queue(queue)
+
+    def _orphans(self) -> set[str]:
+        """The enabled self-registered endpoints this worker does not serve and none of
+        whose servers lives: their queues are drained here."""
+        from aimesh_tasks.registry.servers import newest
+        from aimesh_tasks.settings import get_settings
+
+        ids = [i for i, e in self.endpoints.items()
+               if e.announced and e.enabled and i not in self.serves]
+        if not ids:
+            return set()
+        down_after_s, now = get_settings().serve_down_after_s, time.time()
+        return {i for i, server in newest(ids).items()
+                if server is None or not server.live(now, down_after_s)}

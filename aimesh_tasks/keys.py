@@ -250,3 +250,9 @@ def stream_reader_wake(reader_id: str) -> str:
     """Stream an ingress process's stream reader also reads, written to wake its blocking
     XREAD when a relay starts following a message (aimesh_tasks/streams/reader.py)."""
     return f"{PREFIX}:stream-reader:{reader_id}:wake"
+
+
+def servers(endpoint_id: str) -> str:
+    """Sorted set of the workers serving an endpoint they announced (`aimesh worker
+    --serve`), each scored by its last heartbeat (epoch s); a clean stop removes it."""
+    return f"{PREFIX}:servers:{endpoint_id}"

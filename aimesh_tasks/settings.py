@@ -81,10 +81,17 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_BREAKER_COOLDOWN_MAX_S     | 120                 | cap of the doubling cooldown      |
 | AIMESH_BREAKER_PROBES             | 1                   | half-open probe calls, cluster-wide|
 | AIMESH_BREAKER_ALL_OPEN           | fail                | all open: 'fail' or 'soonest'     |
+| AIMESH_UPSTREAM_ALLOW_PRIVATE     | 127.0.0.0/8,::1     | private nets upstreams may reach  |
+| AIMESH_REGISTRATION_TOKENS        | (empty)             | sha256 of accepted worker tokens  |
+| AIMESH_REGISTRATION_TOKEN         | (empty)             | the token this worker announces by|
+| AIMESH_SERVE_HEARTBEAT_S          | 1.0                 | serving worker's heartbeat period |
+| AIMESH_SERVE_DOWN_AFTER_S         | 5.0                 | no heartbeat this long: not routed|
+| AIMESH_WORKER_SERVES              | (empty)             | set by `aimesh worker --serve`    |
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from typing import Any, Literal
@@ -106,6 +113,7 @@ _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 _DATABASES = ("postgresql", "postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 # The fix an error message suggests, by the type of the setting.
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _KINDS = {int: "a whole number", float: "a number", bool: "true or false", str: "a text value"}
 
 
@@ -300,6 +308,49 @@ class Settings(BaseSettings):
         "fail", description="Every candidate's breaker open: fail fast ('fail'), or send to "
         "the endpoint whose cooldown ends first ('soonest').")
 
+    upstream_allow_private: str = Field(
+        "127.0.0.0/8,::1",
+        description="Loopback and private networks an upstream URL may reach, comma-separated "
+        "('10.0.0.0/8,127.0.0.1'); empty: none. Link-local and cloud metadata addresses are "
+        "never allowed (aimesh_tasks/registry/url_policy.py).")
+    registration_tokens: SecretStr | None = Field(
+        None, description="The worker registration tokens this cluster accepts, as "
+        "comma-separated sha256 hex digests (printf %s TOKEN | sha256sum); empty: every "
+        "announcement is refused.")
+    registration_token: SecretStr | None = Field(
+        None, description="The registration token this worker presents when it announces the "
+        "endpoints it serves (`aimesh worker --serve`).")
+    serve_heartbeat_s: float = Field(
+        1.0, gt=0, description="How often a worker serving announced endpoints says it lives.")
+    serve_down_after_s: float = Field(
+        5.0, gt=0, description="A self-registered endpoint none of whose workers has beaten "
+        "for this long is not routed to.")
+    worker_serves: str = Field(
+        "", description="The endpoint ids this worker announced and serves (set by `aimesh "
+        "worker --serve`; only they call a self-registered endpoint).")
+
+    @field_validator("upstream_allow_private")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for entry in _items(value):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"'{entry[:64]}' is not a network. Fix: list networks such as "
+                                 "'127.0.0.0/8,10.20.0.0/16,fd12::/16', or leave it empty for "
+                                 "none") from None
+        return value
+
+    @field_validator("registration_tokens")
+    @classmethod
+    def _token_hashes(cls, value: SecretStr | None) -> SecretStr | None:
+        for n, entry in enumerate(_items(value.get_secret_value() if value else ""), 1):
+            if not _SHA256_HEX.match(entry.lower()):  # never echoed: it may be a token itself
+                raise ValueError(f"entry {n} is not a sha256 hex digest (64 hex characters). "
+                                 "Fix: list the digest of each token, never the token: "
+                                 "printf %s \"$TOKEN\" | sha256sum")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
@@ -328,6 +379,11 @@ class Settings(BaseSettings):
                 "reaped only after every redelivery of its task has had its chance")
         if self.route_weight_cost + self.route_weight_load + self.route_weight_latency <= 0:
             raise ValueError("AIMESH_ROUTE_WEIGHT_*: at least one weight must be above 0")
+        if self.serve_down_after_s < 2 * self.serve_heartbeat_s:
+            raise ValueError(
+                f"AIMESH_SERVE_DOWN_AFTER_S ({self.serve_down_after_s:g}) must be at least twice "
+                f"AIMESH_SERVE_HEARTBEAT_S ({self.serve_heartbeat_s:g}): one late heartbeat "
+                "would otherwise take a live endpoint out of routing")
         if self.breaker_cooldown_s > self.breaker_cooldown_max_s:
             raise ValueError(
                 f"AIMESH_BREAKER_COOLDOWN_S ({self.breaker_cooldown_s:g}) must not exceed "
@@ -349,9 +405,30 @@ class Settings(BaseSettings):
         return groups
 
     @property
+    def upstream_private_networks(self) -> list[str]:
+        """AIMESH_UPSTREAM_ALLOW_PRIVATE as a list of networks (empty: none)."""
+        return _items(self.upstream_allow_private)
+
+    @property
+    def registration_token_hashes(self) -> list[str]:
+        """AIMESH_REGISTRATION_TOKENS as lower-case sha256 hex digests."""
+        raw = self.registration_tokens.get_secret_value() if self.registration_tokens else ""
+        return [entry.lower() for entry in _items(raw)]
+
+    @property
+    def served_endpoints(self) -> frozenset[str]:
+        """AIMESH_WORKER_SERVES as a set of endpoint ids."""
+        return frozenset(_items(self.worker_serves))
+
+    @property
     def route_weights(self) -> tuple[float, float, float]:
         """(cost, load, latency) weights."""
         return (self.route_weight_cost, self.route_weight_load, self.route_weight_latency)
+
+
+def _items(value: str) -> list[str]:
+    """The non-empty, stripped entries of a comma-separated setting."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def database_url(value: str) -> str:

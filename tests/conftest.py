@@ -33,6 +33,12 @@ TEST_ENV = {
     "AIMESH_DATABASE_URL": DATABASE,
     "AIMESH_FOLLOW_INTERVAL_S": "0.2",
     "AIMESH_HEALTH_RETRY_S": "30",
+    # Upstream URLs may reach this host's loopback address only: the simulators and gates
+    # tests start listen on 127.0.0.1 (aimesh_tasks/registry/url_policy.py).
+    "AIMESH_UPSTREAM_ALLOW_PRIVATE": "127.0.0.1/32",
+    # Self-registered endpoints (tests/test_self_register.py): a quick heartbeat and bound.
+    "AIMESH_SERVE_HEARTBEAT_S": "0.2",
+    "AIMESH_SERVE_DOWN_AFTER_S": "1.5",
     # The semantic cache is on for these two agents only (tests/test_dedup.py).
     "AIMESH_SEMANTIC_AGENTS": "semantic-agent,semantic-other",
     # Budget kill tests pause these agents' messages at one point each (aimesh_tasks.failpoints)

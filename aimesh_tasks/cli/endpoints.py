@@ -1,5 +1,9 @@
 """`aimesh endpoints`: the endpoint registry, its live figures, and a test call.
 
+`list` shows who serves each endpoint: the workers that announced it (`aimesh worker
+--serve`), each with when it was last seen; a self-registered endpoint none of whose
+servers is live is not routed to ("down" in the servers column).
+
 API keys: an endpoint names where its key is, never the key: `--api-key-env NAME` (a
 variable in each endpoint worker's environment) or `--api-key-file PATH` (a file on each
 endpoint worker, such as a mounted Kubernetes Secret, read again when it changes).
@@ -16,6 +20,7 @@ from aimesh_tasks.cli.shell import EXIT_FAILED, stdout, table
 from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.registry import endpoints as registry
 from aimesh_tasks.registry.live import LiveFigures, read_figures
+from aimesh_tasks.registry.servers import Server, servers_of
 from aimesh_tasks.resilience.breaker_store import breaker_states
 
 cli = typer.Typer(help="Model endpoints: prices, capacity, keys, live figures, a test call.",
@@ -40,25 +45,58 @@ def _key(endpoint: registry.Endpoint, missing_on: list[str]) -> str:
     return where
 
 
+def _seen(server: Server, now: float, down_after_s: float) -> dict[str, Any]:
+    return {"worker": server.worker, "last_seen_s_ago": round(now - server.last_seen, 1),
+            "live": server.live(now, down_after_s)}
+
+
+def _servers(endpoint: registry.Endpoint, seen: list[dict[str, Any]]) -> str:
+    """'2 live', 'down' (self-registered, none live) or '-' (an operator's, none)."""
+    live = sum(1 for s in seen if s["live"])
+    if live:
+        return f"{live} live"
+    return "down" if endpoint.announced else "-"
+
+
+def _served_by(endpoint: registry.Endpoint, seen: list[dict[str, Any]]) -> str:
+    origin = "self-registered" if endpoint.announced else "an operator's"
+    if not seen:
+        return f"endpoint {endpoint.id} ({origin}): no worker serves it lately; not routed to"
+    each = ", ".join(f"{s['worker']} (last seen {s['last_seen_s_ago']:g} s ago"
+                     f"{'' if s['live'] else ', not live'})" for s in seen)
+    return f"endpoint {endpoint.id} ({origin}): served by {each}"
+
+
 @cli.command("list")
 def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
-    """Every endpoint with its prices, capacity, key source and live figures; a worker
-    that serves an endpoint without its key is named ("key missing on this worker")."""
+    """Every endpoint with its prices, capacity, key source, live figures and servers (the
+    workers that announced it, with when each was last seen); a worker that serves an
+    endpoint without its key is named ("key missing on this worker")."""
+    import time
+
+    from aimesh_tasks.cli.shell import get_settings
+
     endpoints = registry.list_endpoints()
     figures, _ = read_figures(e.id for e in endpoints)
     missing = registry.workers_missing_keys(e.id for e in endpoints)
     breakers = breaker_states([e.id for e in endpoints])
+    now, down_after_s = time.time(), get_settings().serve_down_after_s
+    seen = {i: [_seen(s, now, down_after_s) for s in found]
+            for i, found in servers_of(e.id for e in endpoints).items()}
     if as_json:
         for e in endpoints:
             typer.echo(json.dumps({**e.to_dict(), "live": figures[e.id].to_dict(),
-                                   "key_missing_on": missing[e.id], "breaker": breakers[e.id]}))
+                                   "key_missing_on": missing[e.id], "breaker": breakers[e.id],
+                                   "servers": seen[e.id]}))
         return
     if not endpoints:
         typer.echo("no endpoints registered; add one with `aimesh endpoints add ID --url URL "
                    "--model MODEL --input-price USD --output-price USD`")
         return
+    served = any(e.announced or seen[e.id] for e in endpoints)
     rows = table("id", "provider", "url", "model", "$/1k in/out", "capacity", "enabled",
-                 "in flight", "p50/p99 ms", "errors", "health", "breaker", "key")
+                 "in flight", "p50/p99 ms", "errors", "health", "breaker", "key",
+                 *(["servers"] if served else []))
     for e in endpoints:
         live = figures.get(e.id, LiveFigures())
         d = e.to_dict()
@@ -66,8 +104,11 @@ def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object pe
                      f"{d['input_usd_per_1k']}/{d['output_usd_per_1k']}", str(e.capacity),
                      "yes" if e.enabled else "no", str(live.in_flight), _latency(live),
                      f"{live.error_rate:.1%}", live.health, breakers[e.id],
-                     _key(e, missing[e.id]))
+                     _key(e, missing[e.id]), *([_servers(e, seen[e.id])] if served else []))
     stdout().print(rows)
+    for e in endpoints:
+        if e.announced or seen[e.id]:
+            typer.echo(_served_by(e, seen[e.id]))
     for e in endpoints:
         if missing[e.id]:
             typer.echo(f"endpoint {e.id}: key missing on this worker: "
@@ -107,9 +148,15 @@ def add(
 
 
 def _note_url(given: str, endpoint: registry.Endpoint) -> None:
+    from aimesh_tasks.registry.upstream import check_operator_url
+
     if given.rstrip("/") != endpoint.base_url:
         typer.echo(f"note: stored the base URL as {endpoint.base_url}: the "
                    f"{endpoint.provider} adapter adds {registry.api_path(endpoint.provider)}")
+    if not check_operator_url(endpoint.base_url):
+        typer.echo(f"note: the host of {endpoint.base_url} does not resolve from here; its "
+                   "workers resolve it when they call it, and refuse an address the upstream "
+                   "URL policy refuses (AIMESH_UPSTREAM_ALLOW_PRIVATE)")
 
 
 @cli.command("update")

@@ -45,6 +45,9 @@ class EndpointRow(Base):
     max_output_tokens: Mapped[int | None] = mapped_column(Integer)
     tags: Mapped[list[str]] = mapped_column(JsonType, default=list)
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # 'operator' (aimesh endpoints add) or 'announced' (a worker's --serve; migration 0013)
+    origin: Mapped[str] = mapped_column(String(16), default="operator",
+                                        server_default="operator")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

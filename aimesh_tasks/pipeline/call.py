@@ -44,8 +44,12 @@ WAIT_POLL_S = 0.05
 
 
 def endpoint_to_args(endpoint: Endpoint) -> RouteEntry:
-    """An endpoint as it travels in an envelope."""
-    return {**asdict(endpoint), "tags": sorted(endpoint.tags)}  # type: ignore[typeddict-item]
+    """An endpoint as it travels in an envelope. `origin` travels only for a
+    self-registered one, so a worker of the release before it reads every other envelope."""
+    entry = {**asdict(endpoint), "tags": sorted(endpoint.tags)}
+    if not endpoint.announced:
+        del entry["origin"]
+    return entry  # type: ignore[return-value]
 
 
 def endpoint_from_args(data: RouteEntry | dict[str, Any]) -> Endpoint:

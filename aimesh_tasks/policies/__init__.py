@@ -1,9 +1,10 @@
 """The policies on the message path, in the order their hooks run (see policies/base.py).
 
 Built in, in this order: governance (loop cap, route, its ACL, rate limits), `budget`
-(reserve the first call before dispatch), the circuit breaker (AIMESH_BREAKER_ENABLED)
-and the retry policy (aimesh_tasks/resilience/). Deployments add their own with
-AIMESH_POLICIES ('package.module:ClassName,...'), run after the built-in ones.
+(reserve the first call before dispatch), live servers of self-registered endpoints, the
+circuit breaker (AIMESH_BREAKER_ENABLED) and the retry policy (aimesh_tasks/resilience/).
+Deployments add their own with AIMESH_POLICIES ('package.module:ClassName,...'), run after
+the built-in ones.
 
 A policy's `choose` may return a `Chosen` to say why it left endpoints out (recorded in
 the routing decision's `excluded`); a policy that writes what a call did implements
@@ -144,13 +145,15 @@ def _governance() -> list[Policy]:
 
 
 def _resilience() -> list[Policy]:
-    """The circuit breaker (when on), then the retry policy: after the budget."""
+    """Live servers, the circuit breaker (when on), then the retry policy: after the
+    budget."""
     # Imported here: the resilience policies import this package.
     from aimesh_tasks.resilience.breaker import CircuitBreaker
     from aimesh_tasks.resilience.retry import RetryPolicy
+    from aimesh_tasks.resilience.servers import LiveServers
 
     breaker: list[Policy] = [CircuitBreaker()] if get_settings().breaker_enabled else []
-    return [*breaker, RetryPolicy()]
+    return [LiveServers(), *breaker, RetryPolicy()]
 
 
 @lru_cache(maxsize=1)

@@ -17,6 +17,13 @@ finding 1). aiohttp is already a dependency (the simulator).
 - **Connections**: one `aiohttp.ClientSession` per base URL, keep-alive, at most
   `AIMESH_PROVIDER_CONNECTIONS_PER_URL` connections; a call finding them all busy waits
   for one, at most its read timeout, then fails as never sent.
+- **Where it connects**: only to addresses the upstream URL policy allows
+  (registry/url_policy.py, with AIMESH_UPSTREAM_ALLOW_PRIVATE). The base URL's form and
+  a literal address in it are checked before the call; a hostname is checked as it
+  resolves, by the connector's resolver, so every connection uses an address that passed
+  at that moment (a name that resolves elsewhere later, DNS rebinding, is refused then).
+  A refusal is `UpstreamURLRefused`, raised before anything is sent. Redirects are never
+  followed (aiohttp follows them by default, POST too): a 3xx answer comes back as it is.
 - **Timeouts**: `connect_s` bounds the TCP connect; `read_s` bounds each wait for the
   provider's bytes (as httpx's read timeout) and the wait for a free connection.
 - **Errors**: `TransportError` for anything below HTTP, `sent` False only when the request
@@ -52,13 +59,17 @@ import concurrent.futures
 import json as jsonlib
 import os
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Final
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
+from aimesh_tasks.registry.url_policy import check_before_resolving, resolve_upstream
 from aimesh_tasks.settings import get_settings
 
 CANCEL_CHECK_S: Final = 0.02
@@ -154,6 +165,38 @@ async def _answer(response: aiohttp.ClientResponse, call: _Call) -> Response:
     return Response(response.status, headers, body)
 
 
+class _PolicyResolver(AbstractResolver):
+    """aiohttp's resolver, answering a host only when each of its addresses passes the
+    upstream URL policy (UpstreamURLRefused otherwise: no connection is made)."""
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self._inner = aiohttp.DefaultResolver()
+        self._allowed = list(allowed)
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        addresses = [str(entry["host"]) for entry in found]
+        resolve_upstream(f"http://{host}:{port}", allow_private=self._allowed,
+                         resolver=lambda *_: addresses)
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+@lru_cache(maxsize=1024)
+def _url_allowed(base_url: str, allowed: tuple[str, ...]) -> None:
+    """Check a base URL before calling it: its form, and its address if it is a literal
+    one (aiohttp resolves nothing for those); a hostname's addresses are checked as it
+    resolves. Raises UpstreamURLRefused."""
+    check_before_resolving(base_url, allow_private=list(allowed))
+
+
+def _allowed_networks() -> tuple[str, ...]:
+    return tuple(get_settings().upstream_private_networks)
+
+
 class _Watcher:
     """Aborts a cancellable call in flight once its event is set (see the module notes)."""
 
@@ -199,6 +242,7 @@ class _Runtime:
         self.watcher = _Watcher(self.abort)
         self._sessions: dict[str, aiohttp.ClientSession] = {}  # used on the loop only
         self._limit = get_settings().provider_connections_per_url
+        self._resolver: _PolicyResolver | None = None  # made on the loop, on first use
         running = threading.Event()
         self.loop.call_soon(running.set)
         self._thread = threading.Thread(target=self.loop.run_forever, name="aimesh-aio",
@@ -228,8 +272,11 @@ class _Runtime:
     def _session(self, base_url: str) -> aiohttp.ClientSession:
         session = self._sessions.get(base_url)
         if session is None or session.closed:
+            if self._resolver is None:
+                self._resolver = _PolicyResolver(_allowed_networks())
             session = self._sessions[base_url] = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._limit, limit_per_host=0),
+                connector=aiohttp.TCPConnector(limit=self._limit, limit_per_host=0,
+                                               resolver=self._resolver),
                 cookie_jar=aiohttp.DummyCookieJar(),  # calls of different agents share it
                 timeout=aiohttp.ClientTimeout(),
             )
@@ -243,7 +290,8 @@ class _Runtime:
         call.started = True
         try:
             response = await self._session(base_url).post(url, data=body, headers=headers,
-                                                          timeout=timeout)
+                                                          timeout=timeout,
+                                                          allow_redirects=False)
             try:
                 answer = await _answer(response, call)
             except BaseException:
@@ -260,6 +308,8 @@ class _Runtime:
         """Close the sessions and stop the loop (at exit)."""
         async def close_all() -> None:
             await asyncio.gather(*(s.close() for s in self._sessions.values()))
+            if self._resolver is not None:
+                await self._resolver.close()
 
         try:
             asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(CLOSE_TIMEOUT_S)
@@ -317,9 +367,11 @@ def post(base_url: str, path: str, json: dict[str, Any], headers: dict[str, str]
          connect_s: float, read_s: float, cancel: threading.Event | None = None,
          on_line: LineCallback | None = None) -> Response:
     """POST `json` to `base_url` + `path` on this process's loop and wait for the answer
-    (see the module notes for `cancel`, `on_line` and the errors raised)."""
+    (see the module notes for `cancel`, `on_line`, where it may connect and the errors
+    raised: UpstreamURLRefused too)."""
     if cancel is not None and cancel.is_set():
         raise Cancelled(sent=False)
+    _url_allowed(base_url, _allowed_networks())
     runtime = _runtime()
     call = _Call(streaming=on_line is not None)
     runtime.submit(call, _joined(base_url, path), base_url, _JSON.encode(json).encode(),

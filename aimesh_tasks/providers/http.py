@@ -32,6 +32,7 @@ from aimesh_tasks.providers.credentials import api_key as read_api_key
 from aimesh_tasks.providers.credentials import redact
 from aimesh_tasks.providers.sse import IN_STREAM_ERROR_STATUS, SseDecoder, SseEvent, StreamFailed
 from aimesh_tasks.registry.endpoints import Endpoint
+from aimesh_tasks.registry.url_policy import UpstreamURLRefused, shown_url
 from aimesh_tasks.settings import get_settings
 
 CALL_KEY_HEADER = "X-Aimesh-Call-Key"
@@ -61,6 +62,20 @@ def _status_error(endpoint: Endpoint, adapter: Provider, response: aio.Response,
         retryable=verdict.action != "fail",
         retry_after_s=asked_s if asked_s is not None else verdict.retry_after_s,
     )
+
+
+def _redirect_error(endpoint: Endpoint, response: aio.Response) -> ProviderError:
+    """A redirect is never followed: the URL it names did not pass the upstream URL
+    policy. The endpoint's fault (fall back), with where it pointed (shown safely)."""
+    location = response.headers.get("location")
+    where = f" to {shown_url(location)!r}" if location else ""
+    return ProviderError(
+        f"endpoint '{endpoint.id}' answered HTTP {response.status}, a redirect{where}; "
+        "redirects are never followed (only the endpoint's own URL passed the upstream URL "
+        "policy). Fix: give the endpoint the final URL (`aimesh endpoints update "
+        f"{endpoint.id} --url ...`)",
+        endpoint_id=endpoint.id, status=response.status, action="fallback",
+        reason="redirect", retryable=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +116,17 @@ def _send(endpoint: Endpoint, request: ProviderRequest, headers: dict[str, str],
             maybe_billed=exc.sent,
             retryable=True,
         ) from exc
+    except UpstreamURLRefused as exc:
+        raise ProviderError(
+            f"endpoint '{endpoint.id}' was not called: {exc.message} (upstream URL "
+            "policy, AIMESH_UPSTREAM_ALLOW_PRIVATE)",
+            endpoint_id=endpoint.id,
+            action="fallback",
+            reason="upstream_refused",
+            detail=exc.reason,
+            retryable=True,
+            called=False,
+        ) from exc
     except aio.Cancelled as exc:
         raise ProviderError(
             f"endpoint '{endpoint.id}': the call was {exc}",
@@ -123,6 +149,8 @@ def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str, *,
     request = adapter.build_request(endpoint.model, message, api_key)
     response = _send(endpoint, request, {**request.headers, CALL_KEY_HEADER: call_key},
                      call_timeout(message), cancel)
+    if 300 <= response.status < 400:
+        raise _redirect_error(endpoint, response)
     if response.status != 200:
         raise _status_error(endpoint, adapter, response, api_key)
     try:

@@ -29,6 +29,10 @@ class EndpointCache:
         """Ids of the endpoints last loaded."""
         return [e.id for e in self._endpoints]
 
+    def announced_ids(self) -> list[str]:
+        """Ids of the self-registered endpoints last loaded."""
+        return [e.id for e in self._endpoints if e.announced]
+
     def clear(self) -> None:
         """Forget the copy: the next call reloads."""
         with self._lock:

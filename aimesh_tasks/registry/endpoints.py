@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -44,7 +44,9 @@ from aimesh_tasks.providers import PROVIDERS
 from aimesh_tasks.providers.credentials import ENV_NAME, looks_like_key
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.redis_client import get_redis
+from aimesh_tasks.registry.upstream import check_operator_url
 
+Origin = Literal["operator", "announced"]
 _VERSION_SEGMENT = re.compile(r"^v\d+(?:(?:alpha|beta)\d*)?$")
 
 
@@ -64,6 +66,12 @@ class Endpoint:
     enabled: bool
     max_output_tokens: int | None = None
     api_key_file: str | None = None
+    origin: Origin = "operator"  # 'announced': a worker's --serve made it (registry/announce.py)
+
+    @property
+    def announced(self) -> bool:
+        """Made by a worker that serves it: routed to only while one of them lives."""
+        return self.origin == "announced"
 
     @property
     def queue(self) -> str:
@@ -85,6 +93,7 @@ class Endpoint:
             "max_output_tokens": self.max_output_tokens,
             "tags": sorted(self.tags),
             "enabled": self.enabled,
+            "origin": self.origin,
         }
 
 
@@ -248,6 +257,7 @@ def _to_endpoint(row: EndpointRow) -> Endpoint:
         tags=frozenset(row.tags or ()),
         enabled=row.enabled,
         max_output_tokens=row.max_output_tokens,
+        origin="announced" if row.origin == "announced" else "operator",
     )
 
 
@@ -258,19 +268,35 @@ def bump_version() -> None:
 
 
 def add_endpoint(**fields: Any) -> Endpoint:
-    """Create an endpoint; InvalidInput names a bad field, an existing id is refused."""
+    """Create an endpoint; InvalidInput names a bad field (the base URL passes the
+    upstream URL policy, registry/upstream.py), an existing id is refused."""
+    spec = parse_spec(fields)
+    check_operator_url(spec.base_url)
+    endpoint = insert_endpoint(spec, "operator")
+    if endpoint is None:
+        raise InvalidInput(
+            f"id: endpoint '{spec.id}' already exists; change it with `aimesh endpoints "
+            f"update {spec.id}` (update_endpoint in Python)",
+            field="id",
+            errors=[],
+        )
+    return endpoint
+
+
+def parse_spec(fields: dict[str, Any]) -> EndpointSpec:
+    """The fields as an EndpointSpec, or InvalidInput naming the first bad one."""
     try:
-        spec = EndpointSpec(**fields)
+        return EndpointSpec(**fields)
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def insert_endpoint(spec: EndpointSpec, origin: Origin) -> Endpoint | None:
+    """Store a new endpoint (its URL already checked) and tell every router; None if
+    the id exists (an IntegrityError when another process inserts it at the same time)."""
     with session_scope() as session:
         if session.get(EndpointRow, spec.id) is not None:
-            raise InvalidInput(
-                f"id: endpoint '{spec.id}' already exists; change it with `aimesh endpoints "
-                f"update {spec.id}` (update_endpoint in Python)",
-                field="id",
-                errors=[],
-            )
+            return None
         row = EndpointRow(
             id=spec.id,
             provider=spec.provider,
@@ -284,6 +310,7 @@ def add_endpoint(**fields: Any) -> Endpoint:
             max_output_tokens=spec.max_output_tokens,
             tags=sorted(set(spec.tags)),
             enabled=spec.enabled,
+            origin=origin,
         )
         session.add(row)
         endpoint = _to_endpoint(row)
@@ -295,6 +322,7 @@ def update_endpoint(endpoint_id: str, **changes: Any) -> Endpoint:
     """Change some fields of an endpoint (same names and rules as add_endpoint). Giving
     one key source replaces the other; None clears one."""
     current = get_endpoint(endpoint_id).to_dict()
+    del current["origin"]  # kept: an operator's change does not make it theirs
     if changes.get("api_key_env"):
         changes.setdefault("api_key_file", None)
     if changes.get("api_key_file"):
@@ -305,6 +333,8 @@ def update_endpoint(endpoint_id: str, **changes: Any) -> Endpoint:
         raise _invalid(exc) from None
     if spec.id != endpoint_id:
         raise InvalidInput("id: an endpoint's id cannot change", field="id", errors=[])
+    if "base_url" in changes:
+        check_operator_url(spec.base_url)
     with session_scope() as session:
         row = session.get(EndpointRow, endpoint_id)
         if row is None:

@@ -105,6 +105,23 @@ def resolve_upstream(url: str, *, allow_private: AllowPrivate,
     """Check `url` like `check_upstream_url` and return its host, port and the allowed
     addresses; `resolver` replaces getaddrinfo (tests)."""
     allowed = allowed_networks(allow_private)
+    target = _before_resolving(url, allowed)
+    if target.addresses:
+        return target
+    found = _resolve(url, target.host, target.port, resolver or _getaddrinfo)
+    addresses = tuple(_judge(url, target.host, address, allowed) for address in found)
+    return UpstreamTarget(target.scheme, target.host, target.port, addresses)
+
+
+def check_before_resolving(url: str, *, allow_private: AllowPrivate) -> UpstreamTarget:
+    """Everything `resolve_upstream` checks short of resolving a hostname: the scheme,
+    credentials, characters, port, a literal address, a metadata service's name. The
+    target has its address for a literal one, none for a hostname: for a caller whose
+    connection judges each address the name resolves to when it connects."""
+    return _before_resolving(url, allowed_networks(allow_private))
+
+
+def _before_resolving(url: str, allowed: tuple[IPNetwork, ...] | bool) -> UpstreamTarget:
     parts = _split(url)
     host = _host(url, parts)
     port = _port(url, parts)
@@ -114,9 +131,7 @@ def resolve_upstream(url: str, *, allow_private: AllowPrivate,
                               (_judge(url, host, literal, allowed),))
     if host.rstrip(".") in METADATA_HOSTNAMES:
         raise _refused(url, "metadata", host, None, "it is a cloud metadata service's name")
-    found = _resolve(url, host, port, resolver or _getaddrinfo)
-    addresses = tuple(_judge(url, host, address, allowed) for address in found)
-    return UpstreamTarget(parts.scheme.lower(), host, port, addresses)
+    return UpstreamTarget(parts.scheme.lower(), host, port, ())
 
 
 def allowed_networks(allow_private: AllowPrivate) -> tuple[IPNetwork, ...] | bool:
