@@ -146,6 +146,7 @@ def announce_served(specs: list[EndpointSpec], node: str) -> list[str]:
                if one.endpoint.announced else "joined it (an operator's endpoint)")
         typer.echo(f"serving endpoint {one.endpoint.id}: announced, {how}; queue "
                    f"{one.endpoint.queue}")
+    sys.stdout.flush()  # before the worker takes stdout over for its log
     ids = [spec.id for spec in specs]
     os.environ[SERVES_VARIABLE] = ",".join(ids)
     reset_settings()
