@@ -14,7 +14,7 @@ AIMESH_FOLLOW_INTERVAL_S, that it has the API key of each endpoint it serves (th
 variable or file the endpoint names, providers/credentials.py). An endpoint whose key
 is missing gets one WARNING line when that is first seen (at start-up, or when the
 endpoint arrives) and one INFO line when the key is found again; the worker reports it in
-Redis (registry.report_missing_keys, with a TTL this step refreshes), which
+Redis (registry/key_reports.py, with a TTL this step refreshes), which
 `aimesh endpoints list` shows as "key missing on <worker>".
 """
 
@@ -48,7 +48,7 @@ class KeyCheck:
         """Check every served endpoint's key; log what changed; report (refreshed well
         within the report's TTL)."""
         from aimesh_tasks.providers.credentials import missing_reason
-        from aimesh_tasks.registry.endpoints import report_missing_keys
+        from aimesh_tasks.registry.key_reports import report_missing_keys
 
         now = {e.id: why for e in served if (why := missing_reason(e)) is not None}
         for endpoint_id, why in sorted(now.items()):
@@ -69,7 +69,7 @@ class KeyCheck:
 
     def withdraw(self) -> None:
         """Take this worker's reports back (it stops serving)."""
-        from aimesh_tasks.registry.endpoints import report_missing_keys
+        from aimesh_tasks.registry.key_reports import report_missing_keys
 
         if self.missing:
             report_missing_keys(self.worker, [], sorted(self.missing), KEY_REPORT_TTL_S)

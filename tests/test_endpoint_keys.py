@@ -28,7 +28,7 @@ from aimesh_tasks.providers import PROVIDERS, aio
 from aimesh_tasks.providers import http as upstream
 from aimesh_tasks.providers.credentials import api_key, looks_like_key, missing_reason, redact
 from aimesh_tasks.registry import Endpoint, add_endpoint, get_endpoint, update_endpoint
-from aimesh_tasks.registry.endpoints import workers_missing_keys
+from aimesh_tasks.registry.key_reports import workers_missing_keys
 from aimesh_tasks.registry.live import read_figures
 from aimesh_tasks.simulator import RunningSimulator
 from tests.processes import WorkerProcess, start_workers

@@ -19,6 +19,7 @@ import typer
 from aimesh_tasks.cli.shell import EXIT_FAILED, stdout, table
 from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.registry import endpoints as registry
+from aimesh_tasks.registry.key_reports import workers_missing_keys
 from aimesh_tasks.registry.live import LiveFigures, read_figures
 from aimesh_tasks.registry.servers import Server, servers_of
 from aimesh_tasks.resilience.breaker_store import breaker_states
@@ -78,7 +79,7 @@ def list_(as_json: bool = typer.Option(False, "--json", help="One JSON object pe
 
     endpoints = registry.list_endpoints()
     figures, _ = read_figures(e.id for e in endpoints)
-    missing = registry.workers_missing_keys(e.id for e in endpoints)
+    missing = workers_missing_keys(e.id for e in endpoints)
     breakers = breaker_states([e.id for e in endpoints])
     now, down_after_s = time.time(), get_settings().serve_down_after_s
     seen = {i: [_seen(s, now, down_after_s) for s in found]

@@ -3,8 +3,9 @@
 Every change bumps a version counter in Redis, so routers on every worker reload their
 cached copy on their next message. An endpoint names where its API key is (an
 environment variable or a file on its workers, see providers/credentials.py), never the
-key; workers that cannot find it report so here (`report_missing_keys`), and
-`workers_missing_keys` tells `aimesh endpoints list`.
+key; workers that cannot find it report so (registry/key_reports.py). Its base URL passes
+the upstream URL policy (registry/upstream.py). Its `origin` says who made it: an
+operator, or a worker that announced it (registry/announce.py).
 
 A base URL is the server's, without the API path the adapter adds: one ending in the
 adapter's version prefix (`http://host/v1` for OpenAI, the SDKs' habit) is stored without
@@ -16,9 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-import time
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import cache
@@ -42,7 +41,6 @@ from aimesh_tasks.messages import AGENT_ID_PATTERN, AiMessage
 from aimesh_tasks.money import nusd_to_usd, usd_to_nusd
 from aimesh_tasks.providers import PROVIDERS
 from aimesh_tasks.providers.credentials import ENV_NAME, looks_like_key
-from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry.upstream import check_operator_url
 
@@ -385,33 +383,3 @@ def list_endpoints(*, include_disabled: bool = True) -> list[Endpoint]:
         query = query.where(EndpointRow.enabled.is_(True))
     with session_scope() as session:
         return [_to_endpoint(row) for row in session.scalars(query)]
-
-
-def report_missing_keys(worker: str, missing: Iterable[str], present: Iterable[str],
-                        ttl_s: float) -> None:
-    """Say which endpoints `worker` serves without their key (for `ttl_s`: a worker that
-    stops reporting drops out) and which it has the key of again."""
-    until = time.time() + ttl_s
-    batch = Batch()
-    for endpoint_id in missing:
-        batch.call("ZADD", keys.key_missing(endpoint_id), until, worker)
-        batch.call("EXPIRE", keys.key_missing(endpoint_id), int(ttl_s) + 1)
-    for endpoint_id in present:
-        batch.call("ZREM", keys.key_missing(endpoint_id), worker)
-    batch.send()
-
-
-def workers_missing_keys(endpoint_ids: Iterable[str]) -> dict[str, list[str]]:
-    """For each endpoint, the workers that reported lately that they serve it without its
-    key (one round trip)."""
-    ids = list(endpoint_ids)
-    batch = Batch()
-    now = time.time()
-    for endpoint_id in ids:
-        batch.call("ZRANGEBYSCORE", keys.key_missing(endpoint_id), now, "+inf")
-    batch.send()
-    return {endpoint_id: sorted(_text(w) for w in batch[i]) for i, endpoint_id in enumerate(ids)}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
