@@ -79,7 +79,9 @@ class KeyCheck:
 class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
     """Every AIMESH_FOLLOW_INTERVAL_S: align the consumed endpoint queues with the registry
     (when following), drain the queues of self-registered endpoints left without a live
-    server (when following or routing), and check the served endpoints' keys."""
+    server (when following or routing), and check the served endpoints' keys. Queues are
+    aligned only when the registry or the orphans changed: a queue cancelled from outside
+    (`celery control cancel_consumer`) stays cancelled until then."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
@@ -89,7 +91,7 @@ class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
         self.timer_entry: Any = None
         self.follow = False
         self.drains = False
-        self.fixed: set[str] = set()
+        self.fixed: set[str] = set()  # a router's own endpoint queues (never cancelled)
         self.serves: frozenset[str] = frozenset()
         self.draining: set[str] = set()
         self.endpoints: dict[str, Endpoint] = {}
@@ -105,7 +107,7 @@ class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
         consumed = {q.name for q in consumer.task_consumer.queues}
         self.drains = self.follow or ROUTE_QUEUE in consumed
         self.serves = settings.served_endpoints
-        if not self.follow:  # the endpoint queues it was started with are never cancelled
+        if not self.follow:
             self.fixed = {q for q in consumed if endpoint_id_of_queue(q) is not None}
         self.keys = KeyCheck(str(getattr(consumer, "hostname", "") or "worker"))
         self.sync(consumer)
@@ -132,9 +134,11 @@ class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
         try:
             if not self.drains and not self._served_ids(consumer, endpoint_id_of_queue):
                 return  # nothing to follow or drain, no key to check
-            self._reload()
+            moved = self._reload()
             if self.drains:
-                self._align(consumer)
+                orphans = self._orphans()
+                if moved or orphans != self.draining:  # else leave the consumer as it is
+                    self._align(consumer, orphans)
             served = self._served_ids(consumer, endpoint_id_of_queue)
             if self.keys is not None:
                 self.keys.check([e for i in sorted(served)
@@ -151,36 +155,43 @@ class FollowEndpoints(bootsteps.StartStopStep):  # type: ignore[misc]
         names = (q.name for q in consumer.task_consumer.queues)
         return {endpoint_id for name in names if (endpoint_id := id_of(name)) is not None}
 
-    def _reload(self) -> None:
-        """Re-read the registry when its version moved."""
+    def _reload(self) -> bool:
+        """Re-read the registry when its version moved; whether it did."""
         from aimesh_tasks.registry.endpoints import list_endpoints
         from aimesh_tasks.registry.live import registry_version
 
         version = registry_version()
-        if version != self.version:
-            self.endpoints = {e.id: e for e in list_endpoints()}
-            self.version = version
+        if version == self.version:
+            return False
+        self.endpoints = {e.id: e for e in list_endpoints()}
+        self.version = version
+        return True
 
-    def _align(self, consumer: Any) -> None:
-        """Consume exactly the wanted endpoint queues: those it was started with or serves,
-        every enabled operator endpoint's when following, and the orphaned ones."""
+    def _align(self, consumer: Any, orphans: set[str]) -> None:
+        """Start and stop consuming endpoint queues: following, exactly those of the
+        enabled operator endpoints, the served ones and `orphans`; routing, only the
+        orphans' queues come and go (the queues it was started with are left alone)."""
         from aimesh_tasks.keys import endpoint_id_of_queue, endpoint_queue
 
-        orphans = self._orphans()
         for endpoint_id in sorted(orphans ^ self.draining):
             logger.info("serve.draining" if endpoint_id in orphans else "serve.drained",
                         extra={"endpoint_id": endpoint_id})
-        self.draining = orphans
-        wanted = self.fixed | {endpoint_queue(i) for i in self.serves | orphans}
-        if self.follow:
-            wanted |= {endpoint_queue(i) for i, e in self.endpoints.items()
-                       if e.enabled and not e.announced}
         consuming = {q.name for q in consumer.task_consumer.queues}
+        drained = {endpoint_queue(i) for i in orphans}
+        if self.follow:
+            wanted = drained | {endpoint_queue(i) for i in self.serves} | {
+                endpoint_queue(i) for i, e in self.endpoints.items()
+                if e.enabled and not e.announced}
+            managed = {q for q in consuming if endpoint_id_of_queue(q) is not None}
+        else:
+            wanted = drained
+            managed = {endpoint_queue(i) for i in self.draining} - self.fixed - {
+                endpoint_queue(i) for i in self.serves}
+        self.draining = orphans
         for queue in sorted(wanted - consuming):
             consumer.add_task_queue(queue)
-        for queue in sorted(consuming - wanted):
-            if endpoint_id_of_queue(queue) is not None:
-                consumer.cancel_task_queue(queue)
+        for queue in sorted((consuming & managed) - wanted):
+            consumer.cancel_task_queue(queue)
 
     def _orphans(self) -> set[str]:
         """The enabled self-registered endpoints this worker does not serve and none of

@@ -16,7 +16,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import select
 
 from aimesh_tasks import keys, outbox
@@ -35,6 +34,7 @@ from aimesh_tasks.policies.budget import BudgetAdmission
 from aimesh_tasks.redis_batch import Batch, Reader
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint
+from tests.redis_trips import round_trips
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -141,24 +141,11 @@ def test_a_policy_refusal_stops_the_message_before_budget_and_dispatch(one: Endp
     assert events[0][2]["policy"] == "refuse-everyone"
 
 
-def _round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count packed sends to Redis (one per round trip, a pipeline is one)."""
-    sent: list[int] = []
-    original = redis.connection.Connection.send_packed_command
-
-    def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        sent.append(1)
-        original(self, command, check_health)
-
-    monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counting)
-    return sent
-
-
 def test_a_policys_redis_reads_ride_routings_batch(one: Endpoint,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     get_redis().set("aimesh:test:policy-read", "seen")
     _route(_message(prompt="warm up the registry cache"))
-    sent = _round_trips(monkeypatch)
+    sent = round_trips(monkeypatch)
     assert isinstance(_route(_message(prompt="baseline")), HandOff)
     baseline = len(sent)
     sent.clear()

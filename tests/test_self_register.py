@@ -11,16 +11,17 @@ routing wrote, and the in-process checks inject the policy's clock.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from celery.result import AsyncResult
 from typer.testing import CliRunner
 
@@ -56,6 +57,7 @@ from aimesh_tasks.simulator import RunningSimulator
 from aimesh_tasks.tasks.call import call_signature
 from tests.gate import Gate
 from tests.processes import AIMESH, ROOT, WorkerProcess
+from tests.redis_trips import round_trips
 from tests.waits import wait_until
 
 Sim = Callable[..., RunningSimulator]
@@ -101,6 +103,14 @@ def tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in SERVE_ENV.items():
         monkeypatch.setenv(name, value)
     reset_settings()
+
+
+def _announced(endpoint_id: str, url: str) -> Endpoint:
+    """Announce a free endpoint at `url` from this process (the `tokens` fixture)."""
+    [done] = announce([parse_announcement({"id": endpoint_id, "base_url": url,
+                                           "model": "sim-model", "input_usd_per_1k": "0",
+                                           "output_usd_per_1k": "0"})], worker="test")
+    return done.endpoint
 
 
 def _live_server(endpoint_id: str, worker: WorkerProcess) -> Any:
@@ -213,13 +223,11 @@ def test_a_queue_left_without_servers_is_drained_and_its_messages_fall_back(
     sim = simulator()
     other = endpoint(sim, "op-drain", price_in="0.01", price_out="0.02")
     eid = _eid("orphan")
-    [joined] = announce([parse_announcement({"id": eid, "base_url": sim.url,
-                                             "model": "sim-model", "input_usd_per_1k": "0",
-                                             "output_usd_per_1k": "0"})], worker="test")
+    orphan = _announced(eid, sim.url)
     # Messages already in its queue (routed while a server lived, which then went away):
     # routers and followers consume the queue now, refuse each call, and fall back.
-    both = _queued(joined.endpoint, other)
-    alone = _queued(joined.endpoint)
+    both = _queued(orphan, other)
+    alone = _queued(orphan)
     answer = AsyncResult(both, app=app).get(timeout=60)
     assert answer["endpoint_id"] == other.id
     first = answer["attempts"][0]
@@ -317,9 +325,7 @@ def test_the_heartbeat_bound_leaves_a_silent_endpoint_out_and_never_an_operators
     sim = simulator()
     operator = endpoint(sim, "op-kept")
     eid = _eid("beats")
-    announce([parse_announcement({"id": eid, "base_url": sim.url, "model": "sim-model",
-                                  "input_usd_per_1k": "0", "output_usd_per_1k": "0"})],
-             worker="w")
+    _announced(eid, sim.url)
     candidates = [e for e in list_endpoints() if e.id in (eid, operator.id)]
     beat("w1@host", [eid], now=1000.0)
     message = AiMessage(agent_id=AGENT, prompt="beats", max_tokens=8)
@@ -344,9 +350,7 @@ def test_the_servers_read_rides_routings_round_trip(
 ) -> None:
     sim = simulator()
     eid = _eid("trip")
-    announce([parse_announcement({"id": eid, "base_url": sim.url, "model": "sim-model",
-                                  "input_usd_per_1k": "0", "output_usd_per_1k": "0"})],
-             worker="w")
+    _announced(eid, sim.url)
     beat("w@host", [eid])
     with_servers = Policies([BudgetAdmission(), LiveServers()])
     without = Policies([BudgetAdmission()])
@@ -356,7 +360,7 @@ def test_the_servers_read_rides_routings_round_trip(
                                             max_tokens=8), policies=policies)
 
     route(with_servers)  # loads the registry copy
-    sent = _round_trips(monkeypatch)
+    sent = round_trips(monkeypatch)
     assert isinstance(route(without), HandOff)
     baseline = len(sent)
     sent.clear()
@@ -365,36 +369,22 @@ def test_the_servers_read_rides_routings_round_trip(
     assert len(sent) == baseline
 
 
-def _round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    sent: list[int] = []
-    original = redis.connection.Connection.send_packed_command
-
-    def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        sent.append(1)
-        original(self, command, check_health)
-
-    monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counting)
-    return sent
-
-
 def test_only_its_servers_call_a_self_registered_endpoint(
     simulator: Sim, endpoint: MakeEndpoint, tokens: None
 ) -> None:
     sim = simulator()
     other = endpoint(sim, "op-next")
     eid = _eid("theirs")
-    [joined] = announce([parse_announcement({"id": eid, "base_url": sim.url,
-                                             "model": "sim-model", "input_usd_per_1k": "0",
-                                             "output_usd_per_1k": "0"})], worker="w")
+    theirs = _announced(eid, sim.url)
     message = AiMessage(agent_id=AGENT, prompt="theirs", max_tokens=8)
     envelope = Envelope(message=message.to_json_dict(),
-                        route=[endpoint_to_args(joined.endpoint), endpoint_to_args(other)])
+                        route=[endpoint_to_args(theirs), endpoint_to_args(other)])
     outcome = calling.call(app, envelope, wait_s=5,
                            policies=Policies([BudgetAdmission(), LiveServers(serves=frozenset())]))
     assert isinstance(outcome, Fallback) and outcome.envelope.route[0]["id"] == other.id
     assert outcome.envelope.attempts[0]["error"]["reason"] == "not_served_here"
     assert sim.stats()["calls"] == 0
-    ctx = CallContext(message, envelope, joined.endpoint, "k")
+    ctx = CallContext(message, envelope, theirs, "k")
     assert LiveServers(serves=frozenset({eid})).before_call(ctx) is None
     assert LiveServers(serves=frozenset()).before_call(CallContext(message, envelope, other,
                                                                    "k")) is None
@@ -403,15 +393,10 @@ def test_only_its_servers_call_a_self_registered_endpoint(
 def test_endpoints_list_shows_who_serves_each_and_when_last_seen(
     simulator: Sim, endpoint: MakeEndpoint, tokens: None
 ) -> None:
-    import json
-    import time
-
     sim = simulator()
     operator = endpoint(sim, "op-listed")
     eid = _eid("listed")
-    announce([parse_announcement({"id": eid, "base_url": sim.url, "model": "sim-model",
-                                  "input_usd_per_1k": "0", "output_usd_per_1k": "0"})],
-             worker="w")
+    _announced(eid, sim.url)
     now = time.time()
     beat("alive@host", [eid], now=now)
     beat("gone@host", [eid], now=now - 600)
@@ -435,9 +420,7 @@ def test_workers_following_the_registry_leave_self_registered_queues_to_their_se
     sim = simulator()
     operator = endpoint(sim, "op-follow")
     eid = _eid("own")
-    announce([parse_announcement({"id": eid, "base_url": sim.url, "model": "sim-model",
-                                  "input_usd_per_1k": "0", "output_usd_per_1k": "0"})],
-             worker="w")
+    _announced(eid, sim.url)
     assert worker_queues(False, "all", None) == [f"aimesh.endpoint.{operator.id}"]
     assert worker_queues(False, None, None, [eid]) == [f"aimesh.endpoint.{eid}"]
     with pytest.raises(InvalidInput, match=f"'{eid}' is self-registered"):
