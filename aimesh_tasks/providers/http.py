@@ -41,8 +41,11 @@ CALL_KEY_HEADER = "X-Aimesh-Call-Key"
 def _status_error(endpoint: Endpoint, adapter: Provider, response: aio.Response,
                   api_key: str | None) -> ProviderError:
     """The adapter's reading of a failed answer, as a ProviderError keeping its data and a
-    bounded excerpt of the provider's own message (keys and key-like tokens redacted)."""
+    bounded excerpt of the provider's own message (keys and key-like tokens redacted); a
+    redirect is the path's own error (never followed)."""
     status = response.status
+    if 300 <= status < 400:
+        return _redirect_error(endpoint, response)
     try:
         body: Any = response.json()
     except ValueError:
@@ -149,8 +152,6 @@ def call_provider(endpoint: Endpoint, message: AiMessage, call_key: str, *,
     request = adapter.build_request(endpoint.model, message, api_key)
     response = _send(endpoint, request, {**request.headers, CALL_KEY_HEADER: call_key},
                      call_timeout(message), cancel)
-    if 300 <= response.status < 400:
-        raise _redirect_error(endpoint, response)
     if response.status != 200:
         raise _status_error(endpoint, adapter, response, api_key)
     try:
