@@ -195,6 +195,28 @@ def test_latency_is_honoured_without_blocking_other_requests() -> None:
                 sleeper.result(timeout=60)
 
 
+def test_a_hold_answers_nothing_until_that_many_wait_at_once() -> None:
+    """hold_in_flight=3: two requests wait however long it takes; the third opens the
+    hold for all three and for later ones; /_sim/in_flight saw three at once."""
+    with running(hold_in_flight=3) as sim, ThreadPoolExecutor(3) as pool:
+        def one() -> int:
+            return post(sim, "/v1/chat/completions", timeout=60,
+                        json={"model": "m", "messages": PROMPT}).status_code
+
+        first = [pool.submit(one) for _ in range(2)]
+        wait_until(lambda: sim.in_flight()["in_flight"] == 2, "two requests held",
+                   seen=sim.in_flight)
+        assert not any(f.done() for f in first) and sim.stats()["ok"] == 0
+        third = pool.submit(one)
+        assert [f.result(timeout=60) for f in (*first, third)] == [200, 200, 200]
+        assert one() == 200  # the hold stays open
+        with httpx.Client(base_url=sim.url) as http:
+            over_http = http.get("/_sim/in_flight").json()
+        assert over_http == sim.in_flight() == {"in_flight": 0, "max_in_flight": 3}
+        sim.reset()
+        assert sim.in_flight() == {"in_flight": 0, "max_in_flight": 0}
+
+
 def test_stats_and_calls_count_every_request_with_call_keys() -> None:
     with running() as sim, sdk(sim) as client:
         ask(client, PROMPT, extra_headers={"X-Aimesh-Call-Key": "key-1"})

@@ -1,8 +1,8 @@
 """A simulated LLM provider: a real aiohttp server speaking the OpenAI Chat Completions format.
 
 Deterministic completions and token counts, configurable latency and injected 500/429
-failures, and control endpoints (`/_sim/stats`, `/_sim/calls`, `/_sim/reset`,
-`/_sim/config`) for tests, the demo and benchmarks.
+failures, and control endpoints (`/_sim/stats`, `/_sim/calls`, `/_sim/in_flight`,
+`/_sim/reset`, `/_sim/config`) for tests, the demo and benchmarks.
 
     with start_simulator(SimulatorConfig(latency_ms=50)) as sim:
         openai.OpenAI(base_url=sim.url + "/v1", api_key="x").chat.completions.create(...)

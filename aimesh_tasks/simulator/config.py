@@ -28,6 +28,7 @@ RUNTIME_FIELDS: Final = (
     "unknown_model_status",
     "hold_after_words",
     "word_interval_ms",
+    "hold_in_flight",
 )
 # The statuses an unknown model may get: the providers' 404, or a gateway's 400 (LiteLLM).
 UNKNOWN_MODEL_STATUSES: Final = (404, 400)
@@ -56,6 +57,7 @@ _INT_RANGES: Final[dict[str, tuple[float, float]]] = {
     "retry_after_s": (0, math.inf),
     "completion_tokens": (1, MAX_COMPLETION_TOKENS),
     "seed": (-math.inf, math.inf),
+    "hold_in_flight": (0, math.inf),
 }
 
 
@@ -86,6 +88,11 @@ class SimulatorConfig:
     `hold_after_words` (None: never) pauses every streamed answer once that many words
     are written, until `POST /_sim/release`; `word_interval_ms` spaces a streamed answer's
     words, as a model generating them does (simulator/streaming.py).
+
+    `hold_in_flight` N (0: off) holds every answer until N requests are waiting at once
+    (after their latency): a test waits for that event instead of for the clock. The hold
+    then stays open, for those and every later request, until `hold_in_flight` is set
+    again or the simulator is reset.
     """
 
     latency_ms: float = 0
@@ -103,6 +110,7 @@ class SimulatorConfig:
     unknown_model_status: int = 404
     hold_after_words: int | None = None
     word_interval_ms: float = 0
+    hold_in_flight: int = 0
 
     def __post_init__(self) -> None:
         for name, (low, high) in _FLOAT_RANGES.items():

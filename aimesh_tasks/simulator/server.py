@@ -71,6 +71,9 @@ class SimState:
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._log: deque[tuple[Any, ...]] = deque(maxlen=CALL_LOG_SIZE)
         self.holds = Holds()
+        self._waiting = 0
+        self._most_waiting = 0
+        self._hold = asyncio.Event()  # open once config.hold_in_flight requests wait at once
 
     def begin(self, request: web.BaseRequest) -> Call:
         """Count a request and roll its latency and injected fault."""
@@ -92,9 +95,20 @@ class SimState:
                     request)
 
     async def wait(self, call: Call) -> None:
-        """Sleep the call's latency without blocking other requests."""
-        if call.delay_s > 0:
-            await asyncio.sleep(call.delay_s)
+        """Sleep the call's latency without blocking other requests, then wait for the
+        hold to open (`SimulatorConfig.hold_in_flight`); counted as waiting meanwhile."""
+        self._waiting += 1
+        self._most_waiting = max(self._most_waiting, self._waiting)
+        try:
+            if call.delay_s > 0:
+                await asyncio.sleep(call.delay_s)
+            hold = self.config.hold_in_flight
+            if hold:
+                if self._waiting >= hold:
+                    self._hold.set()
+                await self._hold.wait()
+        finally:
+            self._waiting -= 1
 
     def finish(
         self, call: Call, status: int, model: str | None = None,
@@ -123,6 +137,12 @@ class SimState:
         base set appear once they are non-zero)."""
         return dict(self._counts)
 
+    def in_flight(self) -> dict[str, int]:
+        """Requests waiting for their answer now (`in_flight`) and the most that waited at
+        once since start or the last reset (`max_in_flight`): how many calls a client held
+        open together."""
+        return {"in_flight": self._waiting, "max_in_flight": self._most_waiting}
+
     def calls(self) -> list[dict[str, Any]]:
         """The most recent call records, oldest first: `n`, `model`, `status`, the token
         counts, the caller's `call_key` and `disconnected` (the caller closed its connection
@@ -130,15 +150,26 @@ class SimState:
         return [dict(zip(_CALL_FIELDS, record, strict=True)) for record in self._log]
 
     def reset(self) -> None:
-        """Zero counters and log, and reseed the fault dice so a run can be replayed."""
+        """Zero counters and log, and reseed the fault dice so a run can be replayed; the
+        most in flight starts again from those waiting now, and a hold starts afresh."""
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._log.clear()
         self._dice = random.Random(self.config.seed)
+        self._most_waiting = self._waiting
+        self._renew_hold()
 
     def configure(self, changes: dict[str, Any]) -> dict[str, Any]:
-        """Apply runtime config changes (ConfigFieldError if invalid); return the config."""
+        """Apply runtime config changes (ConfigFieldError if invalid); return the config.
+        Setting `hold_in_flight` answers the requests held so far and starts a new hold."""
         self.config = self.config.with_changes(changes)
+        if "hold_in_flight" in changes:
+            self._renew_hold()
         return self.config.as_dict()
+
+    def _renew_hold(self) -> None:
+        """A new, closed hold; whoever waits on the old one is answered, never stranded."""
+        self._hold.set()
+        self._hold = asyncio.Event()
 
 
 STATE_KEY: Final = web.AppKey("aimesh_simulator_state", SimState)
@@ -158,6 +189,9 @@ def _control_routes(state: SimState) -> list[web.RouteDef]:
 
     async def calls(_: web.Request) -> web.Response:
         return web.json_response(state.calls())
+
+    async def in_flight(_: web.Request) -> web.Response:
+        return web.json_response(state.in_flight())
 
     async def reset(_: web.Request) -> web.Response:
         state.reset()
@@ -185,6 +219,7 @@ def _control_routes(state: SimState) -> list[web.RouteDef]:
         web.get("/health", health),
         web.get("/_sim/stats", stats),
         web.get("/_sim/calls", calls),
+        web.get("/_sim/in_flight", in_flight),
         web.post("/_sim/reset", reset),
         web.post("/_sim/config", configure),
         web.get("/_sim/held", held),

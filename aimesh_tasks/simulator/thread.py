@@ -97,6 +97,10 @@ class RunningSimulator:
         """Per-call records, oldest first (see `GET /_sim/calls`)."""
         return self._on_loop(self._state.calls)
 
+    def in_flight(self) -> dict[str, int]:
+        """Requests waiting for their answer now and the most at once (`GET /_sim/in_flight`)."""
+        return self._on_loop(self._state.in_flight)
+
     def reset(self) -> None:
         """Zero the counters and the call log."""
         self._on_loop(self._state.reset)
