@@ -121,6 +121,19 @@ def _check_before_worker_starts(**_: Any) -> None:
     check_delivery_settings()
 
 
+@signals.worker_init.connect
+@never_silent
+def _size_pools(sender: Any, **_: Any) -> None:
+    """Size this worker's connection pools from the tasks each of its processes runs at
+    once (aimesh_tasks/pools.py); before the pool forks, so prefork children inherit it."""
+    from aimesh_tasks import pools
+    from aimesh_tasks.redis_client import reset_redis_clients
+
+    pools.size_for_worker(sender.pool_cls, sender.concurrency)
+    sender.app.conf.update(pools.celery_settings(sender.app.conf))
+    reset_redis_clients()  # a client made before now (the CLI's registry read) is undersized
+
+
 @signals.worker_process_init.connect
 def _fresh_connections_after_fork(**_: Any) -> None:
     from aimesh_tasks.db import dispose_engines

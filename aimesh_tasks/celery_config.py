@@ -67,7 +67,8 @@ broker_connection_retry_on_startup = True
 broker_transport_options = {
     "visibility_timeout": _settings.visibility_timeout_s,
     # kombu's default of 10 broker connections fails under gevent/threads concurrency
-    # (MEASURED.md finding 3); this is a ceiling, not a number opened up front.
+    # (MEASURED.md finding 3); this is a ceiling, not a number opened up front, raised at
+    # worker start for a worker running more tasks at once (aimesh_tasks/pools.py).
     "max_connections": 1000,
     # Ten priority levels, one Redis list each (aimesh_tasks/resilience/priority.py):
     # kombu's default steps 0, 3, 6, 9 would fold AiMessage.priority 0-9 into four. Its
@@ -85,7 +86,10 @@ broker_transport_options = {
 # priority (a follower routed again) gets AiMessage's default, 5.
 task_queue_max_priority = HIGHEST
 task_default_priority = broker_priority(DEFAULT, _settings.broker_url)
-result_backend_transport_options = {"max_connections": 1000}
+# A worker shares one result backend (one Redis pool) among its threads, sized from its
+# concurrency at start (aimesh_tasks/pools.py: result_backend_thread_safe,
+# redis_max_connections, broker_pool_limit); the Redis backend reads no max_connections
+# from result_backend_transport_options.
 
 # Queues: routing tasks on one queue, each endpoint's calls on its own queue
 # (aimesh.endpoint.<endpoint_id>), created on first use.

@@ -45,11 +45,14 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_POLICIES                   | (empty)             | extra policies 'pkg.mod:Class,...'|
 | AIMESH_TRANSIENT_RETRIES          | 8                   | task retries on a Redis/PG outage |
 | AIMESH_REDIS_TIMEOUT_S            | 5                   | socket timeout of the Redis client|
+| AIMESH_REDIS_MAX_CONNECTIONS      | 0                   | per process; 0 = from concurrency |
 | AIMESH_ACCEPTED_LOG               | true                | accepted messages kept in Postgres|
 | AIMESH_REPUBLISH_AFTER_S          | 300                 | unseen accepted msg re-published  |
 | AIMESH_RECONCILE_INTERVAL_S       | 10                  | how often workers reconcile       |
 | AIMESH_DB_STATEMENT_TIMEOUT_S     | 30                  | Postgres statement_timeout; 0=off |
 | AIMESH_DB_LOCK_TIMEOUT_S          | 5                   | Postgres lock_timeout; 0 = off    |
+| AIMESH_DB_POOL_SIZE               | 10                  | Postgres connections per process  |
+| AIMESH_DB_POOL_TIMEOUT_S          | 30                  | wait for a free one, then an error|
 | AIMESH_INTENT_MIN_SCORE           | 0.40                | intent routing: least best score  |
 | AIMESH_INTENT_AMBIGUITY_THRESHOLD | 0.05                | top two closer than this: 409     |
 | AIMESH_MAX_HOPS                   | 8                   | agent-to-agent hops before refusal|
@@ -210,7 +213,13 @@ class Settings(BaseSettings):
         "", description="Extra message-path policies: 'package.module:ClassName,...'."
     )
     redis_timeout_s: float = Field(
-        5, gt=0, description="Socket timeout of the Redis client (live figures, dedup, leases).")
+        5, gt=0, description="Socket timeout of the Redis client (live figures, dedup, leases), "
+                             "and the longest wait for a free connection of its pool.")
+    redis_max_connections: int = Field(
+        0, ge=0,
+        description="Most connections one process's Redis client opens; 0 = one per task the "
+                    "process runs at once plus 16 for the worker's own threads (100 outside a "
+                    "worker). See aimesh_tasks/pools.py.")
     transient_retries: int = Field(
         8, ge=0, le=100,
         description="Retries of a task after a transient Redis/Postgres error, with backoff.",
@@ -230,6 +239,15 @@ class Settings(BaseSettings):
         30, ge=0, description="Postgres statement_timeout of every connection; 0 = none.")
     db_lock_timeout_s: float = Field(
         5, ge=0, description="Postgres lock_timeout of every connection; 0 = none.")
+    db_pool_size: int = Field(
+        10, ge=1, le=1000,
+        description="Most Postgres connections one process opens per engine, kept once "
+                    "opened: a task holds one for a statement, so a thousand threads share "
+                    "them; the server's max_connections is shared by every process.")
+    db_pool_timeout_s: float = Field(
+        30, gt=0,
+        description="A task waits this long for a free Postgres connection of its process, "
+                    "then fails (and is retried) with an error naming AIMESH_DB_POOL_SIZE.")
     intent_min_score: float = Field(
         0.40, ge=-1, le=1,
         description="Intent routing: a best route scoring below this sends the message to "

@@ -56,24 +56,7 @@ from benchmarks.bench_spine import (  # noqa: E402
     wait_workers,
 )
 from benchmarks.places import BENCH_DB, DATABASE_NAME  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its reaped children (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
-    return (utime + stime + cutime + cstime) / TICKS
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process and its live descendants (prefork children included)."""
-    total = cpu_s(pid)
-    for child in Path(f"/proc/{pid}/task").glob("*/children"):
-        for kid in child.read_text().split():
-            total += tree_cpu_s(int(kid))
-    return total
+from benchmarks.procfs import tree_cpu_s  # noqa: E402
 
 
 def redis_figures(client: redis.Redis) -> dict[str, Any]:

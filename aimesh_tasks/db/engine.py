@@ -1,4 +1,9 @@
-"""Engines (one per URL per process) and the session scope."""
+"""Engines (one per URL per process) and the session scope.
+
+A Postgres engine's pool opens at most AIMESH_DB_POOL_SIZE connections (aimesh_tasks/pools.py
+says why that is not the worker's concurrency); a thread that finds them all busy waits up
+to AIMESH_DB_POOL_TIMEOUT_S, then gets DbPoolExhausted naming both settings.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +15,38 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 
 from aimesh_tasks.settings import get_settings
+
+
+class DbPoolExhausted(sa_exc.TimeoutError):
+    """Every Postgres connection of this process's pool stayed busy for the whole wait (a
+    SQLAlchemy TimeoutError, which the task shells retry as an outage)."""
+
+    def __init__(self, size: int, waited_s: float) -> None:
+        super().__init__(
+            f"all {size} Postgres connections of this process (AIMESH_DB_POOL_SIZE) stayed "
+            f"busy for {waited_s:g} s (AIMESH_DB_POOL_TIMEOUT_S). A task holds one for a "
+            "statement at a time, so this means slow statements (locks, a busy server) or more "
+            "load than the pool carries. Fix: raise AIMESH_DB_POOL_SIZE (every process of "
+            "the cluster shares the server's max_connections) or lower the worker's concurrency")
+        self.size = size
+
+
+class _BoundedPool(QueuePool):
+    """QueuePool whose timeout says which settings to change."""
+
+    def connect(self) -> PoolProxiedConnection:
+        try:
+            return super().connect()
+        except sa_exc.TimeoutError as exc:
+            if isinstance(exc, DbPoolExhausted):
+                raise
+            raise DbPoolExhausted(self.size(), self.timeout()) from exc
+
 
 _engines: dict[str, Engine] = {}
 _sessionmakers: dict[str, sessionmaker[Session]] = {}
@@ -49,7 +82,7 @@ def get_engine(url: str | None = None) -> Engine:
         # connections are recycled instead, and a broken one fails its task, which the
         # broker redelivers (acks_late).
         engine = create_engine(url_for_driver, pool_recycle=1800,
-                               connect_args=_postgres_options(url))
+                               connect_args=_postgres_options(url), **_pool_options(url))
         _engines[url] = engine
         if engine.dialect.name == "sqlite":
             event.listen(engine, "connect", _sqlite_pragmas)
@@ -73,6 +106,16 @@ def _postgres_options(url: str, *extra: str) -> dict[str, Any]:
             "application_name": f"aimesh-{os.getpid()}"}
 
 
+def _pool_options(url: str) -> dict[str, Any]:
+    """A Postgres engine's pool: at most AIMESH_DB_POOL_SIZE connections, kept once
+    opened, and a bounded wait for one (SQLite keeps SQLAlchemy's defaults)."""
+    if not url.startswith("postgresql"):
+        return {}
+    settings = get_settings()
+    return {"poolclass": _BoundedPool, "pool_size": settings.db_pool_size, "max_overflow": 0,
+            "pool_timeout": settings.db_pool_timeout_s}
+
+
 def get_relaxed_engine(url: str | None = None) -> Engine:
     """An autocommit engine whose commits do not wait for the WAL flush (Postgres
     synchronous_commit=off: 0.25 ms instead of ~5 ms here), for records that may be lost
@@ -85,7 +128,8 @@ def get_relaxed_engine(url: str | None = None) -> Engine:
         if base.dialect.name != "postgresql":
             return base
         engine = create_engine(base.url, pool_recycle=1800, isolation_level="AUTOCOMMIT",
-                               connect_args=_postgres_options(url, "-c synchronous_commit=off"))
+                               connect_args=_postgres_options(url, "-c synchronous_commit=off"),
+                               **_pool_options(url))
         _engines[key] = engine
     return engine
 
@@ -139,7 +183,7 @@ def autocommit_connection(url: str | None = None) -> Iterator[psycopg.Connection
         with pool.connection() as connection:
             yield connection
     except psycopg.Error as exc:
-        raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+        raise sa_exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
 
 
 def _migrate_embedded(url: str) -> None:

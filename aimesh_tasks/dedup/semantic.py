@@ -98,7 +98,8 @@ def _binary(client: redis.Redis) -> redis.Redis:
     pool = client.connection_pool
     kwargs = {**pool.connection_kwargs, "decode_responses": False}
     return redis.Redis(connection_pool=redis.ConnectionPool(
-        connection_class=pool.connection_class, **kwargs))
+        connection_class=pool.connection_class, max_connections=pool.max_connections,
+        **kwargs))
 
 
 def _split(entry: bytes) -> tuple[str, str]:

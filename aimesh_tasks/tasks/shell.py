@@ -7,7 +7,8 @@ and only here does an envelope that asks for errors as results (workflow steps) 
 its error returned instead of raised.
 
 A transient Redis, Postgres or broker error (connection refused, reset, timed out; a
-statement or lock timeout) makes the task run again after an exponential backoff with
+statement or lock timeout; a connection pool whose every connection stayed busy:
+aimesh_tasks/pools.py) makes the task run again after an exponential backoff with
 "equal jitter" (half of each wait fixed, half random, so the default 8 retries always
 span at least a minute of outage), up to AIMESH_TRANSIENT_RETRIES times, then fail with
 ServiceUnavailable. Running again is safe: every step is idempotent by message id and call
@@ -59,6 +60,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,  # the pool's wait for a free connection (DbPoolExhausted)
     kombu.exceptions.OperationalError,
 )
 BACKOFF_MAX_S = 30

@@ -1,0 +1,297 @@
+"""Slow providers do not slow the path: a thousand calls in flight per endpoint worker
+process (issue 18, goal 3).
+
+    python benchmarks/bench_inflight.py [--messages 3000] [--repeats 3] [--latency-ms 5000]
+        [--endpoint-concurrency 1000] [--router-concurrency 2]
+
+Starts the simulator in its own process, a router worker (prefork -c2) and ONE endpoint
+worker process (threads -c1000: the deployed shape), for a metered agent (a budget
+reserve, claim and settle on every message). Each repeat measures, in this order:
+
+1. `spine_0ms`: a burst of --messages through the spine at 0 ms latency, msgs/s;
+2. `spine_slow`: the same burst at --latency-ms: msgs/s, its ratio to (1) (goal >= 0.9),
+   and the most calls the simulator saw in flight at once, all from the one endpoint
+   process. A burst can at best take (1)'s time plus one latency, so `ideal_ratio` is
+   t_0ms / (t_0ms + latency): what a path with no cost for slow calls would score;
+3. `drain`: the burst routed while the endpoint worker does not consume its queue
+   (cancelled), then consumed at once, at --latency-ms: the most calls in flight in the
+   endpoint process (goal >= 1,000; a burst through the router reaches only its own
+   rate times the latency), the process's RSS at its peak per 1,000 calls in flight
+   (goal <= 150 MB; `rss_added_mb_per_1000` counts only what it grew by over idle), and
+   its CPU per call;
+4. `plain`: a plain aiohttp client in its own process making as many calls, as many at
+   once, at the same latency: its CPU per call, the I/O floor of this box.
+
+Medians over the repeats; load averages at start and end (the machine is shared). Needs
+Redis and Postgres on loopback (AIMESH_BENCH_DBS picks the dbs: benchmarks/places.py).
+Prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_spine import (  # noqa: E402, I001
+    BIN,
+    _free_port,
+    prepare_database,
+    start,
+    stop_all,
+    wait_workers,
+)
+from benchmarks.procfs import rss_mb, tree_cpu_s  # noqa: E402
+
+import httpx  # noqa: E402
+
+from aimesh_tasks import submit  # noqa: E402
+from aimesh_tasks.app import app  # noqa: E402
+from aimesh_tasks.keys import endpoint_queue  # noqa: E402
+from aimesh_tasks.observability.exporter import broker_client, queue_depths  # noqa: E402
+from aimesh_tasks.settings import get_settings  # noqa: E402
+
+AGENT = "inflight"
+SAMPLE_S = 0.2
+PLAIN_CLIENT = r'''
+import asyncio, json, sys, time
+import aiohttp
+
+url, n, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+async def main():
+    gate = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one(i):
+            body = {"model": "sim", "max_tokens": 16,
+                    "messages": [{"role": "user", "content": f"plain message {i}"}]}
+            async with gate:
+                async with session.post(url + "/v1/chat/completions", json=body) as response:
+                    answer = await response.json()
+                    assert response.status == 200, answer
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        print(json.dumps({"cpu_ms_per_call": (time.process_time() - cpu) * 1000 / n,
+                          "req_s": n / (time.perf_counter() - wall)}))
+
+asyncio.run(main())
+'''
+
+
+class Simulator:
+    """The simulator process's control endpoints."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._http = httpx.Client(base_url=url, timeout=30)
+
+    def configure(self, **fields: Any) -> None:
+        self._http.post("/_sim/config", json=fields).raise_for_status()
+
+    def reset(self) -> None:
+        self._http.post("/_sim/reset").raise_for_status()
+
+    def in_flight(self) -> dict[str, int]:
+        figures: dict[str, int] = self._http.get("/_sim/in_flight").json()
+        return figures
+
+    def wait_up(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                self._http.get("/health").raise_for_status()
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the simulator at {self.url} did not start (see "
+                           "/tmp/bench-inflight-sim.log)")
+
+
+@contextmanager
+def peak_rss(pid: int) -> Iterator[Callable[[], float]]:
+    """Sample the RSS of `pid` every SAMPLE_S while the block runs; yields the peak so far."""
+    peak = [rss_mb(pid)]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(SAMPLE_S):
+            peak[0] = max(peak[0], rss_mb(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield lambda: peak[0]
+    finally:
+        done.set()
+        sampler.join()
+
+
+def publish(n: int, label: str) -> list[Any]:
+    """n messages of the metered agent, fresh prompts (cache misses)."""
+    return [submit(agent_id=AGENT, prompt=f"{label} {i} {uuid.uuid4().hex}", max_tokens=16)
+            for i in range(n)]
+
+
+def wait_results(results: list[Any]) -> None:
+    for result in results:
+        result.get(timeout=900)
+
+
+def burst(n: int, label: str) -> float:
+    """Seconds for n messages published at once, until the last result."""
+    started = time.perf_counter()
+    wait_results(publish(n, label))
+    return time.perf_counter() - started
+
+
+def wait_queued(queue: str, n: int) -> None:
+    """Wait until `n` messages wait in `queue` (all its priority sub-queues)."""
+    broker = broker_client(get_settings().broker_url)
+    deadline = time.monotonic() + 900
+    while (depth := queue_depths(broker, [queue])[queue]) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {depth} of {n} messages reached {queue}")
+        time.sleep(0.2)
+
+
+def drain(n: int, queue: str, node: str, endpoint_pid: int) -> dict[str, float]:
+    """Route n messages with the endpoint worker not consuming, then let it consume them
+    all: its peak RSS, CPU per call and the wall time of the drain."""
+    app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=10)
+    results = publish(n, "drain")
+    wait_queued(queue, n)
+    cpu = tree_cpu_s(endpoint_pid)
+    with peak_rss(endpoint_pid) as peak:
+        started = time.perf_counter()
+        app.control.add_consumer(queue, destination=[node], reply=True, timeout=10)
+        wait_results(results)
+        wall = time.perf_counter() - started
+        rss = peak()
+    return {"cpu_ms_per_call": (tree_cpu_s(endpoint_pid) - cpu) * 1000 / n,
+            "peak_rss_mb": rss, "seconds": wall}
+
+
+def plain_client(url: str, n: int, concurrency: int) -> dict[str, float]:
+    """A plain aiohttp client's CPU per call and req/s, in its own process."""
+    done = subprocess.run([sys.executable, "-c", PLAIN_CLIENT, url, str(n), str(concurrency)],
+                          capture_output=True, text=True, timeout=900, check=True)
+    figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def setup_agent() -> None:
+    from aimesh_tasks.budgets import set_budget
+    from aimesh_tasks.errors import InvalidInput
+    from aimesh_tasks.governance.agents import add_agent
+
+    try:
+        add_agent(AGENT)
+    except InvalidInput:  # registered by an earlier run
+        pass
+    set_budget(AGENT, usd="1000000")
+
+
+def one_repeat(args: argparse.Namespace, sim: Simulator, queue: str, node: str,
+               endpoint_pid: int) -> dict[str, float]:
+    """The four measurements of one repeat (see the module notes)."""
+    n, latency_s = args.messages, args.latency_ms / 1000
+    sim.configure(latency_ms=0)
+    t0 = burst(n, "fast")
+    sim.configure(latency_ms=args.latency_ms)
+    sim.reset()
+    cpu = tree_cpu_s(endpoint_pid)
+    t_slow = burst(n, "slow")
+    slow_cpu = (tree_cpu_s(endpoint_pid) - cpu) * 1000 / n
+    slow_in_flight = sim.in_flight()["max_in_flight"]
+    sim.reset()
+    drained = drain(n, queue, node, endpoint_pid)
+    drain_in_flight = sim.in_flight()["max_in_flight"]
+    plain = plain_client(sim.url, n, args.endpoint_concurrency)
+    row = {
+        "spine_0ms_msgs_s": n / t0, "spine_slow_msgs_s": n / t_slow, "ratio": t0 / t_slow,
+        "ideal_ratio": t0 / (t0 + latency_s), "slow_max_in_flight": slow_in_flight,
+        "slow_cpu_ms_per_call": slow_cpu, "drain_max_in_flight": drain_in_flight,
+        "drain_peak_rss_mb": drained["peak_rss_mb"],
+        "rss_mb_per_1000": drained["peak_rss_mb"] * 1000 / max(drain_in_flight, 1),
+        "drain_calls_s": n / drained["seconds"],
+        "endpoint_cpu_ms_per_call": drained["cpu_ms_per_call"],
+        "plain_cpu_ms_per_call": plain["cpu_ms_per_call"], "plain_req_s": plain["req_s"],
+    }
+    row["cpu_ratio_to_plain"] = row["endpoint_cpu_ms_per_call"] / row["plain_cpu_ms_per_call"]
+    print(" ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
+    return row
+
+
+def main() -> None:
+    """Measure and print; JSON last."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=5000)
+    parser.add_argument("--endpoint-concurrency", type=int, default=1000)
+    parser.add_argument("--router-concurrency", type=int, default=2)
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    prepare_database()
+    setup_agent()
+    from aimesh_tasks.registry import add_endpoint
+
+    port = _free_port()
+    procs = [start([str(BIN / "aimesh"), "simulate", "--port", str(port)],
+                   "/tmp/bench-inflight-sim.log")]
+    try:
+        sim = Simulator(f"http://127.0.0.1:{port}")
+        sim.wait_up()
+        endpoint = add_endpoint(id="sim", base_url=sim.url, model="sim",
+                                input_usd_per_1k="0.001", output_usd_per_1k="0.002",
+                                capacity=100_000)
+        tag = f"inflight{os.getpid()}"
+        node = f"bendpoint{tag}@{socket.gethostname()}"
+        procs.append(start([str(BIN / "aimesh"), "worker", "-n", f"brouter{tag}@%h",
+                            "--router", "-P", "prefork", "-c", str(args.router_concurrency),
+                            "-l", "WARNING"], "/tmp/bench-inflight-router.log"))
+        endpoint_worker = start([str(BIN / "aimesh"), "worker", "-n", node, "--endpoints",
+                                 endpoint.id, "-P", "threads", "-c",
+                                 str(args.endpoint_concurrency), "-l", "WARNING"],
+                                "/tmp/bench-inflight-endpoint.log")
+        procs.append(endpoint_worker)
+        wait_workers([f"brouter{tag}", f"bendpoint{tag}"])
+        burst(100, "warm-up")
+        idle_rss = rss_mb(endpoint_worker.pid)
+        rows = [one_repeat(args, sim, endpoint_queue(endpoint.id), node, endpoint_worker.pid)
+                for _ in range(args.repeats)]
+    finally:
+        stop_all(procs)
+    figures: dict[str, Any] = {k: round(statistics.median(r[k] for r in rows), 3)
+                               for k in rows[0]}
+    figures["idle_rss_mb"] = round(idle_rss, 1)
+    figures["rss_added_mb_per_1000"] = round(
+        (figures["drain_peak_rss_mb"] - idle_rss) * 1000 / max(figures["drain_max_in_flight"], 1),
+        1)
+    figures.update({
+        "messages": args.messages, "repeats": args.repeats, "latency_ms": args.latency_ms,
+        "endpoint_pool": f"threads -c{args.endpoint_concurrency}",
+        "router_pool": f"prefork -c{args.router_concurrency}", "metered": True,
+        "load_before": [round(v, 2) for v in load_before],
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+    })
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
