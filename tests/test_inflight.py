@@ -125,6 +125,7 @@ def _ledger(agent_id: str) -> list[LedgerRow]:
         return list(session.scalars(select(LedgerRow).where(LedgerRow.agent_id == agent_id)))
 
 
+@pytest.mark.timeout(900)  # routing HELD messages through two processes on a shared box
 def test_one_endpoint_process_holds_hundreds_of_calls_and_charges_each_once(
         simulator: Callable[..., RunningSimulator], endpoint: Callable[..., Endpoint]) -> None:
     sim = simulator(hold_in_flight=HELD)
