@@ -187,7 +187,8 @@ def worker(
     """Run a worker. Extra arguments go to `celery worker` unchanged.
 
     Examples: `aimesh worker --router -P prefork -c 2`;
-    `aimesh worker --endpoints all -P threads -c 64`;
+    `aimesh worker --endpoints all -P threads -c 1000` (a thousand calls in flight in one
+    process; its connection pools are sized from -c: aimesh_tasks/pools.py);
     `aimesh worker --serve local-llama --url http://127.0.0.1:11434 --model llama3.1
     --price-in 0 --price-out 0 -P threads -c 8`.
     """
