@@ -4,30 +4,39 @@ process runs at once.
 An endpoint worker on the threads pool runs its `-c` tasks in one process: `-P threads
 -c 1000` holds a thousand provider calls in flight, each thread blocked on a future of
 the process's one event loop (providers/aio.py). A task uses a connection of each pool
-below for one round trip at a time and never across the provider call, so a pool with a
-connection for every task thread (plus the worker's own threads) never makes a task wait;
-connections are opened on demand, so a pool holds what the busiest moment needed, not
-its size. Sized at worker start (`size_for_worker`, from Celery's `worker_init`):
+below for one round trip at a time, never across the provider call, and never two of one
+pool at once; pools open connections on demand and keep what the busiest moment needed.
+Sized at worker start (`size_for_worker`, from Celery's `worker_init`):
 
-| pool                             | size in a worker process        | when every one is busy     |
-|----------------------------------|---------------------------------|----------------------------|
-| Redis client (redis_client.py)   | tasks + BACKGROUND_THREADS, or  | waits AIMESH_REDIS_TIMEOUT_S|
-|                                  | AIMESH_REDIS_MAX_CONNECTIONS    | then RedisPoolExhausted    |
-| result backend (Redis), shared by| tasks + BACKGROUND_THREADS      | MaxConnectionsError; Celery|
-| the threads (one pool, not one   | (`redis_max_connections`)       | retries the store          |
-| client per thread)               |                                 |                            |
-| broker producers (hand-offs)     | tasks + BACKGROUND_THREADS      | waits AIMESH_REDIS_TIMEOUT_S|
-|                                  | (`broker_pool_limit`)           | then kombu OperationalError|
-| Postgres, per engine (db/engine) | AIMESH_DB_POOL_SIZE: not the    | waits AIMESH_DB_POOL_      |
-|                                  | tasks (the server's             | TIMEOUT_S then             |
-|                                  | max_connections is shared by    | DbPoolExhausted            |
-|                                  | every process of the cluster)   |                            |
+| pool                           | most connections, per process   | when every one is busy      |
+|--------------------------------|---------------------------------|-----------------------------|
+| Redis client (redis_client.py) | tasks + BACKGROUND_THREADS, at  | waits up to                 |
+|                                | most SHARED_REDIS_CONNECTIONS   | AIMESH_REDIS_TIMEOUT_S, then|
+|                                | (AIMESH_REDIS_MAX_CONNECTIONS)  | RedisPoolExhausted          |
+| result backend (Redis): one for| tasks + BACKGROUND_THREADS      | never: a thread stores one  |
+| all threads, not one per thread| (`redis_max_connections`)       | result at a time            |
+| broker producers (hand-offs)   | tasks + BACKGROUND_THREADS      | waits up to AIMESH_REDIS_   |
+|                                | (`broker_pool_limit`)           | TIMEOUT_S, then kombu's     |
+|                                |                                 | OperationalError            |
+| Postgres, per engine (db/)     | AIMESH_DB_POOL_SIZE             | waits up to AIMESH_DB_POOL_ |
+|                                |                                 | TIMEOUT_S, then             |
+|                                |                                 | DbPoolExhausted             |
 
-Each of those errors is a transient one to the task shells (tasks/shell.py): the task is
+Why the Redis client and Postgres stop short of the tasks: a process runs Python on one
+thread at a time, so its round trips in progress are bounded by its CPU, not its threads.
+A thousand threads answered at once, each making its Redis round trips, would open a
+connection each from a pool of a thousand (measured: benchmarks/bench_inflight.py, the
+`held` phase), against a Redis whose `maxclients` (10,000) every process of the cluster
+shares; from SHARED_REDIS_CONNECTIONS they take turns for milliseconds instead. Postgres's
+max_connections (100 by default) is smaller still. The result backend keeps one
+connection per task thread because Celery's Redis backend fails at once, rather than
+waits, when its pool is full.
+
+Each error above is a transient one to the task shells (tasks/shell.py): the task is
 retried with backoff, then fails with ServiceUnavailable; none waits for ever. Kombu's
 prefetch is the concurrency times `worker_prefetch_multiplier` (1): a worker reserves as
 many messages as it has threads to run them. A process that is no worker (the ingress, the
-CLI) keeps redis-py's default of OUTSIDE_A_WORKER Redis connections.
+CLI) gets OUTSIDE_A_WORKER Redis connections, redis-py's own default.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from aimesh_tasks.settings import get_settings
 # the reaper, the flights and the reconciler (worker_steps.py), the registry follower,
 # the consumer's own publishes, with room to spare.
 BACKGROUND_THREADS: Final = 16
+SHARED_REDIS_CONNECTIONS: Final = 64
 OUTSIDE_A_WORKER: Final = 100  # redis-py's own default pool size
 # Pools whose processes each run one task at a time (the rest run `concurrency` at once).
 _ONE_TASK_POOLS: Final = ("prefork", "processes", "solo")
@@ -79,7 +89,9 @@ def redis_connections() -> int:
     configured = get_settings().redis_max_connections
     if configured:
         return configured
-    return _tasks + BACKGROUND_THREADS if _tasks is not None else OUTSIDE_A_WORKER
+    if _tasks is None:
+        return OUTSIDE_A_WORKER
+    return min(_tasks + BACKGROUND_THREADS, SHARED_REDIS_CONNECTIONS)
 
 
 def celery_settings(conf: Any) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The process-wide Redis client: real Redis, or an in-process fake in embedded mode.
 
 Its connections come from one pool per process, sized by `aimesh_tasks.pools` (a worker:
-one per task it runs at once, plus its own threads). A thread that finds them all busy
-waits up to AIMESH_REDIS_TIMEOUT_S, then gets RedisPoolExhausted, never a hang.
+one per task it runs at once plus its own threads, at most 64). A thread that finds them
+all busy waits for one, up to AIMESH_REDIS_TIMEOUT_S, then gets RedisPoolExhausted, never
+a hang.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import redis
 
-from aimesh_tasks.pools import BACKGROUND_THREADS, redis_connections
+from aimesh_tasks.pools import redis_connections
 from aimesh_tasks.settings import MEMORY_URL, get_settings
 
 RedisClient = redis.Redis
@@ -26,10 +27,10 @@ class RedisPoolExhausted(redis.ConnectionError):
     def __init__(self, size: int, waited_s: float) -> None:
         super().__init__(
             f"all {size} Redis connections of this process stayed busy for {waited_s:g} s "
-            "(AIMESH_REDIS_TIMEOUT_S). A worker gives each task it runs at once a connection, "
-            f"plus {BACKGROUND_THREADS} for its own threads, so this means a slow Redis, or more "
-            "threads using Redis than the pool was sized for. Fix: set "
-            "AIMESH_REDIS_MAX_CONNECTIONS to the threads that use Redis at once")
+            "(AIMESH_REDIS_TIMEOUT_S). A thread holds one for a round trip at a time, so "
+            "this means a slow Redis, or more threads making round trips at once than the pool "
+            "has. Fix: raise AIMESH_REDIS_MAX_CONNECTIONS (every process of the cluster "
+            "shares the server's maxclients)")
         self.size = size
 
 

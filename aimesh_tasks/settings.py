@@ -217,9 +217,9 @@ class Settings(BaseSettings):
                              "and the longest wait for a free connection of its pool.")
     redis_max_connections: int = Field(
         0, ge=0,
-        description="Most connections one process's Redis client opens; 0 = one per task the "
-                    "process runs at once plus 16 for the worker's own threads (100 outside a "
-                    "worker). See aimesh_tasks/pools.py.")
+        description="Most connections one process's Redis client opens (a thread finding "
+                    "them busy waits for one); 0 = one per task the process runs at once plus "
+                    "16, at most 64 (100 outside a worker): aimesh_tasks/pools.py.")
     transient_retries: int = Field(
         8, ge=0, le=100,
         description="Retries of a task after a transient Redis/Postgres error, with backoff.",

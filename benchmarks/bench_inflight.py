@@ -12,15 +12,19 @@ reserve, claim and settle on every message). Each repeat measures, in this order
 2. `spine_slow`: the same burst at --latency-ms: msgs/s, its ratio to (1) (goal >= 0.9),
    and the most calls the simulator saw in flight at once, all from the one endpoint
    process. A burst can at best take (1)'s time plus one latency, so `ideal_ratio` is
-   t_0ms / (t_0ms + latency): what a path with no cost for slow calls would score;
+   t_0ms / (t_0ms + latency): what a path that slow calls cost nothing would score;
 3. `drain`: the burst routed while the endpoint worker does not consume its queue
-   (cancelled), then consumed at once, at --latency-ms: the most calls in flight in the
-   endpoint process (goal >= 1,000; a burst through the router reaches only its own
-   rate times the latency), the process's RSS at its peak per 1,000 calls in flight
-   (goal <= 150 MB; `rss_added_mb_per_1000` counts only what it grew by over idle), and
-   its CPU per call;
+   (cancelled), then consumed at once, at --latency-ms: the most calls in flight it
+   reaches on its own (its start rate times the latency), and its CPU per call;
 4. `plain`: a plain aiohttp client in its own process making as many calls, as many at
    once, at the same latency: its CPU per call, the I/O floor of this box.
+
+Then once, `held`: --endpoint-concurrency messages whose answers the simulator holds
+until that many wait at once (so the endpoint process holds them all, however slowly
+they arrive; goal >= 1,000), the process's RSS while it holds them (per 1,000 in flight:
+goal <= 150 MB; `rss_added_mb_per_1000` counts what it grew by over idle), all answered
+at once, and the Redis and Postgres connections the process opened by then (its pools
+keep what the busiest moment needed: aimesh_tasks/pools.py).
 
 Medians over the repeats; load averages at start and end (the machine is shared). Needs
 Redis and Postgres on loopback (AIMESH_BENCH_DBS picks the dbs: benchmarks/places.py).
@@ -47,6 +51,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# A held call waits at the simulator until the last of a thousand arrives: the workers'
+# read timeout and time limits far above that (before aimesh_tasks reads its settings).
+os.environ.update({"AIMESH_PROVIDER_TIMEOUT_S": "900", "AIMESH_TASK_SOFT_TIME_LIMIT_S": "1000",
+                   "AIMESH_TASK_TIME_LIMIT_S": "1100", "AIMESH_VISIBILITY_TIMEOUT_S": "1800",
+                   "AIMESH_RESERVATION_TIMEOUT_S": "3600"})
+
 from benchmarks.bench_spine import (  # noqa: E402, I001
     BIN,
     _free_port,
@@ -55,7 +65,7 @@ from benchmarks.bench_spine import (  # noqa: E402, I001
     stop_all,
     wait_workers,
 )
-from benchmarks.procfs import rss_mb, tree_cpu_s  # noqa: E402
+from benchmarks.procfs import connections_to, rss_mb, tree_cpu_s  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -67,6 +77,9 @@ from aimesh_tasks.settings import get_settings  # noqa: E402
 
 AGENT = "inflight"
 SAMPLE_S = 0.2
+# A BRPOP the endpoint worker issued before its consumer was cancelled still takes the
+# next message pushed (kombu's Redis transport blocks 1 s at a time): let it run out.
+BRPOP_DRAIN_S = 2.5
 PLAIN_CLIENT = r'''
 import asyncio, json, sys, time
 import aiohttp
@@ -171,8 +184,9 @@ def wait_queued(queue: str, n: int) -> None:
 
 def drain(n: int, queue: str, node: str, endpoint_pid: int) -> dict[str, float]:
     """Route n messages with the endpoint worker not consuming, then let it consume them
-    all: its peak RSS, CPU per call and the wall time of the drain."""
+    all: its CPU per call, peak RSS and the wall time of the drain."""
     app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=10)
+    time.sleep(BRPOP_DRAIN_S)
     results = publish(n, "drain")
     wait_queued(queue, n)
     cpu = tree_cpu_s(endpoint_pid)
@@ -192,6 +206,36 @@ def plain_client(url: str, n: int, concurrency: int) -> dict[str, float]:
                           capture_output=True, text=True, timeout=900, check=True)
     figures: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
     return figures
+
+
+def held(n: int, sim: Simulator, queue: str, node: str, endpoint_pid: int
+         ) -> dict[str, float]:
+    """n messages routed while the endpoint worker does not consume, then consumed with
+    the simulator holding every answer until all n wait there (see the module notes):
+    RSS and connections while held, then all answered at once."""
+    sim.configure(latency_ms=0, hold_in_flight=n + 1)  # never reached: opened below
+    sim.reset()
+    app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=10)
+    time.sleep(BRPOP_DRAIN_S)
+    results = publish(n, "held")
+    wait_queued(queue, n)
+    app.control.add_consumer(queue, destination=[node], reply=True, timeout=10)
+    deadline = time.monotonic() + 900
+    while (waiting := sim.in_flight()["in_flight"]) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {waiting} of {n} calls reached the simulator")
+        time.sleep(0.5)
+    time.sleep(2 * SAMPLE_S)  # every thread is parked on its call now
+    rss = rss_mb(endpoint_pid)
+    redis_held = connections_to(endpoint_pid, 6379)
+    started = time.perf_counter()
+    sim.configure(hold_in_flight=0)  # the hold opens: every answer at once
+    wait_results(results)
+    return {"held_in_flight": sim.in_flight()["max_in_flight"], "held_rss_mb": rss,
+            "answered_at_once_s": time.perf_counter() - started,
+            "redis_connections_held": redis_held,
+            "redis_connections": connections_to(endpoint_pid, 6379),
+            "postgres_connections": connections_to(endpoint_pid, 5432)}
 
 
 def setup_agent() -> None:
@@ -226,9 +270,7 @@ def one_repeat(args: argparse.Namespace, sim: Simulator, queue: str, node: str,
         "spine_0ms_msgs_s": n / t0, "spine_slow_msgs_s": n / t_slow, "ratio": t0 / t_slow,
         "ideal_ratio": t0 / (t0 + latency_s), "slow_max_in_flight": slow_in_flight,
         "slow_cpu_ms_per_call": slow_cpu, "drain_max_in_flight": drain_in_flight,
-        "drain_peak_rss_mb": drained["peak_rss_mb"],
-        "rss_mb_per_1000": drained["peak_rss_mb"] * 1000 / max(drain_in_flight, 1),
-        "drain_calls_s": n / drained["seconds"],
+        "drain_calls_s": n / drained["seconds"], "drain_peak_rss_mb": drained["peak_rss_mb"],
         "endpoint_cpu_ms_per_call": drained["cpu_ms_per_call"],
         "plain_cpu_ms_per_call": plain["cpu_ms_per_call"], "plain_req_s": plain["req_s"],
     }
@@ -275,14 +317,18 @@ def main() -> None:
         idle_rss = rss_mb(endpoint_worker.pid)
         rows = [one_repeat(args, sim, endpoint_queue(endpoint.id), node, endpoint_worker.pid)
                 for _ in range(args.repeats)]
+        holding = held(args.endpoint_concurrency, sim, endpoint_queue(endpoint.id), node,
+                       endpoint_worker.pid)
     finally:
         stop_all(procs)
     figures: dict[str, Any] = {k: round(statistics.median(r[k] for r in rows), 3)
                                for k in rows[0]}
+    figures.update({k: round(v, 3) for k, v in holding.items()})
     figures["idle_rss_mb"] = round(idle_rss, 1)
-    figures["rss_added_mb_per_1000"] = round(
-        (figures["drain_peak_rss_mb"] - idle_rss) * 1000 / max(figures["drain_max_in_flight"], 1),
-        1)
+    in_flight = max(holding["held_in_flight"], 1)
+    figures["rss_mb_per_1000"] = round(holding["held_rss_mb"] * 1000 / in_flight, 1)
+    figures["rss_added_mb_per_1000"] = round((holding["held_rss_mb"] - idle_rss) * 1000
+                                             / in_flight, 1)
     figures.update({
         "messages": args.messages, "repeats": args.repeats, "latency_ms": args.latency_ms,
         "endpoint_pool": f"threads -c{args.endpoint_concurrency}",

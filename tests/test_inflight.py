@@ -71,9 +71,11 @@ def test_pools_take_the_tasks_each_process_runs_at_once(monkeypatch: pytest.Monk
     assert pools.tasks_per_process("prefork", 8) == pools.tasks_per_process("solo", 1) == 1
     monkeypatch.setattr(pools, "_tasks", None)
     assert pools.redis_connections() == pools.OUTSIDE_A_WORKER  # the ingress, the CLI
+    assert pools.size_for_worker(PreforkPool, 4) == 1
+    assert pools.redis_connections() == 1 + pools.BACKGROUND_THREADS
     assert pools.size_for_worker(ThreadPool, CONCURRENCY) == CONCURRENCY
     sized = CONCURRENCY + pools.BACKGROUND_THREADS
-    assert pools.redis_connections() == sized
+    assert pools.redis_connections() == pools.SHARED_REDIS_CONNECTIONS  # they take turns
     celery = pools.celery_settings(app.conf)
     assert celery["result_backend_thread_safe"] is True
     assert celery["redis_max_connections"] == celery["broker_pool_limit"] == sized
