@@ -2,11 +2,12 @@
 process (issue 18, goal 3).
 
     python benchmarks/bench_inflight.py [--messages 3000] [--repeats 3] [--latency-ms 5000]
-        [--endpoint-concurrency 1000] [--router-concurrency 2]
+        [--endpoint-concurrency 1000] [--baseline-concurrency 64] [--router-concurrency 2]
 
 Starts the simulator in its own process, a router worker (prefork -c2) and ONE endpoint
 worker process (threads -c1000: the deployed shape), for a metered agent (a budget
-reserve, claim and settle on every message). Each repeat measures, in this order:
+reserve, claim and settle on every message). Each repeat measures, in this order (after
+the `held` phase below):
 
 1. `spine_0ms`: a burst of --messages through the spine at 0 ms latency, msgs/s;
 2. `spine_slow`: the same burst at --latency-ms: msgs/s, its ratio to (1) (goal >= 0.9),
@@ -15,11 +16,14 @@ reserve, claim and settle on every message). Each repeat measures, in this order
    t_0ms / (t_0ms + latency): what a path that slow calls cost nothing would score;
 3. `drain`: the burst routed while the endpoint worker does not consume its queue
    (cancelled), then consumed at once, at --latency-ms: the most calls in flight it
-   reaches on its own (its start rate times the latency), and its CPU per call;
+   reaches on its own (its start rate times the latency), and its CPU per call; then
+   `baseline`: the same with a second endpoint worker process on threads
+   --baseline-concurrency (the old deployed -c64) consuming instead, for the CPU a
+   thousand threads cost per call;
 4. `plain`: a plain aiohttp client in its own process making as many calls, as many at
    once, at the same latency: its CPU per call, the I/O floor of this box.
 
-Then once, `held`: --endpoint-concurrency messages whose answers the simulator holds
+First, once, `held`: --endpoint-concurrency messages whose answers the simulator holds
 until that many wait at once (so the endpoint process holds them all, however slowly
 they arrive; goal >= 1,000), the process's RSS while it holds them (per 1,000 in flight:
 goal <= 150 MB; `rss_added_mb_per_1000` counts what it grew by over idle), all answered
@@ -45,6 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,22 +187,58 @@ def wait_queued(queue: str, n: int) -> None:
         time.sleep(0.2)
 
 
-def drain(n: int, queue: str, node: str, endpoint_pid: int) -> dict[str, float]:
-    """Route n messages with the endpoint worker not consuming, then let it consume them
-    all: its CPU per call, peak RSS and the wall time of the drain."""
-    app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=10)
-    time.sleep(BRPOP_DRAIN_S)
-    results = publish(n, "drain")
-    wait_queued(queue, n)
-    cpu = tree_cpu_s(endpoint_pid)
-    with peak_rss(endpoint_pid) as peak:
+@dataclass(frozen=True)
+class Worker:
+    """An endpoint worker process: its Celery node name and pid."""
+
+    node: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Rig:
+    """What a measurement works on: the simulator, the endpoint's queue, the endpoint
+    worker under test and the baseline one (the old -c64), each consuming it in turn."""
+
+    sim: Simulator
+    queue: str
+    main: Worker
+    baseline: Worker | None
+
+    def consumed_by(self, worker: Worker | None) -> None:
+        """Make `worker` (None: no one) the only consumer of the queue."""
+        for each in (self.main, self.baseline):
+            if each is not None and each is not worker:
+                app.control.cancel_consumer(self.queue, destination=[each.node], reply=True,
+                                            timeout=10)
+        time.sleep(BRPOP_DRAIN_S)
+        if worker is not None:
+            app.control.add_consumer(self.queue, destination=[worker.node], reply=True,
+                                     timeout=10)
+
+    def backlog(self, n: int, label: str) -> list[Any]:
+        """n messages routed and waiting in the queue, which no one consumes."""
+        self.consumed_by(None)
+        results = publish(n, label)
+        wait_queued(self.queue, n)
+        return results
+
+
+def drain(rig: Rig, worker: Worker, n: int) -> dict[str, float]:
+    """A backlog of n messages consumed by `worker` alone: its CPU per call, the most
+    calls in flight, its peak RSS and the wall time of the drain."""
+    results = rig.backlog(n, "drain")
+    rig.sim.reset()
+    cpu = tree_cpu_s(worker.pid)
+    with peak_rss(worker.pid) as peak:
         started = time.perf_counter()
-        app.control.add_consumer(queue, destination=[node], reply=True, timeout=10)
+        rig.consumed_by(worker)
         wait_results(results)
-        wall = time.perf_counter() - started
+        wall = time.perf_counter() - started - BRPOP_DRAIN_S
         rss = peak()
-    return {"cpu_ms_per_call": (tree_cpu_s(endpoint_pid) - cpu) * 1000 / n,
-            "peak_rss_mb": rss, "seconds": wall}
+    return {"cpu_ms_per_call": (tree_cpu_s(worker.pid) - cpu) * 1000 / n,
+            "max_in_flight": rig.sim.in_flight()["max_in_flight"], "peak_rss_mb": rss,
+            "calls_s": n / wall}
 
 
 def plain_client(url: str, n: int, concurrency: int) -> dict[str, float]:
@@ -208,34 +249,29 @@ def plain_client(url: str, n: int, concurrency: int) -> dict[str, float]:
     return figures
 
 
-def held(n: int, sim: Simulator, queue: str, node: str, endpoint_pid: int
-         ) -> dict[str, float]:
-    """n messages routed while the endpoint worker does not consume, then consumed with
-    the simulator holding every answer until all n wait there (see the module notes):
-    RSS and connections while held, then all answered at once."""
-    sim.configure(latency_ms=0, hold_in_flight=n + 1)  # never reached: opened below
-    sim.reset()
-    app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=10)
-    time.sleep(BRPOP_DRAIN_S)
-    results = publish(n, "held")
-    wait_queued(queue, n)
-    app.control.add_consumer(queue, destination=[node], reply=True, timeout=10)
+def held(rig: Rig, n: int) -> dict[str, float]:
+    """A backlog of n messages consumed by the main worker with the simulator holding
+    every answer until all n wait there (see the module notes): RSS and connections while
+    held, then all answered at once."""
+    results = rig.backlog(n, "held")
+    rig.sim.configure(latency_ms=0, hold_in_flight=n + 1)  # never reached: opened below
+    rig.sim.reset()
+    rig.consumed_by(rig.main)
     deadline = time.monotonic() + 900
-    while (waiting := sim.in_flight()["in_flight"]) < n:
+    while (waiting := rig.sim.in_flight()["in_flight"]) < n:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {waiting} of {n} calls reached the simulator")
         time.sleep(0.5)
     time.sleep(2 * SAMPLE_S)  # every thread is parked on its call now
-    rss = rss_mb(endpoint_pid)
-    redis_held = connections_to(endpoint_pid, 6379)
+    pid = rig.main.pid
+    rss, redis_held = rss_mb(pid), connections_to(pid, 6379)
     started = time.perf_counter()
-    sim.configure(hold_in_flight=0)  # the hold opens: every answer at once
+    rig.sim.configure(hold_in_flight=0)  # the hold opens: every answer at once
     wait_results(results)
-    return {"held_in_flight": sim.in_flight()["max_in_flight"], "held_rss_mb": rss,
+    return {"held_in_flight": rig.sim.in_flight()["max_in_flight"], "held_rss_mb": rss,
             "answered_at_once_s": time.perf_counter() - started,
-            "redis_connections_held": redis_held,
-            "redis_connections": connections_to(endpoint_pid, 6379),
-            "postgres_connections": connections_to(endpoint_pid, 5432)}
+            "redis_connections_held": redis_held, "redis_connections": connections_to(pid, 6379),
+            "postgres_connections": connections_to(pid, 5432)}
 
 
 def setup_agent() -> None:
@@ -250,33 +286,36 @@ def setup_agent() -> None:
     set_budget(AGENT, usd="1000000")
 
 
-def one_repeat(args: argparse.Namespace, sim: Simulator, queue: str, node: str,
-               endpoint_pid: int) -> dict[str, float]:
-    """The four measurements of one repeat (see the module notes)."""
-    n, latency_s = args.messages, args.latency_ms / 1000
+def one_repeat(args: argparse.Namespace, rig: Rig) -> dict[str, float]:
+    """The measurements of one repeat (see the module notes)."""
+    n, latency_s, sim = args.messages, args.latency_ms / 1000, rig.sim
     sim.configure(latency_ms=0)
     t0 = burst(n, "fast")
     sim.configure(latency_ms=args.latency_ms)
     sim.reset()
-    cpu = tree_cpu_s(endpoint_pid)
+    cpu = tree_cpu_s(rig.main.pid)
     t_slow = burst(n, "slow")
-    slow_cpu = (tree_cpu_s(endpoint_pid) - cpu) * 1000 / n
-    slow_in_flight = sim.in_flight()["max_in_flight"]
-    sim.reset()
-    drained = drain(n, queue, node, endpoint_pid)
-    drain_in_flight = sim.in_flight()["max_in_flight"]
+    row = {"spine_0ms_msgs_s": n / t0, "spine_slow_msgs_s": n / t_slow, "ratio": t0 / t_slow,
+           "ideal_ratio": t0 / (t0 + latency_s),
+           "slow_max_in_flight": sim.in_flight()["max_in_flight"],
+           "slow_cpu_ms_per_call": (tree_cpu_s(rig.main.pid) - cpu) * 1000 / n}
+    row.update({f"drain_{k}": v for k, v in drain(rig, rig.main, n).items()})
+    if rig.baseline is not None:
+        row.update({f"baseline_{k}": v for k, v in drain(rig, rig.baseline, n).items()})
+    rig.consumed_by(rig.main)
     plain = plain_client(sim.url, n, args.endpoint_concurrency)
-    row = {
-        "spine_0ms_msgs_s": n / t0, "spine_slow_msgs_s": n / t_slow, "ratio": t0 / t_slow,
-        "ideal_ratio": t0 / (t0 + latency_s), "slow_max_in_flight": slow_in_flight,
-        "slow_cpu_ms_per_call": slow_cpu, "drain_max_in_flight": drain_in_flight,
-        "drain_calls_s": n / drained["seconds"], "drain_peak_rss_mb": drained["peak_rss_mb"],
-        "endpoint_cpu_ms_per_call": drained["cpu_ms_per_call"],
-        "plain_cpu_ms_per_call": plain["cpu_ms_per_call"], "plain_req_s": plain["req_s"],
-    }
-    row["cpu_ratio_to_plain"] = row["endpoint_cpu_ms_per_call"] / row["plain_cpu_ms_per_call"]
+    row.update({"plain_cpu_ms_per_call": plain["cpu_ms_per_call"], "plain_req_s": plain["req_s"],
+                "cpu_ratio_to_plain": row["drain_cpu_ms_per_call"] / plain["cpu_ms_per_call"]})
     print(" ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
     return row
+
+
+def start_endpoint_worker(tag: str, args: list[str], log: str) -> tuple[Worker, Any]:
+    """An `aimesh worker` on the threads pool named <tag>@host, and its process."""
+    node = f"{tag}@{socket.gethostname()}"
+    proc = start([str(BIN / "aimesh"), "worker", "-n", node, "-P", "threads", "-l", "WARNING",
+                  *args], log)
+    return Worker(node, proc.pid), proc
 
 
 def main() -> None:
@@ -286,6 +325,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=5000)
     parser.add_argument("--endpoint-concurrency", type=int, default=1000)
+    parser.add_argument("--baseline-concurrency", type=int, default=64,
+                        help="a second endpoint worker's threads, drained in turn; 0 = none")
     parser.add_argument("--router-concurrency", type=int, default=2)
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -303,40 +344,52 @@ def main() -> None:
                                 input_usd_per_1k="0.001", output_usd_per_1k="0.002",
                                 capacity=100_000)
         tag = f"inflight{os.getpid()}"
-        node = f"bendpoint{tag}@{socket.gethostname()}"
         procs.append(start([str(BIN / "aimesh"), "worker", "-n", f"brouter{tag}@%h",
                             "--router", "-P", "prefork", "-c", str(args.router_concurrency),
                             "-l", "WARNING"], "/tmp/bench-inflight-router.log"))
-        endpoint_worker = start([str(BIN / "aimesh"), "worker", "-n", node, "--endpoints",
-                                 endpoint.id, "-P", "threads", "-c",
-                                 str(args.endpoint_concurrency), "-l", "WARNING"],
-                                "/tmp/bench-inflight-endpoint.log")
-        procs.append(endpoint_worker)
-        wait_workers([f"brouter{tag}", f"bendpoint{tag}"])
+        main_worker, proc = start_endpoint_worker(
+            f"bendpoint{tag}", ["--endpoints", endpoint.id, "-c", str(args.endpoint_concurrency)],
+            "/tmp/bench-inflight-endpoint.log")
+        procs.append(proc)
+        baseline = None
+        if args.baseline_concurrency:  # consumes nothing until its drain
+            baseline, proc = start_endpoint_worker(
+                f"bbaseline{tag}", ["-Q", f"bench.idle.{tag}", "-c",
+                                    str(args.baseline_concurrency)],
+                "/tmp/bench-inflight-baseline.log")
+            procs.append(proc)
+        wait_workers([f"brouter{tag}", f"bendpoint{tag}"] + ([f"bbaseline{tag}"] if baseline
+                                                              else []))
+        rig = Rig(sim, endpoint_queue(endpoint.id), main_worker, baseline)
         burst(100, "warm-up")
-        idle_rss = rss_mb(endpoint_worker.pid)
-        rows = [one_repeat(args, sim, endpoint_queue(endpoint.id), node, endpoint_worker.pid)
-                for _ in range(args.repeats)]
-        holding = held(args.endpoint_concurrency, sim, endpoint_queue(endpoint.id), node,
-                       endpoint_worker.pid)
+        idle_rss = rss_mb(main_worker.pid)
+        holding = held(rig, args.endpoint_concurrency)  # first: RSS over idle, nothing else
+        rows = [one_repeat(args, rig) for _ in range(args.repeats)]
     finally:
         stop_all(procs)
+    print(json.dumps(summary(args, rows, holding, idle_rss, load_before)))
+
+
+def summary(args: argparse.Namespace, rows: list[dict[str, float]], holding: dict[str, float],
+            idle_rss: float, load_before: tuple[float, float, float]) -> dict[str, Any]:
+    """Medians of the repeats, the held phase, and what the run was."""
     figures: dict[str, Any] = {k: round(statistics.median(r[k] for r in rows), 3)
                                for k in rows[0]}
     figures.update({k: round(v, 3) for k, v in holding.items()})
-    figures["idle_rss_mb"] = round(idle_rss, 1)
     in_flight = max(holding["held_in_flight"], 1)
-    figures["rss_mb_per_1000"] = round(holding["held_rss_mb"] * 1000 / in_flight, 1)
-    figures["rss_added_mb_per_1000"] = round((holding["held_rss_mb"] - idle_rss) * 1000
-                                             / in_flight, 1)
     figures.update({
+        "idle_rss_mb": round(idle_rss, 1),
+        "rss_mb_per_1000": round(holding["held_rss_mb"] * 1000 / in_flight, 1),
+        "rss_added_mb_per_1000": round((holding["held_rss_mb"] - idle_rss) * 1000 / in_flight,
+                                       1),
         "messages": args.messages, "repeats": args.repeats, "latency_ms": args.latency_ms,
         "endpoint_pool": f"threads -c{args.endpoint_concurrency}",
+        "baseline_pool": f"threads -c{args.baseline_concurrency}",
         "router_pool": f"prefork -c{args.router_concurrency}", "metered": True,
         "load_before": [round(v, 2) for v in load_before],
         "load_after": [round(v, 2) for v in os.getloadavg()],
     })
-    print(json.dumps(figures))
+    return figures
 
 
 if __name__ == "__main__":

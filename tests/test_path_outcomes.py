@@ -22,10 +22,12 @@ from aimesh_tasks import keys, outbox
 from aimesh_tasks.app import app
 from aimesh_tasks.budgets import set_budget as _set_budget
 from aimesh_tasks.db import AuditRow, LedgerRow, ReservationRow, session_scope
+from aimesh_tasks.db.engine import DbPoolExhausted
 from aimesh_tasks.envelope import Envelope
 from aimesh_tasks.errors import DeadlineExceeded, NoEndpointAvailable, ProviderError, Refused
 from aimesh_tasks.governance import add_agent
 from aimesh_tasks.messages import AiMessage, utcnow
+from aimesh_tasks.pipeline import call as pipeline_call
 from aimesh_tasks.pipeline import calling, routing
 from aimesh_tasks.pipeline.outcomes import Done, Failed, Fallback, HandOff, Hit, Joined, Retry
 from aimesh_tasks.pipeline.outcomes import Refused as RefusedOutcome
@@ -191,6 +193,28 @@ def test_a_lease_held_by_a_live_delivery_elsewhere_asks_for_a_retry(one: Endpoin
     get_redis().set(keys.call_lease(call_key), "7|another-host|1", px=60_000)
     outcome = _call(envelope, wait_s=0.2)
     assert isinstance(outcome, Retry)
+
+
+def test_an_outage_before_the_call_gives_the_lease_back_for_the_retry(
+    one: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool with every connection busy when the call's reservation is claimed: nothing
+    was called, so the task's retry takes the lease at once instead of waiting for this
+    live process's lease to expire."""
+    set_budget("path-agent", usd="1")
+    message = _message()
+    envelope = _route(message).envelope
+
+    def busy(charged_key: str) -> str:
+        raise DbPoolExhausted(1, 0.2)
+
+    monkeypatch.setattr(pipeline_call, "claim", busy)
+    with pytest.raises(DbPoolExhausted):
+        _call(envelope)
+    assert get_redis().get(keys.call_lease(keys.call_key(message.id, 0))) is None
+    monkeypatch.undo()
+    assert isinstance(_call(envelope, wait_s=0.2), Done)  # a held lease would be Retry
+    assert [r.kind for r in _ledger(message.id)] == ["call"]
 
 
 def test_a_lease_held_by_a_dead_process_here_is_taken_over(

@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from aimesh_tasks import events, outbox
 from aimesh_tasks.budgets.estimate import Estimate, worst_case
 from aimesh_tasks.budgets.ledger import claim, estimate_of, reserve, settle
 from aimesh_tasks.envelope import RouteEntry
-from aimesh_tasks.errors import ProviderError
+from aimesh_tasks.errors import AimeshError, ProviderError
 from aimesh_tasks.failpoints import failpoint
 from aimesh_tasks.messages import AiMessage, AiResult, Attempt, utcnow
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
@@ -186,6 +187,20 @@ def wait_for_holder(call_key: str, endpoint: Endpoint, holder: str, wait_s: floa
     return began
 
 
+def give_back_uncalled(call_key: str, token: str, endpoint_id: str) -> None:
+    """After an outage that stopped a call before the provider was called: the lease back,
+    so that the task's retry takes it at once instead of finding it held by this live
+    process until it expires, and the call out of the endpoint's calls in flight. Best
+    effort: when the outage is Redis's own, the lease expires as it would have."""
+    try:
+        batch = Batch()
+        lease.queue_release(batch, call_key, token)
+        batch.send()
+        call_abandoned(endpoint_id, call_key)
+    except redis.RedisError:
+        pass
+
+
 def recover(message: AiMessage, endpoint: Endpoint, began: lease.Began, metered: bool
             ) -> CallResult:
     """The outcome an earlier delivery journalled; settled (idempotently) if metered."""
@@ -213,8 +228,14 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
     """Holding the lease: make the call and charge it exactly once. The call's records
     and the lease's release go on `tail`, which the caller sends before the task ends;
     a metered call's journal is sent before it is settled."""
-    charged_key, lost_nusd = (_take_over(message, endpoint, call_key, began.charged_key)
-                              if metered else (call_key, 0))
+    try:
+        charged_key, lost_nusd = (_take_over(message, endpoint, call_key, began.charged_key)
+                                  if metered else (call_key, 0))
+    except AimeshError:
+        raise  # the caller gives the lease back
+    except Exception:  # an outage (a pool with every connection busy, say): nothing called
+        give_back_uncalled(call_key, began.value, endpoint.id)
+        raise
     attempt, completion, error = _call(message, endpoint, charged_key)
     estimate: Estimate | None = None
     if completion is not None and not completion.usage_known:

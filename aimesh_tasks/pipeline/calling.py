@@ -30,6 +30,7 @@ from aimesh_tasks.pipeline.call import (
     begin,
     build_result,
     endpoint_from_args,
+    give_back_uncalled,
     make_call,
     recover,
     wait_for_holder,
@@ -82,6 +83,9 @@ def call(app: Any, envelope: Envelope, *, wait_s: float, policies: Policies | No
         _give_back(ctx, began, tail)
         end_flight(app, envelope.flight, None)
         return Failed(_fail(message, exc))
+    except Exception:  # an outage in a policy's check: retried, and nothing was called
+        give_back_uncalled(call_key, began.value, endpoint.id)
+        raise
     if delay_s:  # the reservation stays: the same call is made after the wait
         _give_back(ctx, began, tail)
         return Retry(delay_s, f"a policy delayed call {call_key} by {delay_s:g} s")
