@@ -20,7 +20,7 @@ PURE_CORE = [
     "aimesh_tasks.workflows.dag", "aimesh_tasks.workflows.model", "aimesh_tasks.budgets.estimate",
     "aimesh_tasks.budgets.periods", "aimesh_tasks.providers", "aimesh_tasks.providers.base",
     "aimesh_tasks.pipeline.outcomes", "aimesh_tasks.policies.base",
-    "aimesh_tasks.registry.url_policy",
+    "aimesh_tasks.registry.url_policy", "aimesh_tasks.pools",
 ]
 
 
