@@ -21,6 +21,8 @@ Sized at worker start (`size_for_worker`, from Celery's `worker_init`):
 | Postgres, per engine (db/)     | AIMESH_DB_POOL_SIZE             | waits up to AIMESH_DB_POOL_ |
 |                                |                                 | TIMEOUT_S, then             |
 |                                |                                 | DbPoolExhausted             |
+| budget batches (budgets/       | one per batch in flight         | never: the threads of a     |
+| pg_batch.py, autocommit)       | (PARALLEL_BATCHES), not per task| process join a batch        |
 
 Why the Redis client and Postgres stop short of the tasks: a process runs Python on one
 thread at a time, so its round trips in progress are bounded by its CPU, not its threads.
