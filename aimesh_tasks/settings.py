@@ -47,6 +47,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_REDIS_TIMEOUT_S            | 5                   | socket timeout of the Redis client|
 | AIMESH_REDIS_MAX_CONNECTIONS      | 0                   | per process; 0 = from concurrency |
 | AIMESH_ACCEPTED_LOG               | true                | accepted messages kept in Postgres|
+| AIMESH_DURABLE_ANSWERS            | true                | a settled call keeps its answer   |
 | AIMESH_REPUBLISH_AFTER_S          | 300                 | unseen accepted msg re-published  |
 | AIMESH_RECONCILE_INTERVAL_S       | 10                  | how often workers reconcile       |
 | AIMESH_DB_STATEMENT_TIMEOUT_S     | 30                  | Postgres statement_timeout; 0=off |
@@ -228,6 +229,11 @@ class Settings(BaseSettings):
         True,
         description="Keep every accepted message in Postgres until it finishes, and have "
         "workers re-publish those the broker lost (off in embedded mode).")
+    durable_answers: bool = Field(
+        True,
+        description="A metered call's settlement in Postgres keeps its journal entry (the "
+        "answer text, or the failure) until the reservation timeout plus a day, so a Redis "
+        "that lost its data does not make the call again (pipeline/durable.py).")
     republish_after_s: float = Field(
         300, gt=0,
         description="An accepted message no worker has seen this long (or seen and not "

@@ -11,9 +11,10 @@ from aimesh_tasks.periodic import Periodic
 
 class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """For the life of the worker: flush the outbox to the database, reap budget
-    reservations whose task died, give orphaned single-flights a new leader, and publish
-    again accepted messages the broker lost (delivery/reconciler.py). Each job takes a
-    lock, or is atomic, or idempotent, so any number of workers may run them.
+    reservations whose task died, clear answers kept with settlements past their
+    retention (pipeline/durable.py), give orphaned single-flights a new leader, and
+    publish again accepted messages the broker lost (delivery/reconciler.py). Each job
+    takes a lock, or is atomic, or idempotent, so any number of workers may run them.
 
     It starts after the pool, so prefork children are forked before these threads exist
     (forking while a thread holds a lock can leave the child waiting on it forever).
@@ -30,6 +31,7 @@ class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         from aimesh_tasks.delivery import accepted
         from aimesh_tasks.delivery.reconciler import reconcile
         from aimesh_tasks.outbox import flush
+        from aimesh_tasks.pipeline import durable
         from aimesh_tasks.pipeline.flight import adopt_orphans
         from aimesh_tasks.settings import get_settings
 
@@ -40,6 +42,9 @@ class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             Periodic("aimesh-flights", min(5.0, settings.single_flight_lease_s / 4),
                      lambda: adopt_orphans(parent.app)),
         ]
+        if durable.enabled():
+            self.jobs.append(Periodic("aimesh-answers", settings.reaper_interval_s,
+                                      durable.forget_old))
         if accepted.enabled():
             self.jobs.append(Periodic("aimesh-reconciler", settings.reconcile_interval_s,
                                       lambda: reconcile(parent.app)))

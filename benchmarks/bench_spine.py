@@ -2,7 +2,7 @@
 
     python benchmarks/bench_spine.py [--messages 1500] [--repeats 3]
         [--router-pool threads] [--endpoint-pool threads] [--concurrency 16]
-        [--endpoint-concurrency N] [--latency-ms 0]
+        [--endpoint-concurrency N] [--latency-ms 0] [--metered]
 
 Starts the simulator (0 ms latency) and two worker processes: a router worker on
 aimesh.route + bench.a and an endpoint worker on the endpoint queue + bench.b. Measures
@@ -13,6 +13,9 @@ aimesh_tasks/tasks/handoff.py); a raw two-hop with Celery's Task.replace is meas
 too, for reference (raw_replace_msgs_s), and a raw two-hop whose second hop makes the
 same HTTP call to the simulator (raw_call_msgs_s, and its paced p50): the fair baseline,
 since the spine's endpoint worker makes that call too (issue 18, goal 1).
+With --metered the agent has a budget (so every call is reserved, claimed and settled
+in Postgres); without, it is unmetered and a call touches no database. Settings reach
+the workers from the environment (e.g. AIMESH_DURABLE_ANSWERS=false).
 Prints one JSON line last. Needs Redis and Postgres on loopback (Redis dbs 2/3 and the
 Postgres database aimesh_bench, created if missing; AIMESH_BENCH_DBS moves both, see
 benchmarks/places.py).
@@ -64,6 +67,26 @@ def prepare_database() -> None:
         redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
     for endpoint in list_endpoints():
         remove_endpoint(endpoint.id)
+
+
+def meter(metered: bool) -> None:
+    """Give the benchmark agent a budget no run exhausts, or none (a budget left by an
+    earlier run is removed)."""
+    import psycopg
+
+    from aimesh_tasks.budgets import set_budget
+    from aimesh_tasks.errors import InvalidInput
+    from aimesh_tasks.governance import add_agent
+
+    with psycopg.connect(BENCH_DB, autocommit=True) as conn:
+        conn.execute("DELETE FROM budgets WHERE agent_id = 'bench'")
+    if not metered:
+        return
+    try:
+        add_agent("bench")
+    except InvalidInput:  # registered by an earlier run
+        pass
+    set_budget("bench", usd="1000000")
 
 
 def start(cmd: list[str], log: str) -> subprocess.Popen[bytes]:
@@ -160,6 +183,8 @@ def main() -> None:
     parser.add_argument("--endpoint-concurrency", type=int, default=None)
     parser.add_argument("--latency-ms", type=float, default=0.0, help="simulator latency")
     parser.add_argument("--paced-seconds", type=float, default=8.0)
+    parser.add_argument("--metered", action="store_true",
+                        help="give the agent a budget: every call reserved and settled")
     args = parser.parse_args()
 
     global SIMULATOR_URL
@@ -171,6 +196,7 @@ def main() -> None:
     time.sleep(1.0)
     endpoint = add_endpoint(id="sim", base_url=f"http://127.0.0.1:{port}", model="sim",
                             input_usd_per_1k="0.001", output_usd_per_1k="0.002", capacity=10000)
+    meter(args.metered)
     tag = f"{os.getpid()}"
     workers = [
         start([str(BIN / "aimesh"), "worker", "-n", f"brouter{tag}@%h", "-Q", "bench.a",
@@ -224,6 +250,8 @@ def main() -> None:
         "concurrency": args.concurrency,
         "endpoint_concurrency": args.endpoint_concurrency or args.concurrency,
         "latency_ms": args.latency_ms,
+        "metered": args.metered,
+        "durable_answers": os.environ.get("AIMESH_DURABLE_ANSWERS", "true"),
         "messages": args.messages,
         "repeats": args.repeats,
     }

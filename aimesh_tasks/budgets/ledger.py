@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from sqlalchemy import func, select
+from sqlalchemy import func, null, select, update
 from sqlalchemy.orm import Session
 
 from aimesh_tasks import events
@@ -181,12 +181,17 @@ def claim(call_key: str) -> ClaimState:
         return "claimed"
 
 
-def settle(call_key: str, tokens: int, nusd: int, *, kind: str = "call") -> bool:
-    """Charge the actual usage, release the rest, write the ledger row; False if the
-    reservation was already settled or released (nothing changes)."""
+def settle(call_key: str, tokens: int, nusd: int, *, kind: str = "call",
+           entry: dict[str, Any] | None = None) -> bool:
+    """Charge the actual usage, release the rest, write the ledger row, and keep `entry`
+    (the call's journal entry) with the settlement; False if the reservation was already
+    settled or released (nothing changes)."""
     if pg_batch.available():
-        done = pg_batch.run(pg_batch.SettleOp(op="settle", call_key=call_key, tokens=tokens,
-                                              nusd=nusd, kind=kind))
+        op = pg_batch.SettleOp(op="settle", call_key=call_key, tokens=tokens, nusd=nusd,
+                               kind=kind)
+        if entry is not None:
+            op["entry"] = entry
+        done = pg_batch.run(op)
         if done["outcome"] == "settled":
             events.budget_settled.send(sender=settle, agent_id=done["agent_id"],
                                        tokens_left=done["tokens_left"],
@@ -207,7 +212,7 @@ def settle(call_key: str, tokens: int, nusd: int, *, kind: str = "call") -> bool
             budget.spent_tokens += tokens
             budget.spent_nusd += nusd
             budget.updated_at = now
-        held.state, held.closed_at = "settled", now
+        held.state, held.closed_at, held.journal_entry = "settled", now, entry
         session.add(LedgerRow(call_key=call_key, agent_id=held.agent_id,
                               message_id=held.message_id, endpoint_id=held.endpoint_id,
                               tokens=tokens, nusd=nusd, kind=kind, created_at=now))
@@ -237,16 +242,18 @@ def release(call_key: str, *, only_if_uncalled: bool = False) -> bool:
         return True
 
 
-def reap_one(call_key: str, journal_usage: tuple[int, int] | None) -> str:
-    """Close one stale reservation: settle at the journal's usage when the call finished,
-    at the estimate when the provider may have been called, release when it was not."""
+def reap_one(call_key: str, journal_usage: tuple[int, int] | None,
+             entry: dict[str, Any] | None = None) -> str:
+    """Close one stale reservation: settle at the journal's usage when the call finished
+    (keeping `entry`, its journal entry, when given), at the estimate when the provider
+    may have been called, release when it was not."""
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
         if held is None or held.state != "reserved":
             return "gone"
         called = held.called_at is not None
     if journal_usage is not None:
-        settle(call_key, *journal_usage, kind="reaped")
+        settle(call_key, *journal_usage, kind="reaped", entry=entry)
         return "settled_actual"
     if called:
         settle(call_key, held.tokens, held.nusd, kind="reaped")
@@ -273,3 +280,59 @@ def estimate_of(call_key: str) -> Held | None:
     with session_scope() as session:
         held = session.get(ReservationRow, call_key)
         return None if held is None else Held(call_key, held.tokens, held.nusd, held.state)
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """A settled call's journal entry, kept with its settlement: the call key it was
+    charged under, the endpoint it was made at, and what the call cost the agent in all
+    (nano-USD: a takeover's `lost` charge included)."""
+
+    call_key: str
+    endpoint_id: str
+    entry: dict[str, Any]
+    charged_nusd: int
+
+
+def kept_entry(message_id: str, call_key: str) -> Kept | None:
+    """The journal entry kept with the settlement of `call_key`, or of a takeover's redo
+    of it (`<call_key>:redo-...`; the last one settled), or None."""
+    def this_call(key: Any) -> Any:
+        return (key == call_key) | key.startswith(f"{call_key}:redo-", autoescape=True)
+
+    charged = (select(func.coalesce(func.sum(LedgerRow.nusd), 0))
+               .where(LedgerRow.message_id == message_id, this_call(LedgerRow.call_key))
+               .scalar_subquery())
+    with session_scope() as session:
+        row = session.execute(
+            select(ReservationRow.call_key, ReservationRow.endpoint_id,
+                   ReservationRow.journal_entry, charged.label("charged_nusd"))
+            .where(ReservationRow.message_id == message_id,
+                   this_call(ReservationRow.call_key), ReservationRow.state == "settled",
+                   ReservationRow.journal_entry.is_not(None))
+            .order_by(ReservationRow.closed_at.desc()).limit(1)
+        ).first()
+    return None if row is None else Kept(row.call_key, row.endpoint_id, row.journal_entry,
+                                         int(row.charged_nusd))
+
+
+def forget_entries(older_than_s: float, batch_size: int = 1000) -> int:
+    """Clear the journal entries kept with settlements older than `older_than_s`, a
+    batch at a time (rows another worker is clearing are skipped); how many."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    cleared = 0
+    while True:
+        with session_scope() as session:
+            keys = list(session.scalars(
+                select(ReservationRow.call_key)
+                .where(ReservationRow.journal_entry.is_not(None),
+                       ReservationRow.closed_at < cutoff)
+                .order_by(ReservationRow.closed_at).limit(batch_size)
+                .with_for_update(skip_locked=True)))
+            if keys:
+                session.execute(update(ReservationRow)
+                                .where(ReservationRow.call_key.in_(keys))
+                                .values(journal_entry=null()))
+        cleared += len(keys)
+        if len(keys) < batch_size:
+            return cleared

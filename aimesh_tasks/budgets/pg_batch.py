@@ -31,7 +31,7 @@ import json
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import psycopg
 from sqlalchemy.exc import DBAPIError
@@ -73,13 +73,15 @@ class ClaimOp(TypedDict):
 
 
 class SettleOp(TypedDict):
-    """Charge the call's actual usage and write its ledger row."""
+    """Charge the call's actual usage and write its ledger row; keep `entry`, the call's
+    journal entry, with the settlement (migration 0008, pipeline/durable.py)."""
 
     op: Literal["settle"]
     call_key: str
     tokens: int
     nusd: int
     kind: str
+    entry: NotRequired[dict[str, Any]]
 
 
 Op = ReserveOp | ClaimOp | SettleOp

@@ -21,6 +21,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
+# Python None is SQL NULL, not the JSON `null` (a column whose IS NULL means "none kept").
+NullableJsonType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -137,6 +139,10 @@ class ReservationRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     called_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The settled call's journal entry (migration 0008_durable_answers): its answer or
+    # failure, so a Redis that lost its journal does not make the call again
+    # (aimesh_tasks/pipeline/durable.py). Cleared by the reaper a day after settling.
+    journal_entry: Mapped[dict[str, Any] | None] = mapped_column(NullableJsonType)
 
 
 class LedgerRow(Base):

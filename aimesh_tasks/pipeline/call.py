@@ -3,12 +3,14 @@
     begin (one round trip: journalled outcome? lease held? take it; in flight at the
     endpoint; policies' reads) → [journalled: settle it, don't repeat (a streaming message
     replays its text)] → [held: wait for the holder's journal] → claim the reservation →
+    [settled, its outcome kept with the settlement: journal it again, don't repeat] →
     call (streamed: pipeline/streaming.py) → journal → settle → records
 
 A call that may have reached the provider is charged once: by its own delivery, by a
 later delivery that finds its journal, or (a delivery that died mid-call) as `lost` at
 its reservation by the delivery that takes over — never twice, and never for a call
-that certainly was not made.
+that certainly was not made. A metered call's settlement keeps its journal entry, so a
+Redis that loses the journal does not make a settled call again (pipeline/durable.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +33,7 @@ from aimesh_tasks.errors import AimeshError, ProviderError
 from aimesh_tasks.failpoints import failpoint
 from aimesh_tasks.messages import AiMessage, AiResult, Attempt, utcnow
 from aimesh_tasks.money import call_cost_nusd, nusd_to_usd
-from aimesh_tasks.pipeline import journal, lease
+from aimesh_tasks.pipeline import durable, journal, lease
 from aimesh_tasks.pipeline.streaming import ABORTED, StreamedCall, aborted_charge
 from aimesh_tasks.providers.base import Completion
 from aimesh_tasks.providers.http import call_provider
@@ -67,14 +69,16 @@ def cost_of(endpoint: Endpoint, completion: Completion) -> int:
 @dataclass(frozen=True, slots=True)
 class CallResult:
     """One call's outcome: the attempt record, the answer or the error, what the call
-    was charged (nano-USD, lost predecessors included), and whether its usage was the
-    reserved worst case because the provider sent none."""
+    was charged (nano-USD, lost predecessors included), whether its usage was the
+    reserved worst case because the provider sent none, and the endpoint it was made at
+    when that is not the envelope's (recalled from its settlement after a new routing)."""
 
     attempt: Attempt
     completion: Completion | None
     error: ProviderError | None
     charged_nusd: int
     estimated: bool = False
+    endpoint: Endpoint | None = None
 
 
 def _estimated(message: AiMessage, endpoint: Endpoint, done: Completion
@@ -106,15 +110,24 @@ def _record_attempt(message: AiMessage, endpoint: Endpoint, attempt: Attempt,
     }, batch=batch)
 
 
-def _take_over(message: AiMessage, endpoint: Endpoint, call_key: str, charged_key: str
-               ) -> tuple[str, int]:
+def _take_over(message: AiMessage, endpoint: Endpoint, call_key: str, began: lease.Began
+               ) -> tuple[str, int] | CallResult:
     """Claim the call's reservation (reserving again if it was released or never made);
     the key to call under and what a predecessor was charged. A claim found from an
     earlier delivery that left no journal means the provider may have been called then:
-    that call is charged `lost` at its reservation, and a new key is used."""
+    that call is charged `lost` at its reservation, and a new key is used. A call found
+    settled whose settlement kept its outcome (Redis lost the journal) is that outcome:
+    nothing is called (pipeline/durable.py)."""
+    charged_key = began.charged_key
     state = claim(charged_key)
     if state == "claimed":
         return charged_key, 0
+    if state == "settled":
+        recalled = durable.recall(message.id, call_key, began, endpoint)
+        if recalled is not None:  # settled already: recovered without settling again
+            done = recover(message, recalled.endpoint, recalled.began, metered=False)
+            return replace(done, charged_nusd=recalled.charged_nusd,
+                           endpoint=recalled.endpoint)
     lost_nusd = 0
     if state == "called_before":
         held = estimate_of(charged_key)
@@ -122,9 +135,8 @@ def _take_over(message: AiMessage, endpoint: Endpoint, call_key: str, charged_ke
             lost_nusd = held.nusd
     if state in ("called_before", "settled"):
         charged_key = f"{call_key}:redo-{uuid.uuid4().hex[:8]}"
-        ttl_s = int(get_settings().reservation_timeout_s) + 86400
         batch = Batch()
-        lease.queue_charge_under(batch, call_key, charged_key, ttl_s)
+        lease.queue_charge_under(batch, call_key, charged_key, journal.retention_s())
         batch.send()
     reserve(message.agent_id, message.id, endpoint.id, charged_key, worst_case(message, endpoint))
     claim(charged_key)
@@ -203,20 +215,22 @@ def give_back_uncalled(call_key: str, token: str, endpoint_id: str) -> None:
 
 def recover(message: AiMessage, endpoint: Endpoint, began: lease.Began, metered: bool
             ) -> CallResult:
-    """The outcome an earlier delivery journalled; settled (idempotently) if metered."""
-    entry = journal.parse(began.value)
+    """The outcome an earlier delivery journalled; settled (idempotently) if metered,
+    the settlement keeping the journal entry."""
+    stored = journal.load(began.value)
+    entry, kept = journal.from_json(stored), durable.to_keep(stored)
     if entry.completion is None:
         error = ProviderError(str(entry.error.get("message", "call failed")) if entry.error
                               else "call failed", entry.error or {})
         if metered:
-            settle(began.charged_key, 0, 0)
+            settle(began.charged_key, 0, 0, entry=kept)
         attempt = Attempt(endpoint_id=endpoint.id, ok=False, latency_ms=0.0,
                           error=error.to_dict())
         return CallResult(attempt, None, error, 0)
     done = entry.completion
     if metered:
         settle(began.charged_key, done.input_tokens + done.output_tokens, entry.cost_nusd,
-               kind="call" if done.usage_known else "estimated")
+               kind="call" if done.usage_known else "estimated", entry=kept)
     if message.stream:  # the client may lack some of it: the relay skips what it has
         replay(message.id, began.charged_key, endpoint.id, endpoint.model, done.text)
     return CallResult(Attempt(endpoint_id=endpoint.id, ok=True, latency_ms=0.0), done, None,
@@ -229,13 +243,15 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
     and the lease's release go on `tail`, which the caller sends before the task ends;
     a metered call's journal is sent before it is settled."""
     try:
-        charged_key, lost_nusd = (_take_over(message, endpoint, call_key, began.charged_key)
-                                  if metered else (call_key, 0))
+        taken = _take_over(message, endpoint, call_key, began) if metered else (call_key, 0)
     except AimeshError:
         raise  # the caller gives the lease back
     except Exception:  # an outage (a pool with every connection busy, say): nothing called
         give_back_uncalled(call_key, began.value, endpoint.id)
         raise
+    if isinstance(taken, CallResult):
+        return taken
+    charged_key, lost_nusd = taken
     attempt, completion, error = _call(message, endpoint, charged_key)
     estimate: Estimate | None = None
     if completion is not None and not completion.usage_known:
@@ -253,14 +269,15 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
     before_settle = Batch() if metered else tail
     healthy = error is None or not error.endpoint_fault
     queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms, healthy)
-    if completion is not None:
-        journal.queue_record(before_settle, charged_key, completion, cost_nusd)
-    elif error is not None:
-        journal.queue_record_failure(before_settle, charged_key, error.to_dict())
+    entry = (journal.answered(completion, cost_nusd) if completion is not None
+             else journal.failed(error.to_dict()) if error is not None else None)
+    if entry is not None:
+        journal.queue_keep(before_settle, charged_key, entry)
     if metered:
         before_settle.send()
         failpoint("before_settle", message.agent_id)
-        _settle(charged_key, completion, estimate, cost_nusd, _unknown_usage_kind(error))
+        _settle(charged_key, completion, estimate, cost_nusd, _unknown_usage_kind(error),
+                durable.to_keep(entry))
     lease.queue_release(tail, call_key, began.value)
     _record_attempt(message, endpoint, attempt, completion, cost_nusd, tail)
     events.call_finished.send(sender=make_call, message=message, endpoint=endpoint,
@@ -276,14 +293,14 @@ def _unknown_usage_kind(error: ProviderError | None) -> str:
 
 
 def _settle(charged_key: str, completion: Completion | None, estimate: Estimate | None,
-            cost_nusd: int, estimate_kind: str) -> None:
+            cost_nusd: int, estimate_kind: str, kept: dict[str, Any] | None) -> None:
     if completion is not None:
         settle(charged_key, completion.input_tokens + completion.output_tokens, cost_nusd,
-               kind="call" if completion.usage_known else "estimated")
+               kind="call" if completion.usage_known else "estimated", entry=kept)
     elif estimate is not None:
-        settle(charged_key, estimate.tokens, estimate.nusd, kind=estimate_kind)
+        settle(charged_key, estimate.tokens, estimate.nusd, kind=estimate_kind, entry=kept)
     else:
-        settle(charged_key, 0, 0)
+        settle(charged_key, 0, 0, entry=kept)
 
 
 def build_result(message: AiMessage, endpoint: Endpoint, completion: Completion,

@@ -128,7 +128,7 @@ def _decide(app: Any, envelope: Envelope, message: AiMessage, done: CallResult,
     if done.completion is None:
         tail.send()
         return _after_failure(app, envelope, message, done, started_at, policies, ctx)
-    endpoint = ctx.endpoint
+    endpoint = done.endpoint or ctx.endpoint
     past = [*(Attempt.model_validate(a) for a in envelope.attempts), done.attempt]
     charged = envelope.charged_nusd + done.charged_nusd
     result = build_result(message, endpoint, done.completion, past, started_at, charged,

@@ -130,9 +130,15 @@ def call_finished(endpoint_id: str, call_key: str, latency_ms: float, ok: bool) 
     send(lambda batch: queue_call_finished(batch, endpoint_id, call_key, latency_ms, ok))
 
 
+def queue_call_abandoned(batch: Batch, endpoint_id: str, call_key: str) -> None:
+    """Queue taking a call out of flight that was never made (its answer was found
+    journalled)."""
+    batch.call("ZREM", keys.live_inflight(endpoint_id), call_key)
+
+
 def call_abandoned(endpoint_id: str, call_key: str) -> None:
     """Take a call out of flight that was never made (its answer was found journalled)."""
-    get_redis().zrem(keys.live_inflight(endpoint_id), call_key)
+    send(lambda batch: queue_call_abandoned(batch, endpoint_id, call_key))
 
 
 Figures = tuple[dict[str, LiveFigures], str]

@@ -80,6 +80,7 @@ class RowReport:
             "spend": verdict.spend() if verdict else None,
             "flagged": dict(verdict.flagged) if verdict else None,
             "open_reservations": verdict.open_reservations if verdict else None,
+            "extra_calls": len(verdict.extra_calls) if verdict else None,
             "kills": self.kills,
             "holds": verdict.holds() if verdict else None,
             "broken": [*(verdict.broken() if verdict else ["no verdict"]), *self.problems],
@@ -220,9 +221,13 @@ def _provider_note(facts: Any) -> str:
 
 def _worker_notes(cluster: Cluster) -> list[str]:
     notes = []
+    recalled = 0
     for worker in cluster.workers:
         log = worker.log.read_text(errors="replace") if worker.log.exists() else ""
         if "Unrecoverable error" in log:
             line = next(x for x in log.splitlines() if "Unrecoverable error" in x)
             notes.append(f"{worker.name}: {line.strip()[:200]}")
+        recalled += log.count("durable.recalled")
+    if recalled:  # calls Redis had forgotten, answered from their settlement, not made again
+        notes.append(f"{recalled} calls recalled from their settlement (durable.recalled)")
     return notes
