@@ -1,7 +1,8 @@
-"""Workflow fan-out 50 + gather vs a raw Celery chord making the same 51 HTTP calls.
+"""Workflow fan-out 50 + gather vs a raw Celery chord making the same 51 HTTP calls, and
+a DAG whose makespan levelling would double, against its critical path.
 
     python benchmarks/bench_workflow.py [--repeats 3] [--fan-out 50] [--pool threads]
-        [--concurrency 16] [--latencies 0,200]
+        [--concurrency 16] [--latencies 0,200] [--dag-depth 4] [--dag-slow-ms 200]
 
 One run, same broker, result backend and worker processes for both: a router worker
 (aimesh.route + bench.a) and an endpoint worker (the endpoints' queues + bench.b), one
@@ -9,7 +10,15 @@ simulator per latency. The workflow's 50 steps each go through step → route �
 record (routing, dedup, budget, audit, state in Postgres), then the gather step and the
 finish task. The baseline is `chord(group(50 × bench.wf_call), bench.wf_gather)`: the
 same HTTP calls to the same simulator from the endpoint worker, nothing else. Figures are
-end-to-end seconds, submit → final result, medians of the repeats. JSON is printed last.
+end-to-end seconds, submit → final result, medians of the repeats.
+
+The DAG row: two chains p1 → … → pN and q1 → … → qN plus the cross edge p1 → q3 (so the
+graph is not series-parallel); p's even steps and q's odd steps are slow (a simulator at
+--dag-slow-ms), the others fast (a simulator at 0 ms). Every topological level holds one
+slow step, so running level by level takes N × slow, while the critical path is
+ceil(N / 2) × slow. The row reports the makespan (submit → result), the critical path,
+the levelled makespan it would take, and the goal: critical path + 50 ms × depth.
+JSON is printed last.
 Needs Redis and Postgres on loopback (Redis dbs 2/3, Postgres database aimesh_bench;
 AIMESH_BENCH_DBS moves both: benchmarks/places.py).
 """
@@ -92,19 +101,58 @@ def workflow_run(model: str, fan_out: int, tag: str) -> float:
     return time.perf_counter() - started
 
 
+def dag_steps(depth: int, fast: str, slow: str, tag: str) -> list[Step]:
+    """The two alternating chains and the cross edge p1 -> q3 (see the module docstring)."""
+    steps = []
+    for chain, slow_first in (("p", False), ("q", True)):
+        for n in range(1, depth + 1):
+            deps = [f"{chain}{n - 1}"] if n > 1 else []
+            if chain == "q" and n == 3:
+                deps.append("p1")
+            quoted = " ".join(f"{{{{ steps.{d}.text }}}}" for d in deps)
+            is_slow = (n % 2 == 1) == slow_first
+            steps.append(Step(id=f"{chain}{n}", prompt=f"DAG {tag} {chain}{n}: {quoted}",
+                              model=slow if is_slow else fast, max_tokens=16, depends_on=deps))
+    return steps
+
+
+def dag_run(depth: int, fast: str, slow: str, tag: str) -> float:
+    """Seconds for the DAG, submit to result."""
+    started = time.perf_counter()
+    _, pending = submit_workflow(Workflow(agent_id="bench", steps=dag_steps(
+        depth, fast, slow, tag)))
+    result: dict[str, Any] = pending.get(timeout=600)
+    if result["status"] != "done":
+        raise RuntimeError(f"DAG failed: {result['failures']}")
+    return time.perf_counter() - started
+
+
+def dag_figures(depth: int, slow_ms: float, makespans: list[float]) -> dict[str, Any]:
+    """The DAG row: makespan against the critical path, levelled makespan and goal."""
+    critical_s = -(-depth // 2) * slow_ms / 1000
+    makespan_s = statistics.median(makespans)
+    return {"dag_depth": depth, "dag_slow_ms": slow_ms, "dag_makespan_s": round(makespan_s, 3),
+            "dag_critical_path_s": round(critical_s, 3),
+            "dag_levelled_s": round(depth * slow_ms / 1000, 3),
+            "dag_goal_s": round(critical_s + 0.05 * depth, 3),
+            "dag_overhead_ms_per_level": round((makespan_s - critical_s) * 1000 / depth, 1)}
+
+
 def main() -> None:
-    """Run both at each latency and print the figures, JSON last."""
+    """Run both at each latency and the DAG row; print the figures, JSON last."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fan-out", type=int, default=50)
     parser.add_argument("--pool", default="threads")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--latencies", default="0,200")
+    parser.add_argument("--dag-depth", type=int, default=4)
+    parser.add_argument("--dag-slow-ms", type=float, default=200)
     args = parser.parse_args()
     latencies = [float(x) for x in args.latencies.split(",")]
     prepare_database()
     sims, urls, models = [], {}, {}
-    for latency in latencies:
+    for latency in sorted({*latencies, 0.0, args.dag_slow_ms}):
         port = _free_port()
         sims.append(start([str(BIN / "aimesh"), "simulate", "--port", str(port),
                            "--latency-ms", str(latency)], f"/tmp/bench-wf-sim-{port}.log"))
@@ -138,6 +186,12 @@ def main() -> None:
             figures[f"raw_chord_s_{key}"] = round(statistics.median(raw), 3)
             figures[f"workflow_s_{key}"] = round(statistics.median(flow), 3)
             figures[f"ratio_{key}"] = round(statistics.median(flow) / statistics.median(raw), 2)
+        makespans = []
+        for n in range(args.repeats):
+            makespans.append(dag_run(args.dag_depth, models[0.0], models[args.dag_slow_ms],
+                                     f"{tag}-{n}"))
+            print(f"DAG depth {args.dag_depth}: {makespans[-1]:.3f} s", flush=True)
+        figures.update(dag_figures(args.dag_depth, args.dag_slow_ms, makespans))
     finally:
         for proc in [*workers, *sims]:
             proc.terminate()
