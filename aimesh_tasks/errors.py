@@ -13,7 +13,8 @@
     │   ├── Ambiguous               two routes match the intent too closely to choose (409)
     │   ├── NoRouteMatches          no route fits the message and none falls back (404)
     │   ├── RateLimited             the agent is over a rate limit; `retry_after_s` (429)
-    │   └── LoopCapExceeded         an agent-to-agent chain passed its hop cap (403)
+    │   ├── LoopCapExceeded         an agent-to-agent chain passed its hop cap (403)
+    │   └── WorkflowCancelled       a step of a run that fail_fast cancelled (409)
     ├── DeadlineExceeded            the message's deadline passed before it was answered
     ├── ServiceUnavailable          Redis or Postgres stayed unreachable past the retries
     ├── UndeliverableMessage        a worker could not run a message; it is in the dead letters
@@ -320,3 +321,15 @@ def error_from_dict(data: dict[str, Any]) -> AimeshError:
     code, message = fields.pop("code", None), str(fields.pop("message", ""))
     cls = next((c for c in _subclasses(AimeshError) if c.code == code), AimeshError)
     return cls(message, fields)
+
+
+class WorkflowCancelled(Refused):
+    """A workflow step's message reached routing after its run (`run_id`) was cancelled:
+    another step failed and the run's policy is fail_fast. The step is then skipped."""
+
+    code = "workflow_cancelled"
+    http_status = 409
+
+    @property
+    def run_id(self) -> str:
+        return str(self.fields.get("run_id", ""))

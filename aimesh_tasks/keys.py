@@ -189,6 +189,11 @@ def loop_refused(message_id: str) -> str:
     return f"{PREFIX}:hops:{message_id}:refused"
 
 
+def workflow_cancelled(run_id: str) -> str:
+    """Set when fail_fast cancels a run: its steps still queued are refused at routing."""
+    return f"{PREFIX}:workflow:{run_id}:cancelled"
+
+
 def accepted_seen() -> str:
     """Set of accepted messages whose routing task started, not yet noted in Postgres."""
     return f"{PREFIX}:accepted:seen"

@@ -41,10 +41,12 @@ TEST_ENV = {
     "AIMESH_SERVE_DOWN_AFTER_S": "1.5",
     # The semantic cache is on for these two agents only (tests/test_dedup.py).
     "AIMESH_SEMANTIC_AGENTS": "semantic-agent,semantic-other",
-    # Budget kill tests pause these agents' messages at one point each (aimesh_tasks.failpoints)
-    # until the test SIGKILLs the paused process; the bound only ends a pause nobody killed.
+    # Budget and workflow kill tests pause these agents' messages at one point each
+    # (aimesh_tasks.failpoints) until the test SIGKILLs the paused process; the bound only
+    # ends a pause nobody killed.
     "AIMESH_FAILPOINTS": ("after_reserve@kill-after-reserve=120,"
-                          "before_settle@kill-before-settle=120"),
+                          "before_settle@kill-before-settle=120,"
+                          "after_record@wf-kill-record=120"),
 }
 os.environ.update(TEST_ENV)  # before aimesh_tasks reads its settings
 

@@ -172,8 +172,8 @@ def test_governance_errors_carry_their_http_status() -> None:
 
 
 def test_the_message_path_registers_governance_before_the_budget() -> None:
-    assert [p.name for p in active().policies][:5] == [
-        "loop_cap", "routes", "acl", "rate_limits", "budget"]
+    assert [p.name for p in active().policies][:6] == [
+        "workflow_cancellation", "loop_cap", "routes", "acl", "rate_limits", "budget"]
 
 
 # --- ACL ---------------------------------------------------------------------------------

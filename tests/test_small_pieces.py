@@ -43,6 +43,7 @@ def test_key_and_queue_formats_are_pinned() -> None:
     assert keys.stream_gone("m1") == "aimesh:stream:m1:gone"
     assert keys.streams_gone_channel() == "aimesh:streams:gone"
     assert keys.stream_reader_wake("r1") == "aimesh:stream-reader:r1:wake"
+    assert keys.workflow_cancelled("r1") == "aimesh:workflow:r1:cancelled"
 
 
 def test_money_is_exact_and_rounds_costs_up() -> None:

@@ -13,15 +13,26 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from aimesh_tasks import Step, Workflow, outbox, submit_workflow
+from aimesh_tasks import Step, Workflow, keys, outbox, submit_workflow
+from aimesh_tasks.app import app
 from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.db import CallAttemptRow, WorkflowRunRow, WorkflowStepRow, session_scope
-from aimesh_tasks.errors import BudgetExceeded, InvalidInput
+from aimesh_tasks.errors import BudgetExceeded, InvalidInput, ProviderError, WorkflowCancelled
 from aimesh_tasks.governance.agents import add_agent
+from aimesh_tasks.messages import parse_message
+from aimesh_tasks.pipeline import routing
+from aimesh_tasks.pipeline.outcomes import HandOff, Refused
+from aimesh_tasks.policies import Policies
+from aimesh_tasks.policies.budget import BudgetAdmission
+from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint
 from aimesh_tasks.simulator import RunningSimulator
 from aimesh_tasks.simulator.tokens import complete
-from aimesh_tasks.workflows import run_view
+from aimesh_tasks.workflows import run_view, state
+from aimesh_tasks.workflows.budget import Plan
+from aimesh_tasks.workflows.cancellation import WorkflowCancellation, cancel
+from aimesh_tasks.workflows.dag import validate_workflow
+from aimesh_tasks.workflows.steps import step_message_dict
 from tests.conftest import BROKER_DB, REDIS
 from tests.gate import Gate
 from tests.waits import wait_until
@@ -319,3 +330,141 @@ def test_cli_runs_a_file_and_shows_its_status(
         {"id": "a", "prompt": "x", "depends_on": ["a"]}]}))
     refused = runner.invoke(cli, ["workflow", "run", str(bad)])
     assert refused.exit_code == 2 and "cycle: a -> a" in refused.stderr
+
+
+def _called(sim: RunningSimulator, run_id: str) -> list[str]:
+    """The steps of `run_id` that called `sim`, in the order the calls reached it."""
+    prefix = f"{run_id}."
+    return [c["call_key"][len(prefix):].split(":")[0] for c in sim.calls()
+            if (c["call_key"] or "").startswith(prefix)]
+
+
+def test_a_step_starts_when_its_own_dependencies_are_done_not_its_level(
+    simulator: Sim, endpoint: MakeEndpoint, gate: MakeGate
+) -> None:
+    good, slow = simulator(), simulator()
+    held = gate(slow)
+    endpoint(good, "good", model=GOOD)
+    endpoint(held, "slow", model="slow-model")
+    tag = _tag()
+    # a -> c, a -> d, b -> d: not series-parallel; levelled, c would wait for b.
+    flow = Workflow(agent_id=AGENT, steps=[
+        Step(id="a", prompt=f"Fast root {tag}", model=GOOD),
+        Step(id="b", prompt=f"Slow root {tag}", model="slow-model"),
+        Step(id="c", prompt="After a: {{ steps.a.text }}", depends_on=["a"], model=GOOD),
+        Step(id="d", prompt="After both: {{ steps.a.text }} {{ steps.b.text }}",
+             depends_on=["a", "b"], model=GOOD),
+    ])
+    run_id, pending = submit_workflow(flow)
+    held.wait_held()  # b has its answer, held at the gate: b has not finished
+    wait_until(lambda: _statuses(run_id).get("c") == "done", "c done while b is held",
+               seen=lambda: (_statuses(run_id), _called(good, run_id)))
+    assert _called(good, run_id) == ["a", "c"]  # d waits for b
+    assert _statuses(run_id)["b"] == "running" and _statuses(run_id)["d"] == "pending"
+    held.open()
+    result: dict[str, Any] = pending.get(timeout=90)
+    assert result["status"] == "done"
+    assert _called(good, run_id) == ["a", "c", "d"] and _called(slow, run_id) == ["b"]
+    a, b = _answer(f"Fast root {tag}", 256), _answer(f"Slow root {tag}", 256)
+    assert result["outputs"]["d"] == _answer(f"After both: {a} {b}", 256)
+
+
+def _answered(step_id: str) -> dict[str, Any]:
+    """What a step's message returns when it is answered (the fields the record reads)."""
+    return {"text": f"answer of {step_id}", "endpoint_id": "e1", "input_tokens": 3,
+            "output_tokens": 2, "cost_usd": "0.000005", "agent_id": AGENT}
+
+
+def _ids(sends: tuple[state.Send, ...]) -> list[str]:
+    return [send.step_id for send in sends]
+
+
+def _create(flow: Workflow) -> tuple[str, state.Advance]:
+    run_id = uuid.uuid4().hex
+    return run_id, state.create_run(run_id, flow, validate_workflow(flow, 10), Plan({}))
+
+
+@pytest.mark.usefixtures("clean")
+def test_a_completion_delivered_twice_counts_once_and_starts_its_dependents_once() -> None:
+    # Only the state: nothing is published, so no worker touches this run.
+    flow = Workflow(agent_id=AGENT, steps=[
+        Step(id="r0", prompt="zero"), Step(id="r1", prompt="one"),
+        Step(id="g", prompt="{{ steps.r0.text }} + {{ steps.r1.text }}",
+             depends_on=["r0", "r1"])])
+    run_id, started = _create(flow)
+    assert _ids(started.start) == ["r0", "r1"]
+    first, again = (state.end_step(run_id, "r0", _answered("r0")) for _ in range(2))
+    assert (first.start, again.start, again.resend) == ((), (), ())  # r0 counted once
+    assert _statuses(run_id) == {"r0": "done", "r1": "running", "g": "pending"}
+    last = state.end_step(run_id, "r1", _answered("r1"))
+    assert _ids(last.start) == ["g"]
+    assert last.start[0].message.messages[-1].content == "answer of r0 + answer of r1"
+    g_started = _steps(run_id)["g"].started_at
+    redelivered = state.end_step(run_id, "r1", _answered("r1"))
+    assert redelivered.start == () and _ids(redelivered.resend) == ["g"]
+    assert redelivered.resend[0].message.messages == last.start[0].message.messages
+    assert redelivered.resend[0].message.id == last.start[0].message.id == f"{run_id}.g"
+    assert _steps(run_id)["g"].started_at == g_started and redelivered.result is None
+    done = state.end_step(run_id, "g", _answered("g"))
+    assert done.result is not None and done.result["status"] == "done"
+    assert state.end_step(run_id, "g", _answered("g")).result == done.result
+
+
+@pytest.mark.usefixtures("clean")
+def test_fail_fast_cancels_pending_steps_and_skips_a_queued_one_refused_at_routing() -> None:
+    flow = Workflow(agent_id=AGENT, policy="fail_fast", steps=[
+        Step(id="bad", prompt="fails"), Step(id="queued", prompt="waits in the queue"),
+        Step(id="after", prompt="{{ steps.queued.text }}", depends_on=["queued"])])
+    run_id, _ = _create(flow)
+    failed = state.end_step(run_id, "bad", {"error": ProviderError("boom").to_dict()})
+    assert failed.cancelled and failed.start == () and failed.result is None
+    assert _statuses(run_id) == {"bad": "failed", "queued": "running", "after": "skipped"}
+    refusal = WorkflowCancelled("cancelled", run_id=run_id)
+    ended = state.end_step(run_id, "queued", {"error": refusal.to_dict()})
+    assert ended.result is not None and ended.result["status"] == "failed"
+    assert ended.result["skipped"]["queued"] == state.CANCELLED
+    assert set(ended.result["failures"]) == {"bad"}
+
+
+def test_a_cancelled_runs_step_is_refused_at_routing_and_nothing_else_is(
+    simulator: Sim, endpoint: MakeEndpoint
+) -> None:
+    endpoint(simulator(), "cancelled")
+    run_id, policies = uuid.uuid4().hex, Policies([WorkflowCancellation(), BudgetAdmission()])
+
+    def step(step_id: str) -> Any:
+        return parse_message(step_message_dict(AGENT, Step(id=step_id, prompt="p"), run_id,
+                                               f"prompt {step_id} {run_id}"))
+
+    assert isinstance(routing.route(app, step("early"), policies=policies), HandOff)
+    cancel(run_id)
+    outcome = routing.route(app, step("late"), policies=policies)
+    assert isinstance(outcome, Refused) and isinstance(outcome.error, WorkflowCancelled)
+    assert outcome.error.run_id == run_id
+    # The same metadata on a message that is not one of the run's steps reads nothing.
+    other = parse_message({"agent_id": AGENT, "prompt": f"other {run_id}",
+                           "metadata": {"workflow_run": run_id}})
+    assert isinstance(routing.route(app, other, policies=policies), HandOff)
+
+
+def test_record_killed_after_its_commit_is_redelivered_and_sends_the_next_step_once(
+    simulator: Sim, endpoint: MakeEndpoint
+) -> None:
+    sim = simulator()
+    endpoint(sim, "kill-record")
+    agent = "wf-kill-record"  # its first answered record pauses after commit (conftest)
+    tag = _tag()
+    flow = Workflow(agent_id=agent, steps=[
+        Step(id="a", prompt=f"First {tag}"),
+        Step(id="b", prompt="Then {{ steps.a.text }}", depends_on=["a"])])
+    run_id, pending = submit_workflow(flow)
+    pid = int(wait_until(lambda: get_redis().get(keys.failpoint("after_record")),
+                         "a's record paused after its commit"))
+    assert _statuses(run_id) == {"a": "done", "b": "running"}  # committed, b not yet sent
+    b_started = _steps(run_id)["b"].started_at
+    os.kill(pid, signal.SIGKILL)
+    result: dict[str, Any] = pending.get(timeout=120)
+    a = _answer(f"First {tag}", 256)
+    assert result["status"] == "done" and result["outputs"]["b"] == _answer(f"Then {a}", 256)
+    assert _called(sim, run_id) == ["a", "b"] and _ok_calls(f"{run_id}.b") == 1
+    assert _steps(run_id)["b"].started_at == b_started

@@ -1,16 +1,14 @@
-"""Workflow rules without servers: definitions, templates, the DAG checks, the canvas shape."""
+"""Workflow rules without servers: definitions, templates, the DAG checks, the graph's
+dependents."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
-from celery.canvas import _chain, _chord
 
 from aimesh_tasks.errors import InvalidInput
-from aimesh_tasks.workflows.compile import compile_workflow
-from aimesh_tasks.workflows.dag import feeders, find_cycle, validate_workflow
+from aimesh_tasks.workflows.dag import dependents, feeders, find_cycle, validate_workflow
 from aimesh_tasks.workflows.model import Step, Workflow, load_workflow, parse_workflow
 from aimesh_tasks.workflows.steps import step_message
 from aimesh_tasks.workflows.template import TemplateError, references, render
@@ -66,10 +64,11 @@ def test_feeders_name_the_quoted_step_at_the_end_of_the_longest_answer_chain() -
     fed = feeders(flow.steps, validate_workflow(flow, 10))
     assert fed == {"a": None, "b": "a", "c": "b", "side": None, "order-only": None,
                    "join": "c"}
-    message = step_message(flow, flow.step("join"), "run-1", {"side": "x", "c": "y"},
+    message = step_message(flow.agent_id, flow.step("join"), "run-1", {"side": "x", "c": "y"},
                            fed["join"])
     assert message.metadata["aimesh.parent_id"] == "run-1.c"
-    assert "aimesh.parent_id" not in step_message(flow, flow.step("a"), "run-1", {}).metadata
+    assert "aimesh.parent_id" not in step_message(flow.agent_id, flow.step("a"), "run-1",
+                                                  {}).metadata
 
 
 @pytest.mark.parametrize(("steps", "field", "words"), [
@@ -131,19 +130,7 @@ def test_yaml_and_json_files_load_the_same_workflow(tmp_path: Path) -> None:
         load_workflow(tmp_path / "bad.yaml")
 
 
-def _shape(sig: Any) -> Any:
-    if isinstance(sig, _chord):
-        return ("chord", [_shape(t) for t in sig.tasks], _shape(sig.body))
-    if isinstance(sig, _chain):
-        return ("chain", [_shape(t) for t in sig.tasks])
-    return sig.args[1] if sig.name == "aimesh.workflow.step" else sig.name.rsplit(".", 1)[1]
-
-
-def test_canvas_shapes() -> None:
-    diamond = _flow(("a", []), ("b", ["a"]), ("c", ["a"]), ("d", ["b", "c"]))
-    shape = _shape(compile_workflow("r1", diamond, validate_workflow(diamond, 10)))
-    assert shape == ("chain", ["a", ("chord", ["b", "c"], ("chain", ["d", "finish"]))])
-    not_sp = _flow(("a", []), ("b", []), ("c", ["a", "b"]), ("d", ["b"]))
-    shape = _shape(compile_workflow("r2", not_sp, validate_workflow(not_sp, 10)))
-    assert shape == ("chord", ["a", "b"], ("chain", ["barrier", ("chord", ["c", "d"],
-                                                                   "finish")]))
+def test_dependents_invert_depends_on_in_definition_order() -> None:
+    not_sp = _flow(("a", []), ("b", []), ("c", ["a", "b"]), ("d", ["b"]), ("e", []))
+    assert dependents(not_sp.to_json_dict()["steps"]) == {
+        "a": ["c"], "b": ["c", "d"], "c": [], "d": [], "e": []}

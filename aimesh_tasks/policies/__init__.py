@@ -1,6 +1,7 @@
 """The policies on the message path, in the order their hooks run (see policies/base.py).
 
-Built in, in this order: governance (loop cap, route, its ACL, rate limits), `budget`
+Built in, in this order: a workflow step of a cancelled run is refused
+(`workflows/cancellation.py`), governance (loop cap, route, its ACL, rate limits), `budget`
 (reserve the first call before dispatch), live servers of self-registered endpoints, the
 circuit breaker (AIMESH_BREAKER_ENABLED) and the retry policy (aimesh_tasks/resilience/).
 Deployments add their own with AIMESH_POLICIES ('package.module:ClassName,...'), run after
@@ -133,6 +134,14 @@ class Policies:
                 policy.queue_call_records(batch, ctx, error)
 
 
+def _workflows() -> list[Policy]:
+    """Refuse the queued steps of a run that fail_fast cancelled: before everything."""
+    # Imported here: workflow state imports the database layer, and policies.base.
+    from aimesh_tasks.workflows.cancellation import WorkflowCancellation
+
+    return [WorkflowCancellation()]
+
+
 def _governance() -> list[Policy]:
     """Loop cap, route (by name or intent), its ACL, rate limits: all before the budget."""
     # Imported here: the governance policies import policies.base, and so this package.
@@ -160,7 +169,8 @@ def _resilience() -> list[Policy]:
 def active() -> Policies:
     """The built-in policies, then AIMESH_POLICIES, in order (loaded once per process)."""
     extra = [_load(path) for path in get_settings().policies.split(",") if path.strip()]
-    return Policies([*_governance(), BudgetAdmission(), *_resilience(), *extra])
+    return Policies([*_workflows(), *_governance(), BudgetAdmission(), *_resilience(),
+                     *extra])
 
 
 __all__ = ["AfterCall", "CallContext", "Chosen", "Policies", "Policy", "RecordsCalls",

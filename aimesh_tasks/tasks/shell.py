@@ -94,6 +94,28 @@ def _after_wait(signature: Signature, outcome: HandOff | Fallback) -> Signature:
     return signature.set(countdown=wait_s)
 
 
+def retry_after(task: Task, countdown_s: float, exc: BaseException | None = None) -> NoReturn:
+    """Run `task` again in `countdown_s`; when not even the retry can be published (the
+    broker is away), give its message back to the queue."""
+    try:
+        raise task.retry(countdown=countdown_s, exc=exc, max_retries=None)
+    except Reject as failed:
+        raise Reject(failed.reason, requeue=True) from exc
+
+
+def retry_transient(task: Task, exc: BaseException, then: str) -> NoReturn:
+    """Retry `task` after a transient outage (`exc`, one of TRANSIENT) with backoff; past
+    AIMESH_TRANSIENT_RETRIES raise ServiceUnavailable, whose message ends with `then`."""
+    retries = int(task.request.retries or 0)
+    if retries >= get_settings().transient_retries:
+        service = _service(exc)
+        raise ServiceUnavailable(
+            f"{service} stayed unreachable through {retries} retries "
+            f"({type(exc).__name__}); {then}", service=service.lower(),
+            retries=retries) from exc
+    retry_after(task, backoff_s(retries), exc)
+
+
 def error_result(error: AimeshError) -> dict[str, Any]:
     """A failure as a task result, {"error": {code, message, ...fields}}, for callers that
     ask for errors as results (workflow steps: a raised error would fail a whole chord)."""
@@ -113,20 +135,10 @@ class MessageTask(Task):  # type: ignore[misc]
         try:
             return step()
         except TRANSIENT as exc:
-            retries = int(self.request.retries or 0)
-            if retries >= get_settings().transient_retries:
-                service = _service(exc)
-                raise ServiceUnavailable(
-                    f"{service} stayed unreachable through {retries} retries "
-                    f"({type(exc).__name__}); the message can be submitted again",
-                    service=service.lower(), retries=retries) from exc
-            self._retry(backoff_s(retries), exc)
+            retry_transient(self, exc, "the message can be submitted again")
 
-    def _retry(self, countdown_s: float, exc: BaseException | None = None) -> NoReturn:
-        try:
-            raise self.retry(countdown=countdown_s, exc=exc, max_retries=None)
-        except Reject as failed:  # the retry could not be published: the broker is away
-            raise Reject(failed.reason, requeue=True) from exc
+    def _retry(self, countdown_s: float) -> NoReturn:
+        retry_after(self, countdown_s)
 
     def _requeue(self, countdown_s: float) -> NoReturn:
         """Publish this task again after `countdown_s`, as a retry does (same id, same

@@ -1,70 +1,68 @@
-"""Workflow tasks: a step (render, then become a routed message), its record, the finish.
+"""Workflow tasks: a step's record (which starts what it unblocks) and the errback.
 
-A step task never raises for an expected failure: it returns a small outcome marker
-({"step_id", "status", "error"}), so a failed step cannot fail the chord it belongs to,
-and the steps after it decide from the recorded state whether to run or be skipped.
+A step is its message's route and call, with the record as the message's callback
+(a Celery link, handed on from hop to hop: tasks/handoff.py). The message asks for
+errors as results, so a refused or failed step is recorded like an answer and the
+record decides from the run's state what follows (`workflows/state.py`). Only an
+unexpected error (a bug, an outage past the retries) reaches the errback, which ends
+the run as failed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import Task, chain
+from celery import Signature, Task, states
 
 from aimesh_tasks.app import app
-from aimesh_tasks.errors import InvalidMessage
+from aimesh_tasks.failpoints import failpoint
+from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.tasks.route import route_message
-from aimesh_tasks.workflows import state
-from aimesh_tasks.workflows.model import Workflow
-from aimesh_tasks.workflows.steps import step_message
+from aimesh_tasks.tasks.shell import TRANSIENT, retry_transient
+from aimesh_tasks.workflows import cancellation, state
 
-STEP = "aimesh.workflow.step"
 RECORD = "aimesh.workflow.record"
-BARRIER = "aimesh.workflow.barrier"
-FINISH = "aimesh.workflow.finish"
 FAILED = "aimesh.workflow.failed"
 
 
-@app.task(name=STEP, bind=True)
-def run_step(self: Task, run_id: str, step_id: str, definition: dict[str, Any],
-             fed_from: str | None = None) -> Any:
-    """Skip the step (cancelled run, or a dependency without an answer), or render its
-    message from its dependencies' outputs and replace this task by that message's route,
-    followed by recording its answer. `fed_from`: the quoted step whose message is this
-    message's parent (its hops are counted from there)."""
-    started = state.begin_step(run_id, step_id)
-    if started.action != "run":
-        return started.outcome
-    workflow = Workflow.model_validate(definition)
+def step_signature(run_id: str, send: state.Send) -> Signature:
+    """A started step's message, routed, its answer or error recorded by `record_step`."""
+    crashed = run_crashed.s(run_id).set(queue=ROUTE_QUEUE)
+    record = record_step.s(run_id, send.step_id).set(queue=ROUTE_QUEUE).on_error(crashed)
+    return route_message.signature(
+        (send.message.to_json_dict(),), {"errors_as_results": True},
+        task_id=send.message.id, link=record, link_error=crashed)
+
+
+def dispatch(run_id: str, advance: state.Advance) -> None:
+    """Do what a committed change of the run asks for: refuse its queued steps (it was
+    cancelled), send the started steps' messages, store its result (it ended)."""
+    if advance.cancelled:
+        cancellation.cancel(run_id)
+    sends = advance.start + advance.resend
+    if sends:
+        with app.producer_or_acquire() as producer:
+            for send in sends:
+                step_signature(run_id, send).apply_async(producer=producer)
+    if advance.result is not None:
+        # The run's AsyncResult (its id is the run id) resolves to this.
+        app.backend.store_result(run_id, advance.result, states.SUCCESS)
+
+
+@app.task(name=RECORD, bind=True, ignore_result=True)
+def record_step(self: Task, result: dict[str, Any], run_id: str, step_id: str) -> None:
+    """Record a step's answer or failure; send what it started; end the run if it was the
+    last. Safe to run again (state.end_step is idempotent); a transient outage retries."""
     try:
-        message = step_message(workflow, workflow.step(step_id), run_id, started.outputs,
-                               fed_from)
-    except InvalidMessage as exc:
-        return state.end_step(run_id, step_id, {"error": exc.to_dict()})
-    raise self.replace(chain(
-        route_message.signature((message.to_json_dict(),), {"errors_as_results": True}),
-        record_step.signature((run_id, step_id)),
-    ))
-
-
-@app.task(name=RECORD)
-def record_step(result: dict[str, Any], run_id: str, step_id: str) -> dict[str, Any]:
-    """Record a step's answer or failure; the step's outcome marker."""
-    return state.end_step(run_id, step_id, result)
-
-
-@app.task(name=BARRIER)
-def barrier() -> None:
-    """Joins one level of parallel steps before the next level starts (a chord body)."""
-
-
-@app.task(name=FINISH)
-def finish_run(run_id: str) -> dict[str, Any]:
-    """End the run; its result: the step outputs, the failures and the skipped steps."""
-    return state.finish_run(run_id)
+        advance = state.end_step(run_id, step_id, result)
+        # Committed, nothing sent yet: a worker that dies here is the case resend is for.
+        failpoint("after_record", str(result.get("agent_id", "")))
+        dispatch(run_id, advance)
+    except TRANSIENT as exc:
+        retry_transient(self, exc, "the run stays unfinished")
 
 
 @app.task(name=FAILED)
 def run_crashed(request: Any, exc: BaseException, traceback: Any, run_id: str) -> None:
-    """Errback: a task of the run raised unexpectedly, so the canvas cannot finish it."""
-    state.fail_run(run_id, f"{type(exc).__name__}: {exc}"[:500])
+    """Errback: a task of the run raised unexpectedly, so the run cannot go on."""
+    dispatch(run_id, state.fail_run(run_id, f"{type(exc).__name__}: {exc}"[:500]))

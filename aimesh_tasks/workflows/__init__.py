@@ -1,12 +1,15 @@
-"""Scatter-gather workflows: DAGs of agent steps run as Celery chains, groups and chords.
+"""Scatter-gather workflows: DAGs of agent steps, each started as soon as its own
+dependencies are done.
 
     from aimesh_tasks import Step, Workflow, submit_workflow
     run_id, result = submit_workflow(Workflow(agent_id="planner", steps=[...]))
     result.get(timeout=60)  # {"status", "outputs", "failures", "skipped", "cost_usd", ...}
 
 Modules: `model` (definitions, YAML/JSON), `template` and `dag` (pure rules), `steps`
-(a step's message), `budget` (the run's worst case), `compile` (the canvas), `state`
-(runs and steps in the database), `run` (`submit_workflow`).
+(a step's message), `budget` (the run's worst case), `state` (runs and steps in the
+database, and the rule that starts each step: why it is not chords), `cancellation`
+(fail_fast refuses queued steps), `run` (`submit_workflow`); the record task that ends a
+step and sends what follows is `aimesh_tasks/tasks/workflow.py`.
 """
 
 from typing import TYPE_CHECKING, Any

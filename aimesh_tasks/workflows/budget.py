@@ -69,7 +69,7 @@ def step_worst_case(workflow: Workflow, step: Step, endpoints: tuple[Endpoint, .
             f"step '{step.id}': no enabled endpoint serves it (model {step.model or 'any'}, "
             f"capability {step.capability or 'any'}); add one with `aimesh endpoints add`",
             step_id=step.id, excluded={})
-    probe = parse_message(step_message_dict(workflow, step, "plan",
+    probe = parse_message(step_message_dict(workflow.agent_id, step, "plan",
                                             _planned_prompt(workflow, step)))
     estimates = [worst_case(probe, e) for e in candidates]
     return Estimate(max(e.input_tokens for e in estimates),

@@ -8,7 +8,8 @@ Refused, each with an InvalidInput naming the step and the fix:
 - a cycle, named in full: `a -> b -> c -> a`.
 
 `levels()` orders the steps into topological levels: a step's level is one more than the
-highest level among its dependencies, so every step of a level can run at once.
+highest level among its dependencies (shown with each step; steps do not wait for their
+level, see `workflows/state.py`). `dependents()` inverts `depends_on`.
 
 `feeders()` names, for each step whose prompt quotes a dependency's answer, the quoted
 dependency at the end of the longest such chain: the step's message names that step's
@@ -19,6 +20,7 @@ than the longest chain of answers fed into it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.workflows.model import Step, Workflow
@@ -120,6 +122,16 @@ def feeders(steps: Sequence[Step], order: Sequence[Sequence[str]]) -> dict[str, 
             fed_from[step_id] = deepest
             depth[step_id] = 0 if deepest is None else depth[deepest] + 1
     return fed_from
+
+
+def dependents(steps: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Step id -> the ids of the steps that depend on it, in definition order; `steps` are
+    definition dicts (`Workflow.to_json_dict()["steps"]`), as a run stores them."""
+    found: dict[str, list[str]] = {str(step["id"]): [] for step in steps}
+    for step in steps:
+        for dep in step.get("depends_on") or ():
+            found[dep].append(str(step["id"]))
+    return found
 
 
 def validate_workflow(workflow: Workflow, max_steps: int) -> list[list[str]]:

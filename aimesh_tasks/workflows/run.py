@@ -1,4 +1,4 @@
-"""`submit_workflow()`: validate, check the budget, record the run, queue its canvas."""
+"""`submit_workflow()`: validate, check the budget, record the run, send its first steps."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import kombu.exceptions
 from celery.result import AsyncResult
 
 from aimesh_tasks.app import app
@@ -14,9 +15,9 @@ from aimesh_tasks.errors import BudgetExceeded
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.registry.endpoints import list_endpoints
 from aimesh_tasks.settings import get_settings
+from aimesh_tasks.tasks.workflow import dispatch
 from aimesh_tasks.workflows import state
 from aimesh_tasks.workflows.budget import check_plan, plan_run
-from aimesh_tasks.workflows.compile import compile_workflow
 from aimesh_tasks.workflows.dag import validate_workflow
 from aimesh_tasks.workflows.model import Workflow, load_workflow, parse_workflow
 
@@ -48,7 +49,11 @@ def submit_workflow(workflow: Workflow | dict[str, Any] | str | Path,
               cost_nusd=plan.nusd, reason=exc.message[:512],
               detail={"workflow": parsed.name, "reason": exc.fields.get("reason")})
         raise
-    state.create_run(run_id, parsed, levels, plan)
+    started = state.create_run(run_id, parsed, levels, plan)
     ensure_embedded_worker()
-    compile_workflow(run_id, parsed, levels).apply_async()
+    try:
+        dispatch(run_id, started)
+    except kombu.exceptions.OperationalError as exc:  # past the publish retries: the caller
+        state.fail_run(run_id, f"its first steps could not be queued: {exc}")  # gets the error
+        raise
     return Submitted(run_id, AsyncResult(run_id, app=app))
