@@ -4,15 +4,15 @@ A step is its message's route and call, with the record as the message's callbac
 (a Celery link, handed on from hop to hop: tasks/handoff.py). The message asks for
 errors as results, so a refused or failed step is recorded like an answer and the
 record decides from the run's state what follows (`workflows/state.py`). Only an
-unexpected error (a bug, an outage past the retries) reaches the errback, which ends
-the run as failed.
+unexpected error (a bug, an outage past the retries) reaches the errback, which has the
+run ended as failed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import Signature, Task, states
+from celery import Task, states
 
 from aimesh_tasks.app import app
 from aimesh_tasks.failpoints import failpoint
@@ -23,15 +23,17 @@ from aimesh_tasks.workflows import cancellation, state
 
 RECORD = "aimesh.workflow.record"
 FAILED = "aimesh.workflow.failed"
+END_FAILED = "aimesh.workflow.end_failed"
 
 
-def step_signature(run_id: str, send: state.Send) -> Signature:
-    """A started step's message, routed, its answer or error recorded by `record_step`."""
+def send_step(run_id: str, send: state.Send, producer: Any = None) -> None:
+    """Publish a started step's message (validated when it was rendered) for routing,
+    its answer or error recorded by `record_step`."""
     crashed = run_crashed.s(run_id).set(queue=ROUTE_QUEUE)
     record = record_step.s(run_id, send.step_id).set(queue=ROUTE_QUEUE).on_error(crashed)
-    return route_message.signature(
-        (send.message.to_json_dict(),), {"errors_as_results": True},
-        task_id=send.message.id, link=record, link_error=crashed)
+    route_message.apply_async((send.message,), {"errors_as_results": True},
+                              task_id=send.message.id, link=record, link_error=crashed,
+                              producer=producer)
 
 
 def dispatch(run_id: str, advance: state.Advance) -> None:
@@ -43,7 +45,7 @@ def dispatch(run_id: str, advance: state.Advance) -> None:
     if sends:
         with app.producer_or_acquire() as producer:
             for send in sends:
-                step_signature(run_id, send).apply_async(producer=producer)
+                send_step(run_id, send, producer)
     if advance.result is not None:
         # The run's AsyncResult (its id is the run id) resolves to this.
         app.backend.store_result(run_id, advance.result, states.SUCCESS)
@@ -64,5 +66,17 @@ def record_step(self: Task, result: dict[str, Any], run_id: str, step_id: str) -
 
 @app.task(name=FAILED)
 def run_crashed(request: Any, exc: BaseException, traceback: Any, run_id: str) -> None:
-    """Errback: a task of the run raised unexpectedly, so the run cannot go on."""
-    dispatch(run_id, state.fail_run(run_id, f"{type(exc).__name__}: {exc}"[:500]))
+    """Errback (Celery calls it in the failed task's worker): a task of the run raised
+    unexpectedly, so the run cannot go on; `end_failed_run` ends it."""
+    end_failed_run.apply_async((run_id, f"{type(exc).__name__}: {exc}"[:500]),
+                               queue=ROUTE_QUEUE)
+
+
+@app.task(name=END_FAILED, bind=True, ignore_result=True)
+def end_failed_run(self: Task, run_id: str, reason: str) -> None:
+    """End a run as failed, its unfinished steps skipped; a transient outage (or a lock
+    conflict with a step's record) retries."""
+    try:
+        dispatch(run_id, state.fail_run(run_id, reason))
+    except TRANSIENT as exc:
+        retry_transient(self, exc, "the run stays unfinished")

@@ -7,9 +7,9 @@ dependencies are done.
 
 Modules: `model` (definitions, YAML/JSON), `template` and `dag` (pure rules), `steps`
 (a step's message), `budget` (the run's worst case), `state` (runs and steps in the
-database, and the rule that starts each step: why it is not chords), `cancellation`
-(fail_fast refuses queued steps), `run` (`submit_workflow`); the record task that ends a
-step and sends what follows is `aimesh_tasks/tasks/workflow.py`.
+database, and the rule that starts each step: why it is not chords), `view` (a run as
+JSON), `cancellation` (fail_fast refuses queued steps), `run` (`submit_workflow`); the
+record task that ends a step and sends what follows is `aimesh_tasks/tasks/workflow.py`.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -18,11 +18,11 @@ from aimesh_tasks.workflows.model import Step, Workflow, load_workflow, parse_wo
 
 if TYPE_CHECKING:
     from aimesh_tasks.workflows.run import Submitted, submit_workflow
-    from aimesh_tasks.workflows.state import run_view
+    from aimesh_tasks.workflows.view import run_view
 
 # Running a workflow needs the Celery app; importing the package does not build it.
 _LAZY = {"Submitted": "aimesh_tasks.workflows.run", "submit_workflow": "aimesh_tasks.workflows.run",
-         "run_view": "aimesh_tasks.workflows.state"}
+         "run_view": "aimesh_tasks.workflows.view"}
 
 
 def __getattr__(name: str) -> Any:
