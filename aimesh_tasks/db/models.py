@@ -207,6 +207,8 @@ class WorkflowRunRow(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
     planned_tokens: Mapped[int] = mapped_column(BigInteger)
     planned_nusd: Mapped[int] = mapped_column(BigInteger)
+    # Steps not yet done, failed or skipped: the run ends when it reaches 0.
+    steps_left: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -225,6 +227,8 @@ class WorkflowStepRow(Base):
     message_id: Mapped[str] = mapped_column(String(128), index=True)
     status: Mapped[str] = mapped_column(String(16))
     depends_on: Mapped[list[str]] = mapped_column(JsonType, default=list)
+    # Dependencies not yet done: the step starts when it reaches 0.
+    waiting_on: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     endpoint_id: Mapped[str | None] = mapped_column(String(64))
     input_tokens: Mapped[int] = mapped_column(Integer, default=0)
     output_tokens: Mapped[int] = mapped_column(Integer, default=0)

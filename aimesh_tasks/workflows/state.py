@@ -1,58 +1,58 @@
-"""Run and step state in the database, and the rule that starts a step when its own
-dependencies are done.
+"""Run and step state in the database, and the dependency counters that start each step
+when its own dependencies are done.
 
-    pending ──(every dependency done)──▶ running ──▶ done | failed
+    pending ──(its last dependency done)──▶ running ──▶ done | failed
        └──(a dependency failed or was skipped; fail_fast cancelled the run)──▶ skipped
 
 A running step has had its message sent: it is queued for routing or being answered.
 
-**How a step starts.** Ending a step (`end_step`) is one transaction. It records the
-step's answer or failure on the step's own row, locks the run row, and then counts, in
-one aggregate over the run's step rows, for each step that depends on the ended one
-whether it is still pending and how many of its dependencies are not done. A pending
-step with none left is marked running and its message rendered from its dependencies'
-outputs; a pending step that a failed or skipped dependency can never feed is skipped,
-and its own dependents are counted in turn. The caller publishes the messages of the
+**How a step starts.** Each step row counts its dependencies not yet done (`waiting_on`,
+set at submit) and each run row its steps not yet ended (`steps_left`). Ending a step
+(`end_step`) is one transaction: it records the step's answer or failure on the step's
+row, takes the run row's lock by counting the step off `steps_left`, and counts it off
+the `waiting_on` of each pending step that depends on it. A step whose count reaches 0
+is marked running and its message rendered from its dependencies' outputs; a pending
+step that a failed or skipped dependency can never feed is skipped, and counted off in
+turn; the run ends when `steps_left` reaches 0. The caller publishes the messages of the
 steps it started once the transaction has committed (`Advance`, `tasks/workflow.py`).
 A step therefore waits for its own dependencies only, in any DAG, series-parallel or not.
 
-Why a count of the dependencies' rows, and not chords (a series-parallel DAG compiles
-exactly to chains inside groups and chords, but any other DAG needs a second mechanism):
-- one mechanism for every DAG;
-- the count cannot drift from the run's state, because it is that state: the
-  dependencies' own rows, read under the run's lock. A chord keeps its count in Redis
-  (`celery-taskset-meta-*`), apart from the state in Postgres, where a Redis restart can
-  lose it;
-- atomic and idempotent by construction: a dependency counts as done only once the
-  transaction that ends it commits, and that transaction runs once, since a completion
-  delivered again finds its step ended and changes nothing: no dependency is counted
-  twice, no step moves to running twice;
-- fewer hops and a short lock: a step is its message's route and call, then the record
-  that ends it and starts what follows (no step task, no barrier, no chord join); the run
-  row is locked for the count and the commit only; and no migration.
+Why counters in Postgres, and not chords (a series-parallel DAG compiles exactly to
+chains inside groups and chords, but any other DAG needs a second mechanism anyway):
+- one mechanism for every DAG, O(1) per dependency;
+- atomic with the state: a count changes in the same transaction as the status that
+  causes it, so the counters and the steps' states cannot disagree, and both survive
+  what Postgres survives. A chord keeps its count in Redis (`celery-taskset-meta-*`),
+  apart from the run's state, where a Redis restart can lose it;
+- idempotent under redelivery: a step is counted off only by the transaction whose
+  UPDATE moved it from pending or running to an end, which matches once; a completion
+  delivered again matches nothing, so it decrements nothing and starts nothing;
+- fewer hops: a step is its message's route and call, then the record that ends it and
+  starts what follows; no step task, no barrier, no chord join.
 
 A completion delivered again (its record task redelivered after the worker died between
-commit and publish, or the callback of a duplicated call) starts nothing; it sends again
-the messages of the dependents that are running and not ended (`Advance.resend`), since
-the first delivery may have died before publishing them. A message sent twice is one
-call and one charge on the message path (hand-off record, call lease, journal).
+commit and publish, or the callback of a duplicated call) sends again the messages of
+the dependents that are running and not ended (`Advance.resend`), since the first
+delivery may have died before publishing them. A message sent twice is one call and one
+charge on the message path (hand-off record, call lease, journal).
 
 Locks: a transaction writes its own step's row, then locks the run row, and only then
-writes other steps' rows. So every decision about the steps that follow (start, skip,
-fail_fast's cancel, the end of the run) is made under the run's lock by one transaction
-at a time, which sees every completion committed before it; and two records never wait
-for each other (the only row one holds before the run's lock is its own running step,
-which no other record writes).
+writes other steps' rows; the run row is locked for the counting and the commit only. So
+every decision about the steps that follow (start, skip, fail_fast's cancel, the end of
+the run) is made by one transaction at a time, which sees every completion committed
+before it, and two records never wait for each other: the only row one holds before the
+run's lock is its own running step, which no other record writes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import Table, and_, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from aimesh_tasks.db import WorkflowRunRow, WorkflowStepRow, session_scope
@@ -68,6 +68,24 @@ ENDED = ("done", "failed", "skipped")
 UNFINISHED = ("pending", "running")
 CANCELLED = "cancelled: another step failed and the policy is fail_fast"
 Row = WorkflowStepRow
+Run = WorkflowRunRow
+_NO_SYNC = {"synchronize_session": False}  # no step rows are loaded as objects here
+
+# Built once, bound per call: the statements of the path every step's end takes.
+_STEPS: Table = Row.__table__  # type: ignore[assignment]
+_RUNS: Table = Run.__table__  # type: ignore[assignment]
+_OUTCOME = ("status", "output", "error", "endpoint_id", "cached", "input_tokens",
+            "output_tokens", "cost_nusd", "finished_at")
+_END = update(_STEPS).where(
+    _STEPS.c.run_id == bindparam("run"), _STEPS.c.step_id == bindparam("step"),
+    _STEPS.c.status.in_(UNFINISHED)).values({c: bindparam(c) for c in _OUTCOME}).returning(
+    _STEPS.c.step_id)
+_COUNT_OFF_RUN = update(_RUNS).where(_RUNS.c.id == bindparam("run")).values(
+    steps_left=_RUNS.c.steps_left - 1).returning(_RUNS.c.status, _RUNS.c.steps_left)
+_COUNT_OFF_DEPENDENTS = update(_STEPS).where(
+    _STEPS.c.run_id == bindparam("run"), _STEPS.c.step_id.in_(bindparam("steps", expanding=True)),
+    _STEPS.c.status == "pending").values(waiting_on=_STEPS.c.waiting_on - 1).returning(
+    _STEPS.c.step_id, _STEPS.c.waiting_on)
 
 
 class Send(NamedTuple):
@@ -89,122 +107,147 @@ class Advance:
     result: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Graph:
+    """What a run's transactions read of its definition, which never changes."""
+
+    run_id: str
+    name: str
+    agent_id: str
+    policy: str
+    steps: dict[str, dict[str, Any]]
+    dependents: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, run_id: str, name: str, agent_id: str, policy: str,
+           definition: dict[str, Any]) -> Graph:
+        steps = definition["steps"]
+        return cls(run_id, name, agent_id, policy, {s["id"]: s for s in steps},
+                   dependents(steps))
+
+
+@lru_cache(maxsize=256)
+def _graph(run_id: str) -> Graph:
+    """The run's graph, read once per process (a definition is immutable)."""
+    with session_scope() as session:
+        row = session.execute(select(Run.name, Run.agent_id, Run.policy, Run.definition)
+                              .where(Run.id == run_id)).first()
+    if row is None:
+        raise NotFound(f"no workflow run '{run_id}'", kind="workflow_run", id=run_id)
+    return Graph.of(run_id, row.name, row.agent_id, row.policy, row.definition)
+
+
 def _of(run_id: str, *step_ids: str) -> Any:
     return and_(Row.run_id == run_id, Row.step_id.in_(step_ids))
 
 
 def _outcome(result: dict[str, Any]) -> dict[str, Any]:
-    """The step row's columns for a step's answer or error."""
+    """The step row's columns (`_OUTCOME`) for a step's answer or error."""
+    values = {"output": None, "error": None, "endpoint_id": None, "cached": False,
+              "input_tokens": 0, "output_tokens": 0, "cost_nusd": 0, "finished_at": utcnow()}
     error = result.get("error")
     if error is not None and error.get("code") == WorkflowCancelled.code:
-        return {"status": "skipped", "error": {"reason": CANCELLED}}
+        return {**values, "status": "skipped", "error": {"reason": CANCELLED}}
     if error is not None:
-        return {"status": "failed", "error": dict(error)}
-    return {"status": "done", "output": str(result["text"]),
+        return {**values, "status": "failed", "error": dict(error)}
+    return {**values, "status": "done", "output": str(result["text"]),
             "endpoint_id": result["endpoint_id"],
             "cached": bool(result.get("cached") or result.get("dedup")),
             "input_tokens": result["input_tokens"], "output_tokens": result["output_tokens"],
             "cost_nusd": usd_to_nusd(Decimal(str(result["cost_usd"])))}
 
 
+def _message(session: Session, graph: Graph, step_id: str) -> AiMessage:
+    """The step's message, rendered from its dependencies' outputs (all done)."""
+    step = Step.model_validate(graph.steps[step_id])
+    outputs = {row.step_id: row.output or "" for row in session.execute(
+        select(Row.step_id, Row.output).where(_of(graph.run_id, *step.depends_on)))}
+    return step_message(graph.agent_id, step, graph.run_id, outputs)
+
+
 class _Change:
     """One transaction's changes to a run whose row it has locked: steps end, and what
     depends on them starts or is skipped."""
 
-    def __init__(self, session: Session, run: WorkflowRunRow) -> None:
-        self.session, self.run = session, run
-        steps = run.definition["steps"]
-        self.definitions: dict[str, dict[str, Any]] = {s["id"]: s for s in steps}
-        self.dependents = dependents(steps)
+    def __init__(self, session: Session, graph: Graph, status: str, steps_left: int) -> None:
+        self.session, self.graph = session, graph
+        self.status, self.steps_left = status, steps_left  # the run row, as locked
+        self.cancelled = False  # fail_fast cancelled the run here
+        self.counted = 0  # steps ended here and not yet counted off the run row
         self.started: list[Send] = []
-        self.unfinished: int | None = None  # steps pending or running, once counted
-
-    def _set(self, step_id: str, **values: Any) -> None:
-        self.session.execute(update(Row).where(_of(self.run.id, step_id)).values(**values),
-                             execution_options={"synchronize_session": False})
-
-    def _end(self, step_id: str, status: str, **values: Any) -> None:
-        self._set(step_id, status=status, finished_at=utcnow(), **values)
-        if self.unfinished is not None:
-            self.unfinished -= 1
-
-    def _tally(self, step_ids: list[str]) -> dict[str, tuple[bool, int]]:
-        """For each step: is it pending, how many of its dependencies are not done; one
-        aggregate, which also counts the run's unfinished steps the first time."""
-        counts = [func.count().filter(Row.status.in_(UNFINISHED))]
-        for step_id in step_ids:
-            deps = self.definitions[step_id].get("depends_on") or []
-            counts += [func.count().filter(and_(Row.step_id == step_id,
-                                                Row.status == "pending")),
-                       func.count().filter(and_(Row.step_id.in_(deps), Row.status != "done"))]
-        row = self.session.execute(select(*counts).where(Row.run_id == self.run.id)).one()
-        if self.unfinished is None:
-            self.unfinished = int(row[0])
-        return {s: (bool(row[1 + 2 * n]), int(row[2 + 2 * n]))
-                for n, s in enumerate(step_ids)}
 
     def ended(self, ends: list[tuple[str, str]]) -> None:
-        """These steps (id, status) just ended: apply the policy, then start or skip
-        what depends on them, transitively."""
+        """These steps (id, status) just ended: apply the policy, then count them off
+        what depends on them, starting or skipping it, transitively."""
         while ends:
             step_id, status = ends.pop()
-            if status == "failed" and self.run.policy == "fail_fast":
+            if status == "failed" and self.graph.policy == "fail_fast":
                 self._cancel(step_id)
-            following = self.dependents[step_id]
-            if not following and self.unfinished is not None:
+            following = self.graph.dependents[step_id]
+            if not following:
                 continue
-            for dependent, (pending, undone) in self._tally(following).items():
-                if pending and status != "done":
-                    self._end(dependent, "skipped", error={
-                        "reason": f"dependency {step_id} did not finish"})
-                    ends.append((dependent, "skipped"))
-                elif pending and undone == 0 and not self._start(dependent):
-                    ends.append((dependent, "failed"))
+            if status != "done":
+                for skipped in self._skip(following, f"dependency {step_id} did not finish"):
+                    ends.append((skipped, "skipped"))
+                continue
+            ready = self.session.execute(_COUNT_OFF_DEPENDENTS, {
+                "run": self.graph.run_id, "steps": following}).all()
+            for step_id_ready, waiting_on in ready:
+                if waiting_on == 0 and not self._start(step_id_ready):
+                    ends.append((step_id_ready, "failed"))
 
-    def message(self, step_id: str) -> AiMessage:
-        """The step's message, rendered from its dependencies' outputs (all done)."""
-        step = Step.model_validate(self.definitions[step_id])
-        outputs = {row.step_id: row.output or "" for row in self.session.execute(
-            select(Row.step_id, Row.output).where(_of(self.run.id, *step.depends_on)))}
-        return step_message(self.run.agent_id, step, self.run.id, outputs)
+    def _skip(self, step_ids: list[str], reason: str) -> list[str]:
+        skipped = list(self.session.scalars(update(Row).where(
+            _of(self.graph.run_id, *step_ids), Row.status == "pending").values(
+            status="skipped", finished_at=utcnow(), error={"reason": reason})
+            .returning(Row.step_id), execution_options=_NO_SYNC))
+        self.counted += len(skipped)
+        return skipped
 
     def _start(self, step_id: str) -> bool:
         """Mark the step running and queue its message; False if the message is invalid
         (e.g. the rendered prompt is over the payload cap): the step then failed."""
         try:
-            message = self.message(step_id)
+            message = _message(self.session, self.graph, step_id)
         except InvalidMessage as exc:
-            self._end(step_id, "failed", error=exc.to_dict())
-            return False
-        self._set(step_id, status="running", started_at=utcnow())
-        self.started.append(Send(step_id, message))
-        return True
+            values: dict[str, Any] = {"status": "failed", "error": exc.to_dict(),
+                                      "finished_at": utcnow()}
+            self.counted += 1
+        else:
+            values = {"status": "running", "started_at": utcnow()}
+            self.started.append(Send(step_id, message))
+        self.session.execute(update(Row).where(_of(self.graph.run_id, step_id))
+                             .values(**values), execution_options=_NO_SYNC)
+        return bool(values["status"] == "running")
 
     def _cancel(self, failed_step: str) -> None:
-        if self.run.status == "failed":
+        if self.status == "failed":
             return
-        self.run.status = "failed"
+        self.status, self.cancelled = "failed", True
+        reason = f"cancelled: step '{failed_step}' failed and the policy is fail_fast"
         skipped = self.session.execute(update(Row).where(
-            Row.run_id == self.run.id, Row.status == "pending").values(
-            status="skipped", finished_at=utcnow(), error={
-                "reason": f"cancelled: step '{failed_step}' failed and the policy is "
-                          "fail_fast"}), execution_options={"synchronize_session": False})
-        if self.unfinished is not None:
-            self.unfinished -= skipped.rowcount  # type: ignore[attr-defined]
+            Row.run_id == self.graph.run_id, Row.status == "pending").values(
+            status="skipped", finished_at=utcnow(), error={"reason": reason}),
+            execution_options=_NO_SYNC)
+        self.counted += skipped.rowcount  # type: ignore[attr-defined]
 
     def advance(self, resend: tuple[Send, ...] = ()) -> Advance:
-        """End the run if no step is left pending or running; what to do after commit."""
-        run = self.run
-        if self.unfinished is None:
-            self._tally([])
-        if run.result is None and self.unfinished == 0:
-            steps = _steps(self.session, run.id)
-            run.status = "done" if all(s.status == "done" for s in steps) else "failed"
-            run.finished_at = utcnow()
-            run.result = _result(run, steps)
+        """Write the run row's new count and status, end the run if no step is left,
+        and say what to do after commit."""
+        run_id, result = self.graph.run_id, None
+        self.steps_left -= self.counted
+        values: dict[str, Any] = {"steps_left": self.steps_left, "status": self.status}
+        if self.steps_left == 0:
+            steps = _steps(self.session, run_id)
+            values["status"] = "done" if all(s.status == "done" for s in steps) else "failed"
+            values["finished_at"] = utcnow()
+            values["result"] = result = _result(self.graph, values["status"], steps)
+        if self.counted or self.steps_left == 0 or self.cancelled:
+            self.session.execute(update(Run).where(Run.id == run_id).values(**values),
+                                 execution_options=_NO_SYNC)
         return Advance(tuple(self.started), resend, cancelled=(
-            run.policy == "fail_fast" and run.status == "failed" and run.result is None),
-            result=None if run.result is None else dict(run.result))
+            self.graph.policy == "fail_fast" and values["status"] == "failed"
+            and result is None), result=result)
 
 
 def _new_rows(run_id: str, workflow: Workflow, levels: list[list[str]]
@@ -228,6 +271,7 @@ def _new_rows(run_id: str, workflow: Workflow, levels: list[list[str]]
                 status="running" if step.id in sent else (
                     "failed" if step.id in errors else "pending"),
                 error=errors.get(step.id), depends_on=list(step.depends_on),
+                waiting_on=len(step.depends_on),
                 started_at=now if step.id in sent else None,
                 finished_at=now if step.id in errors else None,
                 input_tokens=0, output_tokens=0, cost_nusd=0, cached=False)
@@ -239,35 +283,37 @@ def create_run(run_id: str, workflow: Workflow, levels: list[list[str]], plan: P
                ) -> Advance:
     """Record a run and its steps, the steps that depend on nothing already started."""
     rows, sends = _new_rows(run_id, workflow, levels)
+    failed = [(r.step_id, "failed") for r in rows if r.status == "failed"]
     with session_scope() as session:
-        run = WorkflowRunRow(
+        session.add(Run(
             id=run_id, name=workflow.name, agent_id=workflow.agent_id, policy=workflow.policy,
             status="running", definition=workflow.to_json_dict(), result=None,
-            planned_tokens=plan.tokens, planned_nusd=plan.nusd, created_at=utcnow(),
-            started_at=utcnow())
-        session.add(run)
+            planned_tokens=plan.tokens, planned_nusd=plan.nusd, steps_left=len(rows),
+            created_at=utcnow(), started_at=utcnow()))
         session.flush()
         session.add_all(rows)
         session.flush()
-        change = _Change(session, run)
-        change.started = list(sends)
-        change.ended([(r.step_id, "failed") for r in rows if r.status == "failed"])
+        graph = Graph.of(run_id, workflow.name, workflow.agent_id, workflow.policy,
+                         workflow.to_json_dict())
+        change = _Change(session, graph, "running", len(rows))
+        change.started, change.counted = list(sends), len(failed)
+        change.ended(failed)
         return change.advance()
 
 
 def _again(session: Session, run_id: str, step_id: str) -> Advance:
     """A completion of a step that has already ended (see the module docstring)."""
-    run = session.get(WorkflowRunRow, run_id)
+    run = session.execute(select(Run.status, Run.result).where(Run.id == run_id)).first()
     if run is None or session.scalar(select(Row.status).where(_of(run_id, step_id))) is None:
         raise NotFound(f"workflow run '{run_id}' has no step '{step_id}'", kind="workflow_step",
                        id=f"{run_id}/{step_id}")
     if run.result is not None:
         return Advance(result=dict(run.result))
-    change = _Change(session, run)
+    graph = _graph(run_id)
     running = session.scalars(select(Row.step_id).where(
-        _of(run_id, *change.dependents[step_id]), Row.status == "running"))
-    return Advance(resend=tuple(Send(d, change.message(d)) for d in running),
-                   cancelled=run.policy == "fail_fast" and run.status == "failed")
+        _of(run_id, *graph.dependents[step_id]), Row.status == "running"))
+    return Advance(resend=tuple(Send(d, _message(session, graph, d)) for d in running),
+                   cancelled=graph.policy == "fail_fast" and run.status == "failed")
 
 
 def end_step(run_id: str, step_id: str, result: dict[str, Any]) -> Advance:
@@ -275,29 +321,29 @@ def end_step(run_id: str, step_id: str, result: dict[str, Any]) -> Advance:
     WorkflowCancelled error skips it), and start or skip the steps it unblocks. Under
     fail_fast a failure cancels the run: every step not yet started is skipped."""
     values = _outcome(result)
+    graph = _graph(run_id)
     with session_scope() as session:
-        ended = session.execute(update(Row).where(
-            _of(run_id, step_id), Row.status.in_(UNFINISHED)).values(
-            finished_at=utcnow(), **values).returning(Row.step_id),
-            execution_options={"synchronize_session": False}).first()
+        ended = session.execute(_END, {"run": run_id, "step": step_id, **values}).first()
         if ended is None:
             return _again(session, run_id, step_id)
-        run = session.get(WorkflowRunRow, run_id, with_for_update=True)
-        assert run is not None  # the step row's foreign key
-        change = _Change(session, run)
+        # The run's lock, held to the commit.
+        status, steps_left = session.execute(_COUNT_OFF_RUN, {"run": run_id}).one()
+        change = _Change(session, graph, status, steps_left)
         change.ended([(step_id, values["status"])])
         return change.advance()
 
 
 def _steps(session: Session, run_id: str) -> list[Row]:
+    # populate_existing: rows this session added are refreshed from the statements since
     return list(session.scalars(select(Row).where(Row.run_id == run_id)
-                                .order_by(Row.position)))
+                                .order_by(Row.position)
+                                .execution_options(populate_existing=True)))
 
 
-def _result(run: WorkflowRunRow, steps: Iterable[Row]) -> dict[str, Any]:
+def _result(graph: Graph, status: str, steps: Iterable[Row]) -> dict[str, Any]:
     steps = list(steps)
     return {
-        "run_id": run.id, "name": run.name, "status": run.status, "policy": run.policy,
+        "run_id": graph.run_id, "name": graph.name, "status": status, "policy": graph.policy,
         "outputs": {s.step_id: s.output for s in steps if s.status == "done"},
         "failures": {s.step_id: s.error for s in steps if s.status == "failed"},
         "skipped": {s.step_id: (s.error or {}).get("reason") for s in steps
@@ -311,16 +357,16 @@ def fail_run(run_id: str, reason: str) -> Advance:
     """End a run that cannot go on (a task of it raised unexpectedly, or its first steps
     could not be queued): failed, unfinished steps skipped."""
     with session_scope() as session:
-        run = session.get(WorkflowRunRow, run_id)
-        if run is None or run.result is not None:
-            return Advance(result=None if run is None else dict(run.result or {}))
+        finished = session.scalar(select(Run.result).where(Run.id == run_id))
+        if finished is not None:
+            return Advance(result=dict(finished))
         session.execute(update(Row).where(Row.run_id == run_id, Row.status.in_(UNFINISHED))
                         .values(status="skipped", finished_at=utcnow(),
-                                error={"reason": reason}),
-                        execution_options={"synchronize_session": False})
-        session.refresh(run, with_for_update=True)  # steps first, then the run: see Locks
-        if run.result is not None:
-            return Advance(result=dict(run.result))
-        run.status, run.finished_at = "failed", utcnow()
-        run.result = {**_result(run, _steps(session, run_id)), "error": reason}
+                                error={"reason": reason}), execution_options=_NO_SYNC)
+        run = session.get(Run, run_id, with_for_update=True)  # steps first: see Locks
+        if run is None or run.result is not None:
+            return Advance(result=None if run is None else dict(run.result or {}))
+        graph = Graph.of(run_id, run.name, run.agent_id, run.policy, run.definition)
+        run.status, run.finished_at, run.steps_left = "failed", utcnow(), 0
+        run.result = {**_result(graph, "failed", _steps(session, run_id)), "error": reason}
         return Advance(result=dict(run.result))
