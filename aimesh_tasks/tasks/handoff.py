@@ -10,13 +10,21 @@ backend reads when it stores), so the producer's AsyncResult resolves to the nex
 result. A task with callbacks (a workflow step's message: its record is a link) hands them
 on the same way replace does, to the next task, and they do not run for its own return.
 A task inside a chord, group or chain is still replaced, so they see one result.
+
+A callback whose task can run inline (it has `run_inline`: a workflow step's record) is
+run in the process that has the result, instead of being published for another worker:
+one hop less on the message's way. If it raises, it is published as usual after all, and
+runs as a task of its own, with its retries.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Signature, Task, signature
+
+logger = logging.getLogger(__name__)
 
 
 def in_canvas(request: Any) -> bool:
@@ -47,3 +55,22 @@ def discard_result(task: Task) -> None:
     """Store nothing for this task when it returns: another task writes its result (the
     next hop, or a single-flight leader answering this follower)."""
     task.request.ignore_result = True
+
+
+def run_inline_callbacks(task: Task, result: Any) -> None:
+    """Run here, with `result`, the callbacks of `task` whose task has `run_inline`; the
+    others, and one that raised, stay for Celery to publish when `task` returns."""
+    left = []
+    for callback in task.request.callbacks or ():
+        sig = signature(callback, app=task.app)
+        run_inline = getattr(task.app.tasks.get(sig.task), "run_inline", None)
+        if run_inline is None:
+            left.append(callback)
+            continue
+        try:
+            run_inline(result, *sig.args, **sig.kwargs)
+        except Exception:
+            logger.warning("callback %s of task %s failed inline; it is sent as a task",
+                           sig.task, task.request.id, exc_info=True)
+            left.append(callback)
+    task.request.callbacks = left or None

@@ -52,7 +52,7 @@ from aimesh_tasks.pipeline.outcomes import (
     RouteOutcome,
 )
 from aimesh_tasks.settings import get_settings
-from aimesh_tasks.tasks.handoff import discard_result, hand_off, in_canvas
+from aimesh_tasks.tasks.handoff import discard_result, hand_off, in_canvas, run_inline_callbacks
 
 T = TypeVar("T")
 TRANSIENT: tuple[type[BaseException], ...] = (
@@ -156,6 +156,7 @@ class MessageTask(Task):  # type: ignore[misc]
                 next_call: Callable[[Any], Signature]) -> Any:
         """Map an outcome to what the task returns, publishes or raises."""
         if isinstance(outcome, Hit | Done):
+            run_inline_callbacks(self, outcome.result)
             return outcome.result
         if isinstance(outcome, Joined):
             discard_result(self)  # the leader stores this task's result
@@ -172,7 +173,9 @@ class MessageTask(Task):  # type: ignore[misc]
             self._requeue(outcome.countdown_s)
         assert isinstance(outcome, Refused | Failed)
         if reply == "result":
-            return error_result(outcome.error)
+            result = error_result(outcome.error)
+            run_inline_callbacks(self, result)
+            return result
         raise outcome.error
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:

@@ -1,11 +1,11 @@
 """Workflow tasks: a step's record (which starts what it unblocks) and the errback.
 
-A step is its message's route and call, with the record as the message's callback
-(a Celery link, handed on from hop to hop: tasks/handoff.py). The message asks for
-errors as results, so a refused or failed step is recorded like an answer and the
-record decides from the run's state what follows (`workflows/state.py`). Only an
-unexpected error (a bug, an outage past the retries) reaches the errback, which has the
-run ended as failed.
+A step is its message's route and call, with the record as the message's callback (a
+Celery link, handed on from hop to hop and run inline by the hop that has the answer:
+tasks/handoff.py). The message asks for errors as results, so a refused or failed step
+is recorded like an answer, and the record decides from the run's state what follows
+(`workflows/state.py`). Only an unexpected error (a bug, an outage past the retries)
+reaches the errback, which has the run ended as failed.
 """
 
 from __future__ import annotations
@@ -51,15 +51,28 @@ def dispatch(run_id: str, advance: state.Advance) -> None:
         app.backend.store_result(run_id, advance.result, states.SUCCESS)
 
 
-@app.task(name=RECORD, bind=True, ignore_result=True)
-def record_step(self: Task, result: dict[str, Any], run_id: str, step_id: str) -> None:
+def record(result: dict[str, Any], run_id: str, step_id: str) -> None:
     """Record a step's answer or failure; send what it started; end the run if it was the
-    last. Safe to run again (state.end_step is idempotent); a transient outage retries."""
+    last. Safe to run again (state.end_step is idempotent)."""
+    advance = state.end_step(run_id, step_id, result)
+    # Committed, nothing sent yet: a worker that dies here is the case resend is for.
+    failpoint("after_record", str(result.get("agent_id", "")))
+    dispatch(run_id, advance)
+
+
+class RecordTask(Task):  # type: ignore[misc]
+    """The record runs inline where the step's answer is (tasks/handoff.py), and as a
+    task of its own, with retries, when that failed."""
+
+    def run_inline(self, result: dict[str, Any], run_id: str, step_id: str) -> None:
+        record(result, run_id, step_id)
+
+
+@app.task(name=RECORD, bind=True, base=RecordTask, ignore_result=True)
+def record_step(self: Task, result: dict[str, Any], run_id: str, step_id: str) -> None:
+    """`record`, as a task: a transient outage retries."""
     try:
-        advance = state.end_step(run_id, step_id, result)
-        # Committed, nothing sent yet: a worker that dies here is the case resend is for.
-        failpoint("after_record", str(result.get("agent_id", "")))
-        dispatch(run_id, advance)
+        record(result, run_id, step_id)
     except TRANSIENT as exc:
         retry_transient(self, exc, "the run stays unfinished")
 
