@@ -28,6 +28,9 @@ from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint
 from aimesh_tasks.simulator import RunningSimulator
 from aimesh_tasks.simulator.tokens import complete
+from aimesh_tasks.tasks.handoff import run_inline_callbacks
+from aimesh_tasks.tasks.route import route_message
+from aimesh_tasks.tasks.workflow import FAILED, RECORD, record_step, run_crashed
 from aimesh_tasks.workflows import run_view, state
 from aimesh_tasks.workflows.budget import Plan
 from aimesh_tasks.workflows.cancellation import WorkflowCancellation, cancel
@@ -468,3 +471,20 @@ def test_record_killed_after_its_commit_is_redelivered_and_sends_the_next_step_o
     assert result["status"] == "done" and result["outputs"]["b"] == _answer(f"Then {a}", 256)
     assert _called(sim, run_id) == ["a", "b"] and _ok_calls(f"{run_id}.b") == 1
     assert _steps(run_id)["b"].started_at == b_started
+
+
+@pytest.mark.usefixtures("clean")
+def test_a_record_runs_inline_and_one_that_fails_is_left_to_be_sent_as_a_task() -> None:
+    run_id, _ = _create(Workflow(agent_id=AGENT, steps=[Step(id="only", prompt="alone")]))
+    callbacks = [record_step.s(run_id, "only"), record_step.s("no-such-run", "only"),
+                 run_crashed.s(run_id)]  # the last has no run_inline
+    route_message.push_request(callbacks=[dict(c) for c in callbacks])
+    try:
+        run_inline_callbacks(route_message, _answered("only"))
+        left = route_message.request.callbacks
+    finally:
+        route_message.pop_request()
+    assert [(c["task"], c["args"][0]) for c in left] == [(RECORD, "no-such-run"),
+                                                         (FAILED, run_id)]
+    assert _statuses(run_id) == {"only": "done"}
+    assert app.AsyncResult(run_id).get(timeout=30)["outputs"] == {"only": "answer of only"}
