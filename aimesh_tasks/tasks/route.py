@@ -46,8 +46,9 @@ def decode_message(data: Any) -> AiMessage:
         return parse_message(data)  # raises InvalidMessage with the field named
 
 
-# A step of a canvas (chain, group, chord) is not recorded as accepted: published again
-# alone, without its chord, it could never complete its workflow.
+# A step of a canvas (chain, group, chord, or a message with callbacks: a workflow step)
+# is not recorded as accepted: published again alone, without its callbacks, it could
+# never complete its workflow.
 _CANVAS_OPTIONS = ("chord", "group_id", "chain", "link", "link_error")
 
 

@@ -118,7 +118,7 @@ def retry_transient(task: Task, exc: BaseException, then: str) -> NoReturn:
 
 def error_result(error: AimeshError) -> dict[str, Any]:
     """A failure as a task result, {"error": {code, message, ...fields}}, for callers that
-    ask for errors as results (workflow steps: a raised error would fail a whole chord)."""
+    ask for errors as results (workflow steps: their record takes a failure like an answer)."""
     return {"error": error.to_dict()}
 
 
