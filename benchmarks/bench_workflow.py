@@ -17,8 +17,10 @@ graph is not series-parallel); p's even steps and q's odd steps are slow (a simu
 --dag-slow-ms), the others fast (a simulator at 0 ms). Every topological level holds one
 slow step, so running level by level takes N × slow, while the critical path is
 ceil(N / 2) × slow. The row reports the makespan (submit → result), the critical path,
-the levelled makespan it would take, and the goal: critical path + 50 ms × depth.
-JSON is printed last.
+the levelled makespan it would take, and the goal: critical path + 50 ms × depth; and,
+for scale, the same two chains as raw Celery chains of bench.wf_call in one group (no
+cross edge: it is not on the critical path), which is Celery's own cost per hop in the
+same run. JSON is printed last.
 Needs Redis and Postgres on loopback (Redis dbs 2/3, Postgres database aimesh_bench;
 AIMESH_BENCH_DBS moves both: benchmarks/places.py).
 """
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import benchmarks.places  # noqa: E402, F401, I001  (the environment, before aimesh_tasks)
 
 import httpx  # noqa: E402
-from celery import chord, group  # noqa: E402
+from celery import chain, chord, group  # noqa: E402
 
 from aimesh_tasks import Step, Workflow, submit_workflow  # noqa: E402
 from aimesh_tasks.app import app  # noqa: E402
@@ -101,19 +103,24 @@ def workflow_run(model: str, fan_out: int, tag: str) -> float:
     return time.perf_counter() - started
 
 
-def dag_steps(depth: int, fast: str, slow: str, tag: str) -> list[Step]:
-    """The two alternating chains and the cross edge p1 -> q3 (see the module docstring)."""
-    steps = []
-    for chain, slow_first in (("p", False), ("q", True)):
+def dag_plan(depth: int) -> list[tuple[str, list[str], bool]]:
+    """(step id, dependencies, slow?) of the two alternating chains and the cross edge
+    p1 -> q3 (see the module docstring)."""
+    plan = []
+    for line, slow_first in (("p", False), ("q", True)):
         for n in range(1, depth + 1):
-            deps = [f"{chain}{n - 1}"] if n > 1 else []
-            if chain == "q" and n == 3:
+            deps = [f"{line}{n - 1}"] if n > 1 else []
+            if line == "q" and n == 3:
                 deps.append("p1")
-            quoted = " ".join(f"{{{{ steps.{d}.text }}}}" for d in deps)
-            is_slow = (n % 2 == 1) == slow_first
-            steps.append(Step(id=f"{chain}{n}", prompt=f"DAG {tag} {chain}{n}: {quoted}",
-                              model=slow if is_slow else fast, max_tokens=16, depends_on=deps))
-    return steps
+            plan.append((f"{line}{n}", deps, (n % 2 == 1) == slow_first))
+    return plan
+
+
+def dag_steps(depth: int, fast: str, slow: str, tag: str) -> list[Step]:
+    """The DAG as workflow steps, each quoting its dependencies' answers."""
+    return [Step(id=step_id, prompt=f"DAG {tag} {step_id}: " + " ".join(
+        f"{{{{ steps.{d}.text }}}}" for d in deps), model=slow if is_slow else fast,
+        max_tokens=16, depends_on=deps) for step_id, deps, is_slow in dag_plan(depth)]
 
 
 def dag_run(depth: int, fast: str, slow: str, tag: str) -> float:
@@ -127,11 +134,23 @@ def dag_run(depth: int, fast: str, slow: str, tag: str) -> float:
     return time.perf_counter() - started
 
 
-def dag_figures(depth: int, slow_ms: float, makespans: list[float]) -> dict[str, Any]:
+def raw_dag_run(depth: int, fast_url: str, slow_url: str, tag: str) -> float:
+    """Seconds for the DAG's two chains as raw Celery chains in a group."""
+    chains = [chain(wf_call.si(slow_url if is_slow else fast_url, f"raw DAG {tag} {step_id}")
+                    .set(queue="bench.b") for step_id, _, is_slow in dag_plan(depth)
+                    if step_id.startswith(line)) for line in ("p", "q")]
+    started = time.perf_counter()
+    group(chains).apply_async().get(timeout=600)
+    return time.perf_counter() - started
+
+
+def dag_figures(depth: int, slow_ms: float, makespans: list[float], raw: list[float]
+                ) -> dict[str, Any]:
     """The DAG row: makespan against the critical path, levelled makespan and goal."""
     critical_s = -(-depth // 2) * slow_ms / 1000
     makespan_s = statistics.median(makespans)
     return {"dag_depth": depth, "dag_slow_ms": slow_ms, "dag_makespan_s": round(makespan_s, 3),
+            "dag_raw_chains_s": round(statistics.median(raw), 3),
             "dag_critical_path_s": round(critical_s, 3),
             "dag_levelled_s": round(depth * slow_ms / 1000, 3),
             "dag_goal_s": round(critical_s + 0.05 * depth, 3),
@@ -186,12 +205,15 @@ def main() -> None:
             figures[f"raw_chord_s_{key}"] = round(statistics.median(raw), 3)
             figures[f"workflow_s_{key}"] = round(statistics.median(flow), 3)
             figures[f"ratio_{key}"] = round(statistics.median(flow) / statistics.median(raw), 2)
-        makespans = []
+        makespans, raw_dag = [], []
         for n in range(args.repeats):
+            raw_dag.append(raw_dag_run(args.dag_depth, urls[0.0], urls[args.dag_slow_ms],
+                                       f"{tag}-{n}"))
             makespans.append(dag_run(args.dag_depth, models[0.0], models[args.dag_slow_ms],
                                      f"{tag}-{n}"))
-            print(f"DAG depth {args.dag_depth}: {makespans[-1]:.3f} s", flush=True)
-        figures.update(dag_figures(args.dag_depth, args.dag_slow_ms, makespans))
+            print(f"DAG depth {args.dag_depth}: {makespans[-1]:.3f} s, raw chains "
+                  f"{raw_dag[-1]:.3f} s", flush=True)
+        figures.update(dag_figures(args.dag_depth, args.dag_slow_ms, makespans, raw_dag))
     finally:
         for proc in [*workers, *sims]:
             proc.terminate()
