@@ -429,6 +429,21 @@ def test_fail_fast_cancels_pending_steps_and_skips_a_queued_one_refused_at_routi
     assert set(ended.result["failures"]) == {"bad"}
 
 
+@pytest.mark.usefixtures("clean")
+def test_a_run_that_cannot_go_on_ends_failed_and_a_late_answer_changes_nothing() -> None:
+    flow = Workflow(agent_id=AGENT, policy="continue", steps=[
+        Step(id="a", prompt="one"), Step(id="b", prompt="{{ steps.a.text }}", depends_on=["a"])])
+    run_id, _ = _create(flow)
+    ended = state.fail_run(run_id, "RuntimeError: boom")
+    assert ended.result is not None and ended.result["status"] == "failed"
+    assert ended.result["error"] == "RuntimeError: boom"
+    assert ended.result["skipped"] == {"a": "RuntimeError: boom", "b": "RuntimeError: boom"}
+    late = state.end_step(run_id, "a", _answered("a"))  # its answer arrives afterwards
+    assert late.result == ended.result and late.start == late.resend == ()
+    assert state.fail_run(run_id, "again").result == ended.result
+    assert _statuses(run_id) == {"a": "skipped", "b": "skipped"}
+
+
 def test_a_cancelled_runs_step_is_refused_at_routing_and_nothing_else_is(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:

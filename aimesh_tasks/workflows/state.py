@@ -47,7 +47,7 @@ run's lock is its own running step, which no other record writes.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -64,7 +64,6 @@ from aimesh_tasks.workflows.dag import dependents
 from aimesh_tasks.workflows.model import Step, Workflow
 from aimesh_tasks.workflows.steps import message_id, step_message
 
-ENDED = ("done", "failed", "skipped")
 UNFINISHED = ("pending", "running")
 CANCELLED = "cancelled: another step failed and the policy is fail_fast"
 Row = WorkflowStepRow
@@ -116,7 +115,7 @@ class Graph:
     agent_id: str
     policy: str
     steps: dict[str, dict[str, Any]]
-    dependents: dict[str, list[str]] = field(default_factory=dict)
+    dependents: dict[str, list[str]]
 
     @classmethod
     def of(cls, run_id: str, name: str, agent_id: str, policy: str,
