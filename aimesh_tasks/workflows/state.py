@@ -60,7 +60,7 @@ from aimesh_tasks.errors import InvalidMessage, NotFound, WorkflowCancelled
 from aimesh_tasks.messages import AiMessage, utcnow
 from aimesh_tasks.money import nusd_to_usd, usd_to_nusd
 from aimesh_tasks.workflows.budget import Plan
-from aimesh_tasks.workflows.dag import dependents
+from aimesh_tasks.workflows.dag import dependents, feeders, levels
 from aimesh_tasks.workflows.model import Step, Workflow
 from aimesh_tasks.workflows.steps import message_id, step_message
 
@@ -114,15 +114,16 @@ class Graph:
     name: str
     agent_id: str
     policy: str
-    steps: dict[str, dict[str, Any]]
+    steps: dict[str, Step]
     dependents: dict[str, list[str]]
+    fed_from: dict[str, str | None]  # the answer a step's message counts its hops from
 
     @classmethod
     def of(cls, run_id: str, name: str, agent_id: str, policy: str,
            definition: dict[str, Any]) -> Graph:
-        steps = definition["steps"]
-        return cls(run_id, name, agent_id, policy, {s["id"]: s for s in steps},
-                   dependents(steps))
+        steps = [Step.model_validate(s) for s in definition["steps"]]
+        return cls(run_id, name, agent_id, policy, {s.id: s for s in steps},
+                   dependents(definition["steps"]), feeders(steps, levels(steps)))
 
 
 @lru_cache(maxsize=256)
@@ -158,10 +159,10 @@ def _outcome(result: dict[str, Any]) -> dict[str, Any]:
 
 def _message(session: Session, graph: Graph, step_id: str) -> AiMessage:
     """The step's message, rendered from its dependencies' outputs (all done)."""
-    step = Step.model_validate(graph.steps[step_id])
+    step = graph.steps[step_id]
     outputs = {row.step_id: row.output or "" for row in session.execute(
         select(Row.step_id, Row.output).where(_of(graph.run_id, *step.depends_on)))}
-    return step_message(graph.agent_id, step, graph.run_id, outputs)
+    return step_message(graph.agent_id, step, graph.run_id, outputs, graph.fed_from[step_id])
 
 
 class _Change:
