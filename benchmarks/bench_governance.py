@@ -13,7 +13,7 @@ the router's work per message, four ways, interleaved per repeat:
     intent     as governed, the route chosen by the message's intent (one MiniLM embedding)
 
 and reports each one's p50 per message, the added p50 over the baseline, and what the
-per-key check adds (keyed against governed). Then the
+per-key check adds (keyed against governed, the two alternated message by message). Then the
 intent classifier's accuracy and lookup p50 on tests/data/intents_labelled.yaml. Prints
 one JSON line last. Needs Redis and Postgres on loopback (Redis dbs 2/3 by default,
 AIMESH_BENCH_DBS="b,l"; the Postgres database aimesh_bench, created if missing).
@@ -132,9 +132,11 @@ def measure_path(spec: dict[str, Any], n: int, repeats: int) -> dict[str, float]
         times["baseline"] += _time(baseline, _messages(n, "named"))
         apply_spec({"routes": spec["routes"]})
         _time(governed, _messages(20, "intent"))  # warm the model and route embeddings
-        for _half in range(2):  # key off and on, twice, in halves: drift hits both alike
-            times["governed"] += _time(governed, _messages(n // 2, "named"))
-            times["keyed"] += _time(governed, _messages(n // 2, "named", key))
+        # Key off and on, message by message: a busy machine's drift hits both alike.
+        for plain, keyed in zip(_messages(n, "named"), _messages(n, "named", key),
+                                strict=True):
+            times["governed"] += _time(governed, [plain])
+            times["keyed"] += _time(governed, [keyed])
         times["intent"] += _time(governed, _messages(n, "intent"))
     p50 = {k: statistics.median(v) for k, v in times.items()}
     return {"baseline_p50_ms": round(p50["baseline"], 3),
