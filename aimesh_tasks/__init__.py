@@ -32,6 +32,7 @@ if _typing.TYPE_CHECKING:
         ServiceUnavailable,
         Unauthorized,
         UndeliverableMessage,
+        WorkflowCancelled,
     )
     from aimesh_tasks.messages import AiMessage, AiResult, ChatMessage
     from aimesh_tasks.policies.base import Policy
@@ -77,7 +78,8 @@ _LAZY = {
     **{name: "aimesh_tasks.errors" for name in (
         "AimeshError", "AllEndpointsFailed", "BudgetExceeded", "ConfigError",
         "DeadlineExceeded", "InvalidInput", "InvalidMessage", "NoEndpointAvailable",
-        "NotFound", "ProviderError", "Refused", "ServiceUnavailable", "UndeliverableMessage")},
+        "NotFound", "ProviderError", "Refused", "ServiceUnavailable", "UndeliverableMessage",
+        "WorkflowCancelled")},
     # governance refusals (each with `http_status` for the ingress)
     **{name: "aimesh_tasks.errors" for name in (
         "Ambiguous", "Forbidden", "LoopCapExceeded", "NoRouteMatches", "RateLimited",
@@ -142,6 +144,7 @@ __all__ = [
     "Refused",
     "ServiceUnavailable",
     "UndeliverableMessage",
+    "WorkflowCancelled",
     "InvalidEnvelope",
     # governance refusals
     "Ambiguous",
