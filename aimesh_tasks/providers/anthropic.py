@@ -199,9 +199,7 @@ class AnthropicMessages:
     def build_stream_request(self, model: str, message: AiMessage, api_key: str | None
                              ) -> ProviderRequest:
         """A streaming Messages request."""
-        plain = self.build_request(model, message, api_key)
-        return ProviderRequest(path=plain.path, json={**plain.json, "stream": True},
-                               headers=plain.headers)
+        return self.build_request(model, message, api_key).streaming(stream=True)
 
     def stream_parser(self) -> AnthropicStream:
         """A parser of one stream of Messages events."""

@@ -45,6 +45,12 @@ class ProviderRequest:
     json: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
 
+    def streaming(self, path: str | None = None, **body: Any) -> ProviderRequest:
+        """This request as its streaming form: `body` fields added, on `path` if given
+        (the same headers)."""
+        return ProviderRequest(path=path or self.path, json={**self.json, **body},
+                               headers=self.headers)
+
 
 @dataclass(frozen=True, slots=True)
 class Completion:

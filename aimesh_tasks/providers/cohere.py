@@ -163,9 +163,7 @@ class CohereChat:
     def build_stream_request(self, model: str, message: AiMessage, api_key: str | None
                              ) -> ProviderRequest:
         """A streaming Chat v2 request."""
-        plain = self.build_request(model, message, api_key)
-        return ProviderRequest(path=plain.path, json={**plain.json, "stream": True},
-                               headers=plain.headers)
+        return self.build_request(model, message, api_key).streaming(stream=True)
 
     def stream_parser(self) -> CohereStream:
         """A parser of one stream of Chat v2 events."""

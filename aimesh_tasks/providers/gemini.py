@@ -181,9 +181,8 @@ class Gemini:
     def build_stream_request(self, model: str, message: AiMessage, api_key: str | None
                              ) -> ProviderRequest:
         """A streamGenerateContent request (the same body)."""
-        plain = self.build_request(model, message, api_key)
-        return ProviderRequest(path=self.stream_path(model), json=plain.json,
-                               headers=plain.headers)
+        return self.build_request(model, message, api_key).streaming(
+            path=self.stream_path(model))
 
     def stream_parser(self) -> GeminiStream:
         """A parser of one stream of GenerateContentResponse chunks."""

@@ -67,9 +67,8 @@ class OpenAICompatible:
     def build_stream_request(self, model: str, message: AiMessage, api_key: str | None
                              ) -> ProviderRequest:
         """A streaming chat completion request, asking for the usage chunk."""
-        plain = self.build_request(model, message, api_key)
-        body = {**plain.json, "stream": True, "stream_options": {"include_usage": True}}
-        return ProviderRequest(path=plain.path, json=body, headers=plain.headers)
+        return self.build_request(model, message, api_key).streaming(
+            stream=True, stream_options={"include_usage": True})
 
     def stream_parser(self) -> OpenAIStream:
         """A parser of one stream of chat.completion.chunk events."""
