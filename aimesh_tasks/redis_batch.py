@@ -41,12 +41,20 @@ class Batch:
         self._client = client or get_redis()
         self._pipe = self._client.pipeline(transaction=False)
         self._scripts: dict[int, tuple[Script, list[str], list[Any]]] = {}
+        self._gets: dict[str, int] = {}
         self._replies: list[Any] | None = None
 
     def call(self, *command: Any) -> int:
         """Queue one command (name first); its reply's index."""
         self._pipe.execute_command(*command)  # type: ignore[no-untyped-call]
         return len(self._pipe) - 1
+
+    def get(self, key: str) -> int:
+        """Queue reading `key`, once per batch however many readers ask (for keys the batch
+        does not also write: every reader sees the value from before the batch)."""
+        if key not in self._gets:
+            self._gets[key] = self.call("GET", key)
+        return self._gets[key]
 
     def script(self, source: str, keys: list[str], args: list[Any]) -> int:
         """Queue a Lua script; its reply's index."""

@@ -45,3 +45,15 @@ def test_a_failing_command_raises_and_replies_are_read_only_after_one_send(clean
     assert sent[0] == "x"
     with pytest.raises(RuntimeError, match="sent already"):
         sent.send()
+
+
+def test_readers_of_one_key_share_one_get(clean: None) -> None:
+    client = get_redis()
+    client.set("batch-test:version", "v1")
+    batch = Batch()
+    first, second = batch.get("batch-test:version"), batch.get("batch-test:version")
+    other = batch.get("batch-test:absent")
+    assert first == second and other != first
+    assert len(batch._pipe) == 2  # two keys, two GETs queued
+    batch.send()
+    assert (batch[first], batch[second], batch[other]) == ("v1", "v1", None)

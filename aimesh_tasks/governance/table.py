@@ -89,5 +89,5 @@ TABLE = TableCache()
 
 def queue_table(batch: Batch) -> Reader[GovernanceTable]:
     """Queue reading the governance version; the reader gives the table as of it."""
-    index = batch.call("GET", keys.governance_version())
+    index = batch.get(keys.governance_version())  # one GET for all the policies asking
     return lambda: TABLE.at(None if batch[index] is None else str(batch[index]))
