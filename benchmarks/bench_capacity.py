@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,19 +30,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.procfs import free_port, tree_cpu_s  # noqa: E402  (no side effects)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-REDIS_PORT = _free_port()
+REDIS_PORT = free_port()
 REDIS_DIR = Path(tempfile.mkdtemp(prefix="aimesh-capacity-"))
 os.environ["AIMESH_BENCH_REDIS"] = f"redis://127.0.0.1:{REDIS_PORT}"
 os.environ.setdefault("AIMESH_BENCH_DBS", "2,3")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
 import redis  # noqa: E402
@@ -56,7 +50,6 @@ from benchmarks.bench_spine import (  # noqa: E402
     wait_workers,
 )
 from benchmarks.places import BENCH_DB, DATABASE_NAME  # noqa: E402
-from benchmarks.procfs import tree_cpu_s  # noqa: E402
 
 
 def redis_figures(client: redis.Redis) -> dict[str, Any]:
@@ -121,7 +114,7 @@ def main() -> None:
         from aimesh_tasks.governance.agents import add_agent
         from aimesh_tasks.registry import add_endpoint
 
-        port = _free_port()
+        port = free_port()
         sim = start([str(BIN / "aimesh"), "simulate", "--port", str(port), "--latency-ms",
                      "0"], "/tmp/bench-capacity-sim.log")
         procs.append(sim)

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Redis dbs and the Postgres database by AIMESH_BENCH_DBS (benchmarks/places.py).
 from benchmarks.places import BENCH_DB, BROKER_DB, ENV, LIVE_DB, REDIS, create_database  # noqa: E402, I001
+from benchmarks.procfs import free_port  # noqa: E402
 
 import httpx  # noqa: E402
 import redis  # noqa: E402
@@ -59,12 +59,6 @@ from aimesh_tasks.registry import add_endpoint, list_endpoints, remove_endpoint 
 
 BIN = Path(sys.executable).parent
 AGENT = "bench-ingress"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare() -> None:
@@ -333,7 +327,7 @@ def main() -> None:
         parser.error(f"--parts: {args.parts!r}: give latency, throughput and/or held")
 
     prepare()
-    sim_port, slow_port, port = _free_port(), _free_port(), _free_port()
+    sim_port, slow_port, port = free_port(), free_port(), free_port()
     procs = [start([str(BIN / "aimesh"), "simulate", "--port", str(sim_port)],
                    "sim"),
              start([str(BIN / "aimesh"), "simulate", "--port", str(slow_port), "--latency-ms",

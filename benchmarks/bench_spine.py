@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,15 +47,10 @@ from aimesh_tasks import submit  # noqa: E402
 from aimesh_tasks.app import app  # noqa: E402
 from aimesh_tasks.db.migrate import upgrade  # noqa: E402
 from aimesh_tasks.registry import add_endpoint, list_endpoints, remove_endpoint  # noqa: E402
+from benchmarks.procfs import free_port as _free_port  # noqa: E402
 from benchmarks.raw_tasks import hop_a, hop_a_call, hop_a_replace  # noqa: E402
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def prepare_database() -> None:

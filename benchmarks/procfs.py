@@ -1,8 +1,11 @@
-"""What a benchmark reads about a process from /proc: CPU seconds and resident memory."""
+"""What a benchmark reads about this machine: a process's CPU seconds and resident memory
+from /proc, its connections, and a free port to start a server on. No side effects: a
+benchmark may import it before it sets its environment."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -50,3 +53,10 @@ def connections_to(pid: int, port: int) -> int:
             if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
                 count += 1
     return count
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
