@@ -40,7 +40,9 @@ def get_settings() -> Settings:
 EXIT_FAILED = 1  # the command ran, but some messages failed or were rejected
 EXIT_ERROR = 2  # the command could not run: bad input, unknown id, a server unreachable
 CHECK_TIMEOUT_S = 3.0
-PIPED_WIDTH = 160
+# Piped output gets one line per table row however many columns a table has (a script greps
+# a row).
+PIPED_WIDTH = 400
 # Publishing retries briefly, so a broker that goes away fails the CLI in seconds.
 SHORT_PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5,
                        "interval_max": 1}
