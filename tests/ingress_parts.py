@@ -1,4 +1,4 @@
-"""A real ingress process for the tests: `uvicorn aimesh_tasks.ingress.app:app`."""
+"""A real ingress process for the tests: `aimesh ingress`, as the README starts it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from tests.waits import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-UVICORN = str(Path(sys.executable).with_name("uvicorn"))
+AIMESH = str(Path(sys.executable).with_name("aimesh"))
 
 
 def free_port() -> int:
@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 class IngressProcess:
-    """`uvicorn aimesh_tasks.ingress.app:app` on 127.0.0.1:`port`, in its own session,
+    """`aimesh ingress` on 127.0.0.1:`port`, in its own session,
     with `env` on top of the test environment."""
 
     def __init__(self, port: int, env: dict[str, str] | None = None) -> None:
@@ -39,8 +39,8 @@ class IngressProcess:
     def start(self) -> None:
         with self.log.open("a") as out:
             self.proc = subprocess.Popen(
-                [UVICORN, "aimesh_tasks.ingress.app:app", "--host", "127.0.0.1", "--port",
-                 str(self.port), "--log-level", "warning"],
+                [AIMESH, "ingress", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "warning"],
                 cwd=ROOT, env={**os.environ, **self.env}, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self._healthy, "the ingress to answer /healthz", 60)

@@ -38,7 +38,6 @@ from tests.waits import wait_until
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("workers")]
 
 ROOT = Path(__file__).resolve().parents[1]
-UVICORN = str(Path(sys.executable).with_name("uvicorn"))
 Sim = Callable[..., RunningSimulator]
 MakeEndpoint = Callable[..., Endpoint]
 MakeGate = Callable[[RunningSimulator], Gate]
@@ -823,3 +822,27 @@ def test_a_keys_own_rate_limit_is_a_429_while_another_key_of_its_agent_passes(
         assert reply.status_code == 200, reply.text
     over = _chat(ingress_url, twice.key, messages=[{"role": "user", "content": "third"}])
     assert over.status_code == 429 and twice.info.prefix in over.json()["error"]["message"]
+
+
+def test_an_idle_connection_outlives_the_clients_own_keep_alive(ingress_url: str) -> None:
+    """httpx (so the openai SDK) reuses an idle connection for 5 s, uvicorn's default
+    server-side idle limit too: a request sent as the server closes meets a dead socket. The
+    ingress keeps idle connections open for KEEP_ALIVE_S (75 s), so one idle for 6 s still
+    answers on the same socket."""
+    import http.client
+
+    from aimesh_tasks.cli.ingress import KEEP_ALIVE_S
+
+    assert KEEP_ALIVE_S > 6
+    host, port = ingress_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read() and connection.sock is not None
+        socket_before = connection.sock
+        time.sleep(6)  # past uvicorn's default 5 s idle limit, well inside 75 s
+        connection.request("GET", "/healthz")  # RemoteDisconnected here if it was closed
+        assert connection.getresponse().status == 200
+        assert connection.sock is socket_before
+    finally:
+        connection.close()

@@ -1,6 +1,7 @@
 """`aimesh ingress`: serve the OpenAI-compatible HTTP ingress with uvicorn.
 
-The same as `uvicorn aimesh_tasks.ingress.app:app --host H --port P --workers N`; with
+The same as `uvicorn aimesh_tasks.ingress.app:app --host H --port P --workers N
+--timeout-keep-alive 75`; with
 several workers the ingress's request metrics are summed across them through a
 PROMETHEUS_MULTIPROC_DIR made for this run (unless one is set already).
 """
@@ -13,6 +14,11 @@ import tempfile
 import typer
 
 APP = "aimesh_tasks.ingress.app:app"
+# uvicorn closes an idle connection after 5 s by default, the same 5 s after which httpx (and so
+# the openai SDK) stops reusing one: a request sent on a connection at that moment meets a
+# closed socket (httpx.ReadError, seen at c=100 in bench_ingress). A server keeps idle
+# connections longer than its clients do; 75 s is also past common load balancers' 60 s.
+KEEP_ALIVE_S = 75
 
 
 def ingress(
@@ -21,6 +27,8 @@ def ingress(
     workers: int = typer.Option(1, "--workers", min=1, max=64,
                                 help="Server processes (each its own event loop)."),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level."),
+    keep_alive_s: int = typer.Option(KEEP_ALIVE_S, "--keep-alive", min=1, max=3600,
+                                     help="Seconds an idle client connection is kept open."),
 ) -> None:
     """Serve POST /v1/chat/completions and the other ingress routes (see /openapi.json)."""
     import uvicorn
@@ -33,4 +41,4 @@ def ingress(
     typer.echo(f"aimesh ingress: serving http://{host}:{port} ({workers} process"
                f"{'es' if workers > 1 else ''})", err=True)
     uvicorn.run(APP, host=host, port=port, workers=workers, log_level=log_level,
-                proxy_headers=False, server_header=False)
+                proxy_headers=False, server_header=False, timeout_keep_alive=keep_alive_s)
