@@ -28,11 +28,11 @@ from aimesh_tasks.db.engine import DbPoolExhausted
 from aimesh_tasks.governance.agents import add_agent
 from aimesh_tasks.keys import endpoint_queue
 from aimesh_tasks.money import call_cost_nusd
+from aimesh_tasks.outages import TRANSIENT
 from aimesh_tasks.redis_client import RedisPoolExhausted, get_redis, reset_redis_clients
 from aimesh_tasks.registry import Endpoint
 from aimesh_tasks.settings import reset_settings
 from aimesh_tasks.simulator import RunningSimulator
-from aimesh_tasks.tasks.shell import TRANSIENT
 from tests.budget_checks import assert_budget_invariants
 from tests.observability_parts import only_these_workers
 from tests.processes import start_workers

@@ -846,3 +846,29 @@ def test_an_idle_connection_outlives_the_clients_own_keep_alive(ingress_url: str
         assert connection.sock is socket_before
     finally:
         connection.close()
+
+
+def test_postgres_refusing_connections_is_a_503_with_retry_after_not_a_500() -> None:
+    """An ingress whose Postgres refuses connections (nothing listens on its port) answers a
+    request it cannot check with 503 and Retry-After, naming Postgres: the SDKs retry a 503
+    on their own, and a 500 would say the request was bad. Redis and the broker still run."""
+    closed = free_port()  # nothing listens there: connection refused
+    database = f"postgresql+psycopg://postgres@127.0.0.1:{closed}/test"
+    server = IngressProcess(free_port(), {**INGRESS_ENV, "AIMESH_DATABASE_URL": database})
+    server.start()
+    try:
+        key = f"amk_{'a' * 12}_{'b' * 40}"  # well formed: its prefix is looked up
+        reply = _chat(server.url, key,
+                      messages=[{"role": "user", "content": "is anyone there"}])
+        assert reply.status_code == 503, reply.text
+        error = reply.json()["error"]
+        assert error["code"] == "service_unavailable" and "Postgres" in error["message"], error
+        assert int(reply.headers["Retry-After"]) >= 1
+        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as raised:
+            sdk.chat.completions.create(model="auto",
+                                        messages=[{"role": "user", "content": "sdk"}])
+        assert raised.value.status_code == 503
+        sdk.close()
+    finally:
+        server.stop()

@@ -18,9 +18,10 @@ from pydantic import BaseModel, Field
 from aimesh_tasks.errors import AimeshError, InvalidMessage
 from aimesh_tasks.ingress.auth import Caller, CallerDep
 from aimesh_tasks.ingress.chat import ingress, message_fields
-from aimesh_tasks.ingress.errors import aimesh_error_response, failure_response
+from aimesh_tasks.ingress.errors import failure_response
 from aimesh_tasks.ingress.openai_shapes import ChatCompletionRequest, completion
 from aimesh_tasks.ingress.service import Accepted
+from aimesh_tasks.outages import TRANSIENT
 from aimesh_tasks.settings import get_settings
 
 router = APIRouter(tags=["aimesh"])
@@ -33,9 +34,12 @@ class BatchRequest(BaseModel):
     requests: list[ChatCompletionRequest] = Field(min_length=1, max_length=MAX_REQUESTS)
 
 
+# A bad item, or a server away while it is accepted (503), fails that item, not the batch.
+ITEM_ERRORS: tuple[type[BaseException], ...] = (AimeshError, *TRANSIENT)
+
+
 def _error_item(index: int, error: BaseException) -> dict[str, Any]:
-    response = (aimesh_error_response(error) if isinstance(error, AimeshError)
-                else failure_response(error))
+    response = failure_response(error)
     return {"index": index, "status": response.status_code, **json.loads(bytes(response.body))}
 
 
@@ -47,7 +51,7 @@ async def _queue_one(index: int, item: ChatCompletionRequest, request: Request,
                                  "a batch", field=f"requests.{index}.stream", errors=[])
         fields = await message_fields(item, request.headers)
         return await ingress(request).accept(who.agent_id, fields, api_key=who.api_key)
-    except AimeshError as exc:
+    except ITEM_ERRORS as exc:
         return _error_item(index, exc)
 
 

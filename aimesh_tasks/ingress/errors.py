@@ -36,7 +36,9 @@ from aimesh_tasks.errors import (
     ServiceUnavailable,
     UndeliverableMessage,
 )
+from aimesh_tasks.outages import TRANSIENT, service_of
 
+OUTAGE_RETRY_AFTER_S = 2
 STATUS: dict[type[AimeshError], int] = {
     InvalidInput: 400,
     NotFound: 404,
@@ -103,10 +105,21 @@ def aimesh_error_response(error: AimeshError) -> JSONResponse:
                           headers=headers)
 
 
+def outage_response(exc: BaseException) -> JSONResponse:
+    """503 with Retry-After for a server the cluster needs being away (one of TRANSIENT)."""
+    return error_response(
+        f"{service_of(exc)} is unreachable right now ({type(exc).__name__}); nothing was "
+        "accepted, send the request again shortly", 503, kind="server_error",
+        code="service_unavailable", headers={"Retry-After": str(OUTAGE_RETRY_AFTER_S)})
+
+
 def failure_response(error: BaseException) -> JSONResponse:
-    """The response for the error a message ended with (raised in a worker)."""
+    """The response for the error a message ended with (raised in a worker), or a request
+    could not be accepted with (a server away: 503)."""
     if isinstance(error, AimeshError):
         return aimesh_error_response(error)
+    if isinstance(error, TRANSIENT):
+        return outage_response(error)
     return error_response(f"the message failed in a worker ({type(error).__name__})", 502,
                           code="worker_error", kind="server_error")
 
@@ -157,6 +170,10 @@ async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
-    """Anything else: 500 in OpenAI's shape, naming only the exception's class."""
+    """A server the cluster needs being away (Postgres refusing connections, Redis or the
+    broker unreachable) is a 503 with Retry-After, which the SDKs retry on their own, naming
+    the server; anything else is a 500 in OpenAI's shape, naming only the exception's class."""
+    if isinstance(exc, TRANSIENT):
+        return outage_response(exc)
     return error_response(f"internal error ({type(exc).__name__})", 500, kind="server_error",
                           code="internal_error")

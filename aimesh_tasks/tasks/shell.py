@@ -6,16 +6,15 @@ Only here does an outcome become a return value, a hand-off, a retry or an excep
 and only here does an envelope that asks for errors as results (workflow steps) get
 its error returned instead of raised.
 
-A transient Redis, Postgres or broker error (connection refused, reset, timed out; a
-statement or lock timeout; a connection pool whose every connection stayed busy:
-aimesh_tasks/pools.py) makes the task run again after an exponential backoff with
-"equal jitter" (half of each wait fixed, half random, so the default 8 retries always
-span at least a minute of outage), up to AIMESH_TRANSIENT_RETRIES times, then fail with
-ServiceUnavailable. Running again is safe: every step is idempotent by message id and call
-key, and a call that was already made is finished from its journal. When not even the
-retry (or the hand-off to the next hop) can be published, the broker is away: the
-message is given back to its queue (Reject, requeue) rather than failed, since Celery
-would store a terminal failure for a retry it could not publish.
+A transient Redis, Postgres or broker error (aimesh_tasks/outages.py) makes the task run
+again after an exponential backoff with "equal jitter" (half of each wait fixed, half
+random, so the default 8 retries always span at least a minute of outage), up to
+AIMESH_TRANSIENT_RETRIES times, then fail with ServiceUnavailable. Running again is
+safe: every step is idempotent by message id and call key, and a call that was already
+made is finished from its journal. When not even the retry (or the hand-off to the next
+hop) can be published, the broker is away: the message is given back to its queue
+(Reject, requeue) rather than failed, since Celery would store a terminal failure for a
+retry it could not publish.
 
 A message that ends here (a result stored, or an error raised) is noted as finished in
 the accepted-messages record (`delivery.accepted`), after Celery stored its result.
@@ -29,8 +28,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import kombu.exceptions
-import redis.exceptions
-import sqlalchemy.exc
 from celery import Signature, Task
 from celery.exceptions import Reject
 from celery.exceptions import Retry as CeleryRetry
@@ -38,6 +35,7 @@ from celery.exceptions import Retry as CeleryRetry
 from aimesh_tasks.delivery import accepted
 from aimesh_tasks.envelope import Reply
 from aimesh_tasks.errors import AimeshError, ServiceUnavailable
+from aimesh_tasks.outages import TRANSIENT, service_of
 from aimesh_tasks.pipeline.outcomes import (
     CallOutcome,
     Done,
@@ -55,14 +53,6 @@ from aimesh_tasks.settings import get_settings
 from aimesh_tasks.tasks.handoff import discard_result, hand_off, in_canvas, run_inline_callbacks
 
 T = TypeVar("T")
-TRANSIENT: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    sqlalchemy.exc.OperationalError,
-    sqlalchemy.exc.InterfaceError,
-    sqlalchemy.exc.TimeoutError,  # the pool's wait for a free connection (DbPoolExhausted)
-    kombu.exceptions.OperationalError,
-)
 BACKOFF_MAX_S = 30
 
 
@@ -73,12 +63,6 @@ def backoff_s(retries: int) -> float:
     cap = min(BACKOFF_MAX_S, get_settings().visibility_timeout_s / 2)
     base = float(min(cap, 2 ** min(retries, 16)))
     return base / 2 + random.uniform(0, base / 2)
-
-
-def _service(exc: BaseException) -> str:
-    if isinstance(exc, kombu.exceptions.OperationalError):
-        return "broker"
-    return "Redis" if isinstance(exc, redis.exceptions.RedisError) else "Postgres"
 
 
 def _after_wait(signature: Signature, outcome: HandOff | Fallback) -> Signature:
@@ -108,7 +92,7 @@ def retry_transient(task: Task, exc: BaseException, then: str) -> NoReturn:
     AIMESH_TRANSIENT_RETRIES raise ServiceUnavailable, whose message ends with `then`."""
     retries = int(task.request.retries or 0)
     if retries >= get_settings().transient_retries:
-        service = _service(exc)
+        service = service_of(exc)
         raise ServiceUnavailable(
             f"{service} stayed unreachable through {retries} retries "
             f"({type(exc).__name__}); {then}", service=service.lower(),

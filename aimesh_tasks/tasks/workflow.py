@@ -17,8 +17,9 @@ from celery import Task, states
 from aimesh_tasks.app import app
 from aimesh_tasks.failpoints import failpoint
 from aimesh_tasks.keys import ROUTE_QUEUE
+from aimesh_tasks.outages import TRANSIENT
 from aimesh_tasks.tasks.route import route_message
-from aimesh_tasks.tasks.shell import TRANSIENT, retry_transient
+from aimesh_tasks.tasks.shell import retry_transient
 from aimesh_tasks.workflows import cancellation, state
 
 RECORD = "aimesh.workflow.record"
