@@ -20,11 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -35,12 +33,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.procfs import free_port, tree_cpu_s  # noqa: E402  (no side effects)
 
 REDIS_PORT = free_port()
-REDIS_DIR = Path(tempfile.mkdtemp(prefix="aimesh-capacity-"))
 os.environ["AIMESH_BENCH_REDIS"] = f"redis://127.0.0.1:{REDIS_PORT}"
 os.environ.setdefault("AIMESH_BENCH_DBS", "2,3")
 
 import psycopg  # noqa: E402
-import redis  # noqa: E402
 
 from benchmarks.bench_spine import (  # noqa: E402
     BIN,
@@ -50,29 +46,7 @@ from benchmarks.bench_spine import (  # noqa: E402
     wait_workers,
 )
 from benchmarks.places import BENCH_DB, DATABASE_NAME  # noqa: E402
-
-
-def redis_figures(client: redis.Redis) -> dict[str, Any]:
-    """Commands, bytes in/out and CPU seconds of the Redis server so far."""
-    stats = client.info("stats")
-    by_command = {k.removeprefix("cmdstat_"): int(v["calls"])
-                  for k, v in client.info("commandstats").items()}
-    cpu = client.info("cpu")
-    return {"commands": sum(by_command.values()), "by_command": by_command,
-            "bytes_in": int(stats["total_net_input_bytes"]),
-            "bytes_out": int(stats["total_net_output_bytes"]),
-            "cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])}
-
-
-def pg_figures() -> dict[str, int]:
-    """Transactions and rows written in the benchmark database so far."""
-    with psycopg.connect(BENCH_DB, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT xact_commit + xact_rollback, tup_inserted, tup_updated, tup_deleted "
-            "FROM pg_stat_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
-    assert row is not None
-    return {"transactions": int(row[0]), "rows_inserted": int(row[1]),
-            "rows_updated": int(row[2]), "rows_deleted": int(row[3])}
+from benchmarks.servers import pg_figures, redis_figures, redis_server  # noqa: E402
 
 
 def run_burst(n: int) -> None:
@@ -95,89 +69,18 @@ def main() -> None:
                         help="write Redis MONITOR output of the first burst to this file")
     args = parser.parse_args()
 
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--dir",
-         str(REDIS_DIR), "--save", "", "--appendonly", "no", "--protected-mode", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     procs: list[subprocess.Popen[bytes]] = []
-    try:
-        client = redis.Redis(port=REDIS_PORT)
-        for _ in range(200):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        prepare_database()
-        from aimesh_tasks.budgets import set_budget
-        from aimesh_tasks.errors import InvalidInput
-        from aimesh_tasks.governance.agents import add_agent
-        from aimesh_tasks.registry import add_endpoint
-
-        port = free_port()
-        sim = start([str(BIN / "aimesh"), "simulate", "--port", str(port), "--latency-ms",
-                     "0"], "/tmp/bench-capacity-sim.log")
-        procs.append(sim)
-        time.sleep(1.0)
-        endpoint = add_endpoint(id="sim", base_url=f"http://127.0.0.1:{port}", model="sim",
-                                input_usd_per_1k="0.001", output_usd_per_1k="0.002",
-                                capacity=10000)
+    with redis_server(REDIS_PORT) as (client, _):
         try:
-            add_agent("capacity")
-        except InvalidInput:  # registered by an earlier run
-            pass
-        set_budget("capacity", usd="1000000")
-        tag = f"cap{os.getpid()}"
-        router = start([str(BIN / "aimesh"), "worker", "-n", f"brouter{tag}@%h", "--router",
-                        "-P", "threads", "-c", str(args.concurrency), "-l", "WARNING"],
-                       "/tmp/bench-capacity-router.log")
-        endpoint_worker = start([str(BIN / "aimesh"), "worker", "-n", f"bendpoint{tag}@%h",
-                                 "--endpoints", endpoint.id, "-P", "threads", "-c",
-                                 str(args.concurrency), "-l", "WARNING"],
-                                "/tmp/bench-capacity-endpoint.log")
-        procs += [router, endpoint_worker]
-        wait_workers([f"brouter{tag}", f"bendpoint{tag}"])
-        run_burst(100)  # warm-up
-        time.sleep(1.0)  # the outbox flushers' last batch of the warm-up
-        rows: list[dict[str, float]] = []
-        top: list[dict[str, float]] = []
-        for _ in range(args.repeats):
-            pids = {"router": router.pid, "endpoint": endpoint_worker.pid, "simulator": sim.pid}
-            cpu0 = {k: tree_cpu_s(p) for k, p in pids.items()}
-            me0 = time.process_time()
-            r0, p0 = redis_figures(client), pg_figures()
-            monitor = (subprocess.Popen(["redis-cli", "-p", str(REDIS_PORT), "monitor"],
-                                        stdout=args.monitor.open("w"))
-                       if args.monitor is not None and not rows else None)
-            started = time.perf_counter()
-            run_burst(args.messages)
-            if monitor is not None:
-                monitor.terminate()
-                monitor.wait(10)
-            wall = time.perf_counter() - started
-            time.sleep(1.5)  # let the outbox flush what this burst wrote (counted, not timed)
-            cpu1 = {k: tree_cpu_s(p) for k, p in pids.items()}
-            r1, p1 = redis_figures(client), pg_figures()
-            n = args.messages
-            row = {f"cpu_ms_{k}": (cpu1[k] - cpu0[k]) * 1000 / n for k in pids}
-            row["cpu_ms_producer"] = (time.process_time() - me0) * 1000 / n
-            row["cpu_ms_redis"] = (r1["cpu_s"] - r0["cpu_s"]) * 1000 / n
-            row["redis_commands"] = (r1["commands"] - r0["commands"]) / n
-            row["redis_bytes_in"] = (r1["bytes_in"] - r0["bytes_in"]) / n
-            row["redis_bytes_out"] = (r1["bytes_out"] - r0["bytes_out"]) / n
-            for name in p0:
-                row[f"pg_{name}"] = (p1[name] - p0[name]) / n
-            row["msgs_s"] = n / wall
-            rows.append(row)
-            top.append({name: (calls - r0["by_command"].get(name, 0)) / n
-                        for name, calls in r1["by_command"].items()})
-            print(" ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
-        keys_left = sum(int(v["keys"]) for k, v in client.info("keyspace").items())
-    finally:
-        stop_all(procs)
-        server.terminate()
-        server.wait(30)
-        shutil.rmtree(REDIS_DIR, ignore_errors=True)
+            pids = start_processes(args, procs)
+            run_burst(100)  # warm-up
+            time.sleep(1.0)  # the outbox flushers' last batch of the warm-up
+            measured = [one_repeat(args, client, pids, first=not i)
+                        for i in range(args.repeats)]
+            keys_left = sum(int(v["keys"]) for k, v in client.info("keyspace").items())
+        finally:
+            stop_all(procs)
+    rows, top = [row for row, _ in measured], [by_name for _, by_name in measured]
     figures: dict[str, Any] = {k: round(statistics.median(r[k] for r in rows), 3)
                                for k in rows[0]}
     per_command = {name: round(statistics.median(t.get(name, 0.0) for t in top), 2)
@@ -187,6 +90,83 @@ def main() -> None:
     figures.update({"redis_keys_after": keys_left, "messages": args.messages,
                     "repeats": args.repeats, "pools": "threads", "concurrency": args.concurrency})
     print(json.dumps(figures))
+
+
+def start_processes(args: argparse.Namespace, procs: list[subprocess.Popen[bytes]]
+                    ) -> dict[str, int]:
+    """The simulator, the endpoint and the agent, a router and an endpoint worker (each
+    process into `procs`, as it starts): their pids by role."""
+    prepare_database()
+    from aimesh_tasks.budgets import set_budget
+    from aimesh_tasks.errors import InvalidInput
+    from aimesh_tasks.governance.agents import add_agent
+    from aimesh_tasks.registry import add_endpoint
+
+    port = free_port()
+    sim = start([str(BIN / "aimesh"), "simulate", "--port", str(port), "--latency-ms",
+                 "0"], "/tmp/bench-capacity-sim.log")
+    procs.append(sim)
+    time.sleep(1.0)
+    endpoint = add_endpoint(id="sim", base_url=f"http://127.0.0.1:{port}", model="sim",
+                            input_usd_per_1k="0.001", output_usd_per_1k="0.002",
+                            capacity=10000)
+    try:
+        add_agent("capacity")
+    except InvalidInput:  # registered by an earlier run
+        pass
+    set_budget("capacity", usd="1000000")
+    tag = f"cap{os.getpid()}"
+    router = start([str(BIN / "aimesh"), "worker", "-n", f"brouter{tag}@%h", "--router",
+                    "-P", "threads", "-c", str(args.concurrency), "-l", "WARNING"],
+                   "/tmp/bench-capacity-router.log")
+    procs.append(router)
+    endpoint_worker = start([str(BIN / "aimesh"), "worker", "-n", f"bendpoint{tag}@%h",
+                             "--endpoints", endpoint.id, "-P", "threads", "-c",
+                             str(args.concurrency), "-l", "WARNING"],
+                            "/tmp/bench-capacity-endpoint.log")
+    procs.append(endpoint_worker)
+    wait_workers([f"brouter{tag}", f"bendpoint{tag}"])
+    return {"router": router.pid, "endpoint": endpoint_worker.pid, "simulator": sim.pid}
+
+
+def one_repeat(args: argparse.Namespace, client: Any, pids: dict[str, int], first: bool
+               ) -> tuple[dict[str, float], dict[str, float]]:
+    """One burst: its figures per message, and the Redis commands per message by name."""
+    with psycopg.connect(BENCH_DB, autocommit=True) as pg:
+        return _one_repeat(args, client, pg, pids, first)
+
+
+def _one_repeat(args: argparse.Namespace, client: Any, pg: psycopg.Connection[Any],
+                pids: dict[str, int], first: bool
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    cpu0 = {k: tree_cpu_s(p) for k, p in pids.items()}
+    me0 = time.process_time()
+    r0, p0 = redis_figures(client), pg_figures(pg, DATABASE_NAME)
+    monitor = (subprocess.Popen(["redis-cli", "-p", str(REDIS_PORT), "monitor"],
+                                stdout=args.monitor.open("w"))
+               if args.monitor is not None and first else None)
+    started = time.perf_counter()
+    run_burst(args.messages)
+    if monitor is not None:
+        monitor.terminate()
+        monitor.wait(10)
+    wall = time.perf_counter() - started
+    time.sleep(1.5)  # let the outbox flush what this burst wrote (counted, not timed)
+    cpu1 = {k: tree_cpu_s(p) for k, p in pids.items()}
+    r1, p1 = redis_figures(client), pg_figures(pg, DATABASE_NAME)
+    n = args.messages
+    row = {f"cpu_ms_{k}": (cpu1[k] - cpu0[k]) * 1000 / n for k in pids}
+    row["cpu_ms_producer"] = (time.process_time() - me0) * 1000 / n
+    row["cpu_ms_redis"] = (r1["cpu_s"] - r0["cpu_s"]) * 1000 / n
+    row["redis_commands"] = (r1["commands"] - r0["commands"]) / n
+    row["redis_bytes_in"] = (r1["bytes_in"] - r0["bytes_in"]) / n
+    row["redis_bytes_out"] = (r1["bytes_out"] - r0["bytes_out"]) / n
+    for name in ("transactions", "rows_inserted", "rows_updated", "rows_deleted"):
+        row[f"pg_{name}"] = (p1[name] - p0[name]) / n
+    row["msgs_s"] = n / wall
+    print(" ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
+    return row, {name: (calls - r0["by_command"].get(name, 0)) / n
+                 for name, calls in r1["by_command"].items()}
 
 
 if __name__ == "__main__":

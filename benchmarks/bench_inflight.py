@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,21 +69,21 @@ from benchmarks.bench_spine import (  # noqa: E402, I001
     stop_all,
     wait_workers,
 )
+from benchmarks.nodes import (  # noqa: E402
+    BRPOP_DRAIN_S,
+    Worker,
+    set_consumers,
+    start_worker,
+    wait_queued,
+)
 from benchmarks.procfs import connections_to, rss_mb, tree_cpu_s  # noqa: E402
-
-import httpx  # noqa: E402
+from benchmarks.servers import Simulator  # noqa: E402
 
 from aimesh_tasks import submit  # noqa: E402
-from aimesh_tasks.app import app  # noqa: E402
 from aimesh_tasks.keys import endpoint_queue  # noqa: E402
-from aimesh_tasks.observability.exporter import broker_client, queue_depths  # noqa: E402
-from aimesh_tasks.settings import get_settings  # noqa: E402
 
 AGENT = "inflight"
 SAMPLE_S = 0.2
-# A BRPOP the endpoint worker issued before its consumer was cancelled still takes the
-# next message pushed (kombu's Redis transport blocks 1 s at a time): let it run out.
-BRPOP_DRAIN_S = 2.5
 PLAIN_CLIENT = r'''
 import asyncio, json, sys, time
 import aiohttp
@@ -109,35 +108,6 @@ async def main():
 
 asyncio.run(main())
 '''
-
-
-class Simulator:
-    """The simulator process's control endpoints."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._http = httpx.Client(base_url=url, timeout=30)
-
-    def configure(self, **fields: Any) -> None:
-        self._http.post("/_sim/config", json=fields).raise_for_status()
-
-    def reset(self) -> None:
-        self._http.post("/_sim/reset").raise_for_status()
-
-    def in_flight(self) -> dict[str, int]:
-        figures: dict[str, int] = self._http.get("/_sim/in_flight").json()
-        return figures
-
-    def wait_up(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                self._http.get("/health").raise_for_status()
-                return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError(f"the simulator at {self.url} did not start (see "
-                           "/tmp/bench-inflight-sim.log)")
 
 
 @contextmanager
@@ -177,24 +147,6 @@ def burst(n: int, label: str) -> float:
     return time.perf_counter() - started
 
 
-def wait_queued(queue: str, n: int) -> None:
-    """Wait until `n` messages wait in `queue` (all its priority sub-queues)."""
-    broker = broker_client(get_settings().broker_url)
-    deadline = time.monotonic() + 900
-    while (depth := queue_depths(broker, [queue])[queue]) < n:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {depth} of {n} messages reached {queue}")
-        time.sleep(0.2)
-
-
-@dataclass(frozen=True)
-class Worker:
-    """An endpoint worker process: its Celery node name and pid."""
-
-    node: str
-    pid: int
-
-
 @dataclass(frozen=True)
 class Rig:
     """What a measurement works on: the simulator, the endpoint's queue, the endpoint
@@ -207,14 +159,8 @@ class Rig:
 
     def consumed_by(self, worker: Worker | None) -> None:
         """Make `worker` (None: no one) the only consumer of the queue."""
-        for each in (self.main, self.baseline):
-            if each is not None and each is not worker:
-                app.control.cancel_consumer(self.queue, destination=[each.node], reply=True,
-                                            timeout=10)
-        time.sleep(BRPOP_DRAIN_S)
-        if worker is not None:
-            app.control.add_consumer(self.queue, destination=[worker.node], reply=True,
-                                     timeout=10)
+        set_consumers(self.queue, [worker] if worker is not None else [],
+                      [w for w in (self.main, self.baseline) if w is not None])
 
     def backlog(self, n: int, label: str) -> list[Any]:
         """n messages routed and waiting in the queue, which no one consumes."""
@@ -310,14 +256,6 @@ def one_repeat(args: argparse.Namespace, rig: Rig) -> dict[str, float]:
     return row
 
 
-def start_endpoint_worker(tag: str, args: list[str], log: str) -> tuple[Worker, Any]:
-    """An `aimesh worker` on the threads pool named <tag>@host, and its process."""
-    node = f"{tag}@{socket.gethostname()}"
-    proc = start([str(BIN / "aimesh"), "worker", "-n", node, "-P", "threads", "-l", "WARNING",
-                  *args], log)
-    return Worker(node, proc.pid), proc
-
-
 def main() -> None:
     """Measure and print; JSON last."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -338,7 +276,7 @@ def main() -> None:
     procs = [start([str(BIN / "aimesh"), "simulate", "--port", str(port)],
                    "/tmp/bench-inflight-sim.log")]
     try:
-        sim = Simulator(f"http://127.0.0.1:{port}")
+        sim = Simulator(f"http://127.0.0.1:{port}", "/tmp/bench-inflight-sim.log")
         sim.wait_up()
         endpoint = add_endpoint(id="sim", base_url=sim.url, model="sim",
                                 input_usd_per_1k="0.001", output_usd_per_1k="0.002",
@@ -347,14 +285,15 @@ def main() -> None:
         procs.append(start([str(BIN / "aimesh"), "worker", "-n", f"brouter{tag}@%h",
                             "--router", "-P", "prefork", "-c", str(args.router_concurrency),
                             "-l", "WARNING"], "/tmp/bench-inflight-router.log"))
-        main_worker, proc = start_endpoint_worker(
-            f"bendpoint{tag}", ["--endpoints", endpoint.id, "-c", str(args.endpoint_concurrency)],
+        main_worker, proc = start_worker(
+            f"bendpoint{tag}", ["--endpoints", endpoint.id, "-P", "threads", "-c",
+                                str(args.endpoint_concurrency)],
             "/tmp/bench-inflight-endpoint.log")
         procs.append(proc)
         baseline = None
         if args.baseline_concurrency:  # consumes nothing until its drain
-            baseline, proc = start_endpoint_worker(
-                f"bbaseline{tag}", ["-Q", f"bench.idle.{tag}", "-c",
+            baseline, proc = start_worker(
+                f"bbaseline{tag}", ["-Q", f"bench.idle.{tag}", "-P", "threads", "-c",
                                     str(args.baseline_concurrency)],
                 "/tmp/bench-inflight-baseline.log")
             procs.append(proc)

@@ -1,5 +1,6 @@
 """What a benchmark reads about this machine: a process's CPU seconds and resident memory
-from /proc, its connections, and a free port to start a server on. No side effects: a
+from /proc, its connections, the whole machine's busy CPU, and a free port to start a
+server on. No side effects: a
 benchmark may import it before it sets its environment."""
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def connections_to(pid: int, port: int) -> int:
             if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[9] in inodes:
                 count += 1
     return count
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """Busy and total CPU seconds of the whole machine so far, summed over its cores (the
+    first line of /proc/stat; idle and iowait count as not busy)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    total = sum(fields)  # user nice system idle iowait irq softirq steal (guest is in user)
+    return (total - fields[3] - fields[4]) / TICKS, total / TICKS
 
 
 def free_port() -> int:
