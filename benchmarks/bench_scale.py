@@ -148,7 +148,6 @@ class Sample:
     cpu_s: dict[str, float]
     load_generator_s: float
     redis_commands: int
-    redis_memory: int
 
 
 def sample(rig: Rig) -> Sample:
@@ -156,8 +155,7 @@ def sample(rig: Rig) -> Sample:
     busy, total = machine_cpu_s()
     return Sample(time.perf_counter(), busy, total,
                   {name: tree_cpu_s(pid) for name, pid in rig.pids().items()},
-                  time.process_time(), int(redis_figures(rig.server)["commands"]),
-                  int(rig.server.info("memory")["used_memory"]))
+                  time.process_time(), int(redis_figures(rig.server)["commands"]))
 
 
 def measured(rig: Rig, n: int, run: Callable[[], None]) -> dict[str, float]:
@@ -166,12 +164,12 @@ def measured(rig: Rig, n: int, run: Callable[[], None]) -> dict[str, float]:
     rig.sim.reset()
     before = sample(rig)
     run()
-    after = sample(rig)
+    after, pg_end = sample(rig), pg_figures(rig.pg, DATABASE_NAME)  # the backends' CPU
     time.sleep(PG_STATS_LAG_S)
-    pg1 = pg_figures(rig.pg, DATABASE_NAME)
+    pg1 = pg_figures(rig.pg, DATABASE_NAME)  # their transactions, reported late
     wall = after.at_s - before.at_s
     cores = {name: (after.cpu_s[name] - before.cpu_s[name]) / wall for name in after.cpu_s}
-    cores["postgres"] = backend_cpu_between(pg0, pg1) / wall
+    cores["postgres"] = backend_cpu_between(pg0, pg_end) / wall
     cores["load_generator"] = (after.load_generator_s - before.load_generator_s) / wall
     busy = (after.busy_s - before.busy_s) / (after.total_s - before.total_s) * CPUS
     cores["others"] = max(0.0, busy - sum(cores.values()))
@@ -180,7 +178,6 @@ def measured(rig: Rig, n: int, run: Callable[[], None]) -> dict[str, float]:
     row = {"msgs_s": n / wall, "box_busy_cores": busy,
            "redis_commands_s": commands / wall, "redis_commands_per_msg": commands / n,
            "pg_xact_s": transactions / wall, "pg_xact_per_msg": transactions / n,
-           "redis_memory_bytes_per_msg": (after.redis_memory - before.redis_memory) / n,
            "sim_max_in_flight": rig.sim.in_flight()["max_in_flight"],
            **{f"cores_{name}": v for name, v in cores.items()}}
     row.update(uses(rig, row))
