@@ -58,6 +58,7 @@ from benchmarks.procfs import (  # noqa: E402  (no side effects)
     free_port,
     machine_cpu_s,
     tree_cpu_s,
+    tree_pids,
 )
 
 REDIS_PORT = free_port()
@@ -321,9 +322,10 @@ def start_rig(args: argparse.Namespace, client: redis.Redis, redis_pid: int,
 
 
 def connections(rig: Rig) -> dict[str, dict[str, int]]:
-    """The Redis and Postgres connections each worker process holds now."""
-    return {name: {"redis": connections_to(pid, REDIS_PORT),
-                   "postgres": connections_to(pid, PG_PORT)}
+    """The Redis and Postgres connections each worker holds now (its pool processes'
+    included, on prefork)."""
+    return {name: {"redis": sum(connections_to(p, REDIS_PORT) for p in tree_pids(pid)),
+                   "postgres": sum(connections_to(p, PG_PORT) for p in tree_pids(pid))}
             for name, pid in rig.pids().items() if name.startswith(("router", "endpoint"))}
 
 

@@ -19,13 +19,18 @@ def cpu_s(pid: int) -> float:
     return (utime + stime + cutime + cstime) / TICKS
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process and its live descendants (prefork children included)."""
-    total = cpu_s(pid)
+def tree_pids(pid: int) -> list[int]:
+    """A process and its live descendants (prefork children included)."""
+    pids = [pid]
     for child in Path(f"/proc/{pid}/task").glob("*/children"):
         for kid in child.read_text().split():
-            total += tree_cpu_s(int(kid))
-    return total
+            pids.extend(tree_pids(int(kid)))
+    return pids
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (prefork children included)."""
+    return sum(cpu_s(p) for p in tree_pids(pid))
 
 
 def rss_mb(pid: int) -> float:
