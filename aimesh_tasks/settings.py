@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         description="Deliveries of one task message before it is dead-lettered instead of run "
         "again (a task whose worker dies on every delivery would otherwise loop forever).",
     )
+    rabbit_queue_type: Literal["quorum", "classic"] = Field(
+        "quorum",
+        description="RabbitMQ only: the type of every task queue. quorum: durable, replicated "
+        "when clustered, a delivery limit and a dead-letter exchange, no priorities before "
+        "RabbitMQ 4.0 (FIFO); classic: priorities 0-9, no delivery limit on the broker "
+        "(aimesh_tasks/rabbit/queues.py).",
+    )
     provider_timeout_s: float = Field(30, gt=0, description="Read timeout of an upstream call.")
     provider_connect_timeout_s: float = Field(5, gt=0, description="Connect timeout upstream.")
     provider_connections_per_url: int = Field(

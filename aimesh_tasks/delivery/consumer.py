@@ -40,7 +40,7 @@ def _headers(message: Any) -> dict[str, Any]:
     return headers if isinstance(headers, dict) else {}
 
 
-def _result_request(message: Any, name: str | None) -> AttributeDict:
+def result_request(message: Any, name: str | None) -> AttributeDict:
     """What the result backend needs to store a failure (as Celery's on_unknown_task)."""
     properties = message.properties or {}
     return AttributeDict(
@@ -82,8 +82,9 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         task_id = task_id if isinstance(task_id, str) else None
         name = name if isinstance(name, str) else None
         detail = f"{type(exc).__name__}: {exc}" if exc is not None else "no task in the message"
-        buried = bury_task(self.app, _result_request(message, name),
-                           queue=message_queue(self.app, message), raw=raw_message(message),
+        queue = message_queue(self.app, message)
+        buried = bury_task(self.app, result_request(message, name),
+                           queue=queue, raw=raw_message(message, queue),
                            reason=reason, detail=detail, task_id=task_id, task=name)
         if buried:
             message.ack_log_error(logger, self.connection_errors)
