@@ -21,6 +21,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_TASK_TIME_LIMIT_S          | 90                  | hard limit: the worker child dies |
 | AIMESH_VISIBILITY_TIMEOUT_S       | 300                 | Redis redelivery of unacked msgs  |
 | AIMESH_MAX_DELIVERIES             | 5                   | deliveries, then dead-lettered    |
+| AIMESH_RABBIT_QUEUE_TYPE          | quorum              | RabbitMQ queues: quorum / classic |
 | AIMESH_PROVIDER_TIMEOUT_S         | 30                  | read timeout of an upstream call  |
 | AIMESH_PROVIDER_CONNECT_TIMEOUT_S | 5                   | connect timeout of an upstream call|
 | AIMESH_PROVIDER_CONNECTIONS_PER_URL | 1000              | open connections per provider URL |
