@@ -31,6 +31,7 @@ from aimesh_tasks.delivery.request import message_queue, raw_message
 from aimesh_tasks.delivery.terminal import bury_task
 
 DEFAULT_REQUEST = "celery.worker.request:Request"
+DELAYED_DELIVERY = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
 GUARDED_REQUEST = "aimesh_tasks.delivery.request:GuardedRequest"
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,15 @@ def checked_body(strategy: Callable[..., Any]) -> Callable[..., Any]:
 
 class GuardedConsumer(Consumer):  # type: ignore[misc]
     """A consumer that dead-letters what it cannot run and keeps consuming."""
+
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        """Celery's consumer steps, without native delayed delivery: it works only through
+        topic exchanges (ours are direct, one per queue) and binds only the queues a worker
+        starts with, so on quorum queues it would declare 28 unused delay queues and warn
+        about each queue; countdowns wait in the worker instead (README, RabbitMQ)."""
+
+        default_steps = [step for step in Consumer.Blueprint.default_steps
+                         if step != DELAYED_DELIVERY]
 
     def update_strategies(self) -> None:
         """Guard every task with Celery's default Request class, then build strategies
