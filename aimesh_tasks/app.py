@@ -21,6 +21,8 @@ from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.follow import FollowEndpoints
 from aimesh_tasks.observability.worker import install as install_observability
 from aimesh_tasks.observability.worker import never_silent
+from aimesh_tasks.rabbit.amqp import BROKER_AMQP
+from aimesh_tasks.rabbit.drain import DrainDeadLetters
 from aimesh_tasks.serving import ServeEndpoints
 from aimesh_tasks.settings import Settings, get_settings
 from aimesh_tasks.worker_steps import BackgroundJobsStep
@@ -33,12 +35,13 @@ RABBITMQ_CONSUMER_TIMEOUT_S = 1800
 
 def build_app() -> Celery:
     """A configured aimesh-tasks Celery app."""
-    built = Celery("aimesh_tasks")
+    built = Celery("aimesh_tasks", amqp=BROKER_AMQP)
     # Loaded on first use of the configuration (Celery reads it lazily), so settings
     # changed before then (the CLI's --broker, say) are the ones used.
     built.config_from_object("aimesh_tasks.celery_config")
     built.steps["consumer"].add(FollowEndpoints)
     built.steps["consumer"].add(ServeEndpoints)
+    built.steps["consumer"].add(DrainDeadLetters)
     built.steps["worker"].add(BackgroundJobsStep)
     install_delivery_guards(built)
     return built

@@ -9,6 +9,7 @@ This module lives inside the package, so a stray top-level `celeryconfig` module
 
 from aimesh_tasks import keys
 from aimesh_tasks.celery_overrides import deployment_overrides, find_overrides
+from aimesh_tasks.rabbit.queues import is_amqp
 from aimesh_tasks.resilience.priority import (
     BROKER_PRIORITY_STEPS,
     DEFAULT,
@@ -81,10 +82,15 @@ broker_transport_options = {
     "unacked_restore_throttle": 1,
     # The in-memory transport polls; 5 ms takes embedded mode from ~15 to ~220 msgs/s.
     **({"polling_interval": 0.005} if _settings.embedded else {}),
+    # RabbitMQ: publisher confirms. A publish returns once the broker has the message
+    # (on a quorum queue: a majority of its nodes), and raises if the broker refuses it,
+    # instead of a submit that "succeeded" for a message the broker dropped.
+    **({"confirm_publish": True} if is_amqp(_settings.broker_url) else {}),
 }
-# RabbitMQ: queues are declared with x-max-priority 9. A message published without a
-# priority (a follower routed again) gets AiMessage's default, 5.
-task_queue_max_priority = HIGHEST
+# RabbitMQ: every task queue is declared by AIMESH_RABBIT_QUEUE_TYPE's rules
+# (aimesh_tasks/rabbit/queues.py: quorum, or classic with x-max-priority 9). A message
+# published without a priority (a follower routed again) gets AiMessage's default, 5.
+task_queue_max_priority = None if is_amqp(_settings.broker_url) else HIGHEST
 task_default_priority = broker_priority(DEFAULT, _settings.broker_url)
 # A worker shares one result backend (one Redis pool) among its threads, sized from its
 # concurrency at start (aimesh_tasks/pools.py: result_backend_thread_safe,

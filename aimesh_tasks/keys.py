@@ -8,6 +8,10 @@ ENDPOINT_QUEUE_PREFIX = "aimesh.endpoint."
 # Nothing is published here: an endpoint worker following an empty registry listens on it
 # (a Celery worker given no queue would consume the default queue, aimesh.route).
 IDLE_QUEUE = "aimesh.idle"
+# RabbitMQ: where quorum queues dead-letter a message past its delivery limit (a fanout
+# exchange), and the one queue bound to it that workers drain into the dead-letter store.
+DEAD_EXCHANGE = "aimesh.dead"
+DEAD_QUEUE = "aimesh.dead"
 
 
 def endpoint_queue(endpoint_id: str) -> str:

@@ -21,6 +21,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_TASK_TIME_LIMIT_S          | 90                  | hard limit: the worker child dies |
 | AIMESH_VISIBILITY_TIMEOUT_S       | 300                 | Redis redelivery of unacked msgs  |
 | AIMESH_MAX_DELIVERIES             | 5                   | deliveries, then dead-lettered    |
+| AIMESH_RABBIT_QUEUE_TYPE          | quorum              | RabbitMQ queues: quorum / classic |
 | AIMESH_PROVIDER_TIMEOUT_S         | 30                  | read timeout of an upstream call  |
 | AIMESH_PROVIDER_CONNECT_TIMEOUT_S | 5                   | connect timeout of an upstream call|
 | AIMESH_PROVIDER_CONNECTIONS_PER_URL | 1000              | open connections per provider URL |
@@ -161,6 +162,13 @@ class Settings(BaseSettings):
         5, ge=1, le=1000,
         description="Deliveries of one task message before it is dead-lettered instead of run "
         "again (a task whose worker dies on every delivery would otherwise loop forever).",
+    )
+    rabbit_queue_type: Literal["quorum", "classic"] = Field(
+        "quorum",
+        description="RabbitMQ only: the type of every task queue. quorum: durable, replicated "
+        "when clustered, a delivery limit and a dead-letter exchange, no priorities before "
+        "RabbitMQ 4.0 (FIFO); classic: priorities 0-9, no delivery limit on the broker "
+        "(aimesh_tasks/rabbit/queues.py).",
     )
     provider_timeout_s: float = Field(30, gt=0, description="Read timeout of an upstream call.")
     provider_connect_timeout_s: float = Field(5, gt=0, description="Connect timeout upstream.")

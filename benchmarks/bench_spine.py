@@ -16,6 +16,8 @@ since the spine's endpoint worker makes that call too (issue 18, goal 1).
 With --metered the agent has a budget (so every call is reserved, claimed and settled
 in Postgres); without, it is unmetered and a call touches no database. Settings reach
 the workers from the environment (e.g. AIMESH_DURABLE_ANSWERS=false).
+AIMESH_BENCH_BROKER=rabbitmq runs both on RabbitMQ (benchmarks/places.py; quorum queues
+unless AIMESH_RABBIT_QUEUE_TYPE says classic), so that the brokers compare side by side.
 Prints one JSON line last. Needs Redis and Postgres on loopback (Redis dbs 2/3 and the
 Postgres database aimesh_bench, created if missing; AIMESH_BENCH_DBS moves both, see
 benchmarks/places.py).
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Redis dbs and the Postgres database by AIMESH_BENCH_DBS (benchmarks/places.py).
-from benchmarks.places import BENCH_DB, BROKER_DB, ENV, LIVE_DB, REDIS, create_database  # noqa: E402, I001
+from benchmarks.places import BENCH_DB, BROKER, BROKER_DB, ENV, LIVE_DB, REDIS, create_database, prepare_broker  # noqa: E402, I001, E501
 
 import redis  # noqa: E402
 
@@ -57,6 +59,7 @@ def prepare_database() -> None:
     """Create and migrate the benchmark database; empty its Redis dbs."""
     create_database()
     upgrade(BENCH_DB)
+    prepare_broker()
     for db in (BROKER_DB, LIVE_DB):
         redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
     for endpoint in list_endpoints():
@@ -239,6 +242,7 @@ def main() -> None:
         "raw_p99_ms": round(percentile(raw_lat, 0.99), 2),
         "raw_replace_msgs_s": round(statistics.median(raw_replace), 1),
         "ratio_to_raw_replace": round(spine_tp / statistics.median(raw_replace), 3),
+        "broker": BROKER,
         "router_pool": args.router_pool,
         "endpoint_pool": args.endpoint_pool,
         "concurrency": args.concurrency,

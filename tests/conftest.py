@@ -10,6 +10,14 @@ point the run at other servers (e.g. a closed port, to show which tests need non
 
 Only tests that use Redis or Postgres depend on the `servers` fixture (through `database`,
 `clean`, `workers`, or directly); pure unit tests run with both servers stopped.
+
+The broker matrix: AIMESH_TEST_BROKER=rabbitmq runs the session on RabbitMQ at
+127.0.0.1:5672 (AIMESH_TEST_RABBITMQ moves it) in a vhost of its own per slot,
+aimesh_matrix_N, created empty at the start and deleted at the end; results stay in
+Redis. Tests marked `broker` (the spine, budgets, dedup and workflow tests chosen to
+stand for the broker-dependent ones) run in both sessions, tests marked `rabbitmq` only
+in the RabbitMQ one, every other test only in the Redis one:
+    AIMESH_TEST_BROKER=rabbitmq python -m pytest -m "broker or rabbitmq"
 """
 
 from __future__ import annotations
@@ -26,8 +34,12 @@ REDIS = os.environ.get("AIMESH_TEST_REDIS", "redis://127.0.0.1:6379")
 BROKER_DB, LIVE_DB = (14 - 2 * SLOT) % 16, (15 - 2 * SLOT) % 16
 PG_SERVER = os.environ.get("AIMESH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 DATABASE = f"{PG_SERVER}/test" if SLOT == 0 else f"{PG_SERVER}/aimesh_test_{SLOT}"
+BROKER = os.environ.get("AIMESH_TEST_BROKER", "redis")
+RABBITMQ = os.environ.get("AIMESH_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672")
+MATRIX_VHOST = f"aimesh_matrix_{SLOT}"
+BROKER_URL = f"{RABBITMQ}/{MATRIX_VHOST}" if BROKER == "rabbitmq" else f"{REDIS}/{BROKER_DB}"
 TEST_ENV = {
-    "AIMESH_BROKER_URL": f"{REDIS}/{BROKER_DB}",
+    "AIMESH_BROKER_URL": BROKER_URL,
     "AIMESH_RESULT_BACKEND": f"{REDIS}/{BROKER_DB}",
     "AIMESH_REDIS_URL": f"{REDIS}/{LIVE_DB}",
     "AIMESH_DATABASE_URL": DATABASE,
@@ -93,6 +105,49 @@ def _require_servers() -> None:
         )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if BROKER not in ("redis", "rabbitmq"):
+        raise pytest.UsageError(f"AIMESH_TEST_BROKER: must be redis or rabbitmq, got {BROKER!r}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip what the other broker's session runs (see the module docstring)."""
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        if BROKER == "redis" and "rabbitmq" in marks:
+            item.add_marker(pytest.mark.skip(
+                reason='RabbitMQ only: AIMESH_TEST_BROKER=rabbitmq pytest -m "broker or rabbitmq"'))
+        elif BROKER == "rabbitmq" and not marks & {"broker", "rabbitmq"}:
+            item.add_marker(pytest.mark.skip(reason="runs in the Redis session only"))
+
+
+def rabbitmqctl(*args: str, check: bool = True) -> None:
+    """Run rabbitmqctl on the local node; fail the test naming the command if it fails."""
+    import shutil
+    import subprocess
+
+    if shutil.which("rabbitmqctl") is None:
+        pytest.exit("rabbitmqctl is not installed: the RabbitMQ tests need RabbitMQ at "
+                    "127.0.0.1:5672 (e.g. `rabbitmq-server -detached`)", returncode=3)
+    done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120)
+    if check and done.returncode != 0 and "already_exists" not in done.stdout + done.stderr:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {done.stderr[-500:]}. RabbitMQ "
+                    "must run at 127.0.0.1:5672 (e.g. `rabbitmq-server -detached`)")
+
+
+def _require_rabbitmq() -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(RABBITMQ)
+    try:
+        socket.create_connection((where.hostname, where.port or 5672), timeout=2).close()
+    except OSError as exc:
+        pytest.exit(f"RabbitMQ is not reachable at {where.hostname}:{where.port or 5672} "
+                    f"({exc}); AIMESH_TEST_BROKER=rabbitmq needs it. Start it with: "
+                    "rabbitmq-server -detached", returncode=3)
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ() -> Iterator[None]:
     """Undo what a test put in os.environ (an in-process CLI command sets AIMESH_LOG_LEVEL:
@@ -106,10 +161,20 @@ def _restore_environ() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def servers() -> None:
-    """Real Redis and Postgres, or the session stops with the command that starts them.
-    Every fixture that touches either depends on this one; pure tests do not."""
+def servers() -> Iterator[None]:
+    """Real Redis and Postgres (and RabbitMQ in its session, with this slot's vhost made
+    empty), or the session stops with the command that starts them. Every fixture that
+    touches one depends on this one; pure tests do not."""
     _require_servers()
+    if BROKER != "rabbitmq":
+        yield
+        return
+    _require_rabbitmq()
+    rabbitmqctl("delete_vhost", MATRIX_VHOST, check=False)
+    rabbitmqctl("add_vhost", MATRIX_VHOST)
+    rabbitmqctl("set_permissions", "-p", MATRIX_VHOST, "guest", ".*", ".*", ".*")
+    yield
+    rabbitmqctl("delete_vhost", MATRIX_VHOST, check=False)
 
 
 @pytest.fixture(scope="session")

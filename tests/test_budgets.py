@@ -101,6 +101,7 @@ def test_race_admits_what_fits_never_overspends_never_falsely_rejects(
     assert_budget_invariants()
 
 
+@pytest.mark.broker
 def test_exhausted_budget_is_refused_with_what_was_needed_and_left(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
@@ -142,6 +143,7 @@ def test_fallback_call_is_reserved_at_its_own_price_and_both_calls_are_charged(
     assert_budget_invariants()
 
 
+@pytest.mark.broker
 def test_redelivered_message_is_charged_once(simulator: Sim, endpoint: MakeEndpoint) -> None:
     sim = simulator()
     endpoint(sim, "redeliver")
@@ -164,6 +166,7 @@ def _failpoint_pid(name: str) -> int:
                           f"a worker paused at failpoint {name}"))
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(("point", "agent_prefix"), [
     ("after_reserve", "kill-after-reserve"), ("before_settle", "kill-before-settle")])
 def test_sigkill_between_reserve_call_and_settle_charges_exactly_the_calls_made(

@@ -37,6 +37,7 @@ MakeEndpoint = Callable[..., Endpoint]
 MakeGate = Callable[[RunningSimulator], Gate]
 
 
+@pytest.mark.broker
 def test_100_identical_messages_make_one_upstream_call(simulator: Sim, endpoint: MakeEndpoint
                                                        ) -> None:
     sim = simulator(latency_ms=300)
@@ -110,6 +111,7 @@ def test_no_cache_and_no_store(simulator: Sim, endpoint: MakeEndpoint) -> None:
     assert sim.stats()["calls"] == 3
 
 
+@pytest.mark.broker
 def test_leader_killed_mid_call_every_follower_answered_every_call_charged_once(
     simulator: Sim, endpoint: MakeEndpoint, gate: MakeGate
 ) -> None:

@@ -664,7 +664,8 @@ def rabbit_workers(database: str) -> Iterator[list[WorkerProcess]]:
     subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=120)
     _rabbitmqctl("add_vhost", vhost)
     _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    env = {"AIMESH_BROKER_URL": RABBIT}
+    # Priorities need classic queues on RabbitMQ 3.x (aimesh_tasks/rabbit/queues.py).
+    env = {"AIMESH_BROKER_URL": RABBIT, "AIMESH_RABBIT_QUEUE_TYPE": "classic"}
     started = [WorkerProcess(f"rabbit-router-{uuid.uuid4().hex[:6]}",
                              ["--router", "-P", "prefork", "-c", "2"], env),
                WorkerProcess(f"rabbit-endpoints-{uuid.uuid4().hex[:6]}",

@@ -49,6 +49,7 @@ def _ask(agent: str = "spine-test", **fields: Any) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.broker
 def test_submit_resolves_to_the_result_of_the_cheapest_endpoint(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
@@ -149,6 +150,7 @@ def test_no_candidate_is_a_clear_recorded_error(simulator: Sim, endpoint: MakeEn
     assert sim.stats()["calls"] == 0
 
 
+@pytest.mark.broker
 def test_failing_endpoint_falls_back_to_the_next_and_both_are_recorded(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
@@ -233,6 +235,7 @@ def test_pickle_message_is_refused_and_the_queue_keeps_flowing(
     assert not marker.exists()
 
 
+@pytest.mark.broker
 def test_sigkill_of_the_process_running_a_call_still_completes_once(
     simulator: Sim, endpoint: MakeEndpoint, gate: MakeGate
 ) -> None:

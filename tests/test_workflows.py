@@ -111,6 +111,7 @@ def _chord_keys() -> dict[str, int]:
     return {k.decode(): int(client.ttl(k)) for k in client.scan_iter("celery-taskset-meta-*")}
 
 
+@pytest.mark.broker
 def test_fan_out_of_fifty_then_gather_runs_the_gather_once(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
@@ -145,6 +146,7 @@ def _assert_no_chord_bookkeeping_left() -> None:
                seen=left)
 
 
+@pytest.mark.broker
 def test_diamond(simulator: Sim, endpoint: MakeEndpoint) -> None:
     sim = simulator()
     endpoint(sim, "diamond")
@@ -282,6 +284,7 @@ def test_workflow_over_budget_is_refused_before_any_step(
     assert result["status"] == "done"
 
 
+@pytest.mark.broker
 def test_sigkill_during_a_chord_header_still_ends_the_run_and_gathers_once(
     simulator: Sim, endpoint: MakeEndpoint, gate: MakeGate
 ) -> None:

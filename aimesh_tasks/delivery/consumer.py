@@ -31,6 +31,7 @@ from aimesh_tasks.delivery.request import message_queue, raw_message
 from aimesh_tasks.delivery.terminal import bury_task
 
 DEFAULT_REQUEST = "celery.worker.request:Request"
+DELAYED_DELIVERY = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
 GUARDED_REQUEST = "aimesh_tasks.delivery.request:GuardedRequest"
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def _headers(message: Any) -> dict[str, Any]:
     return headers if isinstance(headers, dict) else {}
 
 
-def _result_request(message: Any, name: str | None) -> AttributeDict:
+def result_request(message: Any, name: str | None) -> AttributeDict:
     """What the result backend needs to store a failure (as Celery's on_unknown_task)."""
     properties = message.properties or {}
     return AttributeDict(
@@ -66,6 +67,15 @@ def checked_body(strategy: Callable[..., Any]) -> Callable[..., Any]:
 class GuardedConsumer(Consumer):  # type: ignore[misc]
     """A consumer that dead-letters what it cannot run and keeps consuming."""
 
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        """Celery's consumer steps, without native delayed delivery: it works only through
+        topic exchanges (ours are direct, one per queue) and binds only the queues a worker
+        starts with, so on quorum queues it would declare 28 unused delay queues and warn
+        about each queue; countdowns wait in the worker instead (README, RabbitMQ)."""
+
+        default_steps = [step for step in Consumer.Blueprint.default_steps
+                         if step != DELAYED_DELIVERY]
+
     def update_strategies(self) -> None:
         """Guard every task with Celery's default Request class, then build strategies
         that check the body first."""
@@ -82,8 +92,9 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         task_id = task_id if isinstance(task_id, str) else None
         name = name if isinstance(name, str) else None
         detail = f"{type(exc).__name__}: {exc}" if exc is not None else "no task in the message"
-        buried = bury_task(self.app, _result_request(message, name),
-                           queue=message_queue(self.app, message), raw=raw_message(message),
+        queue = message_queue(self.app, message)
+        buried = bury_task(self.app, result_request(message, name),
+                           queue=queue, raw=raw_message(message, queue),
                            reason=reason, detail=detail, task_id=task_id, task=name)
         if buried:
             message.ack_log_error(logger, self.connection_errors)

@@ -1,6 +1,7 @@
 """The dead-letter store: messages a worker could not run, one Redis stream per queue.
 
-Each entry keeps the message's raw bytes as they sat on the queue (the first 64 KiB), why it
+Each entry keeps the message's raw bytes as they sat on the queue (the first 64 KiB; on
+RabbitMQ an envelope of the same shape, rabbit/envelope.py), why it
 was set aside, the queue, the time, the task id and name when they could be read, which
 worker process set it aside and, for a task that killed its worker, the deliveries that
 did. Every entry is counted once in `aimesh_dead_letters_total{queue,reason}` and logged
@@ -17,7 +18,9 @@ once (`message.dead_lettered`, without the payload). `aimesh dead` is the shell 
 | invalid_task     | is a task message Celery refuses (bad eta, expires, timelimit; a     |
 |                  | body that is not [args, kwargs, embed])                              |
 | bad_arguments    | has arguments that do not fit the task's signature                   |
-| max_deliveries   | lost its worker on each of AIMESH_MAX_DELIVERIES deliveries          |
+| max_deliveries   | lost its worker on each of AIMESH_MAX_DELIVERIES deliveries (on      |
+|                  | RabbitMQ quorum queues the broker counts: rabbit/drain.py)           |
+| dead_lettered    | RabbitMQ dead-lettered it for another reason (rejected, expired)     |
 
 Streams are capped at about MAX_ENTRIES_PER_QUEUE entries (the oldest go first), so a flood
 of bad messages cannot fill Redis.
@@ -160,12 +163,21 @@ def show(ref: str, queue: str | None = None) -> DeadLetter:
     return matches[-1]
 
 
-def _broker_client() -> redis.Redis:
+def _put_back(queue: str, raw: bytes) -> None:
+    """Put a stored message at the tail of `queue` on the configured broker."""
+    from aimesh_tasks.rabbit.queues import is_amqp
+
     url = get_settings().broker_url
-    if not url.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"requeue needs a Redis broker; AIMESH_BROKER_URL is "
+    if is_amqp(url):
+        from aimesh_tasks.rabbit.envelope import publish_envelope
+
+        publish_envelope(url, queue, raw)
+    elif url.startswith(("redis://", "rediss://")):
+        # kombu's Redis transport publishes with LPUSH and consumes with BRPOP: the tail.
+        redis.Redis.from_url(url).lpush(queue, raw)
+    else:
+        raise ConfigError(f"requeue needs a Redis or RabbitMQ broker; AIMESH_BROKER_URL is "
                           f"{url.split('://', 1)[0]}://", setting="AIMESH_BROKER_URL")
-    return redis.Redis.from_url(url)
 
 
 def requeue(ref: str, queue: str | None = None) -> DeadLetter:
@@ -179,8 +191,7 @@ def requeue(ref: str, queue: str | None = None) -> DeadLetter:
         raise InvalidInput(f"dead letter '{entry['id']}' kept only {len(entry['raw'])} of its "
                            f"{entry['size']} bytes; it cannot be requeued", field="id",
                            errors=[])
-    # kombu's Redis transport publishes with LPUSH and consumes with BRPOP: the tail.
-    _broker_client().lpush(entry["queue"], entry["raw"])
+    _put_back(entry["queue"], entry["raw"])
     client = get_redis()
     client.xdel(keys.dead_letters(entry["queue"]), entry["id"])
     if entry["task_id"]:

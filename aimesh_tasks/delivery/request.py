@@ -37,19 +37,19 @@ from aimesh_tasks.delivery import deliveries
 from aimesh_tasks.delivery.arguments import argument_problem, header_problem
 from aimesh_tasks.delivery.dead_letters import OTHER_QUEUE
 from aimesh_tasks.delivery.terminal import bury_task
+from aimesh_tasks.rabbit.envelope import envelope_of
 from aimesh_tasks.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
 
-def raw_message(message: Any) -> bytes:
-    """The message as it sat on the queue: the envelope on virtual transports (Redis),
-    else the body."""
+def raw_message(message: Any, queue: str) -> bytes:
+    """The message as it sat on `queue`: the envelope on virtual transports (Redis), an
+    envelope of the same shape on RabbitMQ."""
     raw = getattr(message, "_raw", None)
     if isinstance(raw, dict):
         return json.dumps(raw).encode()
-    body = message.body
-    return body if isinstance(body, bytes) else str(body).encode()
+    return envelope_of(message, queue)
 
 
 def message_queue(app: Any, message: Any) -> str:
@@ -102,8 +102,9 @@ class GuardedRequest(Request):  # type: ignore[misc]
 
     def _bury(self, reason: str, detail: str, history: list[dict[str, Any]] | None = None
               ) -> bool:
-        buried = bury_task(self.app, self._context, queue=message_queue(self.app, self.message),
-                           raw=raw_message(self.message), reason=reason, detail=detail,
+        queue = message_queue(self.app, self.message)
+        buried = bury_task(self.app, self._context, queue=queue,
+                           raw=raw_message(self.message, queue), reason=reason, detail=detail,
                            task_id=self.id, task=self.name, history=history or [])
         if buried:
             self.acknowledge()
