@@ -40,7 +40,12 @@ from aimesh_tasks.providers.base import Completion
 from aimesh_tasks.providers.http import call_provider
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.registry.endpoints import Endpoint
-from aimesh_tasks.registry.live import call_abandoned, queue_call_finished, queue_call_started
+from aimesh_tasks.registry.live import (
+    call_abandoned,
+    queue_call_abandoned,
+    queue_call_finished,
+    queue_call_started,
+)
 from aimesh_tasks.settings import get_settings
 from aimesh_tasks.streams.writer import replay
 
@@ -271,8 +276,14 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
     else:
         cost_nusd = 0
     before_settle = Batch() if metered else tail
-    healthy = error is None or not error.endpoint_fault
-    queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms, healthy)
+    if error is not None and error.fields.get("reason") == "cancelled":
+        # Aborted (a lost race, a client gone): its latency is where it was cut, not the
+        # endpoint's, and would pull the live p50/p95 (a hedge's delay) down.
+        queue_call_abandoned(before_settle, endpoint.id, call_key)
+    else:
+        healthy = error is None or not error.endpoint_fault
+        queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms,
+                            healthy)
     entry = (journal.answered(completion, cost_nusd) if completion is not None
              else journal.failed(error.to_dict()) if error is not None else None)
     if entry is not None:

@@ -47,13 +47,11 @@ from aimesh_tasks.settings import get_settings
 
 # KEYS: winner, race. ARGV: lane, ttl_s, channel, message_id
 _CLAIM = """
-local held = redis.call('GET', KEYS[1])
-if held then
-  return held == ARGV[1] and 1 or 0
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  return 1
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return 1
+return redis.call('GET', KEYS[1]) == ARGV[1] and 1 or 0
 """
 
 # KEYS: winner, race. ARGV: lane, ttl_s
