@@ -20,8 +20,8 @@ backoff, the breaker on).
 
 `hedging`: two equal endpoints whose simulators answer 95 % of calls in 100 ms and 5 % in
 2 s (`slow_rate`, a roll per call), `--hedge-messages` distinct messages per round at
-`--hedge-rate` per second after a warm-up of 100 unhedged ones (so the live p95 exists), each setup on
-its own workers, `--rounds` rounds each on fresh endpoints:
+`--hedge-rate` per second after a warm-up of 100 unhedged ones (so the live p95
+exists), each setup on its own workers, `--rounds` rounds each on fresh endpoints:
 
 | setup    | each message's hedge                | hedge budget                          |
 |----------|-------------------------------------|---------------------------------------|
