@@ -19,7 +19,7 @@ class GoneWatch(FlagWatch):
     """The cancel events of the streaming calls in flight in this process, by message."""
 
     def __init__(self) -> None:
-        super().__init__("stream-gone", keys.streams_gone_channel(), keys.stream_gone)
+        super().__init__("streams", keys.streams_gone_channel(), keys.stream_gone)
 
 
 WATCH = GoneWatch()
