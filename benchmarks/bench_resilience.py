@@ -21,7 +21,8 @@ backoff, the breaker on).
 `hedging`: two equal endpoints whose simulators answer 95 % of calls in 100 ms and 5 % in
 2 s (`slow_rate`, a roll per call), `--hedge-messages` distinct messages per round at
 `--hedge-rate` per second after a warm-up of 100 unhedged ones (so the live p95
-exists), each setup on its own workers, `--rounds` rounds each on fresh endpoints:
+exists), each setup on its own workers (the endpoint worker a threads pool of 32),
+`--rounds` rounds each on fresh endpoints:
 
 | setup    | each message's hedge                | hedge budget                          |
 |----------|-------------------------------------|---------------------------------------|
@@ -97,6 +98,9 @@ HEDGES: dict[str, tuple[dict[str, Any] | None, dict[str, str]]] = {
                                "AIMESH_HEDGE_BUDGET_BURST": "1000"}),
 }
 WARMUP_MESSAGES = 100
+# A slow call holds its worker slot for 2 s: a threads endpoint worker (its calls on one
+# asyncio loop, providers/aio.py) has the slots a prefork one of 4 would run out of.
+HEDGING_POOL = ("threads", "32")
 
 
 def prepare() -> None:
@@ -112,14 +116,16 @@ def prepare() -> None:
         remove_endpoint(endpoint.id)
 
 
-def start_workers(settings: dict[str, str]) -> list[subprocess.Popen[bytes]]:
-    """A router and an endpoint worker with these settings; waits for both."""
+def start_workers(settings: dict[str, str], endpoint_pool: tuple[str, str] = ("prefork", "4")
+                  ) -> list[subprocess.Popen[bytes]]:
+    """A router and an endpoint worker (pool and concurrency `endpoint_pool`) with these
+    settings; waits for both."""
     env = {**os.environ, **ENV, **settings}
     tag = uuid.uuid4().hex[:6]
     specs = [(f"bench-router-{tag}", [str(BIN / "celery"), "-A", "aimesh_tasks.app", "worker",
                                       "-Q", "aimesh.route", "-P", "threads", "-c", "8"]),
              (f"bench-endpoints-{tag}", [str(BIN / "aimesh"), "worker", "--endpoints", "all",
-                                         "-P", "prefork", "-c", "4"])]
+                                         "-P", endpoint_pool[0], "-c", endpoint_pool[1]])]
     procs = [subprocess.Popen([*cmd, "-n", f"{name}@%h", "-l", "WARNING"], env=env,
                               stdout=open(f"/tmp/{name}.log", "w"), stderr=subprocess.STDOUT,
                               cwd=ROOT, start_new_session=True) for name, cmd in specs]
@@ -242,7 +248,7 @@ def hedging(rounds: int, messages: int, rate: float) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for setup, (_hedge, settings) in HEDGES.items():
         redis.Redis.from_url(f"{REDIS}/{LIVE_DB}").flushdb()  # fresh hedge buckets
-        procs = start_workers(settings)
+        procs = start_workers(settings, HEDGING_POOL)
         try:
             runs = [hedging_round(setup, messages, rate, seed=100 * n) for n in range(rounds)]
         finally:
