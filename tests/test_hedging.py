@@ -164,6 +164,10 @@ def test_the_plan_is_the_next_ranked_endpoints_unless_the_deadline_comes_first()
     assert plan(two, route[:1], 300, None) == []
     assert hedge_delay_ms(Hedge(after="p95"), 420.0, 1000) == 420.0
     assert hedge_delay_ms(Hedge(after="p95"), None, 1000) == 1000
+    # A p95 in a slow second mode is capped at cap_x p50s; one on the slope is not.
+    assert hedge_delay_ms(Hedge(after="p95"), 2000.0, 1000, p50_ms=110.0, cap_x=4) == 440.0
+    assert hedge_delay_ms(Hedge(after="p95"), 300.0, 1000, p50_ms=110.0, cap_x=4) == 300.0
+    assert hedge_delay_ms(Hedge(after_ms=900), 300.0, 1000, p50_ms=10.0, cap_x=4) == 900.0
     assert too_late(0.05, 100.0) and not too_late(0.2, 100.0) and not too_late(None, 1e6)
 
 
@@ -245,6 +249,11 @@ def test_the_p95_form_waits_the_first_endpoints_live_p95(simulator: Sim,
         call_finished(first.id, f"seed:{n}", latency_ms, True)
     warm = _routed(_message(_agent("p95"), hedge=Hedge(after="p95")), _policies())
     assert warm.hedges[0].countdown_s == 0.1  # the 19th of 20 sorted latencies
+    for n in range(20, 22):  # now 3 of 22 are slow: the 95th sample is in the slow mode
+        call_started(first.id, f"seed:{n}")
+        call_finished(first.id, f"seed:{n}", 900.0, True)
+    capped = _routed(_message(_agent("p95"), hedge=Hedge(after="p95")), _policies())
+    assert capped.hedges[0].countdown_s == 0.4  # 4 (AIMESH_HEDGE_P95_CAP_X) x the 100 ms p50
 
 
 def test_a_hedge_whose_worst_case_cannot_be_reserved_is_not_fired(

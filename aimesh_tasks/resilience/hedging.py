@@ -1,7 +1,8 @@
 """Hedged requests (the "model race"): a slow call raced by one at the next-ranked endpoint.
 
 A message asks with `hedge={"after_ms": N}` (0: race at once) or `{"after": "p95"}` (the
-first endpoint's live p95 latency, AIMESH_HEDGE_P95_DEFAULT_MS until it has one), and
+first endpoint's live p95 latency, AIMESH_HEDGE_P95_DEFAULT_MS until it has one, and never
+more than AIMESH_HEDGE_P95_CAP_X (4) times its live p50), and
 `max_extra` extra calls (default 1); an agent may have a default (AIMESH_HEDGE_AGENTS),
 which a message's own `hedge` replaces.
 
@@ -56,11 +57,26 @@ def hedge_of(message: AiMessage, agent_defaults: dict[str, dict[str, Any]]) -> H
     return Hedge.model_validate(default) if default is not None and not message.stream else None
 
 
-def hedge_delay_ms(hedge: Hedge, p95_ms: float | None, default_ms: float) -> float:
-    """How long after the hand-off the hedges fire."""
+def hedge_delay_ms(hedge: Hedge, p95_ms: float | None, default_ms: float,
+                   p50_ms: float | None = None, cap_x: float | None = None) -> float:
+    """How long after the hand-off the hedges fire: `after_ms`, or the live p95 capped at
+    `cap_x` times the live p50.
+
+    The cap is why 'p95' works on a tail that is a second mode, not a slope. When about 5 %
+    of an endpoint's calls are slow (the bimodal case of bench_resilience: 95 % at 100 ms,
+    5 % at 2 s), its window's 95th sample lands in the slow mode whenever slightly more
+    than 5 % of its recent calls were slow, and a hedge fired at 2 s never wins: measured,
+    p99 0.94x of no hedging, against 0.12x for a fixed 150 ms. The window cannot pull
+    itself back, since the hedges it schedules never beat a slow call. A call `cap_x` times
+    slower than the median is late whichever mode the 95th sample is in; the hedge budget
+    (resilience/hedge_budget.py) still bounds the extra calls when a cap fires too often."""
     if hedge.after_ms is not None:
         return float(hedge.after_ms)
-    return p95_ms if p95_ms is not None else default_ms
+    if p95_ms is None:
+        return default_ms
+    if p50_ms is not None and cap_x is not None:
+        return min(p95_ms, cap_x * p50_ms)
+    return p95_ms
 
 
 def plan(hedge: Hedge, route: list[Endpoint], delay_ms: float, remaining_s: float | None
@@ -94,6 +110,7 @@ class Hedging(Policy):
         s = settings or get_settings()
         self.agent_defaults = s.hedge_agent_defaults
         self.p95_default_ms = float(s.hedge_p95_default_ms)
+        self.p95_cap_x = float(s.hedge_p95_cap_x)
         self.budget = hedge_budget.BudgetConfig.from_settings(s)
         self.clock = clock
 
@@ -101,11 +118,11 @@ class Hedging(Policy):
         hedge = hedge_of(ctx.message, self.agent_defaults)
         if hedge is None or ctx.in_canvas or len(decision.route) < 2:
             return
-        p95_ms = None
+        p95_ms = p50_ms = None
         if hedge.after == "p95":
             figures, _ = read_figures([decision.winner.id])
-            p95_ms = figures[decision.winner.id].p95_ms
-        delay_ms = hedge_delay_ms(hedge, p95_ms, self.p95_default_ms)
+            p95_ms, p50_ms = figures[decision.winner.id].p95_ms, figures[decision.winner.id].p50_ms
+        delay_ms = hedge_delay_ms(hedge, p95_ms, self.p95_default_ms, p50_ms, self.p95_cap_x)
         extra = plan(hedge, decision.route, delay_ms, _remaining_s(ctx.message, self.clock()))
         if extra:
             hedge_budget.deposit((e.endpoint.id for e in extra), self.budget)
