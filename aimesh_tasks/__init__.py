@@ -17,6 +17,7 @@ if _typing.TYPE_CHECKING:
         AllEndpointsFailed,
         Ambiguous,
         BudgetExceeded,
+        CallNotNeeded,
         ConfigError,
         DeadlineExceeded,
         Forbidden,
@@ -79,7 +80,7 @@ _LAZY = {
         "AimeshError", "AllEndpointsFailed", "BudgetExceeded", "ConfigError",
         "DeadlineExceeded", "InvalidInput", "InvalidMessage", "NoEndpointAvailable",
         "NotFound", "ProviderError", "Refused", "ServiceUnavailable", "UndeliverableMessage",
-        "WorkflowCancelled")},
+        "WorkflowCancelled", "CallNotNeeded")},
     # governance refusals (each with `http_status` for the ingress)
     **{name: "aimesh_tasks.errors" for name in (
         "Ambiguous", "Forbidden", "LoopCapExceeded", "NoRouteMatches", "RateLimited",
@@ -145,6 +146,7 @@ __all__ = [
     "ServiceUnavailable",
     "UndeliverableMessage",
     "WorkflowCancelled",
+    "CallNotNeeded",
     "InvalidEnvelope",
     # governance refusals
     "Ambiguous",

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, NotRequired, TypedDict
 
+from aimesh_tasks import keys
 from aimesh_tasks.errors import InvalidInput
 
 ENVELOPE_VERSION = 1
@@ -92,7 +93,9 @@ class Envelope:
     has one record per call already made (so `len(attempts)` numbers this call);
     `charged_nusd` sums what the agent was charged for the message so far; `reply`
     says whether a refusal or failure is raised ('raise') or returned as
-    {"error": ...} ('result', for workflow steps)."""
+    {"error": ...} ('result', for workflow steps). `lane` is set for a raced (hedged)
+    message: 0 for its primary call and the primary's retries and fallbacks, 1.. for
+    each hedge (one call, under `keys.hedge_call_key`; pipeline/race.py)."""
 
     message: dict[str, Any]
     route: list[RouteEntry]
@@ -103,6 +106,7 @@ class Envelope:
     charged_nusd: int = 0
     reply: Reply = "raise"
     queue_position: int | None = None
+    lane: int | None = None
     v: int = ENVELOPE_VERSION
 
     @property
@@ -113,6 +117,13 @@ class Envelope:
     def attempt_no(self) -> int:
         """The number of the call this envelope makes now (0 for the first)."""
         return len(self.attempts)
+
+    @property
+    def call_key(self) -> str:
+        """The key of the call this envelope makes now (a hedge's has its lane in it)."""
+        if self.lane:
+            return keys.hedge_call_key(self.message_id, self.lane)
+        return keys.call_key(self.message_id, self.attempt_no)
 
     def next_hop(self, attempt: AttemptRecord, charged_nusd: int, started_at: str
                  ) -> Envelope:
@@ -135,6 +146,7 @@ class Envelope:
             "flight": self.flight.to_json() if self.flight is not None else None,
             "started_at": self.started_at, "charged_nusd": self.charged_nusd,
             "reply": self.reply, "queue_position": self.queue_position,
+            **({"lane": self.lane} if self.lane is not None else {}),
         }
 
     @classmethod
@@ -162,6 +174,7 @@ class Envelope:
                 charged_nusd=int(data.get("charged_nusd", 0)), reply=reply,
                 queue_position=(None if data.get("queue_position") is None
                                 else int(data["queue_position"])),
+                lane=None if data.get("lane") is None else int(data["lane"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidEnvelope(f"envelope: {exc}", field="envelope") from None

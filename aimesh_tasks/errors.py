@@ -14,7 +14,10 @@
     │   ├── NoRouteMatches          no route fits the message and none falls back (404)
     │   ├── RateLimited             the agent is over a rate limit; `retry_after_s` (429)
     │   ├── LoopCapExceeded         an agent-to-agent chain passed its hop cap (403)
-    │   └── WorkflowCancelled       a step of a run that fail_fast cancelled (409)
+    │   ├── WorkflowCancelled       a step of a run that fail_fast cancelled (409)
+    │   └── CallNotNeeded           a raced message's call is not made: another call of the
+    │                               race answered, or the hedge was not fired (never seen by
+    │                               a producer: the call's task ends quietly)
     ├── DeadlineExceeded            the message's deadline passed before it was answered
     ├── ServiceUnavailable          Redis or Postgres stayed unreachable past the retries
     ├── UndeliverableMessage        a worker could not run a message; it is in the dead letters
@@ -333,3 +336,13 @@ class WorkflowCancelled(Refused):
     @property
     def run_id(self) -> str:
         return str(self.fields.get("run_id", ""))
+
+
+class CallNotNeeded(Refused):
+    """A call of a raced message (resilience/hedging.py) is not made: another call of the
+    race answered first, or a hedge was not fired (its budget, its reservation or the
+    deadline said no); `reason` says which. The call's task ends without a result of its
+    own: the race's answer is the message's."""
+
+    code = "call_not_needed"
+    http_status = 409

@@ -265,3 +265,41 @@ def servers(endpoint_id: str) -> str:
     """Sorted set of the workers serving an endpoint they announced (`aimesh worker
     --serve`), each scored by its last heartbeat (epoch s); a clean stop removes it."""
     return f"{PREFIX}:servers:{endpoint_id}"
+
+
+def hedge_call_key(message_id: str, lane: int) -> str:
+    """The key of a hedge's call: lane 1.. of a raced message (its own ledger row); also
+    its call task's id."""
+    return f"{message_id}:hedge-{lane}"
+
+
+def hedge_of_call_key(call_key: str) -> tuple[str, int] | None:
+    """(message id, lane) of a hedge's call key or task id; None for any other."""
+    message_id, _, lane = call_key.rpartition(":hedge-")
+    return (message_id, int(lane)) if message_id and lane.isdigit() else None
+
+
+def race_winner(message_id: str) -> str:
+    """Set once (SET NX) by the call of a raced message that answered first: its lane."""
+    return f"{PREFIX}:race:{message_id}:winner"
+
+
+def race(message_id: str) -> str:
+    """Hash of a raced message: hedges started and finished, and whether the primary's
+    failure was delivered (closed) or left for a hedge still in flight (its error)."""
+    return f"{PREFIX}:race:{message_id}"
+
+
+def race_channel(message_id: str) -> str:
+    """Pub/sub channel a race's win is announced on (payload: the message id), so that
+    the workers of its other calls abort them at once."""
+    return f"{PREFIX}:race:{message_id}:won"
+
+
+RACE_CHANNEL_PATTERN = f"{PREFIX}:race:*:won"
+
+
+def hedge_bucket(endpoint_id: str) -> str:
+    """Hash of an endpoint's hedge budget: a token bucket (tokens) filled by the calls
+    routed that could hedge to it, emptied by the hedges it takes."""
+    return f"{PREFIX}:hedge:{endpoint_id}:bucket"

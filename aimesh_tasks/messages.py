@@ -92,6 +92,28 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+HEDGE_AFTER_MAX_MS: Final = 600_000
+HEDGE_MAX_EXTRA: Final = 3
+
+
+class Hedge(BaseModel):
+    """When to race a slow call with another at the next-ranked endpoint (resilience/
+    hedging.py): `after_ms` N (0: race at once) or `after` "p95" (the first endpoint's live
+    p95 latency), and at most `max_extra` extra calls (1..3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    after_ms: int | None = Field(None, ge=0, le=HEDGE_AFTER_MAX_MS, strict=True)
+    after: Literal["p95"] | None = None
+    max_extra: int = Field(1, ge=1, le=HEDGE_MAX_EXTRA, strict=True)
+
+    @model_validator(mode="after")
+    def _one_delay(self) -> Hedge:
+        if (self.after_ms is None) == (self.after is None):
+            raise ValueError("give either 'after_ms' (milliseconds, 0 races at once) or "
+                             "'after': 'p95', not both or neither")
+        return self
+
+
 class AiMessage(BaseModel):
     """A message from an agent: a chat payload plus who sent it, its limits and deadline.
 
@@ -115,6 +137,7 @@ class AiMessage(BaseModel):
     | cache_ttl_s     | this answer's cache TTL (default AIMESH_DEDUP_TTL_SECS)        |
     | cache_group     | share cached answers with a group (AIMESH_CACHE_GROUPS member) |
     | stream          | the call streams: its text is forwarded as it arrives (streams/) |
+    | hedge           | race a slow call: {"after_ms": N} or {"after": "p95"}, max_extra |
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -140,6 +163,7 @@ class AiMessage(BaseModel):
     cache_group: str | None = Field(None, min_length=1, max_length=64)
     # Strict: a "yes" or a 1 is a mistake to name, not a truth to guess.
     stream: bool = Field(False, strict=True)
+    hedge: Hedge | None = None
     submitted_at: datetime = Field(default_factory=utcnow)
 
     @field_validator("agent_id")
@@ -218,6 +242,13 @@ class AiMessage(BaseModel):
         cap = get_settings().max_payload_bytes
         if size > cap:
             raise ValueError(f"messages: payload is {size} bytes, over the {cap}-byte cap")
+        return self
+
+    @model_validator(mode="after")
+    def _hedge_not_streamed(self) -> AiMessage:
+        if self.hedge is not None and self.stream:
+            raise ValueError("hedge: a streaming message is not hedged (two streams cannot "
+                             "be one answer); drop 'hedge' or 'stream'")
         return self
 
     @field_serializer("submitted_at", "deadline")
@@ -307,7 +338,8 @@ def _describe(error: Any) -> dict[str, str]:
     field = ".".join(str(part) for part in error["loc"])
     reason = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        reason = f"unknown field; AiMessage accepts: {', '.join(sorted(AiMessage.model_fields))}"
+        model, name = (Hedge, "hedge") if error["loc"][0] == "hedge" else (AiMessage, "AiMessage")
+        reason = f"unknown field; {name} accepts: {', '.join(sorted(model.model_fields))}"
     elif not field and (named := _MODEL_LEVEL_ERROR.match(reason)):
         field, reason = named.group(1), named.group(2)
     return {"field": field or "message", "reason": reason}

@@ -86,6 +86,13 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_BREAKER_COOLDOWN_MAX_S     | 120                 | cap of the doubling cooldown      |
 | AIMESH_BREAKER_PROBES             | 1                   | half-open probe calls, cluster-wide|
 | AIMESH_BREAKER_ALL_OPEN           | fail                | all open: 'fail' or 'soonest'     |
+| AIMESH_HEDGE_ENABLED              | true                | hedged requests (the model race)  |
+| AIMESH_HEDGE_AGENTS               | (empty)             | agents' default hedge: a=p95,b=300|
+| AIMESH_HEDGE_BUDGET_RATIO         | 0.1                 | extra calls per call, per endpoint|
+| AIMESH_HEDGE_BUDGET_BURST         | 10                  | hedges an endpoint's bucket holds |
+| AIMESH_HEDGE_BUDGET_WINDOW_S      | 60                  | an idle bucket is full again after|
+| AIMESH_HEDGE_P95_DEFAULT_MS       | 1000                | 'p95' before an endpoint has one  |
+| AIMESH_HEDGE_P95_CAP_X            | 4                   | 'p95' at most this many p50s      |
 | AIMESH_UPSTREAM_ALLOW_PRIVATE     | 127.0.0.0/8,::1     | private nets upstreams may reach  |
 | AIMESH_REGISTRATION_TOKENS        | (empty)             | sha256 of accepted worker tokens  |
 | AIMESH_REGISTRATION_TOKEN         | (empty)             | the token this worker announces by|
@@ -339,6 +346,27 @@ class Settings(BaseSettings):
     breaker_all_open: Literal["fail", "soonest"] = Field(
         "fail", description="Every candidate's breaker open: fail fast ('fail'), or send to "
         "the endpoint whose cooldown ends first ('soonest').")
+    hedge_enabled: bool = Field(
+        True, description="Hedged requests: a message (or agent) asking for a hedge races a "
+        "slow call with one at the next-ranked endpoint (resilience/hedging.py).")
+    hedge_agents: str = Field(
+        "", description="Agents' default hedge, comma-separated agent=when[:max_extra], when "
+        "'p95' or milliseconds (0 races at once): 'research-bot=p95,chat-bot=300:2'. A "
+        "message's own `hedge` wins.")
+    hedge_budget_ratio: float = Field(
+        0.1, gt=0, le=1, description="Hedges an endpoint may take per hedgeable call routed "
+        "to race it (a token bucket per endpoint in Redis): 0.1 = at most 10 % extra calls.")
+    hedge_budget_burst: float = Field(
+        10, ge=1, description="Most hedges an endpoint's bucket holds (it starts full).")
+    hedge_budget_window_s: float = Field(
+        60, gt=0, description="An endpoint's hedge bucket untouched this long is full again.")
+    hedge_p95_default_ms: int = Field(
+        1000, ge=0, description="The delay of a hedge 'after': 'p95' while the endpoint has no "
+        "live p95 yet (no successful call in its window).")
+    hedge_p95_cap_x: float = Field(
+        4, ge=1, description="A hedge 'after': 'p95' waits at most this many times the "
+        "endpoint's live p50: a call that much slower than the median is in the tail, "
+        "whatever the window's 95th sample says (see resilience/hedging.py).")
 
     upstream_allow_private: str = Field(
         "127.0.0.0/8,::1",
@@ -420,7 +448,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"AIMESH_BREAKER_COOLDOWN_S ({self.breaker_cooldown_s:g}) must not exceed "
                 f"AIMESH_BREAKER_COOLDOWN_MAX_S ({self.breaker_cooldown_max_s:g})")
+        parse_hedge_agents(self.hedge_agents)  # a bad one is refused at start, named
         return self
+
+    @property
+    def hedge_agent_defaults(self) -> dict[str, dict[str, Any]]:
+        """AIMESH_HEDGE_AGENTS as {agent: hedge dict} (an AiMessage `hedge`'s shape)."""
+        return parse_hedge_agents(self.hedge_agents)
 
     @property
     def embedded(self) -> bool:
@@ -456,6 +490,24 @@ class Settings(BaseSettings):
     def route_weights(self) -> tuple[float, float, float]:
         """(cost, load, latency) weights."""
         return (self.route_weight_cost, self.route_weight_load, self.route_weight_latency)
+
+
+def parse_hedge_agents(value: str) -> dict[str, dict[str, Any]]:
+    """AIMESH_HEDGE_AGENTS ('agent=when[:max_extra],...') as {agent: hedge dict};
+    ValueError naming the setting and the form for an entry that is not one."""
+    found: dict[str, dict[str, Any]] = {}
+    for item in _items(value):
+        agent, _, spec = item.partition("=")
+        when, _, extra = spec.strip().partition(":")
+        if not agent.strip() or not (when == "p95" or when.isdigit()) or not (
+                extra == "" or extra.isdigit()):
+            raise ValueError(
+                f"AIMESH_HEDGE_AGENTS: '{item}' is not agent=when[:max_extra], when 'p95' "
+                "or milliseconds (e.g. 'research-bot=p95,chat-bot=300:2')")
+        hedge: dict[str, Any] = ({"after": "p95"} if when == "p95"
+                                 else {"after_ms": int(when)})
+        found[agent.strip()] = {**hedge, "max_extra": int(extra or 1)}
+    return found
 
 
 def _items(value: str) -> list[str]:

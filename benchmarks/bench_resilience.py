@@ -1,6 +1,7 @@
-"""Retry policy and circuit breaker vs fallback-only, same run, same simulator.
+"""Retry policy and circuit breaker vs fallback-only; hedged requests vs none; same run.
 
     python benchmarks/bench_resilience.py [--messages 200] [--rate 20]
+        [--only single,pair,hedging] [--rounds 3] [--hedge-messages 400] [--hedge-rate 10]
 
 Each setup starts its own worker processes (a threads router worker and a prefork
 endpoint worker) with the resilience settings under test, registers fresh endpoints on
@@ -15,8 +16,26 @@ and reads every result (submit → result, from the result's own timestamps):
 
 Setups: `fallback_only` (AIMESH_RETRY_MAX_ATTEMPTS=0, AIMESH_BREAKER_ENABLED=false: the
 path before this work) and `retry_breaker` (the defaults: two retries with full-jitter
-backoff, the breaker on). Hedged requests are not built; the bimodal-latency hedging
-comparison of issue 14 is therefore not measured here.
+backoff, the breaker on).
+
+`hedging`: two equal endpoints whose simulators answer 95 % of calls in 100 ms and 5 % in
+2 s (`slow_rate`, a roll per call), `--hedge-messages` distinct messages per round at
+`--hedge-rate` per second after a warm-up of 100 unhedged ones (so the live p95
+exists), each setup on its own workers (the endpoint worker a threads pool of 32),
+`--rounds` rounds each on fresh endpoints:
+
+| setup    | each message's hedge                | hedge budget                          |
+|----------|-------------------------------------|---------------------------------------|
+| none     | none                                | -                                     |
+| p95      | {"after": "p95"}                    | the defaults: 10 % of calls, burst 10 |
+| fixed150 | {"after_ms": 150}                   | the defaults                          |
+| race     | {"after_ms": 0}                     | ratio 1, burst 1000 (a race is asked  |
+|          |                                     | to double every call)                 |
+
+Latency is submit to answer (the result's finished_at - submitted_at); extra calls are
+the calls that reached the simulators beyond one per message. Per setup the medians of
+the rounds' p50/p99/p99.9 and extra-call share; `p99_vs_none` divides by the none
+setup's median p99, measured in the same run.
 
 Prints one JSON line last. Needs Redis and Postgres (AIMESH_BENCH_REDIS, default
 redis://127.0.0.1:6379, dbs AIMESH_BENCH_DBS, default "4,5"; AIMESH_BENCH_POSTGRES,
@@ -70,6 +89,18 @@ SETUPS: dict[str, dict[str, str]] = {
 }
 FAILING = {"overload_rate": 0.3, "retry_after_s": 0, "latency_ms": 50.0, "seed": 7}
 GOOD = {"latency_ms": 50.0}
+BIMODAL = {"latency_ms": 100.0, "slow_rate": 0.05, "slow_latency_ms": 2000.0}
+HEDGES: dict[str, tuple[dict[str, Any] | None, dict[str, str]]] = {
+    "none": (None, {}),
+    "p95": ({"after": "p95"}, {}),
+    "fixed150": ({"after_ms": 150}, {}),
+    "race": ({"after_ms": 0}, {"AIMESH_HEDGE_BUDGET_RATIO": "1",
+                               "AIMESH_HEDGE_BUDGET_BURST": "1000"}),
+}
+WARMUP_MESSAGES = 100
+# A slow call holds its worker slot for 2 s: a threads endpoint worker (its calls on one
+# asyncio loop, providers/aio.py) has the slots a prefork one of 4 would run out of.
+HEDGING_POOL = ("threads", "32")
 
 
 def prepare() -> None:
@@ -85,14 +116,16 @@ def prepare() -> None:
         remove_endpoint(endpoint.id)
 
 
-def start_workers(setup: str) -> list[subprocess.Popen[bytes]]:
-    """A router and an endpoint worker with the setup's settings; waits for both."""
-    env = {**os.environ, **ENV, **SETUPS[setup]}
+def start_workers(settings: dict[str, str], endpoint_pool: tuple[str, str] = ("prefork", "4")
+                  ) -> list[subprocess.Popen[bytes]]:
+    """A router and an endpoint worker (pool and concurrency `endpoint_pool`) with these
+    settings; waits for both."""
+    env = {**os.environ, **ENV, **settings}
     tag = uuid.uuid4().hex[:6]
     specs = [(f"bench-router-{tag}", [str(BIN / "celery"), "-A", "aimesh_tasks.app", "worker",
                                       "-Q", "aimesh.route", "-P", "threads", "-c", "8"]),
              (f"bench-endpoints-{tag}", [str(BIN / "aimesh"), "worker", "--endpoints", "all",
-                                         "-P", "prefork", "-c", "4"])]
+                                         "-P", endpoint_pool[0], "-c", endpoint_pool[1]])]
     procs = [subprocess.Popen([*cmd, "-n", f"{name}@%h", "-l", "WARNING"], env=env,
                               stdout=open(f"/tmp/{name}.log", "w"), stderr=subprocess.STDOUT,
                               cwd=ROOT, start_new_session=True) for name, cmd in specs]
@@ -133,7 +166,7 @@ def run(scenario: str, setup: str, messages: int, rate: float) -> dict[str, Any]
     if scenario == "pair":
         add_endpoint(id=f"good-{tag}", base_url=good.url, model="sim-model",
                      input_usd_per_1k="0.002", output_usd_per_1k="0.002")
-    procs = start_workers(setup)
+    procs = start_workers(SETUPS[setup])
     try:
         time.sleep(2.0)  # the endpoint worker follows the new endpoint queues
         pending = []
@@ -165,26 +198,107 @@ def run(scenario: str, setup: str, messages: int, rate: float) -> dict[str, Any]
             remove_endpoint(endpoint.id)
 
 
+def _send(count: int, rate: float, label: str, hedge: dict[str, Any] | None) -> list[Any]:
+    pending = []
+    extra = {"hedge": hedge} if hedge is not None else {}
+    for n in range(count):
+        pending.append(submit(agent_id="bench-hedging", max_tokens=16, no_cache=True,
+                              prompt=f"{label} {n}", **extra))
+        time.sleep(1.0 / rate)
+    return pending
+
+
+def _latency_ms(result: dict[str, Any]) -> float:
+    return float(result["queue_wait_ms"]) + float(result["processing_ms"])
+
+
+def hedging_round(setup: str, messages: int, rate: float, seed: int) -> dict[str, Any]:
+    """One round of a hedging setup on fresh bimodal simulators and endpoints (the
+    setup's workers are running)."""
+    hedge = HEDGES[setup][0]
+    sims = [start_simulator(SimulatorConfig(**BIMODAL, seed=seed + n))  # type: ignore[arg-type]
+            for n in range(2)]
+    tag = uuid.uuid4().hex[:6]
+    try:
+        for n, sim in enumerate(sims):
+            add_endpoint(id=f"bimodal-{n}-{tag}", base_url=sim.url, model="sim-model",
+                         input_usd_per_1k="0.001", output_usd_per_1k="0.001")
+        time.sleep(2.0)  # the endpoint worker follows the new endpoint queues
+        for each in _send(WARMUP_MESSAGES, rate, f"warm {setup} {tag}", None):
+            each.get(timeout=120)
+        warm_calls = sum(sim.stats()["calls"] for sim in sims)
+        results = [each.get(timeout=120)
+                   for each in _send(messages, rate, f"{setup} {tag}", hedge)]
+        time.sleep(2.5)  # the last losers' calls end (aborted) before they are counted
+        calls = sum(sim.stats()["calls"] for sim in sims) - warm_calls
+        latencies = [_latency_ms(r) for r in results]
+        return {"p50_ms": percentile(latencies, 0.5), "p99_ms": percentile(latencies, 0.99),
+                "p999_ms": percentile(latencies, 0.999),
+                "extra_calls_pct": round(100 * (calls - messages) / messages, 2),
+                "disconnected": sum(sim.stats().get("disconnected", 0) for sim in sims)}
+    finally:
+        for sim in sims:
+            sim.stop()
+        for endpoint in list_endpoints():
+            remove_endpoint(endpoint.id)
+
+
+def hedging(rounds: int, messages: int, rate: float) -> dict[str, Any]:
+    """Every hedging setup, `rounds` rounds each; medians of the rounds per figure."""
+    figures: dict[str, Any] = {}
+    for setup, (_hedge, settings) in HEDGES.items():
+        redis.Redis.from_url(f"{REDIS}/{LIVE_DB}").flushdb()  # fresh hedge buckets
+        procs = start_workers(settings, HEDGING_POOL)
+        try:
+            runs = [hedging_round(setup, messages, rate, seed=100 * n) for n in range(rounds)]
+        finally:
+            stop_workers(procs)
+        figures[setup] = {name: statistics.median(r[name] for r in runs) for name in runs[0]}
+        figures[setup]["rounds"] = runs
+        print(f"hedging.{setup}: {figures[setup]}", flush=True)
+    base = figures["none"]["p99_ms"]
+    for setup in HEDGES:
+        figures[setup]["p99_vs_none"] = round(figures[setup]["p99_ms"] / base, 3)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--rate", type=float, default=20.0, help="messages per second")
+    parser.add_argument("--only", default="single,pair,hedging",
+                        help="comma-separated parts: single, pair, hedging")
+    parser.add_argument("--rounds", type=int, default=3, help="hedging rounds per setup")
+    parser.add_argument("--hedge-messages", type=int, default=400)
+    parser.add_argument("--hedge-rate", type=float, default=10.0, help="messages per second")
     args = parser.parse_args()
+    parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    unknown = parts - {"single", "pair", "hedging"}
+    if unknown:
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; "
+                     "give single, pair or hedging")
     prepare()
     figures: dict[str, Any] = {}
     for scenario in ("single", "pair"):
+        if scenario not in parts:
+            continue
         for setup in SETUPS:
             figures[f"{scenario}.{setup}"] = run(scenario, setup, args.messages, args.rate)
             print(f"{scenario}.{setup}: {figures[f'{scenario}.{setup}']}", flush=True)
-    single_gain = (figures["single.retry_breaker"]["success_rate"]
-                   - figures["single.fallback_only"]["success_rate"])
-    print(json.dumps({
-        "bench": "resilience", "messages": args.messages, "rate_per_s": args.rate,
-        "failing_endpoint": FAILING, "python": platform.python_version(),
-        "cpus": os.cpu_count(), "figures": figures,
-        "single_success_gain": round(single_gain, 4),
-        "hedging": "not built (design note: aimesh_tasks/resilience/__init__.py)",
-    }))
+    report: dict[str, Any] = {
+        "bench": "resilience", "parts": sorted(parts), "python": platform.python_version(),
+        "cpus": os.cpu_count(), "figures": figures}
+    if "single" in parts:
+        report.update(messages=args.messages, rate_per_s=args.rate, failing_endpoint=FAILING,
+                      single_success_gain=round(
+                          figures["single.retry_breaker"]["success_rate"]
+                          - figures["single.fallback_only"]["success_rate"], 4))
+    if "hedging" in parts:
+        report["hedging"] = {"simulator": BIMODAL, "rounds": args.rounds,
+                             "messages": args.hedge_messages, "rate_per_s": args.hedge_rate,
+                             "setups": hedging(args.rounds, args.hedge_messages,
+                                               args.hedge_rate)}
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from celery import Celery, states
 
 from aimesh_tasks.delivery import dead_letters
 from aimesh_tasks.errors import UndeliverableMessage
+from aimesh_tasks.pipeline.race import bury_hedge
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,12 @@ def undeliverable(entry: dead_letters.DeadLetter) -> UndeliverableMessage:
 
 def store_failure(app: Celery, entry: dead_letters.DeadLetter, request: Any) -> None:
     """Store UndeliverableMessage as the result of the entry's task, unless that task id
-    already has a final result (a copy of a finished message must not overwrite it)."""
+    already has a final result (a copy of a finished message must not overwrite it). A
+    hedge's task also ends its lane of the message's race (pipeline/race.py)."""
     task_id = entry["task_id"]
     if not task_id or app.backend.get_state(task_id) in states.READY_STATES:
         return
+    bury_hedge(app, task_id)
     app.backend.mark_as_failure(task_id, undeliverable(entry), request=request)
 
 

@@ -9,7 +9,8 @@ say which check fired), queued (a policy had the message wait in the routing que
 for a rate limit's next free slot; its first wait), route_matched (the route a message
 resolved to, how, and every route's intent score), routed (with scores, and what policies
 noted, e.g. when the rate limiter admitted it), cached (an exact or semantic cache hit, or a
-single-flight join), completed, failed. A record is in Redis before the task that made
+single-flight join), hedged (a hedge of a raced message fired: its lane and call key,
+resilience/hedging.py), completed, failed. A record is in Redis before the task that made
 the decision is acked, so a killed worker loses none.
 """
 
@@ -24,7 +25,7 @@ from aimesh_tasks.messages import utcnow
 from aimesh_tasks.redis_batch import Batch
 
 EVENTS = frozenset({"rejected", "denied", "queued", "route_matched", "routed", "cached",
-                    "completed", "failed"})
+                    "hedged", "completed", "failed"})
 
 
 def audit(

@@ -15,6 +15,7 @@ Redis that loses the journal does not make a settled call again (pipeline/durabl
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -39,7 +40,12 @@ from aimesh_tasks.providers.base import Completion
 from aimesh_tasks.providers.http import call_provider
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.registry.endpoints import Endpoint
-from aimesh_tasks.registry.live import call_abandoned, queue_call_finished, queue_call_started
+from aimesh_tasks.registry.live import (
+    call_abandoned,
+    queue_call_abandoned,
+    queue_call_finished,
+    queue_call_started,
+)
 from aimesh_tasks.settings import get_settings
 from aimesh_tasks.streams.writer import replay
 
@@ -143,7 +149,8 @@ def _take_over(message: AiMessage, endpoint: Endpoint, call_key: str, began: lea
     return charged_key, lost_nusd
 
 
-def _call(message: AiMessage, endpoint: Endpoint, call_key: str
+def _call(message: AiMessage, endpoint: Endpoint, call_key: str,
+          cancel: threading.Event | None = None
           ) -> tuple[Attempt, Completion | None, ProviderError | None]:
     started = time.perf_counter()
     completion: Completion | None = None
@@ -151,7 +158,7 @@ def _call(message: AiMessage, endpoint: Endpoint, call_key: str
     streamed = StreamedCall(message, endpoint, call_key) if message.stream else None
     try:
         completion = (streamed() if streamed is not None
-                      else call_provider(endpoint, message, call_key))
+                      else call_provider(endpoint, message, call_key, cancel=cancel))
     except ProviderError as exc:
         error = exc
     except SoftTimeLimitExceeded:  # a hang past the soft time limit: the request was sent
@@ -238,10 +245,12 @@ def recover(message: AiMessage, endpoint: Endpoint, began: lease.Began, metered:
 
 
 def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: lease.Began, *,
-              metered: bool, tail: Batch) -> CallResult:
+              metered: bool, tail: Batch, cancel: threading.Event | None = None
+              ) -> CallResult:
     """Holding the lease: make the call and charge it exactly once. The call's records
     and the lease's release go on `tail`, which the caller sends before the task ends;
-    a metered call's journal is sent before it is settled."""
+    a metered call's journal is sent before it is settled. `cancel` set aborts the call
+    (a raced message's call whose race another call won): charged as `aborted`."""
     try:
         taken = _take_over(message, endpoint, call_key, began) if metered else (call_key, 0)
     except AimeshError:
@@ -252,7 +261,7 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
     if isinstance(taken, CallResult):
         return taken
     charged_key, lost_nusd = taken
-    attempt, completion, error = _call(message, endpoint, charged_key)
+    attempt, completion, error = _call(message, endpoint, charged_key, cancel)
     estimate: Estimate | None = None
     if completion is not None and not completion.usage_known:
         completion, cost_nusd = _estimated(message, endpoint, completion)
@@ -267,8 +276,14 @@ def make_call(message: AiMessage, endpoint: Endpoint, call_key: str, began: leas
     else:
         cost_nusd = 0
     before_settle = Batch() if metered else tail
-    healthy = error is None or not error.endpoint_fault
-    queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms, healthy)
+    if error is not None and error.fields.get("reason") == "cancelled":
+        # Aborted (a lost race, a client gone): its latency is where it was cut, not the
+        # endpoint's, and would pull the live p50/p95 (a hedge's delay) down.
+        queue_call_abandoned(before_settle, endpoint.id, call_key)
+    else:
+        healthy = error is None or not error.endpoint_fault
+        queue_call_finished(before_settle, endpoint.id, call_key, attempt.latency_ms,
+                            healthy)
     entry = (journal.answered(completion, cost_nusd) if completion is not None
              else journal.failed(error.to_dict()) if error is not None else None)
     if entry is not None:

@@ -8,23 +8,35 @@ returns an outcome.
     the same one again after a wait; the next call reserved first) / Failed
 
 A failed call whose message's deadline has passed ends in DeadlineExceeded, naming the
-calls made. The call task maps the outcome to Celery (aimesh_tasks/tasks/call.py).
+calls made. A call of a raced (hedged) message is watched for its race's win (aborted
+if another call answers first), claims the race when it answers, and ends `Lost` when
+another call's answer or failure is the message's (pipeline/race.py); a hedge's answer
+is `AnswerFor` the message. The call task maps the outcome to Celery
+(aimesh_tasks/tasks/call.py).
 """
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime
 from typing import Any
 
-from aimesh_tasks import events, keys
+from aimesh_tasks import events
 from aimesh_tasks.budgets.admission import reserve_call
 from aimesh_tasks.budgets.ledger import release
 from aimesh_tasks.envelope import RETRIED_AFTER, AttemptRecord, Envelope
-from aimesh_tasks.errors import AimeshError, AllEndpointsFailed, DeadlineExceeded, ProviderError
+from aimesh_tasks.errors import (
+    AimeshError,
+    AllEndpointsFailed,
+    CallNotNeeded,
+    DeadlineExceeded,
+    ProviderError,
+    error_from_dict,
+)
 from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.messages import AiMessage, Attempt, utcnow
 from aimesh_tasks.money import usd_to_nusd
-from aimesh_tasks.pipeline import journal, lease
+from aimesh_tasks.pipeline import journal, lease, race
 from aimesh_tasks.pipeline.call import (
     CallResult,
     begin,
@@ -36,7 +48,15 @@ from aimesh_tasks.pipeline.call import (
     wait_for_holder,
 )
 from aimesh_tasks.pipeline.flight import deadline_exceeded, end_flight, queue_end_flight
-from aimesh_tasks.pipeline.outcomes import CallOutcome, Done, Failed, Fallback, Retry
+from aimesh_tasks.pipeline.outcomes import (
+    AnswerFor,
+    CallOutcome,
+    Done,
+    Failed,
+    Fallback,
+    Lost,
+    Retry,
+)
 from aimesh_tasks.policies import AfterCall, CallContext, Policies, active
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.registry.live import call_abandoned
@@ -50,7 +70,7 @@ def call(app: Any, envelope: Envelope, *, wait_s: float, policies: Policies | No
     policies = policies or active()
     message = AiMessage.decode(envelope.message)
     endpoint = endpoint_from_args(envelope.route[0])
-    call_key = keys.call_key(message.id, envelope.attempt_no)
+    call_key = envelope.call_key
     ctx = CallContext(message, envelope, endpoint, call_key)
     reads: dict[str, Any] = {}
 
@@ -79,10 +99,12 @@ def call(app: Any, envelope: Envelope, *, wait_s: float, policies: Policies | No
                           error=exc.to_dict())
         return _after_failure(app, envelope, message, CallResult(attempt, None, exc, 0),
                               started_at, policies, ctx)
+    except CallNotNeeded as exc:  # its race was won, or its hedge not fired
+        _give_back(ctx, began, tail)
+        return Lost(exc.message)
     except AimeshError as exc:
         _give_back(ctx, began, tail)
-        end_flight(app, envelope.flight, None)
-        return Failed(_fail(message, exc))
+        return _failed(app, envelope, message, exc)
     except Exception:  # an outage in a policy's check: retried, and nothing was called
         give_back_uncalled(call_key, began.value, endpoint.id)
         raise
@@ -90,14 +112,24 @@ def call(app: Any, envelope: Envelope, *, wait_s: float, policies: Policies | No
         _give_back(ctx, began, tail)
         return Retry(delay_s, f"a policy delayed call {call_key} by {delay_s:g} s")
     try:
-        done = make_call(message, endpoint, call_key, began, metered=envelope.metered,
-                         tail=tail)
+        done = _make(ctx, began, tail)
     except AimeshError as exc:  # the reservation could not be made again (a takeover)
         lease.queue_release(tail, call_key, began.value)
         tail.send()
-        end_flight(app, envelope.flight, None)
-        return Failed(_fail(message, exc))
+        return _failed(app, envelope, message, exc)
     return _decide(app, envelope, message, done, started_at, tail, policies, ctx)
+
+
+def _make(ctx: CallContext, began: lease.Began, tail: Batch) -> CallResult:
+    """Make the call; a raced message's is aborted once another call of its race wins."""
+    message, envelope = ctx.message, ctx.envelope
+    if envelope.lane is None:
+        return make_call(message, ctx.endpoint, ctx.call_key, began,
+                         metered=envelope.metered, tail=tail)
+    cancel = threading.Event()
+    with race.RACE_WATCH.watching(message.id, cancel):
+        return make_call(message, ctx.endpoint, ctx.call_key, began,
+                         metered=envelope.metered, tail=tail, cancel=cancel)
 
 
 def _before_call(message: AiMessage, ctx: CallContext, policies: Policies, call_key: str,
@@ -128,6 +160,9 @@ def _decide(app: Any, envelope: Envelope, message: AiMessage, done: CallResult,
     if done.completion is None:
         tail.send()
         return _after_failure(app, envelope, message, done, started_at, policies, ctx)
+    if envelope.lane is not None and not race.claim(message.id, envelope.lane):
+        tail.send()  # charged from its own usage; another call's answer is the message's
+        return Lost(f"another call of message '{message.id}' answered first")
     endpoint = done.endpoint or ctx.endpoint
     past = [*(Attempt.model_validate(a) for a in envelope.attempts), done.attempt]
     charged = envelope.charged_nusd + done.charged_nusd
@@ -143,6 +178,8 @@ def _decide(app: Any, envelope: Envelope, message: AiMessage, done: CallResult,
     tail.send()
     events.message_completed.send(sender=call, message=message, result=result)
     answer_followers()
+    if envelope.lane:  # a hedge's answer: stored under the message's id
+        return AnswerFor(message.id, result=result.to_json_dict())
     return Done(result.to_json_dict())
 
 
@@ -153,23 +190,42 @@ def _after_failure(app: Any, envelope: Envelope, message: AiMessage, done: CallR
     message's failure."""
     error = done.error
     assert error is not None
+    if envelope.lane is not None and race.read(message.id).winner is not None:
+        return Lost(f"another call of message '{message.id}' answered first")
     past = [*(Attempt.model_validate(a) for a in envelope.attempts), done.attempt]
     charged = envelope.charged_nusd + done.charged_nusd
     if message.expired():
-        end_flight(app, envelope.flight, None)
-        return Failed(_fail(message, _expired(message, past)))
+        return _failed(app, envelope, message, _expired(message, past))
+    if envelope.lane:  # a hedge is one call: the primary's path retries and falls back
+        return _failed(app, envelope, message, error)
     asked = policies.after_call(ctx, error)
     nxt, countdown_s = _next_hop(envelope, done, asked, charged, started_at.isoformat())
     if nxt is None:
-        end_flight(app, envelope.flight, None)
-        return Failed(_fail(message, _final_error(message, error, past)))
+        return _failed(app, envelope, message, _final_error(message, error, past))
     if envelope.metered:  # the next call is another call: reserved at its own endpoint
         try:
             reserve_call(message, endpoint_from_args(nxt.route[0]), nxt.attempt_no, True)
         except AimeshError as exc:
-            end_flight(app, envelope.flight, None)
-            return Failed(_fail(message, exc))
+            return _failed(app, envelope, message, exc)
     return Fallback(nxt, countdown_s)
+
+
+def _failed(app: Any, envelope: Envelope, message: AiMessage, error: AimeshError
+            ) -> CallOutcome:
+    """The message fails with `error`; for a raced one, only once every call of the race
+    that started has failed (pipeline/race.py): a hedge then delivers the primary's
+    error, and a call whose failure is not the last ends Lost."""
+    lane = envelope.lane
+    if lane:
+        kept = race.hedge_failed(message.id, lane)
+        if kept is None:
+            return Lost(f"hedge {lane} of message '{message.id}' failed; its race goes on")
+        error = error_from_dict(kept)
+    elif lane == 0 and race.primary_failed(message.id, error.to_dict()) != "deliver":
+        return Lost(f"the first call of message '{message.id}' failed; a hedge still runs")
+    end_flight(app, envelope.flight, None)
+    failed = _fail(message, error)
+    return AnswerFor(message.id, error=failed) if lane else Failed(failed)
 
 
 def _next_hop(envelope: Envelope, done: CallResult, asked: AfterCall | None, charged: int,

@@ -6,7 +6,9 @@ envelope's first endpoint on its queue), `Requeue` (a policy asked the message t
 route it again after `countdown_s`) or `Refused` (a policy, the budget or routing said
 no). A call gives `Done`, `Fallback` (hand the envelope on: to the next endpoint,
 or to the same one for a retry, after `countdown_s`), `Retry` (run this call again after
-`countdown_s`) or `Failed`.
+`countdown_s`) or `Failed`; a call of a raced (hedged) message may also give `Lost`
+(another call of its race answers the message) or `AnswerFor` (a hedge's answer, or the
+race's failure, stored as the message's result: pipeline/race.py).
 
 | outcome   | the shell                                                         |
 |-----------|-------------------------------------------------------------------|
@@ -17,8 +19,12 @@ or to the same one for a retry, after `countdown_s`), `Retry` (run this call aga
 |           | a countdown on the published task)                                |
 | Retry     | publishes this task again with a countdown                        |
 | Requeue   | the same, not counted as a retry (a wait, not a failure)          |
+| HandOff's | each also published on its endpoint's queue after its countdown,  |
+| hedges    | under its own task id                                             |
 | Refused,  | raises the error, or returns {"error": ...} when the envelope asks |
 | Failed    | for errors as results (workflow steps)                            |
+| Lost      | returns, storing nothing (the race's answer is the message's)     |
+| AnswerFor | stores the result or error under the message's id, returns nothing|
 """
 
 from __future__ import annotations
@@ -43,10 +49,20 @@ class Joined:
 
 
 @dataclass(frozen=True, slots=True)
-class HandOff:
-    """Call `envelope.route[0]` on its queue."""
+class Hedge:
+    """A hedge of a handed-off message: its own envelope (one call, lane 1..), published
+    `countdown_s` after the hand-off."""
 
     envelope: Envelope
+    countdown_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class HandOff:
+    """Call `envelope.route[0]` on its queue (and publish the hedges, if any)."""
+
+    envelope: Envelope
+    hedges: tuple[Hedge, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,5 +113,23 @@ class Failed:
     error: AimeshError
 
 
+@dataclass(frozen=True, slots=True)
+class Lost:
+    """A call of a raced message that is not (or no longer) the message's answer: another
+    call won, a hedge was not fired, or a failure another call of the race delivers."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerFor:
+    """A hedge ends its message: `result` (an AiResult dict) or `error` is stored under
+    `task_id` (the message's id, whose AsyncResult the producer holds)."""
+
+    task_id: str
+    result: dict[str, Any] | None = None
+    error: AimeshError | None = None
+
+
 RouteOutcome = Hit | Joined | HandOff | Requeue | Refused
-CallOutcome = Done | Fallback | Retry | Failed
+CallOutcome = Done | Fallback | Retry | Failed | Lost | AnswerFor

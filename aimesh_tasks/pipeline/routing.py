@@ -5,7 +5,7 @@
     (refuse, or wait: Requeue) → semantic cache → decide among the candidates
     policies.choose leaves → policies.admit (the budget reservation) → [every candidate
     at capacity: the position it takes in the winner's queue] → remember the hand-off
-    (and send the routing records) → HandOff
+    (and send the routing records) → HandOff (with the hedges policies asked for)
 
 Every step either adds to the outcome or ends it; the routing task maps the outcome
 to Celery (aimesh_tasks/tasks/route.py). Nothing here needs a worker.
@@ -13,6 +13,7 @@ to Celery (aimesh_tasks/tasks/route.py). Nothing here needs a worker.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from aimesh_tasks import events, queue_position
@@ -25,9 +26,17 @@ from aimesh_tasks.pipeline import semantic
 from aimesh_tasks.pipeline.call import endpoint_to_args
 from aimesh_tasks.pipeline.dedup import answer_from_cache, queue_join_flight, semantic_answer
 from aimesh_tasks.pipeline.flight import deadline_exceeded, end_flight
-from aimesh_tasks.pipeline.outcomes import HandOff, Hit, Joined, Refused, Requeue, RouteOutcome
+from aimesh_tasks.pipeline.outcomes import (
+    HandOff,
+    Hedge,
+    Hit,
+    Joined,
+    Refused,
+    Requeue,
+    RouteOutcome,
+)
 from aimesh_tasks.pipeline.route import RouteInputs, plan_route, queue_route_inputs
-from aimesh_tasks.policies import Policies, RouteContext, Wait, active
+from aimesh_tasks.policies import ExtraCall, Policies, RouteContext, Wait, active
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.settings import get_settings
 
@@ -60,7 +69,8 @@ def route(app: Any, message: AiMessage, *, in_canvas: bool = False, reply: Reply
     if joined.decision == "follow":
         return Joined()
     inputs = read_inputs()
-    ctx = RouteContext(message, metered_hint=inputs.metered, reads=read_policies())
+    ctx = RouteContext(message, metered_hint=inputs.metered, reads=read_policies(),
+                       in_canvas=in_canvas or reply == "result")
     try:
         outcome = _lead(app, message, ctx, policies, flight, inputs, reply)
     except AimeshError as exc:
@@ -101,14 +111,24 @@ def _lead(app: Any, message: AiMessage, ctx: RouteContext, policies: Policies,
     envelope = Envelope(message=message.to_json_dict(),
                         route=[endpoint_to_args(e) for e in decision.route],
                         metered=ctx.metered, flight=flight, reply=reply,
-                        queue_position=position)
+                        queue_position=position, lane=0 if ctx.extra_calls else None)
     # Kept with the records, in their round trip: a duplicate delivery of this message
     # that routed at the same moment gets the envelope kept first, so both hand off the
     # same call (whose lease then makes it one call, one charge).
     ttl_s = int(get_settings().reservation_timeout_s) + 86400
     read_kept = queue_remember_handoff(records, message.id, _without_prompt(envelope), ttl_s)
     records.send()
-    return HandOff(_with_message(read_kept(), message))
+    return HandOff(_with_message(read_kept(), message), _hedges(envelope, ctx.extra_calls))
+
+
+def _hedges(envelope: Envelope, extra: list[ExtraCall]) -> tuple[Hedge, ...]:
+    """The hedges asked for, each one call at its endpoint in its own lane of the race
+    (a countdown never longer than half the visibility timeout: the broker would deliver
+    the unacked task again)."""
+    cap_s = get_settings().visibility_timeout_s / 2
+    return tuple(Hedge(replace(envelope, route=[endpoint_to_args(call.endpoint)],
+                               lane=call.lane, queue_position=None),
+                       min(call.countdown_s, cap_s)) for call in extra)
 
 
 def _requeue(message: AiMessage, ctx: RouteContext, wait: Wait) -> Requeue:

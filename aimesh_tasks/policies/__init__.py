@@ -3,7 +3,8 @@
 Built in, in this order: a workflow step of a cancelled run is refused
 (`workflows/cancellation.py`), governance (loop cap, route, its ACL, rate limits), `budget`
 (reserve the first call before dispatch), live servers of self-registered endpoints, the
-circuit breaker (AIMESH_BREAKER_ENABLED) and the retry policy (aimesh_tasks/resilience/).
+hedging (AIMESH_HEDGE_ENABLED), the circuit breaker (AIMESH_BREAKER_ENABLED) and the
+retry policy (aimesh_tasks/resilience/).
 Deployments add their own with AIMESH_POLICIES ('package.module:ClassName,...'), run after
 the built-in ones.
 
@@ -22,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from aimesh_tasks.errors import ConfigError, NoEndpointAvailable, ProviderError
 from aimesh_tasks.messages import AiMessage
-from aimesh_tasks.policies.base import AfterCall, CallContext, Policy, RouteContext
+from aimesh_tasks.policies.base import AfterCall, CallContext, ExtraCall, Policy, RouteContext
 from aimesh_tasks.policies.budget import BudgetAdmission
 from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.registry.endpoints import Endpoint
@@ -154,15 +155,18 @@ def _governance() -> list[Policy]:
 
 
 def _resilience() -> list[Policy]:
-    """Live servers, the circuit breaker (when on), then the retry policy: after the
-    budget."""
+    """Live servers, hedging (when on: a lost race's call is refused before the breaker
+    admits it), the circuit breaker (when on), then the retry policy: after the budget."""
     # Imported here: the resilience policies import this package.
     from aimesh_tasks.resilience.breaker import CircuitBreaker
+    from aimesh_tasks.resilience.hedging import Hedging
     from aimesh_tasks.resilience.retry import RetryPolicy
     from aimesh_tasks.resilience.servers import LiveServers
 
-    breaker: list[Policy] = [CircuitBreaker()] if get_settings().breaker_enabled else []
-    return [LiveServers(), *breaker, RetryPolicy()]
+    settings = get_settings()
+    hedging: list[Policy] = [Hedging()] if settings.hedge_enabled else []
+    breaker: list[Policy] = [CircuitBreaker()] if settings.breaker_enabled else []
+    return [LiveServers(), *hedging, *breaker, RetryPolicy()]
 
 
 @lru_cache(maxsize=1)
@@ -173,5 +177,5 @@ def active() -> Policies:
                      *extra])
 
 
-__all__ = ["AfterCall", "CallContext", "Chosen", "Policies", "Policy", "RecordsCalls",
+__all__ = ["AfterCall", "CallContext", "Chosen", "ExtraCall", "Policies", "Policy", "RecordsCalls",
            "RouteContext", "Wait", "active", "with_exclusions"]

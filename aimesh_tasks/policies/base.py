@@ -10,7 +10,8 @@ each hook of each policy in that order (the way dramatiq's middleware works). Ob
 | queue_route_reads  | before routing's one Redis round trip      | add reads to it (no new trip)|
 | before_route       | after the dedup decision, before routing   | refuse, or wait (seconds)    |
 | choose             | before candidates are scored               | filter or reorder them       |
-| admit              | after the winner is known, before hand-off | refuse (budget), note state  |
+| admit              | after the winner is known, before hand-off | refuse (budget), note state, |
+|                    |                                            | ask for extra calls (hedges) |
 | queue_call_reads   | before the call's first Redis round trip   | add reads to it              |
 | before_call        | holding the call's lease, before the call  | refuse, or delay (seconds)   |
 | after_call         | after the provider answered or failed      | ask for retry/fallback/fail  |
@@ -35,6 +36,16 @@ from aimesh_tasks.registry.endpoints import Endpoint
 from aimesh_tasks.routing.selection import RoutingDecision
 
 
+@dataclass(frozen=True, slots=True)
+class ExtraCall:
+    """A call a policy's `admit` asks for beside the first (a hedge, resilience/hedging.py):
+    at `endpoint`, as lane `lane` of the message's race, `countdown_s` after the hand-off."""
+
+    endpoint: Endpoint
+    countdown_s: float
+    lane: int
+
+
 @dataclass
 class RouteContext:
     """One message being routed: what the policies read, and what they decided."""
@@ -46,6 +57,11 @@ class RouteContext:
     # What policies want kept with the routing decision, by policy name (in the `routed`
     # audit record's detail).
     notes: dict[str, Any] = field(default_factory=dict)
+    # Part of a canvas (a workflow step): its result must be its own task's return, so
+    # nothing may answer it from another task (no hedges).
+    in_canvas: bool = False
+    # Calls policies asked for beside the first (hedges), published with the hand-off.
+    extra_calls: list[ExtraCall] = field(default_factory=list)
 
 
 @dataclass

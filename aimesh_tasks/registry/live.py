@@ -3,7 +3,7 @@
 Per endpoint: a sorted set of calls in flight (scored by start time, so a call whose
 worker died ages out after the hard time limit instead of leaking), a window of the
 last AIMESH_LIVE_WINDOW calls, and a hash of figures derived from it on every call
-(latency p50/p99 of successful calls, error rate, health). The router reads all
+(latency p50/p95/p99 of successful calls, error rate, health). The router reads all
 endpoints' figures in one pipelined round trip.
 """
 
@@ -41,6 +41,8 @@ local fields = {'calls', #items, 'error_rate', tostring(errors / #items), 'seen_
 if n > 0 then
   fields[#fields + 1] = 'p50_ms'
   fields[#fields + 1] = tostring(lat[math.max(1, math.ceil(n * 0.5))])
+  fields[#fields + 1] = 'p95_ms'
+  fields[#fields + 1] = tostring(lat[math.max(1, math.ceil(n * 0.95))])
   fields[#fields + 1] = 'p99_ms'
   fields[#fields + 1] = tostring(lat[math.max(1, math.ceil(n * 0.99))])
 end
@@ -63,6 +65,7 @@ class LiveFigures:
 
     in_flight: int = 0
     p50_ms: float | None = None
+    p95_ms: float | None = None  # the delay of a hedge 'after': 'p95' (resilience/hedging)
     p99_ms: float | None = None
     error_rate: float = 0.0
     calls: int = 0
@@ -78,6 +81,7 @@ class LiveFigures:
         return {
             "in_flight": self.in_flight,
             "p50_ms": self.p50_ms,
+            "p95_ms": self.p95_ms,
             "p99_ms": self.p99_ms,
             "error_rate": self.error_rate,
             "calls": self.calls,
@@ -93,6 +97,7 @@ def _figures(stats: dict[str, str], in_flight: int) -> LiveFigures:
     return LiveFigures(
         in_flight=in_flight,
         p50_ms=_optional_float(stats.get("p50_ms")),
+        p95_ms=_optional_float(stats.get("p95_ms")),
         p99_ms=_optional_float(stats.get("p99_ms")),
         error_rate=float(stats.get("error_rate", 0.0)),
         calls=int(stats.get("calls", 0)),

@@ -16,6 +16,8 @@ MAX_COMPLETION_TOKENS: Final = 1_000_000
 RUNTIME_FIELDS: Final = (
     "latency_ms",
     "jitter_ms",
+    "slow_rate",
+    "slow_latency_ms",
     "error_rate",
     "throttle_rate",
     "overload_rate",
@@ -47,6 +49,8 @@ _FLOAT_RANGES: Final[dict[str, tuple[float, float]]] = {
     "latency_ms": (0.0, math.inf),
     "word_interval_ms": (0.0, math.inf),
     "jitter_ms": (0.0, math.inf),
+    "slow_rate": (0.0, 1.0),
+    "slow_latency_ms": (0.0, math.inf),
     "error_rate": (0.0, 1.0),
     "throttle_rate": (0.0, 1.0),
     "overload_rate": (0.0, 1.0),
@@ -85,6 +89,10 @@ class SimulatorConfig:
     Cohere's 404. `unknown_model_status` 400 makes the OpenAI format answer as the
     LiteLLM proxy does instead (400, "Invalid model name passed in model=...").
 
+    `slow_rate` of the requests (a roll of their own) take `slow_latency_ms` instead of
+    `latency_ms`: a bimodal latency, the long tail that hedged requests cut (e.g. 0.05
+    at 2000 ms beside 100 ms: benchmarks/bench_resilience.py --only hedging).
+
     `hold_after_words` (None: never) pauses every streamed answer once that many words
     are written, until `POST /_sim/release`; `word_interval_ms` spaces a streamed answer's
     words, as a model generating them does (simulator/streaming.py).
@@ -97,6 +105,8 @@ class SimulatorConfig:
 
     latency_ms: float = 0
     jitter_ms: float = 0
+    slow_rate: float = 0
+    slow_latency_ms: float = 0
     error_rate: float = 0
     throttle_rate: float = 0
     overload_rate: float = 0

@@ -81,6 +81,8 @@ class SimState:
         self._counts["calls"] += 1
         roll = self._dice.random()
         delay_ms = config.latency_ms
+        if config.slow_rate and self._dice.random() < config.slow_rate:
+            delay_ms = config.slow_latency_ms
         if config.jitter_ms:
             delay_ms += self._dice.uniform(0.0, config.jitter_ms)
         fault: Fault | None = None

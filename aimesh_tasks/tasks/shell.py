@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import kombu.exceptions
-from celery import Signature, Task
+from celery import Signature, Task, states
 from celery.exceptions import Reject
 from celery.exceptions import Retry as CeleryRetry
 
@@ -37,13 +37,16 @@ from aimesh_tasks.envelope import Reply
 from aimesh_tasks.errors import AimeshError, ServiceUnavailable
 from aimesh_tasks.outages import TRANSIENT, service_of
 from aimesh_tasks.pipeline.outcomes import (
+    AnswerFor,
     CallOutcome,
     Done,
     Failed,
     Fallback,
     HandOff,
+    Hedge,
     Hit,
     Joined,
+    Lost,
     Refused,
     Requeue,
     Retry,
@@ -106,6 +109,17 @@ def error_result(error: AimeshError) -> dict[str, Any]:
     return {"error": error.to_dict()}
 
 
+def _publish_hedges(hedges: tuple[Hedge, ...], next_call: Callable[[Any], Signature]
+                    ) -> None:
+    """Publish a handed-off message's hedges, each on its endpoint's queue after its
+    countdown, under its call key as task id (its own result is never stored)."""
+    for hedge in hedges:
+        options: dict[str, Any] = {"task_id": hedge.envelope.call_key}
+        if hedge.countdown_s > 0:
+            options["countdown"] = hedge.countdown_s
+        next_call(hedge.envelope).apply_async(**options)
+
+
 class MessageTask(Task):  # type: ignore[misc]
     """Base of `aimesh.route` and `aimesh.call`."""
 
@@ -148,8 +162,16 @@ class MessageTask(Task):  # type: ignore[misc]
         if isinstance(outcome, HandOff | Fallback):
             try:
                 hand_off(self, _after_wait(next_call(outcome.envelope), outcome))
+                if isinstance(outcome, HandOff):
+                    _publish_hedges(outcome.hedges, next_call)
             except kombu.exceptions.OperationalError as exc:  # past the publish retries
                 raise Reject(exc, requeue=True) from exc
+            return None
+        if isinstance(outcome, Lost):
+            discard_result(self)  # another call of the race answers the message
+            return None
+        if isinstance(outcome, AnswerFor):
+            self._answer_for(outcome)
             return None
         if isinstance(outcome, Retry):
             self._retry(outcome.countdown_s)
@@ -161,6 +183,16 @@ class MessageTask(Task):  # type: ignore[misc]
             run_inline_callbacks(self, result)
             return result
         raise outcome.error
+
+    def _answer_for(self, outcome: AnswerFor) -> None:
+        """Store a hedge's answer (or its race's failure) as its message's result, once:
+        the race let only this call end the message."""
+        if outcome.error is not None:
+            self.app.backend.store_result(outcome.task_id, outcome.error, states.FAILURE)
+        else:
+            self.app.backend.store_result(outcome.task_id, outcome.result, states.SUCCESS)
+        discard_result(self)
+        self._finished(outcome.task_id)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         """A returned value is the message's result (None: a hand-off or a follower)."""
