@@ -92,6 +92,7 @@ in-process worker thread, a SQLite file database and an in-process Redis-compati
 | AIMESH_HEDGE_BUDGET_BURST         | 10                  | hedges an endpoint's bucket holds |
 | AIMESH_HEDGE_BUDGET_WINDOW_S      | 60                  | an idle bucket is full again after|
 | AIMESH_HEDGE_P95_DEFAULT_MS       | 1000                | 'p95' before an endpoint has one  |
+| AIMESH_HEDGE_P95_FLOOR_X          | 1.5                 | 'p95' at least this many p50s     |
 | AIMESH_HEDGE_P95_CAP_X            | 4                   | 'p95' at most this many p50s      |
 | AIMESH_UPSTREAM_ALLOW_PRIVATE     | 127.0.0.0/8,::1     | private nets upstreams may reach  |
 | AIMESH_REGISTRATION_TOKENS        | (empty)             | sha256 of accepted worker tokens  |
@@ -363,6 +364,10 @@ class Settings(BaseSettings):
     hedge_p95_default_ms: int = Field(
         1000, ge=0, description="The delay of a hedge 'after': 'p95' while the endpoint has no "
         "live p95 yet (no successful call in its window).")
+    hedge_p95_floor_x: float = Field(
+        1.5, ge=1, description="A hedge 'after': 'p95' waits at least this many times the "
+        "endpoint's live p50: a call only a little slower than the median is no tail "
+        "(see resilience/hedging.py).")
     hedge_p95_cap_x: float = Field(
         4, ge=1, description="A hedge 'after': 'p95' waits at most this many times the "
         "endpoint's live p50: a call that much slower than the median is in the tail, "

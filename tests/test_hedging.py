@@ -164,10 +164,13 @@ def test_the_plan_is_the_next_ranked_endpoints_unless_the_deadline_comes_first()
     assert plan(two, route[:1], 300, None) == []
     assert hedge_delay_ms(Hedge(after="p95"), 420.0, 1000) == 420.0
     assert hedge_delay_ms(Hedge(after="p95"), None, 1000) == 1000
-    # A p95 in a slow second mode is capped at cap_x p50s; one on the slope is not.
-    assert hedge_delay_ms(Hedge(after="p95"), 2000.0, 1000, p50_ms=110.0, cap_x=4) == 440.0
-    assert hedge_delay_ms(Hedge(after="p95"), 300.0, 1000, p50_ms=110.0, cap_x=4) == 300.0
-    assert hedge_delay_ms(Hedge(after_ms=900), 300.0, 1000, p50_ms=10.0, cap_x=4) == 900.0
+    # A p95 in a slow second mode is capped at 4 p50s, one hugging the median is raised to
+    # 1.5 p50s, one between is kept; after_ms is taken as given.
+    bounds = (1.5, 4.0)
+    assert hedge_delay_ms(Hedge(after="p95"), 2000.0, 1000, 110.0, bounds) == 440.0
+    assert hedge_delay_ms(Hedge(after="p95"), 120.0, 1000, 110.0, bounds) == 165.0
+    assert hedge_delay_ms(Hedge(after="p95"), 300.0, 1000, 110.0, bounds) == 300.0
+    assert hedge_delay_ms(Hedge(after_ms=900), 300.0, 1000, 10.0, bounds) == 900.0
     assert too_late(0.05, 100.0) and not too_late(0.2, 100.0) and not too_late(None, 1e6)
 
 
@@ -244,12 +247,12 @@ def test_the_p95_form_waits_the_first_endpoints_live_p95(simulator: Sim,
     cold = _routed(_message(_agent("p95"), hedge=Hedge(after="p95")),
                    _policies(hedge_p95_default_ms=700))
     assert cold.hedges[0].countdown_s == 0.7  # no live p95 yet: the default
-    for n, latency_ms in enumerate([100.0] * 19 + [900.0] * 1):
+    for n, latency_ms in enumerate([100.0] * 18 + [250.0] * 2):
         call_started(first.id, f"seed:{n}")
         call_finished(first.id, f"seed:{n}", latency_ms, True)
     warm = _routed(_message(_agent("p95"), hedge=Hedge(after="p95")), _policies())
-    assert warm.hedges[0].countdown_s == 0.1  # the 19th of 20 sorted latencies
-    for n in range(20, 22):  # now 3 of 22 are slow: the 95th sample is in the slow mode
+    assert warm.hedges[0].countdown_s == 0.25  # the 19th of 20 sorted latencies
+    for n in range(20, 22):  # two at 900 ms: the 21st of 22 sorted is in the slow mode
         call_started(first.id, f"seed:{n}")
         call_finished(first.id, f"seed:{n}", 900.0, True)
     capped = _routed(_message(_agent("p95"), hedge=Hedge(after="p95")), _policies())
