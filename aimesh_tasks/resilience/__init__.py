@@ -30,9 +30,10 @@ once by whichever call failed last; a dead-lettered hedge counts as failed.
 
 Measured (benchmarks/bench_resilience.py --only hedging --rounds 3 --hedge-messages 400
 --hedge-rate 10; two endpoints answering 95 % in 100 ms and 5 % in 2 s; medians of 3
-rounds; docs/design-notes.md has the whole table): p99 2161 ms without hedging; after a
-fixed 150 ms 269 ms (0.124x) at 6.5 % extra calls; an immediate race 131 ms (0.06x) at
-100 % extra. After the live p95 it was 2033 ms (0.94x) at 8 %: on this distribution, with
-exactly 5 % of calls slow, a window's p95 lands on the slow mode whenever a little more
-than 5 % of its calls were slow, and then the hedge fires when the slow call answers.
+rounds; docs/design-notes.md has the table): p99 2023 ms without hedging; after the live
+p95 284 ms (0.14x) at 5.75 % extra calls; after a fixed 150 ms 275 ms (0.136x) at 6.75 %;
+an immediate race 139 ms (0.069x) at 100 %. The 'p95' delay is held between 1.5 and 4
+live p50s (AIMESH_HEDGE_P95_FLOOR_X, _CAP_X; hedging.hedge_delay_ms says why): without
+the bounds it measured 0.94x (a 95th sample in the slow mode) and 1.0x (one just past the
+fast mode, which spent the hedge budget on calls a few ms late).
 """
