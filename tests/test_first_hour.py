@@ -490,8 +490,10 @@ def _rabbitmq_vhost() -> str:
         if probe.connect_ex(("127.0.0.1", 5672)) != 0:
             pytest.skip("RabbitMQ is not running on 127.0.0.1:5672 (rabbitmq-server)")
     vhost = f"aimesh_first_hour_{SLOT}"
-    for argv in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*",
-                                        ".*"]):
+    # A fresh vhost: a queue declared by an earlier run with other arguments (another
+    # AIMESH_RABBIT_QUEUE_TYPE, an older release) is refused a second declaration.
+    for argv in (["delete_vhost", vhost], ["add_vhost", vhost],
+                 ["set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"]):
         subprocess.run(["rabbitmqctl", *argv], capture_output=True, timeout=60)
     return vhost
 
