@@ -333,9 +333,11 @@ def test_aimesh_dead_lists_shows_requeues_and_purges(
     shown = json.loads(aimesh("show", message.id).stdout)  # by task id
     assert shown["id"] == kept["id"] and base64.b64decode(shown["raw_b64"]) == good
 
-    refused = aimesh("requeue", junk["id"])
+    # Ids are per queue (Redis stream ids): two letters added within one millisecond on two
+    # queues share one, so the commands are told the queue.
+    refused = aimesh("requeue", junk["id"], "--queue", only.queue)
     assert refused.returncode == 2 and "cannot be requeued" in refused.stderr
-    done = aimesh("requeue", kept["id"])
+    done = aimesh("requeue", kept["id"], "--queue", keys.ROUTE_QUEUE)
     assert done.returncode == 0 and f"onto {keys.ROUTE_QUEUE}" in done.stdout
     assert AsyncResult(message.id).get(timeout=60)["endpoint_id"] == only.id
     assert [e["id"] for e in dead_letters.list_entries()] == [junk["id"]]
