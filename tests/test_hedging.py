@@ -327,7 +327,8 @@ def test_a_hedge_arriving_after_its_race_was_won_is_not_sent_and_holds_nothing(
 def test_a_slow_first_endpoint_is_raced_the_fast_hedge_wins_and_the_loser_is_aborted(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
-    slow_sim, fast_sim = simulator(latency_ms=4000), simulator(latency_ms=100)
+    # 15 s: far past the 300 ms hedge however loaded the box, so the order is not a race.
+    slow_sim, fast_sim = simulator(latency_ms=15000), simulator(latency_ms=100)
     slow = endpoint(slow_sim, "a-slow", price_in="0.001")
     fast = endpoint(fast_sim, "b-fast", price_in="0.002")
     agent = _agent("raced")
@@ -366,7 +367,7 @@ def test_a_slow_first_endpoint_is_raced_the_fast_hedge_wins_and_the_loser_is_abo
 def test_after_ms_zero_races_at_once_and_both_calls_reach_their_providers(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
-    slow_sim, fast_sim = simulator(latency_ms=3000), simulator(latency_ms=50)
+    slow_sim, fast_sim = simulator(latency_ms=15000), simulator(latency_ms=50)
     endpoint(slow_sim, "a-race", price_in="0.001")
     fast = endpoint(fast_sim, "b-race", price_in="0.002")
     pending = submit(agent_id=_agent("race-now", None), prompt="now", max_tokens=16,
@@ -382,7 +383,9 @@ def test_after_ms_zero_races_at_once_and_both_calls_reach_their_providers(
 def test_a_failed_hedge_leaves_the_race_to_the_first_call_and_both_failing_is_one_error(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
-    a_sim, broken_sim = simulator(latency_ms=800), simulator(error_rate=1.0)
+    # A answers after 8 s: the hedge (published with the hand-off) has started by then
+    # however loaded the box, so it is fired and fails, rather than not being sent.
+    a_sim, broken_sim = simulator(latency_ms=8000), simulator(error_rate=1.0)
     a = endpoint(a_sim, "a-steady", price_in="0.001")
     endpoint(broken_sim, "b-broken", price_in="0.002")
     agent = _agent("hedge-fails")
