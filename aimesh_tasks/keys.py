@@ -57,6 +57,11 @@ def outbox() -> str:
     return f"{PREFIX}:outbox"
 
 
+def outbox_rejected() -> str:
+    """List of outbox records Postgres refused as data, each with the reason (JSON)."""
+    return f"{PREFIX}:outbox:rejected"
+
+
 def outbox_lock() -> str:
     """Lock held by the one flusher moving the outbox to Postgres."""
     return f"{PREFIX}:outbox:lock"

@@ -10,17 +10,19 @@ production for the same to hold across a Redis restart.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import re
 import time
 import uuid
 from collections import defaultdict
 from datetime import datetime
 from typing import Any, Literal, TypedDict
 
-from sqlalchemy import DateTime, Table
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import Column, ColumnDefault, DateTime, Table
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DataError, IntegrityError
 
 from aimesh_tasks import keys
 from aimesh_tasks.db import AuditRow, CallAttemptRow, RoutingDecisionRow, get_engine
@@ -116,11 +118,105 @@ def _insert(kind: str, rows: list[dict[str, Any]]) -> None:
             for row in rows:
                 if isinstance(row.get(column.name), str):
                     row[column.name] = datetime.fromisoformat(row[column.name])
-    engine = get_engine()
-    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-    with engine.begin() as connection:
-        connection.execute(insert(table).on_conflict_do_nothing(index_elements=["row_key"]),
+    with get_engine().begin() as connection:
+        connection.execute(sqlite_insert(table).on_conflict_do_nothing(index_elements=["row_key"]),
                            rows)
+
+
+def _column_expression(column: Column[Any], preparer: Any) -> str:
+    """The value of `column` read from a record's JSON (p, a jsonb_populate_record row);
+    a key the record lacks gets the column's Python-side default, as an ORM insert would."""
+    name = f"p.{preparer.quote(column.name)}"
+    default = column.default
+    if not isinstance(default, ColumnDefault):
+        return name
+    value = default.arg(None) if default.is_callable else default.arg
+    if isinstance(value, bool):
+        literal = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        literal = repr(value)
+    else:  # a JSON column's [] or {}
+        literal = "'" + json.dumps(value).replace("'", "''") + "'::jsonb"
+    return f"COALESCE({name}, {literal})"
+
+
+@functools.cache
+def _pg_statement(preparer: Any) -> str:
+    """One statement that inserts a whole batch of records, as the JSON array they were
+    pushed as, into their tables: Postgres parses the JSON (jsonb_populate_record), so the
+    flusher converts no row and binds no parameter per column. (Row by row through
+    executemany this was ~12 % of a router worker's CPU at 0 ms provider latency.) Returns
+    how many records are of no known kind."""
+    inserts = []
+    for kind, table in TABLES.items():
+        columns = [c for c in table.columns if not c.primary_key]
+        target = ", ".join(preparer.quote(c.name) for c in columns)
+        values = ", ".join(_column_expression(c, preparer) for c in columns)
+        inserts.append(
+            f"ins_{kind} AS (INSERT INTO {preparer.format_table(table)} ({target}) "
+            f"SELECT {values} FROM records, "
+            f"jsonb_populate_record(NULL::{preparer.format_table(table)}, records.row) AS p "
+            f"WHERE records.kind = '{kind}' ON CONFLICT (row_key) DO NOTHING)")
+    known = ", ".join(f"'{kind}'" for kind in TABLES)
+    return ("WITH records AS MATERIALIZED (SELECT e->>'kind' AS kind, e->'row' AS row "
+            "FROM jsonb_array_elements(CAST(%(batch)s AS jsonb)) AS e), "
+            + ", ".join(inserts) +
+            f" SELECT count(*) FROM records WHERE kind IS NULL OR kind NOT IN ({known})")
+
+
+# A JSON \u0000 escape (not one preceded by an escaped backslash): no Postgres text or jsonb
+# value can hold NUL, so it becomes U+FFFD rather than failing the whole batch.
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _pg_insert(raw: list[str]) -> int:
+    """Insert records into Postgres in one statement; how many were of no known kind."""
+    batch = "[" + ",".join(raw) + "]"
+    if "\\u0000" in batch:
+        batch = _NUL_ESCAPE.sub(lambda m: m.group(1) + "\\ufffd", batch)
+    engine = get_engine()
+    with engine.begin() as connection:
+        statement = _pg_statement(engine.dialect.identifier_preparer)
+        return int(connection.exec_driver_sql(statement, {"batch": batch}).scalar_one())
+
+
+def _insert_batch(raw: list[str]) -> None:
+    """Insert records popped off the outbox (their JSON, as pushed), once each. A batch
+    Postgres refuses as data (a record no table can hold) is retried record by record, and
+    what is still refused is set aside in `keys.outbox_rejected()` with the reason, so one
+    bad record cannot stop the flusher with every record behind it."""
+    if get_engine().dialect.name != "postgresql":
+        _sqlite_insert(raw)
+        return
+    try:
+        unknown = _pg_insert(raw)
+    except (DataError, IntegrityError):
+        unknown = 0
+        for item in raw:
+            try:
+                unknown += _pg_insert([item])
+            except (DataError, IntegrityError) as exc:
+                _reject(item, exc)
+    if unknown:
+        logger.warning("outbox.unknown_records_dropped", extra={"records": unknown})
+
+
+def _reject(item: str, exc: Exception) -> None:
+    reason = f"{type(exc).__name__}: {str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}"
+    get_redis().rpush(keys.outbox_rejected(), json.dumps({"record": item, "reason": reason}))
+    logger.error("outbox.record_rejected", extra={"reason": reason, "bytes": len(item)})
+
+
+def _sqlite_insert(raw: list[str]) -> None:
+    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for item in raw:
+        record = json.loads(item)
+        if record.get("kind") in TABLES:
+            by_kind[record["kind"]].append(record["row"])
+        else:
+            logger.warning("outbox.unknown_records_dropped", extra={"records": 1})
+    for kind, rows in by_kind.items():
+        _insert(kind, rows)
 
 
 def _acquire(token: str, wait_s: float) -> bool:
@@ -147,12 +243,7 @@ def flush(max_batches: int = 100, *, wait_s: float = 0.0) -> int:
             raw = client.lrange(keys.outbox(), 0, BATCH - 1)
             if not raw:
                 break
-            by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
-            for item in raw:
-                record = json.loads(item)
-                by_kind[record["kind"]].append(record["row"])
-            for kind, rows in by_kind.items():
-                _insert(kind, rows)
+            _insert_batch([item.decode() if isinstance(item, bytes) else item for item in raw])
             client.ltrim(keys.outbox(), len(raw), -1)
             moved += len(raw)
     finally:

@@ -61,3 +61,49 @@ def test_a_held_lock_means_another_flusher_is_at_work() -> None:
 def test_unknown_record_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown outbox record kind 'audit-x'"):
         outbox.append("audit-x", {})
+
+
+def _rejected() -> list[dict[str, str]]:
+    return [json.loads(item) for item in get_redis().lrange(keys.outbox_rejected(), 0, -1)]
+
+
+def test_a_record_no_table_can_hold_is_set_aside_and_the_rest_land() -> None:
+    """One bad record must not stop the flusher with every record behind it: the batch is
+    retried record by record and what Postgres still refuses is kept with its reason."""
+    too_long = "m-" + "x" * 200  # message_id is a String(128)
+    outbox.append("routing_decision", _decision("m-4"))
+    outbox.append("routing_decision", _decision(too_long))
+    get_redis().rpush(keys.outbox(), json.dumps({"kind": "no-such-kind", "row": {}}))
+    outbox.append("routing_decision", _decision("m-5"))
+    outbox.flush(wait_s=5)
+    assert outbox.pending() == 0
+    assert _count("m-4") == 1 and _count("m-5") == 1 and _count(too_long) == 0
+    [rejected] = _rejected()
+    assert json.loads(rejected["record"])["row"]["message_id"] == too_long
+    assert "too long" in rejected["reason"]
+
+
+def test_a_nul_character_is_kept_as_a_replacement_character() -> None:
+    """Postgres text cannot hold NUL: the record lands with U+FFFD in its place (and a
+    backslash before it in the text is kept as it was)."""
+    decision = _decision("m-6")
+    decision["error"] = "bad\x00byte \\u0000 literal"
+    outbox.append("routing_decision", decision)
+    outbox.flush(wait_s=5)
+    with session_scope() as session:
+        error = session.scalar(select(RoutingDecisionRow.error)
+                               .where(RoutingDecisionRow.message_id == "m-6"))
+    assert error == "bad\ufffdbyte \\u0000 literal"
+    assert _rejected() == []
+
+
+def test_a_record_missing_a_defaulted_column_gets_its_default() -> None:
+    decision = _decision("m-7")
+    del decision["fallbacks"], decision["weights"]
+    outbox.append("routing_decision", decision)
+    outbox.flush(wait_s=5)
+    with session_scope() as session:
+        row = session.scalars(select(RoutingDecisionRow)
+                              .where(RoutingDecisionRow.message_id == "m-7")).one()
+        assert row.fallbacks == [] and row.weights == {} and row.winner == "e"
+        assert row.created_at.tzinfo is not None
