@@ -28,7 +28,7 @@ def _count(message_id: str) -> int:
 
 
 def test_records_wait_in_redis_until_flushed() -> None:
-    # The session's workers flush the same outbox every 0.2 s: hold the flushers' lock so
+    # The session's workers flush the same outbox every second: hold the flushers' lock so
     # that none moves the record while the test looks at it waiting in Redis.
     get_redis().set(keys.outbox_lock(), "held-by-test", px=30_000)
     try:
