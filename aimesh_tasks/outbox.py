@@ -146,7 +146,7 @@ def _pg_statement(preparer: Any) -> str:
     pushed as, into their tables: Postgres parses the JSON (jsonb_populate_record), so the
     flusher converts no row and binds no parameter per column. (Row by row through
     executemany this was ~12 % of a router worker's CPU at 0 ms provider latency.) Returns
-    how many records are of no known kind."""
+    the records of no known kind (written by a newer version during a rolling upgrade)."""
     inserts = []
     for kind, table in TABLES.items():
         columns = [c for c in table.columns if not c.primary_key]
@@ -158,10 +158,11 @@ def _pg_statement(preparer: Any) -> str:
             f"jsonb_populate_record(NULL::{preparer.format_table(table)}, records.row) AS p "
             f"WHERE records.kind = '{kind}' ON CONFLICT (row_key) DO NOTHING)")
     known = ", ".join(f"'{kind}'" for kind in TABLES)
-    return ("WITH records AS MATERIALIZED (SELECT e->>'kind' AS kind, e->'row' AS row "
-            "FROM jsonb_array_elements(CAST(%(batch)s AS jsonb)) AS e), "
+    return ("WITH records AS MATERIALIZED (SELECT e AS record, e->>'kind' AS kind, "
+            "e->'row' AS row FROM jsonb_array_elements(CAST(%(batch)s AS jsonb)) AS e), "
             + ", ".join(inserts) +
-            f" SELECT count(*) FROM records WHERE kind IS NULL OR kind NOT IN ({known})")
+            " SELECT COALESCE(jsonb_agg(record), '[]'::jsonb) FROM records"
+            f" WHERE kind IS NULL OR kind NOT IN ({known})")
 
 
 # A JSON \u0000 escape (not one preceded by an escaped backslash): no Postgres text or jsonb
@@ -169,40 +170,46 @@ def _pg_statement(preparer: Any) -> str:
 _NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-def _pg_insert(raw: list[str]) -> int:
-    """Insert records into Postgres in one statement; how many were of no known kind."""
+def _pg_insert(raw: list[str]) -> list[Any]:
+    """Insert records into Postgres in one statement; those of no known kind."""
     batch = "[" + ",".join(raw) + "]"
     if "\\u0000" in batch:
         batch = _NUL_ESCAPE.sub(lambda m: m.group(1) + "\\ufffd", batch)
     engine = get_engine()
     with engine.begin() as connection:
         statement = _pg_statement(engine.dialect.identifier_preparer)
-        return int(connection.exec_driver_sql(statement, {"batch": batch}).scalar_one())
+        return list(connection.exec_driver_sql(statement, {"batch": batch}).scalar_one())
 
 
 def _insert_batch(raw: list[str]) -> None:
     """Insert records popped off the outbox (their JSON, as pushed), once each. A batch
     Postgres refuses as data (a record no table can hold) is retried record by record, and
     what is still refused is set aside in `keys.outbox_rejected()` with the reason, so one
-    bad record cannot stop the flusher with every record behind it."""
+    bad record cannot stop the flusher with every record behind it; so is a record of a
+    kind this version does not know (kept, not dropped)."""
     if get_engine().dialect.name != "postgresql":
         _sqlite_insert(raw)
         return
     try:
         unknown = _pg_insert(raw)
     except (DataError, IntegrityError):
-        unknown = 0
+        unknown = []
         for item in raw:
             try:
                 unknown += _pg_insert([item])
             except (DataError, IntegrityError) as exc:
-                _reject(item, exc)
-    if unknown:
-        logger.warning("outbox.unknown_records_dropped", extra={"records": unknown})
+                _reject(item, f"{type(exc).__name__}: "
+                              f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}")
+    for record in unknown:
+        _reject(json.dumps(record), _unknown_kind(record))
 
 
-def _reject(item: str, exc: Exception) -> None:
-    reason = f"{type(exc).__name__}: {str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}"
+def _unknown_kind(record: Any) -> str:
+    kind = record.get("kind") if isinstance(record, dict) else None
+    return f"unknown record kind {kind!r}; known: {sorted(TABLES)}"
+
+
+def _reject(item: str, reason: str) -> None:
     get_redis().rpush(keys.outbox_rejected(), json.dumps({"record": item, "reason": reason}))
     logger.error("outbox.record_rejected", extra={"reason": reason, "bytes": len(item)})
 
@@ -211,10 +218,10 @@ def _sqlite_insert(raw: list[str]) -> None:
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in raw:
         record = json.loads(item)
-        if record.get("kind") in TABLES:
+        if isinstance(record, dict) and record.get("kind") in TABLES:
             by_kind[record["kind"]].append(record["row"])
         else:
-            logger.warning("outbox.unknown_records_dropped", extra={"records": 1})
+            _reject(item, _unknown_kind(record))
     for kind, rows in by_kind.items():
         _insert(kind, rows)
 
