@@ -283,6 +283,10 @@ def test_canary_key_header_and_prompt_reach_no_log_result_or_label(
     wait_for(lambda: expected <= decisions(), what="decision logs written")
     assert expected <= decisions(), sorted(expected - decisions())
     outbox.flush(wait_s=10)  # audit, attempts and decisions reach the database
+    # A message stays in the broker's unacked hash until its task is acked, just after its
+    # result is stored: what is checked is what stays once every message was acked.
+    broker = redis.Redis.from_url(f"{REDIS}/{BROKER_DB}")
+    wait_for(lambda: broker.hlen("unacked") == 0, what="every message of the test acked")
 
     stores = _redis_text(BROKER_DB) + _redis_text(LIVE_DB)
     database = _database_text()
