@@ -111,18 +111,6 @@ def _json_default(value: Any) -> str:
     raise TypeError(f"outbox records hold JSON values; got {type(value).__name__}")
 
 
-def _insert(kind: str, rows: list[dict[str, Any]]) -> None:
-    table = TABLES[kind]
-    for column in table.columns:
-        if isinstance(column.type, DateTime):
-            for row in rows:
-                if isinstance(row.get(column.name), str):
-                    row[column.name] = datetime.fromisoformat(row[column.name])
-    with get_engine().begin() as connection:
-        connection.execute(sqlite_insert(table).on_conflict_do_nothing(index_elements=["row_key"]),
-                           rows)
-
-
 def _column_expression(column: Column[Any], preparer: Any) -> str:
     """The value of `column` read from a record's JSON (p, a jsonb_populate_record row);
     a key the record lacks gets the column's Python-side default, as an ORM insert would."""
@@ -183,20 +171,18 @@ def _pg_insert(raw: list[str]) -> list[Any]:
 
 def _insert_batch(raw: list[str]) -> None:
     """Insert records popped off the outbox (their JSON, as pushed), once each. A batch
-    Postgres refuses as data (a record no table can hold) is retried record by record, and
-    what is still refused is set aside in `keys.outbox_rejected()` with the reason, so one
-    bad record cannot stop the flusher with every record behind it; so is a record of a
+    the database refuses as data (a record no table can hold) is retried record by record,
+    and what is still refused is set aside in `keys.outbox_rejected()` with the reason, so
+    one bad record cannot stop the flusher with every record behind it; so is a record of a
     kind this version does not know (kept, not dropped)."""
-    if get_engine().dialect.name != "postgresql":
-        _sqlite_insert(raw)
-        return
+    insert = _pg_insert if get_engine().dialect.name == "postgresql" else _sqlite_insert
     try:
-        unknown = _pg_insert(raw)
+        unknown = insert(raw)
     except (DataError, IntegrityError):
         unknown = []
         for item in raw:
             try:
-                unknown += _pg_insert([item])
+                unknown += insert([item])
             except (DataError, IntegrityError) as exc:
                 _reject(item, f"{type(exc).__name__}: "
                               f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}")
@@ -214,16 +200,28 @@ def _reject(item: str, reason: str) -> None:
     logger.error("outbox.record_rejected", extra={"reason": reason, "bytes": len(item)})
 
 
-def _sqlite_insert(raw: list[str]) -> None:
+def _sqlite_insert(raw: list[str]) -> list[Any]:
+    """Embedded mode's insert (SQLite), row by row; returns the records of no known kind."""
     by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    unknown = []
     for item in raw:
         record = json.loads(item)
-        if isinstance(record, dict) and record.get("kind") in TABLES:
+        if (isinstance(record, dict) and record.get("kind") in TABLES
+                and isinstance(record.get("row"), dict)):
             by_kind[record["kind"]].append(record["row"])
         else:
-            _reject(item, _unknown_kind(record))
-    for kind, rows in by_kind.items():
-        _insert(kind, rows)
+            unknown.append(record)
+    with get_engine().begin() as connection:
+        for kind, rows in by_kind.items():
+            table = TABLES[kind]
+            for column in table.columns:
+                if isinstance(column.type, DateTime):
+                    for row in rows:
+                        if isinstance(row.get(column.name), str):
+                            row[column.name] = datetime.fromisoformat(row[column.name])
+            connection.execute(sqlite_insert(table).on_conflict_do_nothing(
+                index_elements=["row_key"]), rows)
+    return unknown
 
 
 def _acquire(token: str, wait_s: float) -> bool:
