@@ -11,6 +11,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -189,6 +191,38 @@ def test_bad_messages_are_refused_before_anything_is_queued() -> None:
     route_message.apply_async(({"agent_id": "a", "prompt": "hi"},), queue=queue)
     assert queue_depths(broker, [queue])[queue] == 1  # the same path does queue a good one
     broker.delete(*priority_lists(queue))
+
+
+# A broker that is away: submit's error names the broker (password masked), why, and the
+# message; the accepted-message record written before the publish is taken back.
+_AWAY = """
+import json, sys
+from aimesh_tasks import ServiceUnavailable, submit
+try:
+    submit(id=sys.argv[1], agent_id="away-bot", prompt="hi", max_tokens=5)
+except ServiceUnavailable as exc:
+    print(json.dumps(exc.to_dict()))
+"""
+
+
+@pytest.mark.slow
+def test_a_broker_that_cannot_take_the_message_is_a_clear_error_and_nothing_stays() -> None:
+    from aimesh_tasks.db.models import AcceptedMessageRow
+
+    message_id = f"away-{uuid.uuid4().hex}"
+    broker = "redis://:hunter2@127.0.0.1:1/0"  # port 1: nothing listens
+    done = subprocess.run([sys.executable, "-c", _AWAY, message_id], capture_output=True,
+                          text=True, timeout=120, env={
+                              **os.environ, "AIMESH_BROKER_URL": broker,
+                              "AIMESH_ACCEPTED_LOG": "true"})
+    assert done.returncode == 0 and done.stdout, done.stderr[-2000:]
+    error = json.loads(done.stdout)
+    assert error["code"] == "service_unavailable" and error["service"] == "broker"
+    assert error["message_id"] == message_id and error["reason"]
+    assert "127.0.0.1:1" in error["message"] and "nothing was queued" in error["message"]
+    assert "hunter2" not in done.stdout + done.stderr
+    with session_scope() as session:
+        assert session.get(AcceptedMessageRow, message_id) is None
 
 
 def test_pickle_message_is_refused_and_the_queue_keeps_flowing(

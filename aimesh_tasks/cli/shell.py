@@ -179,7 +179,11 @@ def in_cli_terms(message: str) -> str:
 def describe(exc: Exception) -> str | None:
     """The one line a user sees for an error they can fix, or None for a bug."""
     if isinstance(exc, AimeshError):
-        return in_cli_terms(exc.message)
+        # A server that is away (submit's ServiceUnavailable from a refused publish) is
+        # said with the setting that points at it.
+        cause = exc.__cause__
+        server = _server_error(cause) if isinstance(cause, Exception) else None
+        return server or in_cli_terms(exc.message)
     return _server_error(exc)
 
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import kombu.exceptions
 import redis
 from starlette.concurrency import run_in_threadpool
 
@@ -119,10 +118,10 @@ def _accept_sync(data: dict[str, Any]) -> Accepted:
 
     try:
         pending = submit(data)
-    except (kombu.exceptions.OperationalError, redis.ConnectionError, OSError) as exc:
-        raise ServiceUnavailable(f"the broker cannot take the message now "
-                                 f"({type(exc).__name__}); nothing was queued, try again",
-                                 service="broker", retry_after_s=1) from exc
+    except ServiceUnavailable as exc:  # a 503; the broker's address is not the client's
+        raise ServiceUnavailable("the broker cannot take the message now; nothing was "
+                                 "queued, try again", service="broker",
+                                 retry_after_s=1) from exc
     accepted = Accepted(message_id=str(pending.id), accepted_at=time.time())
     try:
         pipe = get_redis().pipeline(transaction=False)
