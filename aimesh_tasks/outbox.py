@@ -260,3 +260,13 @@ def flush(max_batches: int = 100, *, wait_s: float = 0.0) -> int:
 def pending() -> int:
     """Records waiting in the outbox."""
     return int(get_redis().llen(keys.outbox()))
+
+
+def counts() -> tuple[int, int]:
+    """Records waiting in the outbox, and records set aside as refused, in one round trip
+    (the exporter's `aimesh_outbox_records`)."""
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.llen(keys.outbox())
+    pipe.llen(keys.outbox_rejected())
+    waiting, rejected = pipe.execute()
+    return int(waiting), int(rejected)

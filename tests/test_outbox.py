@@ -10,7 +10,9 @@ from sqlalchemy import func, select
 from aimesh_tasks import keys, outbox
 from aimesh_tasks.db import RoutingDecisionRow, session_scope
 from aimesh_tasks.messages import utcnow
+from aimesh_tasks.observability.exporter import ClusterCollector, broker_client
 from aimesh_tasks.redis_client import get_redis
+from aimesh_tasks.settings import get_settings
 
 pytestmark = pytest.mark.usefixtures("clean")
 
@@ -84,6 +86,20 @@ def test_a_record_no_table_can_hold_is_set_aside_and_the_rest_land() -> None:
     # A kind this version does not know (a newer version's, mid-upgrade) is kept, not lost.
     assert json.loads(unknown_kept["record"]) == {"kind": "no-such-kind", "row": {}}
     assert "unknown record kind 'no-such-kind'" in unknown_kept["reason"]
+    # The exporter shows what was set aside (an operator's alert) and what waits; the
+    # flushers' lock is held so that the waiting record stays put while it is scraped.
+    get_redis().set(keys.outbox_lock(), "held-by-test", px=30_000)
+    try:
+        outbox.append("routing_decision", _decision("m-8"))
+        scraped = {(s.name, s.labels.get("state")): s.value
+                   for family in ClusterCollector(broker_client(get_settings().broker_url))
+                   .collect() for s in family.samples}
+    finally:
+        get_redis().delete(keys.outbox_lock())
+    assert scraped[("aimesh_outbox_records", "rejected")] == 2
+    assert scraped[("aimesh_outbox_records", "waiting")] == 1
+    outbox.flush(wait_s=5)
+    assert _count("m-8") == 1
 
 
 def test_a_nul_character_is_kept_as_a_replacement_character() -> None:

@@ -14,6 +14,9 @@ any number of replicas report the same values.
 | aimesh_endpoint_health               | endpoint, state | live health (up/down/unknown) |
 | aimesh_breaker_state                 | endpoint, state | circuit breaker: 1 for its    |
 |                                      |                 | state (closed/open/half_open) |
+| aimesh_outbox_records                | state           | records waiting for Postgres  |
+|                                      |                 | (waiting) and set aside as    |
+|                                      |                 | refused (rejected): outbox.py |
 | aimesh_exporter_source_up            | source          | 1 if broker/redis/database    |
 |                                      |                 | answered this scrape          |
 
@@ -112,6 +115,10 @@ class ClusterCollector(Collector):
             "breaker": _gauge("aimesh_breaker_state",
                               "1 for the state of the endpoint's circuit breaker.",
                               ["endpoint", "state"]),
+            "outbox": _gauge("aimesh_outbox_records",
+                             "Outbox records waiting to reach Postgres (waiting), and those "
+                             "Postgres refused, set aside with the reason (rejected).",
+                             ["state"]),
             "up": _gauge("aimesh_exporter_source_up",
                          "1 if the source answered this scrape.", ["source"]),
         }
@@ -137,15 +144,19 @@ class ClusterCollector(Collector):
         return endpoints
 
     def _live(self, families: dict[str, GaugeMetricFamily], endpoints: list[Any]) -> None:
+        from aimesh_tasks import outbox
         from aimesh_tasks.registry.live import read_figures
 
         try:
             figures, _ = read_figures(e.id for e in endpoints)
+            waiting, rejected = outbox.counts()
         except Exception:
             logger.exception("exporter.redis_failed")
             families["up"].add_metric(["redis"], 0)
             return
         families["up"].add_metric(["redis"], 1)
+        families["outbox"].add_metric(["waiting"], waiting)
+        families["outbox"].add_metric(["rejected"], rejected)
         for endpoint in endpoints:
             live = figures[endpoint.id]
             families["in_flight"].add_metric([endpoint.id], live.in_flight)
