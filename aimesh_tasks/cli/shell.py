@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import typer
 from typer.core import TyperGroup
 
-from aimesh_tasks.errors import AimeshError
+from aimesh_tasks.errors import AimeshError, ServiceUnavailable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -182,7 +182,8 @@ def describe(exc: Exception) -> str | None:
         # A server that is away (submit's ServiceUnavailable from a refused publish) is
         # said with the setting that points at it.
         cause = exc.__cause__
-        server = _server_error(cause) if isinstance(cause, Exception) else None
+        server = (_server_error(cause) if isinstance(exc, ServiceUnavailable)
+                  and isinstance(cause, Exception) else None)
         return server or in_cli_terms(exc.message)
     return _server_error(exc)
 
