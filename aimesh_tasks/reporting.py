@@ -7,7 +7,8 @@ outbox is flushed first), so a report always agrees with what was recorded.
 |-------------------|-------------------------------------------------------------------|
 | answered          | messages with a successful call attempt                           |
 | failed            | messages with an audit `failed` event (all endpoints failed, or   |
-|                   | no endpoint could take them: `unroutable`)                        |
+|                   | no endpoint could take them: `unroutable`) and no `denied` one    |
+| budget rejections | messages a budget refused (audit `denied`) that no call answered  |
 | fallbacks         | answered messages that had a failed attempt first                 |
 | failed calls      | failed call attempts (per endpoint)                               |
 | tokens, cost      | summed over call attempts                                         |
@@ -21,6 +22,11 @@ decision saw its candidates at the time (their prices are recorded with it), so 
 does not change when endpoints are repriced or removed later. Decisions recorded before
 prices were fall back to the registry's prices; an endpoint priced by neither counts at
 what was actually paid.
+
+Each message is counted under one outcome, so answered, failed and refused add up to what
+was sent: a message whose fallback a budget refused has both a `denied` and a `failed`
+event and counts as refused; a message whose hedge a budget refused while its first call
+answered counts as answered.
 """
 
 from __future__ import annotations
@@ -108,11 +114,13 @@ class EndpointFigures(Usage):
 
 @dataclass
 class AgentFigures(Usage):
-    """One agent (or the total): messages answered, failed, answered after a fallback."""
+    """One agent (or the total): messages answered, failed, answered after a fallback,
+    refused by a budget; each message under one of answered, refused, failed."""
 
     answered: set[str] = field(default_factory=set)
     failed_first: set[str] = field(default_factory=set)
     failed: set[str] = field(default_factory=set)
+    denied: set[str] = field(default_factory=set)
     unroutable: int = 0
 
     def add(self, row: CallAttemptRow) -> None:
@@ -124,7 +132,8 @@ class AgentFigures(Usage):
         """JSON-safe figures."""
         return {
             "answered": len(self.answered),
-            "failed": len(self.failed),
+            "failed": len(self.failed - self.denied - self.answered),
+            "budget_rejections": len(self.denied - self.answered),
             "unroutable": self.unroutable,
             "fallbacks": len(self.answered & self.failed_first),
             **super().to_dict(),
@@ -144,6 +153,7 @@ class Records:
     unroutable: list[str]  # agent id per routing decision without a winner
     # message id -> endpoint id -> its prices as the routing decision recorded them
     prices: dict[str, dict[str, Price]] = field(default_factory=dict)
+    denied: list[tuple[str, str]] = field(default_factory=list)  # audit 'denied' events
 
 
 def recorded_prices(candidates: list[dict[str, Any]]) -> dict[str, Price]:
@@ -179,9 +189,11 @@ def load_records(since: datetime | None = None, agent_id: str | None = None) -> 
             elif d.message_id not in routes:
                 routes[d.message_id] = [d.winner, *d.fallbacks]
                 prices[d.message_id] = recorded_prices(d.candidates)
-        failed = [(a.agent_id, a.message_id) for a in session.scalars(_filtered(
-            select(AuditRow).where(AuditRow.event == "failed"), AuditRow, since, agent_id))]
-    return Records(attempts, routes, failed, unroutable, prices)
+        events: dict[str, list[tuple[str, str]]] = {"failed": [], "denied": []}
+        for a in session.scalars(_filtered(
+                select(AuditRow).where(AuditRow.event.in_(events)), AuditRow, since, agent_id)):
+            events[a.event].append((a.agent_id, a.message_id))
+    return Records(attempts, routes, events["failed"], unroutable, prices, events["denied"])
 
 
 def _cost_at(row: CallAttemptRow, price: Price) -> int:
@@ -221,8 +233,9 @@ def policy_costs(records: Records, endpoints: Iterable[Endpoint]) -> dict[str, i
     return {"routed_nusd": routed, "round_robin_nusd": round_robin, "cheapest_nusd": cheapest}
 
 
-def _group(records: Records) -> tuple[dict[str, EndpointFigures], dict[str, AgentFigures],
-                                      AgentFigures]:
+def tally(records: Records) -> tuple[dict[str, EndpointFigures], dict[str, AgentFigures],
+                                     AgentFigures]:
+    """Figures per endpoint, per agent and in all, from the recorded rows."""
     by_endpoint: dict[str, EndpointFigures] = {}
     by_agent: dict[str, AgentFigures] = {}
     total = AgentFigures()
@@ -233,45 +246,47 @@ def _group(records: Records) -> tuple[dict[str, EndpointFigures], dict[str, Agen
     for agent_id, message_id in records.failed:
         by_agent.setdefault(agent_id, AgentFigures()).failed.add(message_id)
         total.failed.add(message_id)
+    for agent_id, message_id in records.denied:
+        by_agent.setdefault(agent_id, AgentFigures()).denied.add(message_id)
+        total.denied.add(message_id)
     for agent_id in records.unroutable:
         by_agent.setdefault(agent_id, AgentFigures()).unroutable += 1
         total.unroutable += 1
     return by_endpoint, by_agent, total
 
 
-def savings_and_refusals(since: datetime | None, agent_id: str | None) -> dict[str, Any]:
-    """Messages answered without a call (cache, single-flight), what that saved, and
-    messages refused by a budget, from the audit records."""
+def cache_savings(since: datetime | None, agent_id: str | None) -> dict[str, Any]:
+    """Messages answered without a call (cache, single-flight) and what that saved, from
+    the audit records."""
     with session_scope() as session:
         cached = list(session.scalars(_filtered(
             select(AuditRow).where(AuditRow.event == "cached"), AuditRow, since, agent_id)))
-        denied = {a.message_id for a in session.scalars(_filtered(
-            select(AuditRow).where(AuditRow.event == "denied"), AuditRow, since, agent_id))}
     by_reason: dict[str, int] = {"exact": 0, "semantic": 0, "single_flight": 0}
     for row in cached:
         by_reason[row.reason or "exact"] = by_reason.get(row.reason or "exact", 0) + 1
     saved = sum(int(row.detail.get("cost_saved_nusd", 0)) for row in cached)
-    return {"cache": {"answers": len({r.message_id for r in cached}), **by_reason,
-                      "saved_usd": str(nusd_to_usd(saved))},
-            "budget_rejections": len(denied)}
+    return {"answers": len({r.message_id for r in cached}), **by_reason,
+            "saved_usd": str(nusd_to_usd(saved))}
 
 
 def traffic_report(since: datetime | None = None, agent_id: str | None = None) -> dict[str, Any]:
     """Per-endpoint and per-agent figures, totals, the cost of other routing policies,
     cache savings and budget refusals."""
     records = load_records(since, agent_id)
-    by_endpoint, by_agent, total = _group(records)
+    by_endpoint, by_agent, total = tally(records)
     costs = policy_costs(records, list_endpoints())
+    totals = total.to_dict()
     return {
         "since": since.isoformat() if since else None,
         "agent_id": agent_id,
         "endpoints": {k: g.to_dict() for k, g in sorted(by_endpoint.items())},
         "agents": {k: g.to_dict() for k, g in sorted(by_agent.items())},
-        "total": total.to_dict(),
+        "total": totals,
         "routed_cost_usd": str(nusd_to_usd(costs["routed_nusd"])),
         "round_robin_cost_usd": str(nusd_to_usd(costs["round_robin_nusd"])),
         "cheapest_cost_usd": str(nusd_to_usd(costs["cheapest_nusd"])),
-        **savings_and_refusals(since, agent_id),
+        "cache": cache_savings(since, agent_id),
+        "budget_rejections": totals["budget_rejections"],
     }
 
 

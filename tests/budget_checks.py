@@ -1,15 +1,19 @@
-"""The budget invariants as SQL, checked at the end of every budget test; and the probes
-the budget batch tests share (a budget row held locked, a batch waiting for it)."""
+"""The budget invariants as SQL, checked at the end of every budget test; the probes the
+budget batch tests share (a budget row held locked, a batch waiting for it); and a fresh
+agent with a budget."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, text
 
 from aimesh_tasks import outbox
+from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.db import get_engine
+from aimesh_tasks.governance.agents import add_agent
 
 INVARIANTS = {
     "ledger sum equals spent (plus what period resets set aside), per agent": """
@@ -69,3 +73,13 @@ def blocked_batches() -> dict[int, str]:
 def blocked_batch() -> tuple[int, str] | None:
     """One budget batch waiting for a row lock (see blocked_batches), if there is one."""
     return next(iter(blocked_batches().items()), None)
+
+
+def new_agent(prefix: str, usd: str | None = "1") -> str:
+    """A registered agent with a unique id starting `prefix`, with a budget of `usd`
+    (None: no budget)."""
+    agent_id = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    add_agent(agent_id)
+    if usd is not None:
+        set_budget(agent_id, usd=usd)
+    return agent_id

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from decimal import Decimal
@@ -31,7 +30,12 @@ from aimesh_tasks.providers.base import Completion
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint, add_endpoint
 from aimesh_tasks.simulator import RunningSimulator
-from tests.budget_checks import assert_budget_invariants, blocked_batch, budget_row_locked
+from tests.budget_checks import (
+    assert_budget_invariants,
+    blocked_batch,
+    budget_row_locked,
+    new_agent,
+)
 from tests.gate import Gate
 from tests.waits import wait_until
 
@@ -40,12 +44,6 @@ pytestmark = pytest.mark.usefixtures("workers")
 Sim = Callable[..., RunningSimulator]
 MakeEndpoint = Callable[..., Endpoint]
 PROMPT = "Summarise the quarterly report in two lines"
-
-
-def _agent(prefix: str) -> str:
-    agent_id = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    add_agent(agent_id)
-    return agent_id
 
 
 def _outcomes(pending: list[AsyncResult]) -> tuple[list[dict[str, Any]], list[BaseException]]:
@@ -75,7 +73,7 @@ def test_race_admits_what_fits_never_overspends_never_falsely_rejects(
 ) -> None:
     sim = simulator(completion_tokens=8)
     target = endpoint(sim, "race", price_in="0.001", price_out="0.002", capacity=1000)
-    agent = _agent(f"race{round_no}")
+    agent = new_agent(f"race{round_no}", None)
     need = worst_case(parse_message({"agent_id": agent, "prompt": f"{PROMPT} #000",
                                      "max_tokens": 64}), target)
     set_budget(agent, tokens=10 * need.tokens)
@@ -107,7 +105,7 @@ def test_exhausted_budget_is_refused_with_what_was_needed_and_left(
 ) -> None:
     sim = simulator()
     endpoint(sim, "tight", price_in="0.01", price_out="0.01")
-    agent = _agent("tight")
+    agent = new_agent("tight", None)
     set_budget(agent, usd="0.000001")
     with pytest.raises(BudgetExceeded) as caught:
         submit(agent_id=agent, prompt=PROMPT, max_tokens=64).get(timeout=30)
@@ -131,7 +129,7 @@ def test_fallback_call_is_reserved_at_its_own_price_and_both_calls_are_charged(
     broken_sim, good_sim = simulator(error_rate=1.0), simulator()
     endpoint(broken_sim, "cheap-broken", price_in="0.001", price_out="0.001")
     good = endpoint(good_sim, "dear-good", price_in="0.004", price_out="0.004")
-    agent = _agent("fallback")
+    agent = new_agent("fallback", None)
     set_budget(agent, usd="1")
     result = submit(agent_id=agent, prompt=PROMPT, max_tokens=32).get(timeout=30)
     assert result["endpoint_id"] == good.id
@@ -147,7 +145,7 @@ def test_fallback_call_is_reserved_at_its_own_price_and_both_calls_are_charged(
 def test_redelivered_message_is_charged_once(simulator: Sim, endpoint: MakeEndpoint) -> None:
     sim = simulator()
     endpoint(sim, "redeliver")
-    agent = _agent("redeliver")
+    agent = new_agent("redeliver", None)
     set_budget(agent, tokens=100_000)
     message = parse_message({"agent_id": agent, "prompt": PROMPT, "max_tokens": 32,
                              "no_cache": True, "no_store": True})  # the ledger alone dedups
@@ -198,7 +196,7 @@ def test_router_killed_while_its_reserve_batch_waits_in_postgres_reserves_once(
     message reserves once, calls once, and is charged exactly what the provider billed."""
     sim = simulator(completion_tokens=10)
     target = endpoint(sim, "kill-mid-reserve")
-    agent = _agent("kill-mid-reserve")
+    agent = new_agent("kill-mid-reserve", None)
     set_budget(agent, tokens=1_000_000)
     with budget_row_locked(agent):
         async_result = submit(agent_id=agent, prompt=PROMPT, max_tokens=32)
@@ -224,7 +222,7 @@ def test_endpoint_worker_killed_while_its_settle_batch_waits_charges_the_call_on
     sim = simulator(completion_tokens=10)
     held = gate(sim)
     target = endpoint(held, "kill-mid-settle")
-    agent = _agent("kill-mid-settle")
+    agent = new_agent("kill-mid-settle", None)
     set_budget(agent, tokens=1_000_000)
     async_result = submit(agent_id=agent, prompt=PROMPT, max_tokens=32)
     caller = held.caller_pid(held.wait_held(1)[0])
@@ -257,7 +255,7 @@ def test_reaper_settles_by_what_it_knows_of_each_stale_reservation(
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
     target = endpoint(simulator(), "reaped")
-    agent = _agent("reaper")
+    agent = new_agent("reaper", None)
     set_budget(agent, tokens=100_000)
     _held(agent, target, "never-called:0")
     _held(agent, target, "claimed-no-answer:0")
@@ -297,7 +295,7 @@ def test_rolling_period_reset_is_recorded(simulator: Sim, endpoint: MakeEndpoint
 
     sim = simulator()
     endpoint(sim, "rolling")
-    agent = _agent("rolling")
+    agent = new_agent("rolling", None)
     window = timedelta(hours=1)  # no wall-clock window can close during the test
     set_budget(agent, tokens=100_000, period="rolling", rolling_s=int(window.total_seconds()))
     submit(agent_id=agent, prompt=PROMPT, no_cache=True).get(timeout=30)
@@ -330,7 +328,7 @@ def test_rolling_period_reset_is_recorded(simulator: Sim, endpoint: MakeEndpoint
 def test_bad_budget_input_is_refused_and_nothing_changes(
     clean: None, fields: dict[str, Any], error: type[Exception], words: str
 ) -> None:
-    agent = _agent("bad-input")
+    agent = new_agent("bad-input", None)
     set_budget(agent, tokens=100)
     with pytest.raises(error, match=words):
         set_budget(agent, **fields)
@@ -358,7 +356,7 @@ def test_budgets_cli_sets_and_shows_and_refuses_bad_input(clean: None) -> None:
     from aimesh_tasks.cli.main import cli
 
     runner = CliRunner()
-    agent = _agent("cli-budget")
+    agent = new_agent("cli-budget", None)
     done = runner.invoke(cli, ["budgets", "set", agent, "--tokens", "500", "--usd", "1.25",
                                "--period", "monthly"])
     assert done.exit_code == 0, done.output
@@ -373,12 +371,12 @@ def test_budgets_cli_sets_and_shows_and_refuses_bad_input(clean: None) -> None:
 def test_metered_mirror_is_trusted_only_while_complete(clean: None) -> None:
     from aimesh_tasks.budgets.metered import is_metered, rebuild
 
-    agent = _agent("mirror")
+    agent = new_agent("mirror", None)
     set_budget(agent, tokens=10)
     get_redis().flushdb()  # Redis lost the mirror: unsure, never "unmetered"
     assert is_metered(agent) is None and is_metered("someone-else") is None
     rebuild()
     assert is_metered(agent) is True and is_metered("someone-else") is False
-    later = _agent("mirror-later")
+    later = new_agent("mirror-later", None)
     set_budget(later, tokens=10)
     assert is_metered(later) is True

@@ -24,11 +24,9 @@ from sqlalchemy import select
 
 from aimesh_tasks import keys, outbox, submit
 from aimesh_tasks.app import app
-from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.budgets.estimate import worst_case
 from aimesh_tasks.db import AuditRow, CallAttemptRow, LedgerRow, ReservationRow, session_scope
 from aimesh_tasks.errors import AllEndpointsFailed, InvalidMessage
-from aimesh_tasks.governance.agents import add_agent
 from aimesh_tasks.messages import AiMessage, Hedge, parse_message
 from aimesh_tasks.pipeline import calling, race, routing
 from aimesh_tasks.pipeline.outcomes import AnswerFor, Done, HandOff, Lost
@@ -42,6 +40,7 @@ from aimesh_tasks.resilience.hedge_budget import BudgetConfig
 from aimesh_tasks.resilience.hedging import Hedging, hedge_delay_ms, hedge_of, plan, too_late
 from aimesh_tasks.settings import Settings
 from aimesh_tasks.simulator import RunningSimulator
+from tests.budget_checks import new_agent
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.usefixtures("clean")
@@ -50,14 +49,6 @@ Sim = Callable[..., RunningSimulator]
 MakeEndpoint = Callable[..., Endpoint]
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 BUCKET = BudgetConfig(ratio=0.1, burst=2, window_s=60)
-
-
-def _agent(prefix: str, usd: str | None = "1") -> str:
-    agent_id = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    add_agent(agent_id)
-    if usd is not None:
-        set_budget(agent_id, usd=usd)
-    return agent_id
 
 
 def _message(agent: str, **fields: Any) -> AiMessage:
@@ -221,7 +212,7 @@ def test_routing_plans_a_hedge_at_the_next_endpoint_and_the_deadline_can_forbid_
 ) -> None:
     sim = simulator()
     first, second = endpoint(sim, "a-first"), endpoint(sim, "b-second", price_in="0.002")
-    handed = _routed(_message(_agent("plan"), hedge=Hedge(after_ms=250)), _policies())
+    handed = _routed(_message(new_agent("plan"), hedge=Hedge(after_ms=250)), _policies())
     assert handed.envelope.lane == 0 and handed.envelope.route[0]["id"] == first.id
     [hedge] = handed.hedges
     assert hedge.countdown_s == 0.25 and hedge.envelope.lane == 1
@@ -230,7 +221,7 @@ def test_routing_plans_a_hedge_at_the_next_endpoint_and_the_deadline_can_forbid_
     assert hedge_budget.tokens(second.id, BudgetConfig()) == 10  # deposited, capped at burst
 
     soon = datetime.now(UTC) + timedelta(seconds=30)
-    late = _message(_agent("plan"), hedge=Hedge(after_ms=250), deadline=soon)
+    late = _message(new_agent("plan"), hedge=Hedge(after_ms=250), deadline=soon)
 
     def clock() -> datetime:  # the deadline is 100 ms away: before the hedge would fire
         return soon - timedelta(milliseconds=100)
@@ -244,18 +235,18 @@ def test_the_p95_form_waits_the_first_endpoints_live_p95(simulator: Sim,
     sim = simulator()
     first = endpoint(sim, "a-p95")
     endpoint(sim, "b-p95", price_in="0.002")
-    cold = _routed(_message(_agent("p95"), hedge=Hedge(after="p95")),
+    cold = _routed(_message(new_agent("p95"), hedge=Hedge(after="p95")),
                    _policies(hedge_p95_default_ms=700))
     assert cold.hedges[0].countdown_s == 0.7  # no live p95 yet: the default
     for n, latency_ms in enumerate([100.0] * 18 + [250.0] * 2):
         call_started(first.id, f"seed:{n}")
         call_finished(first.id, f"seed:{n}", latency_ms, True)
-    warm = _routed(_message(_agent("p95"), hedge=Hedge(after="p95")), _policies())
+    warm = _routed(_message(new_agent("p95"), hedge=Hedge(after="p95")), _policies())
     assert warm.hedges[0].countdown_s == 0.25  # the 19th of 20 sorted latencies
     for n in range(20, 22):  # two at 900 ms: the 21st of 22 sorted is in the slow mode
         call_started(first.id, f"seed:{n}")
         call_finished(first.id, f"seed:{n}", 900.0, True)
-    capped = _routed(_message(_agent("p95"), hedge=Hedge(after="p95")), _policies())
+    capped = _routed(_message(new_agent("p95"), hedge=Hedge(after="p95")), _policies())
     assert capped.hedges[0].countdown_s == 0.4  # 4 (AIMESH_HEDGE_P95_CAP_X) x the 100 ms p50
 
 
@@ -265,7 +256,7 @@ def test_a_hedge_whose_worst_case_cannot_be_reserved_is_not_fired(
     cheap_sim, dear_sim = simulator(), simulator()
     cheap = endpoint(cheap_sim, "a-cheap", price_in="0.001", price_out="0.001")
     dear = endpoint(dear_sim, "b-dear", price_in="50", price_out="50")
-    message = _message(_agent("poor", usd="0.01"), hedge=Hedge(after_ms=0))
+    message = _message(new_agent("poor", usd="0.01"), hedge=Hedge(after_ms=0))
     assert worst_case(message, cheap).nusd < 10**7 < worst_case(message, dear).nusd
     handed = _routed(message, _policies())
     [hedge] = handed.hedges
@@ -289,11 +280,11 @@ def test_the_hedge_budget_stops_hedges_when_both_endpoints_are_slow(
     policies = _policies(hedge_budget_burst=1)
     # Everything was slow for a while: B's bucket was spent, and one token is left.
     get_redis().hset(keys.hedge_bucket(b.id), "tokens", "0.95")
-    first = _routed(_message(_agent("storm"), hedge=Hedge(after_ms=10)), policies)
+    first = _routed(_message(new_agent("storm"), hedge=Hedge(after_ms=10)), policies)
     fired = calling.call(app, first.hedges[0].envelope, wait_s=5, policies=policies)
     assert isinstance(fired, AnswerFor) and fired.task_id == first.envelope.message_id
     assert slow_b.stats()["calls"] == 1  # its routing deposit made the token whole
-    second = _routed(_message(_agent("storm"), hedge=Hedge(after_ms=10)), policies)
+    second = _routed(_message(new_agent("storm"), hedge=Hedge(after_ms=10)), policies)
     refused = calling.call(app, second.hedges[0].envelope, wait_s=5, policies=policies)
     assert isinstance(refused, Lost) and "out of hedge budget" in refused.reason
     assert slow_b.stats()["calls"] == 1  # the second hedge was not sent
@@ -308,7 +299,7 @@ def test_a_hedge_arriving_after_its_race_was_won_is_not_sent_and_holds_nothing(
     a_sim, b_sim = simulator(), simulator()
     a = endpoint(a_sim, "a-quick")
     endpoint(b_sim, "b-late", price_in="0.002")
-    message = _message(_agent("won-first"), hedge=Hedge(after_ms=5000))
+    message = _message(new_agent("won-first"), hedge=Hedge(after_ms=5000))
     handed = _routed(message, _policies())
     done = calling.call(app, handed.envelope, wait_s=5, policies=_policies())
     assert isinstance(done, Done) and done.result["endpoint_id"] == a.id
@@ -331,7 +322,7 @@ def test_a_slow_first_endpoint_is_raced_the_fast_hedge_wins_and_the_loser_is_abo
     slow_sim, fast_sim = simulator(latency_ms=15000), simulator(latency_ms=100)
     slow = endpoint(slow_sim, "a-slow", price_in="0.001")
     fast = endpoint(fast_sim, "b-fast", price_in="0.002")
-    agent = _agent("raced")
+    agent = new_agent("raced")
     pending = submit(agent_id=agent, prompt="race me", max_tokens=16,
                      hedge={"after_ms": 300})
     result = pending.get(timeout=60)
@@ -370,7 +361,7 @@ def test_after_ms_zero_races_at_once_and_both_calls_reach_their_providers(
     slow_sim, fast_sim = simulator(latency_ms=15000), simulator(latency_ms=50)
     endpoint(slow_sim, "a-race", price_in="0.001")
     fast = endpoint(fast_sim, "b-race", price_in="0.002")
-    pending = submit(agent_id=_agent("race-now", None), prompt="now", max_tokens=16,
+    pending = submit(agent_id=new_agent("race-now", None), prompt="now", max_tokens=16,
                      hedge={"after_ms": 0})
     assert pending.get(timeout=60)["endpoint_id"] == fast.id
     first = wait_until(lambda: _logged(slow_sim, keys.call_key(pending.id, 0)),
@@ -388,7 +379,7 @@ def test_a_failed_hedge_leaves_the_race_to_the_first_call_and_both_failing_is_on
     a_sim, broken_sim = simulator(latency_ms=8000), simulator(error_rate=1.0)
     a = endpoint(a_sim, "a-steady", price_in="0.001")
     endpoint(broken_sim, "b-broken", price_in="0.002")
-    agent = _agent("hedge-fails")
+    agent = new_agent("hedge-fails")
     steady = submit(agent_id=agent, prompt="steady", max_tokens=16, hedge={"after_ms": 0})
     assert steady.get(timeout=60)["endpoint_id"] == a.id
     hedge_call = _logged(broken_sim, keys.hedge_call_key(steady.id, 1))

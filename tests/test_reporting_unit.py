@@ -1,10 +1,11 @@
-"""What other routing policies would have cost (pure): a worked example, figures by hand."""
+"""What other routing policies would have cost, and how messages are counted (pure): worked
+examples, figures by hand."""
 
 from __future__ import annotations
 
 from aimesh_tasks.db import CallAttemptRow
 from aimesh_tasks.registry.endpoints import Endpoint
-from aimesh_tasks.reporting import Records, policy_costs
+from aimesh_tasks.reporting import Records, policy_costs, tally
 
 
 def _endpoint(eid: str, input_nusd_per_1k: int) -> Endpoint:
@@ -43,3 +44,19 @@ def test_round_robin_and_cheapest_on_a_worked_example() -> None:
     # As routed: every attempt's cost, the failed one included: 10777.
     costs = policy_costs(Records(attempts, routes, failed=[], unroutable=[]), endpoints)
     assert costs == {"routed_nusd": 10777, "round_robin_nusd": 13777, "cheapest_nusd": 9777}
+
+
+def test_each_message_counts_under_one_outcome() -> None:
+    attempts = [
+        _row("answered", "a", 1000),
+        _row("fell", "a", 0, ok=False),  # failed, then a budget refused its fallback
+        _row("hedged", "a", 1000),  # answered, while a budget refused its hedge
+        _row("lost", "a", 0, ok=False),  # every endpoint failed
+    ]
+    failed = [("a", "fell"), ("a", "lost"), ("a", "unroutable")]
+    denied = [("a", "fell"), ("a", "hedged"), ("a", "refused"), ("a", "refused")]
+    _, by_agent, total = tally(Records(attempts, {}, failed, ["a"], denied=denied))
+    figures = total.to_dict()
+    # answered: answered, hedged; refused: fell, refused; failed: lost, unroutable.
+    assert (figures["answered"], figures["budget_rejections"], figures["failed"]) == (2, 2, 2)
+    assert by_agent["a"].to_dict() == figures

@@ -36,7 +36,6 @@ from typer.testing import CliRunner
 
 from aimesh_tasks import keys, submit
 from aimesh_tasks.app import app, check_countdowns
-from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.db import LedgerRow, ReservationRow, session_scope
 from aimesh_tasks.errors import (
     AllEndpointsFailed,
@@ -45,7 +44,6 @@ from aimesh_tasks.errors import (
     NoEndpointAvailable,
     ProviderError,
 )
-from aimesh_tasks.governance.agents import add_agent
 from aimesh_tasks.messages import AiMessage, utcnow
 from aimesh_tasks.observability.exporter import ClusterCollector, queue_depths
 from aimesh_tasks.pipeline import calling, routing
@@ -70,6 +68,7 @@ from aimesh_tasks.routing import decisions_for
 from aimesh_tasks.settings import Settings, get_settings
 from aimesh_tasks.simulator import RunningSimulator
 from aimesh_tasks.tasks import route_message
+from tests.budget_checks import new_agent
 from tests.conftest import BROKER_DB, REDIS, SLOT
 from tests.processes import WorkerProcess
 from tests.relay import Relay
@@ -102,14 +101,6 @@ def relay() -> Iterator[MakeRelay]:
 
 def _eid() -> str:
     return f"brk-{uuid.uuid4().hex[:8]}"
-
-
-def _agent(prefix: str, usd: str | None = "1") -> str:
-    agent_id = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    add_agent(agent_id)
-    if usd is not None:
-        set_budget(agent_id, usd=usd)
-    return agent_id
 
 
 def _ledger(message_id: str) -> list[LedgerRow]:
@@ -323,7 +314,7 @@ def test_all_open_fails_fast_naming_every_endpoint(simulator: Sim,
     now = time.time()
     _open(a.id, now, 50)
     _open(b.id, now, 20)
-    message = _message(_agent("all-open"))
+    message = _message(new_agent("all-open"))
     outcome = routing.route(app, message, policies=_policies(all_open="fail"))
     assert isinstance(outcome, Refused) and isinstance(outcome.error, NoEndpointAvailable)
     assert {eid: why.split(":")[0] for eid, why in outcome.error.excluded.items()} == {
@@ -343,7 +334,7 @@ def test_all_open_soonest_sends_to_the_first_cooldown_to_end_which_waits_for_it(
     _open(a.id, now, 50)
     _open(b.id, now, 20)
     soonest = _policies(all_open="soonest")
-    message = _message(_agent("soonest"))
+    message = _message(new_agent("soonest"))
     outcome = routing.route(app, message, policies=soonest)
     assert isinstance(outcome, HandOff)
     assert [e["id"] for e in outcome.envelope.route] == [b.id]
@@ -361,7 +352,7 @@ def test_an_endpoint_whose_breaker_opened_after_routing_is_skipped_for_the_next(
     a_sim, b_sim = simulator(), simulator()
     a, b = endpoint(a_sim, "a-shut"), endpoint(b_sim, "b-next", price_in="0.002")
     policies = _policies()
-    message = _message(_agent("skipped"))
+    message = _message(new_agent("skipped"))
     handed = routing.route(app, message, policies=policies)
     assert isinstance(handed, HandOff) and handed.envelope.route[0]["id"] == a.id
     _open(a.id, time.time(), 30)
@@ -383,7 +374,7 @@ def test_a_throttled_call_is_retried_at_the_same_endpoint_as_a_new_reserved_call
     simulator: Sim, endpoint: MakeEndpoint
 ) -> None:
     only = endpoint(simulator(throttle_rate=1.0, retry_after_s=1), "throttled")
-    message = _message(_agent("retried"))
+    message = _message(new_agent("retried"))
     handed = routing.route(app, message, policies=_policies())
     assert isinstance(handed, HandOff)
     outcome = calling.call(app, handed.envelope, wait_s=5, policies=_policies())
@@ -401,7 +392,7 @@ def test_a_retry_that_cannot_finish_before_the_deadline_is_not_started(
 ) -> None:
     sim = simulator(throttle_rate=1.0, retry_after_s=5)
     endpoint(sim, "late")
-    message = _message(_agent("too-late"), deadline=utcnow() + timedelta(seconds=3))
+    message = _message(new_agent("too-late"), deadline=utcnow() + timedelta(seconds=3))
     handed = routing.route(app, message, policies=_policies())
     assert isinstance(handed, HandOff)
     outcome = calling.call(app, handed.envelope, wait_s=5, policies=_policies())
@@ -447,7 +438,7 @@ def test_429_with_retry_after_one_second_retries_the_same_endpoint_after_it(
     sim = simulator(throttle_rate=1.0, retry_after_s=1)
     stamps = _stamped(sim, relay)
     only = endpoint(stamps, "retry-after")
-    agent = _agent("retry-after")
+    agent = new_agent("retry-after")
     result = submit(agent_id=agent, prompt="retry me", max_tokens=16).get(timeout=60)
     assert [(a["endpoint_id"], a["ok"]) for a in result["attempts"]] == [
         (only.id, False), (only.id, True)]
@@ -471,7 +462,7 @@ def test_retry_after_as_an_http_date_is_honoured_through_a_countdown(
     sim = simulator(throttle_rate=1.0, retry_after_s=3)
     stamps = _stamped(sim, relay, retry_after_as_date=True)
     only = endpoint(stamps, "retry-date")
-    result = submit(agent_id=_agent("retry-date", None), prompt="a date", max_tokens=16
+    result = submit(agent_id=new_agent("retry-date", None), prompt="a date", max_tokens=16
                     ).get(timeout=60)
     assert [(a["endpoint_id"], a["ok"]) for a in result["attempts"]] == [
         (only.id, False), (only.id, True)]
@@ -490,7 +481,7 @@ def test_retries_exhaust_then_fall_back_then_one_error_lists_every_attempt(
         error_rate=1.0)
     throttled = endpoint(throttled_sim, "a-throttled", price_in="0.001")
     broken = endpoint(broken_sim, "b-broken", price_in="0.002")
-    agent = _agent("exhausted")
+    agent = new_agent("exhausted")
     pending = submit(agent_id=agent, prompt="exhaust me", max_tokens=16)
     with pytest.raises(AllEndpointsFailed) as caught:
         pending.get(timeout=60)
@@ -521,7 +512,7 @@ def test_one_breaker_for_every_worker_opens_half_opens_and_reopens_longer(
     flaky_sim, good_sim = simulator(error_rate=1.0), simulator()
     flaky = endpoint(flaky_sim, "a-flaky", price_in="0.0001", price_out="0.0001")
     good = endpoint(good_sim, "b-good")
-    agent = _agent("breaker", None)
+    agent = new_agent("breaker", None)
     limit = get_settings().breaker_failures
     # Failures recorded by the endpoint worker's processes open it ...
     for n in range(limit):
@@ -560,7 +551,7 @@ def test_exactly_k_probes_cluster_wide_in_half_open_under_concurrent_load(
     good = endpoint(simulator(), "b-good")
     _open(shaky.id, time.time(), 30)
     _cooldown_over(shaky.id)
-    agent = _agent("probes", None)
+    agent = new_agent("probes", None)
     pending = [submit(agent_id=agent, prompt=f"concurrent {n}", max_tokens=16)
                for n in range(6)]
     held.wait_arrivals(1)
@@ -585,7 +576,7 @@ def test_a_deadline_shorter_than_the_provider_is_deadline_exceeded_at_the_produc
 ) -> None:
     sim = simulator(latency_ms=60_000)
     endpoint(sim, "slow")
-    agent = _agent("deadline")
+    agent = new_agent("deadline")
     pending = submit(agent_id=agent, prompt="too slow", max_tokens=16,
                      deadline=utcnow() + timedelta(seconds=4))
     # The provider would answer after 60 s and the plain timeout is 30 s: only a call
@@ -635,7 +626,7 @@ def test_priority_nine_messages_overtake_a_backlog_of_priority_zero_on_redis(
 ) -> None:
     held = relay(simulator(), hold=True)
     only = endpoint(held, "prio")
-    agent = _agent("prio", None)
+    agent = new_agent("prio", None)
 
     def send(prompt: str, priority: int) -> AsyncResult:
         return submit(agent_id=agent, prompt=prompt, max_tokens=16, priority=priority)
@@ -688,7 +679,7 @@ def test_priority_nine_messages_overtake_a_backlog_of_priority_zero_on_rabbitmq(
 ) -> None:
     held = relay(simulator(), hold=True)
     only = endpoint(held, "prio-rabbit")
-    agent = _agent("prio-rabbit", None)
+    agent = new_agent("prio-rabbit", None)
     with Connection(RABBIT) as connection:
         producer = connection.Producer()
 
