@@ -29,10 +29,13 @@ def submit(message: AiMessage | dict[str, Any] | None = None, /, **fields: Any) 
     ServiceUnavailable (service="broker") when the broker cannot take the message:
     nothing was queued or recorded, the same message can be submitted again.
     """
-    parsed = validate_or_audit(message if message is not None else fields)
+    given = message if message is not None else fields
+    # Validated once, here (an AiMessage as it would travel: its deadline against the clock
+    # now); the routing task's apply_async takes the validated message as it is.
+    parsed = validate_or_audit(given.to_json_dict() if isinstance(given, AiMessage) else given)
     ensure_embedded_worker()
     try:
-        return route_message.apply_async((parsed.to_json_dict(),))
+        return route_message.apply_async((parsed,))
     except BROKER_REFUSED as exc:
         raise broker_refused(exc, parsed.id) from exc
 

@@ -35,6 +35,7 @@ from celery import Celery
 from kombu import Connection
 from sqlalchemy import create_engine, text
 
+from aimesh_tasks import keys, redis_batch
 from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.db import Base, dispose_engines
 from aimesh_tasks.db.migrate import upgrade
@@ -459,6 +460,14 @@ def test_a_hand_off_lost_after_routing_is_published_again(
     queue = endpoint_queue(endpoint.id)
     wait_until(lambda: queued(broker, queue) == len(ids), f"{len(ids)} hand-offs on {queue}",
                60, seen=lambda: queued(broker, queue))
+    live = fresh.redis.client(LIVE_DB)
+
+    def unseen() -> list[str]:  # its routing task's mark, in Redis or applied to Postgres
+        states = accepted_states(fresh, ids)
+        return [i for i in ids if states[i][0] != "seen"
+                and not live.sismember(keys.accepted_seen(), i)]
+
+    wait_until(lambda: not unseen(), "every routed message marked seen", 30, seen=unseen)
     assert pop_all(broker, queue) == len(ids)
     Worker(["--endpoints", "all", "-P", "threads", "-c", "4"], {}).wait_ready()
     assert_all_succeeded(wait_all_finished(fresh, ids))
@@ -677,7 +686,7 @@ def test_one_reconciler_pass(fresh: Servers, monkeypatch: pytest.MonkeyPatch) ->
     tired = made["tired"].id
     rows(fresh, "UPDATE accepted_messages SET republished = 5 WHERE message_id = :i "
                 "RETURNING 1", i=tired)
-    accepted.note_seen(made["seen"].id)
+    redis_batch.send(lambda batch: accepted.queue_seen(batch, made["seen"].id))
     accepted.note_finished(made["finished"].id)
     accepted.mark_finished([made["old"].id])
     rows(fresh, "UPDATE accepted_messages SET updated_at = now() - interval '2 days' "

@@ -24,7 +24,7 @@ import yaml
 from sqlalchemy import select, text
 from typer.testing import CliRunner
 
-from aimesh_tasks import Step, Workflow, keys, outbox, submit, submit_workflow
+from aimesh_tasks import Step, Workflow, keys, outbox, redis_batch, submit, submit_workflow
 from aimesh_tasks.api_keys import create_key
 from aimesh_tasks.app import app
 from aimesh_tasks.budgets import set_budget
@@ -660,13 +660,14 @@ def test_keys_cli_sets_shows_and_clears_a_keys_limits(clean: None) -> None:
 def test_a_routing_task_seen_again_is_not_taken_for_lost(clean: None) -> None:
     message = _message("seen-agent", "waits a while")
     assert accepted.record(message)
-    accepted.note_seen(message.id)
+    redis_batch.send(lambda batch: accepted.queue_seen(batch, message.id))
     accepted.apply_marks()
     with session_scope() as session:
         session.execute(text("UPDATE accepted_messages SET updated_at = now() - interval "
                              "'1 hour' WHERE message_id = :m"), {"m": message.id})
     assert [q.message_id for q in accepted.quiet(600, 600, 10)] == [message.id]
-    accepted.note_seen(message.id)  # its routing task started again after a wait
+    # its routing task started again after a wait
+    redis_batch.send(lambda batch: accepted.queue_seen(batch, message.id))
     accepted.apply_marks()
     assert accepted.quiet(600, 600, 10) == []
 

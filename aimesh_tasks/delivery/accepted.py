@@ -39,6 +39,7 @@ from aimesh_tasks import keys
 from aimesh_tasks.db.engine import get_engine, get_relaxed_engine
 from aimesh_tasks.db.models import AcceptedMessageRow
 from aimesh_tasks.messages import AiMessage
+from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.settings import get_settings
 
@@ -98,9 +99,10 @@ def _mark(key: str, message_id: str) -> None:
         logger.debug("accepted.mark_failed", extra={"message_id": message_id})
 
 
-def note_seen(message_id: str) -> None:
-    """The message's routing task started (applied to Postgres by `apply_marks`)."""
-    _mark(keys.accepted_seen(), message_id)
+def queue_seen(batch: Batch, message_id: str) -> None:
+    """The message's routing task started (applied to Postgres by `apply_marks`), queued
+    on the routing task's first Redis round trip rather than a round trip of its own."""
+    batch.call("SADD", keys.accepted_seen(), message_id)
 
 
 def note_finished(message_id: str) -> None:

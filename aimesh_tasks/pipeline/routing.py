@@ -45,15 +45,16 @@ DEDUP_OUTCOMES = {"hit": "hit", "follow": "join", "lead": "miss"}
 
 
 def route(app: Any, message: AiMessage, *, in_canvas: bool = False, reply: Reply = "raise",
-          policies: Policies | None = None) -> RouteOutcome:
+          policies: Policies | None = None, batch: Batch | None = None) -> RouteOutcome:
     """Route `message` (its id is the task id); `app` publishes to followers of a flight
-    this message ends without an answer."""
+    this message ends without an answer. `batch` may hold the caller's own writes, sent
+    in the first round trip (not sent at all for a message past its deadline)."""
     if message.expired():
         error = deadline_exceeded(message, "while it waited in the routing queue")
         _audit_failed(message, error)
         return Refused(error)
     policies = policies or active()
-    batch = Batch()
+    batch = batch or Batch()
     read_flight = queue_join_flight(batch, message, message.id, may_follow=not in_canvas)
     read_inputs = queue_route_inputs(batch, message)
     read_policies = policies.queue_route_reads(batch, message)

@@ -9,7 +9,7 @@ traffic and thereby figures.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -38,7 +38,7 @@ class ScoredCandidate:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict, as recorded with the routing decision."""
-        return asdict(self)
+        return {name: getattr(self, name) for name in self.__slots__}  # scalars: shallow
 
 
 def normalise(values: list[float]) -> list[float]:

@@ -15,16 +15,19 @@ from aimesh_tasks.resilience.priority import broker_priority
 from aimesh_tasks.settings import get_settings
 from aimesh_tasks.tasks.shell import MessageTask
 
+DEFAULT_PRIORITY = AiMessage.model_fields["priority"].default
+
 
 def call_signature(envelope: Envelope) -> Signature:
     """The call task for `envelope`, on its first endpoint's queue; only ids are shown
     in Flower and logs."""
-    message = AiMessage.decode(envelope.message)
+    message = envelope.message  # read, not decoded: the call task decodes it
+    priority = int(message.get("priority", DEFAULT_PRIORITY))
     return call_endpoint.signature(
         (envelope.to_json(),), queue=endpoint_from_args(envelope.route[0]).queue,
-        priority=broker_priority(message.priority, get_settings().broker_url),
-        argsrepr=f"(<envelope of message {message.id} of agent {message.agent_id}, "
-                 f"attempt {envelope.attempt_no}>,)",
+        priority=broker_priority(priority, get_settings().broker_url),
+        argsrepr=f"(<envelope of message {message.get('id')} of agent "
+                 f"{message.get('agent_id')}, attempt {envelope.attempt_no}>,)",
         kwargsrepr="{}")
 
 

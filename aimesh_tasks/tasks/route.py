@@ -15,7 +15,9 @@ from aimesh_tasks.governance.audit import audit
 from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.messages import AiMessage, parse_message
 from aimesh_tasks.pipeline import routing
+from aimesh_tasks.pipeline.outcomes import RouteOutcome
 from aimesh_tasks.pipeline.reprs import message_reprs
+from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.resilience.priority import broker_priority
 from aimesh_tasks.settings import get_settings
 from aimesh_tasks.tasks.call import call_signature
@@ -58,9 +60,10 @@ class RouteTask(MessageTask):
     def apply_async(
         self, args: Any = None, kwargs: Any = None, **options: Any
     ) -> AsyncResult:
-        """Validate the message in full, record it as accepted (delivery.accepted), then
-        publish it. Its deadline is checked by the task itself (a late message gets
-        DeadlineExceeded, not a silent revoke)."""
+        """Validate the message in full (an AiMessage is taken as validated: submit()
+        validated it), record it as accepted (delivery.accepted), then publish it. Its
+        deadline is checked by the task itself (a late message gets DeadlineExceeded, not
+        a silent revoke)."""
         message = validate_or_audit((kwargs or {}).get("message") or (args or [None])[0])
         options.setdefault("task_id", message.id)
         options.setdefault("queue", ROUTE_QUEUE)
@@ -78,11 +81,6 @@ class RouteTask(MessageTask):
                 accepted.forget(message.id)
             raise
 
-    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        """Note that a worker has seen the message (delivery.accepted)."""
-        if accepted.enabled() and not in_canvas(self.request):
-            accepted.note_seen(task_id)
-
 
 def _next_call(envelope: Envelope) -> Signature:
     return call_signature(envelope)
@@ -98,6 +96,13 @@ def route_message(self: RouteTask, message: dict[str, Any], errors_as_results: b
     (workflow steps), a refusal or failure is returned as {"error": {...}}, not raised."""
     reply: Reply = "result" if errors_as_results else "raise"
     parsed = decode_message(message)
-    outcome = self.guarded(lambda: routing.route(
-        self.app, parsed, in_canvas=in_canvas(self.request), reply=reply))
+    canvas = in_canvas(self.request)
+
+    def route() -> RouteOutcome:
+        first = Batch()
+        if accepted.enabled() and not canvas:  # in routing's first round trip
+            accepted.queue_seen(first, parsed.id)
+        return routing.route(self.app, parsed, in_canvas=canvas, reply=reply, batch=first)
+
+    outcome = self.guarded(route)
     return self.deliver(outcome, reply, _next_call)
