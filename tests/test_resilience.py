@@ -37,6 +37,7 @@ from typer.testing import CliRunner
 from aimesh_tasks import keys, submit
 from aimesh_tasks.app import app, check_countdowns
 from aimesh_tasks.db import LedgerRow, ReservationRow, session_scope
+from aimesh_tasks.envelope import Envelope
 from aimesh_tasks.errors import (
     AllEndpointsFailed,
     ConfigError,
@@ -47,11 +48,13 @@ from aimesh_tasks.errors import (
 from aimesh_tasks.messages import AiMessage, utcnow
 from aimesh_tasks.observability.exporter import ClusterCollector, queue_depths
 from aimesh_tasks.pipeline import calling, routing
+from aimesh_tasks.pipeline.call import endpoint_to_args
 from aimesh_tasks.pipeline.outcomes import Done, Failed, Fallback, HandOff, Refused, Retry
-from aimesh_tasks.policies import Policies
+from aimesh_tasks.policies import CallContext, Policies
 from aimesh_tasks.policies.budget import BudgetAdmission
 from aimesh_tasks.providers.gemini import Gemini
 from aimesh_tasks.providers.http import call_timeout
+from aimesh_tasks.redis_batch import Batch
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint
 from aimesh_tasks.registry.live import reset_figures
@@ -191,6 +194,49 @@ def test_a_probe_success_closes_it_and_the_other_probes_late_answer_is_stale() -
     assert record(eid, "p2", ok=False, epoch=second.epoch, now=T0 + 13, config=CFG) == "stale"
     state = read_states([eid], T0 + 13)[eid]
     assert (state.state, state.failures, state.cooldown_s) == ("closed", 0, 10)
+
+
+def _probe_outcome(error: ProviderError | None, message: AiMessage) -> tuple[str, int, str]:
+    """A half-open breaker (one probe slot) whose probe, admitted through the policy's own
+    hooks, ends with `error`: (the state after, probes in flight, a next call's admission)."""
+    config = replace(CFG, probes=1)
+    eid = _eid()
+    for i in range(3):
+        record(eid, f"f{i}", ok=False, epoch=0, now=T0, config=config)
+    breaker = CircuitBreaker(config, clock=lambda: T0 + 11)
+    endpoint = Endpoint(id=eid, provider="openai", base_url="http://127.0.0.1:9", model="m",
+                        api_key_env=None, input_nusd_per_1k=1, output_nusd_per_1k=1,
+                        capacity=8, tags=frozenset(), enabled=True)
+    envelope = Envelope(message=message.to_json_dict(), route=[endpoint_to_args(endpoint)])
+    ctx = CallContext(message, envelope, endpoint, call_key=f"probe-{uuid.uuid4().hex[:6]}")
+    reads = Batch()
+    read = breaker.queue_call_reads(reads, ctx)
+    reads.send()
+    ctx.reads[breaker.name] = read()
+    assert breaker.before_call(ctx) is None, "the probe is admitted"
+    assert read_states([eid], T0 + 11)[eid].probes == 1
+    records = Batch()
+    breaker.queue_call_records(records, ctx, error)
+    records.send()
+    after = read_states([eid], T0 + 11.5)[eid]
+    return after.state, after.probes, admit(eid, "next", T0 + 11.5, config).kind
+
+
+def test_a_probe_cut_short_on_our_side_is_not_counted_and_frees_its_slot() -> None:
+    """A probe cancelled (the hedge or race it was in answered first) or stopped by its
+    message's deadline says nothing of the endpoint: the breaker stays half-open, and its
+    slot is free for the next call at once, not after probe_ttl_s. An answer closes it,
+    a timeout of the endpoint's own reopens it."""
+    live = _message("probe-agent")
+    expired = live.model_copy(update={"deadline": utcnow() - timedelta(seconds=1)})
+    cancelled = ProviderError("the call was cancelled in flight", endpoint_id="e",
+                              action="fail", reason="cancelled", maybe_billed=True,
+                              retryable=False)
+    timeout = ProviderError("timed out", endpoint_id="e", action="fallback", reason="timeout")
+    assert _probe_outcome(cancelled, live) == ("half_open", 0, "probe")
+    assert _probe_outcome(timeout, expired) == ("half_open", 0, "probe")
+    assert _probe_outcome(None, live) == ("closed", 0, "closed")
+    assert _probe_outcome(timeout, live)[0] == "open"
 
 
 def test_a_failed_probe_reopens_it_with_a_doubled_cooldown_up_to_the_cap() -> None:

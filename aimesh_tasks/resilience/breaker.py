@@ -15,7 +15,9 @@
 | queue_call_records | the admitted call's outcome, on the call's last round trip            |
 
 An answer that is the request's fault (a 400) counts as a success for the endpoint; a
-call cut short by the message's own deadline is not counted. State and transitions:
+call cut short on our side (cancelled: a hedge or race it lost; or stopped by the
+message's own deadline) is not counted, and a probe cut short gives its half-open slot
+back, so the next call probes at once rather than after the slot's TTL. State and transitions:
 aimesh_tasks/resilience/breaker_store.py.
 
 The live figures' health ("down after AIMESH_UNHEALTHY_AFTER_FAILURES, retried after
@@ -42,6 +44,7 @@ from aimesh_tasks.resilience.breaker_store import (
     BreakerState,
     admit,
     queue_record,
+    queue_release_probe,
     queue_states,
     read_states,
 )
@@ -150,12 +153,21 @@ class CircuitBreaker(Policy):
         held: CallBreaker | None = ctx.reads.get(self.name)
         if held is None or held.admitted_epoch is None:
             return  # not admitted by this delivery (journalled by an earlier one)
+        if error is not None and says_nothing_of_endpoint(error, ctx.message):
+            queue_release_probe(batch, ctx.endpoint.id, ctx.call_key)
+            return
         ok = error is None or not error.endpoint_fault
-        if not ok and error is not None and error.status is None and ctx.message.expired():
-            return  # cut short by the message's deadline, not the endpoint's fault
         queue_record(batch, ctx.endpoint.id, ctx.call_key, ok=ok,
                      epoch=held.admitted_epoch, now=self.clock(), config=self.config,
                      retry_after_s=error.retry_after_s if error is not None else None)
+
+
+def says_nothing_of_endpoint(error: ProviderError, message: AiMessage) -> bool:
+    """The call was cut short by our side, so its outcome is not the endpoint's: cancelled
+    (a hedge or race it lost, a client gone) or stopped by the message's own deadline."""
+    if error.fields.get("reason") == "cancelled":
+        return True
+    return error.endpoint_fault and error.status is None and message.expired()
 
 
 def breaker_refusal(endpoint_id: str, wait_s: float, probing: bool) -> ProviderError:

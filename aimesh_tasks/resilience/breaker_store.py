@@ -257,6 +257,12 @@ def queue_record(batch: Batch, endpoint_id: str, call_key: str, *, ok: bool, epo
     )
 
 
+def queue_release_probe(batch: Batch, endpoint_id: str, call_key: str) -> None:
+    """Queue giving back the half-open probe slot `call_key` holds, if it holds one (a
+    call whose outcome is not counted: another call may probe at once)."""
+    batch.call("ZREM", keys.breaker_probes(endpoint_id), call_key)
+
+
 def record(endpoint_id: str, call_key: str, *, ok: bool, epoch: int, now: float,
            config: BreakerConfig, retry_after_s: float | None = None) -> str:
     """Fold one outcome into the breaker on its own round trip; what the script did."""
