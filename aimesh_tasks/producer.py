@@ -6,12 +6,15 @@ from typing import Any
 
 import kombu.exceptions
 import redis
+from amqp.exceptions import PreconditionFailed  # type: ignore[import-untyped]
 from celery.result import AsyncResult
 from kombu.utils.url import maybe_sanitize_url
 
 from aimesh_tasks.embedded import ensure_embedded_worker
 from aimesh_tasks.errors import ServiceUnavailable
+from aimesh_tasks.keys import ROUTE_QUEUE
 from aimesh_tasks.messages import AiMessage
+from aimesh_tasks.rabbit.preflight import refused as queue_refused
 from aimesh_tasks.settings import get_settings
 from aimesh_tasks.tasks.route import route_message, validate_or_audit
 
@@ -38,6 +41,10 @@ def submit(message: AiMessage | dict[str, Any] | None = None, /, **fields: Any) 
         return route_message.apply_async((parsed,))
     except BROKER_REFUSED as exc:
         raise broker_refused(exc, parsed.id) from exc
+    except PreconditionFailed as exc:  # RabbitMQ: the queue exists with other arguments
+        settings = get_settings()
+        raise queue_refused(ROUTE_QUEUE, exc, settings.rabbit_queue_type,
+                            maybe_sanitize_url(settings.broker_url)) from None
 
 
 def broker_refused(exc: BaseException, message_id: str) -> ServiceUnavailable:

@@ -34,7 +34,7 @@ from aimesh_tasks.rabbit.queues import delivery_limit, priorities_applied, queue
 from aimesh_tasks.registry import Endpoint
 from aimesh_tasks.settings import get_settings, load_settings
 from aimesh_tasks.simulator import RunningSimulator
-from tests.conftest import BROKER_URL, MATRIX_VHOST
+from tests.conftest import BROKER_URL, MATRIX_VHOST, RABBITMQ
 from tests.processes import ROOT, WorkerProcess, start_workers
 
 Sim = Callable[..., RunningSimulator]
@@ -109,6 +109,64 @@ def test_task_queues_are_quorum_queues_that_dead_letter_to_aimesh_dead(
             "x-dead-letter-exchange": keys.DEAD_EXCHANGE,
             "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
     assert queues[keys.DEAD_QUEUE]["type"] == "quorum"
+
+
+@pytest.fixture()
+def classic_vhost() -> Iterator[str]:
+    """A vhost of its own whose route queue was made classic, as by an earlier release or
+    another tool (a queue cannot change type: RabbitMQ refuses a declaration that differs)."""
+    vhost = f"aimesh_mismatch_{uuid.uuid4().hex[:6]}"
+    for args in (["add_vhost", vhost], ["set_permissions", "-p", vhost, "guest", ".*", ".*",
+                                         ".*"]):
+        subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=120, check=True)
+    url = f"{RABBITMQ}/{vhost}"
+    with Connection(url) as connection:
+        connection.default_channel.queue_declare(keys.ROUTE_QUEUE, durable=True,
+                                                 auto_delete=False,
+                                                 arguments={"x-max-priority": 9})
+    yield url
+    subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True, timeout=120)
+
+
+@pytest.mark.rabbitmq
+def test_a_queue_made_with_other_arguments_stops_worker_and_producer_with_a_clear_error(
+    classic_vhost: str
+) -> None:
+    from tests.processes import AIMESH
+
+    env = {**os.environ, "AIMESH_BROKER_URL": classic_vhost,
+           "AIMESH_RABBIT_QUEUE_TYPE": "quorum"}
+    worker = subprocess.run([AIMESH, "worker", "--router", "-P", "threads", "-c", "1"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=90)
+    said = worker.stdout + worker.stderr
+    assert worker.returncode == 2, said[-2000:]
+    assert "Traceback" not in said and "Unrecoverable error" not in said, said[-2000:]
+    assert f"queue '{keys.ROUTE_QUEUE}'" in said and "AIMESH_RABBIT_QUEUE_TYPE" in said
+    assert "inequivalent arg" in said and "guest:**@" in said  # the broker's words, no password
+    enqueue = subprocess.run([AIMESH, "enqueue", "hello"], capture_output=True, text=True,
+                             cwd=ROOT, env=env, timeout=90)
+    said = enqueue.stdout + enqueue.stderr
+    assert enqueue.returncode == 2 and "Traceback" not in said, said[-2000:]
+    assert f"queue '{keys.ROUTE_QUEUE}'" in said and "AIMESH_RABBIT_QUEUE_TYPE" in said
+    # The type the queue has: the same worker starts (it is stopped once it is ready).
+    classic = subprocess.Popen([AIMESH, "worker", "--router", "-P", "threads", "-c", "1",
+                                "-l", "INFO"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=ROOT, env={**env, "AIMESH_RABBIT_QUEUE_TYPE": "classic"},
+                               start_new_session=True)
+    try:
+        assert classic.stdout is not None
+        lines = []
+        for line in classic.stdout:
+            lines.append(line)
+            if " ready." in line:
+                break
+        assert any(" ready." in line for line in lines), "".join(lines)[-2000:]
+    finally:
+        os.killpg(classic.pid, 15)
+        classic.wait(60)
+        if classic.stdout is not None:
+            classic.stdout.close()
 
 
 def _depth(queue: str) -> int:

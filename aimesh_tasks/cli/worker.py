@@ -21,6 +21,7 @@ from aimesh_tasks.cli.nodes import default_node_name
 from aimesh_tasks.errors import InvalidInput
 from aimesh_tasks.follow import FOLLOW_SETTING
 from aimesh_tasks.keys import IDLE_QUEUE, ROUTE_QUEUE, endpoint_queue
+from aimesh_tasks.rabbit.preflight import check_queues
 from aimesh_tasks.registry.endpoints import EndpointSpec, list_endpoints
 
 SERVES_VARIABLE = "AIMESH_WORKER_SERVES"
@@ -198,6 +199,7 @@ def worker(
     ids = [spec.id for spec in specs]
     node = hostname or default_node_name(router, endpoints, queues, serves=ids)
     chosen = worker_queues(router, endpoints, queues, ids)  # before announcing: the checks
+    check_queues(app, chosen)  # RabbitMQ: a queue made with other arguments is refused here
     announce_served(specs, node)
     argv = ["worker", "-Q", ",".join(chosen), "-P", pool, "-l", loglevel]
     if concurrency:
