@@ -118,7 +118,7 @@ def test_the_race_claims_once_and_the_last_started_call_to_fail_delivers() -> No
     assert race.start_hedge(mid, 1)
     assert race.primary_failed(mid, {"code": "provider_error", "message": "a broke"}) == "wait"
     assert race.hedge_failed(mid, 1) == {"code": "provider_error", "message": "a broke"}
-    assert race.read(mid) == race.RaceState(None, True)
+    assert race.read(mid) == race.RaceState(None, True, frozenset({1}))
     assert not race.start_hedge(mid, 2)  # closed: a later hedge does not fire
 
     won = uuid.uuid4().hex
@@ -291,6 +291,55 @@ def test_the_hedge_budget_stops_hedges_when_both_endpoints_are_slow(
     assert _reservation(second.hedges[0].envelope.call_key) is None
     done = calling.call(app, second.envelope, wait_s=5, policies=policies)
     assert isinstance(done, Done)  # the first call answers its message as without hedging
+
+
+def test_a_routing_task_delivered_again_hands_off_the_same_call_and_its_hedges(
+    simulator: Sim, endpoint: MakeEndpoint
+) -> None:
+    """The router died after keeping the hand-off, before (or while) publishing: the
+    delivery that finds the hand-off publishes the same call and the same hedges (same
+    call keys, lanes and countdowns), and nothing is reserved or deposited twice."""
+    sim = simulator()
+    first, second = endpoint(sim, "a-again"), endpoint(sim, "b-again", price_in="0.002")
+    message = _message(new_agent("again"), hedge=Hedge(after_ms=250))
+    get_redis().hset(keys.hedge_bucket(second.id), "tokens", "0.5")  # below the burst
+    handed = _routed(message, _policies())
+    tokens = hedge_budget.tokens(second.id, BudgetConfig())
+    assert tokens == 0.6  # the first routing's deposit
+    again = _routed(message, _policies())
+    assert again.envelope == handed.envelope and again.envelope.route[0]["id"] == first.id
+    assert [(h.envelope.call_key, h.envelope.lane, h.envelope.route, h.countdown_s)
+            for h in again.hedges] == [
+        (h.envelope.call_key, h.envelope.lane, h.envelope.route, h.countdown_s)
+        for h in handed.hedges] and len(again.hedges) == 1
+    assert again.hedges[0].envelope == handed.hedges[0].envelope
+    assert hedge_budget.tokens(second.id, BudgetConfig()) == tokens  # no second deposit
+    held = _reservation(handed.envelope.call_key)
+    assert held is not None and held.state == "reserved"  # the first routing's, kept
+    assert _reservation(again.hedges[0].envelope.call_key) is None  # reserved when it fires
+
+
+def test_a_redelivered_hedge_goes_on_without_spending_a_second_token(
+    simulator: Sim, endpoint: MakeEndpoint
+) -> None:
+    """A hedge whose worker died once it had fired (its token spent, its lane started) is
+    delivered again: it goes on with its call, and the bucket is not charged twice."""
+    a_sim, b_sim = simulator(latency_ms=50), simulator()
+    endpoint(a_sim, "a-died")
+    b = endpoint(b_sim, "b-died", price_in="0.002")
+    policies, bucket = _policies(hedge_budget_burst=1), BudgetConfig(burst=1)
+    get_redis().hset(keys.hedge_bucket(b.id), "tokens", "0.9")
+    handed = _routed(_message(new_agent("died"), hedge=Hedge(after_ms=10)), policies)
+    [hedge] = handed.hedges
+    # The first delivery, up to where its worker died: the token taken, the lane started.
+    assert hedge_budget.take(b.id, bucket)
+    assert race.start_hedge(handed.envelope.message_id, 1)
+    left = hedge_budget.tokens(b.id, bucket)
+    assert left < 1  # a second take would be refused
+    again = calling.call(app, hedge.envelope, wait_s=5, policies=policies)
+    assert isinstance(again, AnswerFor) and again.task_id == handed.envelope.message_id
+    assert b_sim.stats()["calls"] == 1
+    assert hedge_budget.tokens(b.id, bucket) == left
 
 
 def test_a_hedge_arriving_after_its_race_was_won_is_not_sent_and_holds_nothing(

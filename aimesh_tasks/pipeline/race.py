@@ -113,10 +113,12 @@ RACE_WATCH = FlagWatch("race", keys.RACE_CHANNEL_PATTERN, keys.race_winner, patt
 @dataclass(frozen=True, slots=True)
 class RaceState:
     """What a call of a raced message reads in its begin round trip: the winning lane
-    (None: no call answered yet) and whether the primary's failure closed the race."""
+    (None: no call answered yet), whether the primary's failure closed the race, and the
+    hedge lanes already started (a redelivered hedge finds its own lane among them)."""
 
     winner: int | None = None
     closed: bool = False
+    started: frozenset[int] = frozenset()
 
 
 def _ttl_s() -> int:
@@ -127,11 +129,13 @@ def _ttl_s() -> int:
 def queue_read(batch: Batch, message_id: str) -> Reader[RaceState]:
     """Queue reading the race of `message_id` on a batch."""
     winner = batch.call("GET", keys.race_winner(message_id))
-    closed = batch.call("HEXISTS", keys.race(message_id), "closed")
+    fields = batch.call("HKEYS", keys.race(message_id))  # a few: s<lane>, d<lane>, closed
 
     def read() -> RaceState:
         won = batch[winner]
-        return RaceState(int(won) if won is not None else None, bool(batch[closed]))
+        names: list[str] = batch[fields]
+        started = frozenset(int(n[1:]) for n in names if n[:1] == "s" and n[1:].isdigit())
+        return RaceState(int(won) if won is not None else None, "closed" in names, started)
 
     return read
 

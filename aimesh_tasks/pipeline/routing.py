@@ -61,7 +61,7 @@ def route(app: Any, message: AiMessage, *, in_canvas: bool = False, reply: Reply
     batch.send()
     joined, flight = read_flight()
     if joined.decision == "handed" and joined.handed is not None:
-        return HandOff(_with_message(joined.handed, message))
+        return _handed(joined.handed, message)
     events.message_deduplicated.send(
         sender=route, message=message, result=joined.cached,
         outcome="bypass" if message.no_cache else DEDUP_OUTCOMES[joined.decision])
@@ -116,10 +116,12 @@ def _lead(app: Any, message: AiMessage, ctx: RouteContext, policies: Policies,
     # Kept with the records, in their round trip: a duplicate delivery of this message
     # that routed at the same moment gets the envelope kept first, so both hand off the
     # same call (whose lease then makes it one call, one charge).
+    # Its hedges are kept with it: a delivery that finds the hand-off publishes them too.
     ttl_s = int(get_settings().reservation_timeout_s) + 86400
-    read_kept = queue_remember_handoff(records, message.id, _without_prompt(envelope), ttl_s)
+    kept = _without_prompt(envelope, _hedges(envelope, ctx.extra_calls))
+    read_kept = queue_remember_handoff(records, message.id, kept, ttl_s)
     records.send()
-    return HandOff(_with_message(read_kept(), message), _hedges(envelope, ctx.extra_calls))
+    return _handed(read_kept(), message)
 
 
 def _hedges(envelope: Envelope, extra: list[ExtraCall]) -> tuple[Hedge, ...]:
@@ -144,22 +146,33 @@ def _requeue(message: AiMessage, ctx: RouteContext, wait: Wait) -> Requeue:
     return Requeue(countdown_s, reason)
 
 
-def _without_prompt(envelope: Envelope) -> dict[str, Any]:
+def _without_prompt(envelope: Envelope, hedges: tuple[Hedge, ...]) -> dict[str, Any]:
     """The hand-off as kept in Redis: no message and no prompt text (prompts are stored
-    only where configured); a duplicate delivery carries the same message itself."""
+    only where configured; a duplicate delivery carries the same message itself), and
+    each hedge as its lane, endpoint and countdown."""
     kept = envelope.to_json()
     kept["message"] = {}
     if kept.get("flight"):
         kept["flight"] = {k: v for k, v in kept["flight"].items() if k != "semantic_text"}
+    if hedges:
+        kept["hedges"] = [{"lane": h.envelope.lane, "route": h.envelope.route,
+                           "countdown_s": h.countdown_s} for h in hedges]
     return kept
 
 
-def _with_message(kept: dict[str, Any], message: AiMessage) -> Envelope:
-    """The kept hand-off, completed with this delivery's own copy of the message."""
+def _handed(kept: dict[str, Any], message: AiMessage) -> HandOff:
+    """The kept hand-off, completed with this delivery's own copy of the message, with
+    its hedges (published again by a delivery after the first: the hedge's call key, lane
+    and lease make a hedge one call and one token however often it is published)."""
     flight = kept.get("flight")
     if flight and semantic.enabled_for(message.agent_id):
         flight = {**flight, "semantic_text": semantic.prompt_text(message)}
-    return Envelope.from_json({**kept, "message": message.to_json_dict(), "flight": flight})
+    envelope = Envelope.from_json({**kept, "message": message.to_json_dict(),
+                                   "flight": flight})
+    hedges = tuple(Hedge(replace(envelope, route=list(h["route"]), lane=int(h["lane"]),
+                                 queue_position=None), float(h["countdown_s"]))
+                   for h in kept.get("hedges") or ())
+    return HandOff(envelope, hedges)
 
 
 def _policy_of(error: AimeshError) -> str:

@@ -155,21 +155,24 @@ class Hedging(Policy):
             return None
         if state.closed:
             raise _not_needed(ctx, "race_closed", "the primary call's failure ended its race")
-        self._fire(ctx, lane, p50_ms)
+        self._fire(ctx, lane, p50_ms, again=lane in state.started)
         return None
 
-    def _fire(self, ctx: CallContext, lane: int, p50_ms: float | None) -> None:
-        """Fire hedge `lane` if its deadline, budget and reservation allow."""
+    def _fire(self, ctx: CallContext, lane: int, p50_ms: float | None, *,
+              again: bool = False) -> None:
+        """Fire hedge `lane` if its deadline, budget and reservation allow. `again`: the
+        lane had started (this is a redelivery of its task): its token was spent then."""
         if too_late(_remaining_s(ctx.message, self.clock()), p50_ms):
             raise _not_needed(ctx, "deadline", "it cannot finish before the deadline")
-        if not hedge_budget.take(ctx.endpoint.id, self.budget):
+        if not again and not hedge_budget.take(ctx.endpoint.id, self.budget):
             raise _not_needed(ctx, "hedge_budget", f"endpoint '{ctx.endpoint.id}' is out of "
                               "hedge budget (AIMESH_HEDGE_BUDGET_RATIO)")
         if ctx.envelope.metered:
             try:
                 reserve_call(ctx.message, ctx.endpoint, lane, True, call_key=ctx.call_key)
             except BudgetExceeded as exc:
-                hedge_budget.refund(ctx.endpoint.id, self.budget)
+                if not again:
+                    hedge_budget.refund(ctx.endpoint.id, self.budget)
                 raise _not_needed(ctx, "budget", f"its worst case cannot be reserved "
                                   f"({exc.message})") from exc
         if not race.start_hedge(ctx.message.id, lane):
