@@ -24,12 +24,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from sqlalchemy import select, text
 
+from aimesh_tasks import keys
 from aimesh_tasks.api_keys import create_key, revoke_key
 from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.db import session_scope
 from aimesh_tasks.db.models import IngressKeyRow
 from aimesh_tasks.governance.agents import add_agent
+from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry import Endpoint
+from aimesh_tasks.resilience import hedge_budget
+from aimesh_tasks.resilience.hedge_budget import BudgetConfig
 from aimesh_tasks.simulator import RunningSimulator
 from tests.gate import Gate
 from tests.ingress_parts import IngressProcess, free_port
@@ -114,6 +118,37 @@ def test_openai_sdk_chat_completion_comes_through_the_queue(
     extras = reply.model_extra["aimesh"]  # type: ignore[index]
     assert extras["endpoint_id"] == served.id and reply.id == f"chatcmpl-{extras['message_id']}"
     assert sim.stats()["calls"] == 1
+
+
+def test_a_hedge_header_hedges_the_message_and_a_bad_one_is_a_400_naming_it(
+        ingress_url: str, api_key: str, simulator: Sim, endpoint: MakeEndpoint) -> None:
+    first = endpoint(simulator(), "hedge-a")
+    second = endpoint(simulator(), "hedge-b", price_in="0.002")
+    bucket = BudgetConfig()
+    get_redis().hset(keys.hedge_bucket(second.id), "tokens", "5")
+    client = _client(ingress_url, api_key)
+    plain = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "not hedged"}], max_tokens=8)
+    assert plain.model_extra["aimesh"]["endpoint_id"] == first.id  # type: ignore[index]
+    assert hedge_budget.tokens(second.id, bucket) == 5  # no hedge planned: no deposit
+    hedged = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "hedged"}], max_tokens=8,
+        extra_headers={"X-Aimesh-Hedge": "0"})
+    assert hedged.choices[0].message.content
+    # Planned at routing (a deposit of 0.1), fired or not before the first call answered.
+    assert round(hedge_budget.tokens(second.id, bucket), 3) in (5.1, 4.1)
+    for value, reason in (("soon", "neither 'p95' nor milliseconds"),
+                          ("-5", "neither 'p95' nor milliseconds"),
+                          ("700000", "from 0 to 600000")):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                extra_headers={"X-Aimesh-Hedge": value})
+        assert "x-aimesh-hedge" in str(bad.value) and reason in str(bad.value)
+    with pytest.raises(openai.BadRequestError, match="a streaming message is not hedged"):
+        client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+            stream=True, extra_headers={"X-Aimesh-Hedge": "p95"})
 
 
 def test_openai_sdk_stream_with_usage(

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from aimesh_tasks import keys
 from aimesh_tasks.errors import InvalidMessage, NotFound, ServiceUnavailable
-from aimesh_tasks.messages import API_KEY_KEY
+from aimesh_tasks.messages import API_KEY_KEY, HEDGE_AFTER_MAX_MS
 from aimesh_tasks.redis_client import get_redis
 from aimesh_tasks.registry.cache import ENDPOINTS
 from aimesh_tasks.registry.endpoints import Endpoint
@@ -32,6 +32,7 @@ AUTO = "auto"
 RECORD_TTL_S = 86400  # as long as Celery keeps results (celery_config.result_expires)
 PRIORITY_HEADER = "x-aimesh-priority"
 DEADLINE_HEADER = "x-aimesh-deadline-s"
+HEDGE_HEADER = "x-aimesh-hedge"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,8 @@ def _int_header(headers: Any, name: str) -> int | None:
 
 def header_fields(headers: Any) -> dict[str, Any]:
     """AiMessage fields given as headers: Idempotency-Key, X-Aimesh-Priority (0..9),
-    X-Aimesh-Deadline-S (seconds from now)."""
+    X-Aimesh-Deadline-S (seconds from now), X-Aimesh-Hedge (milliseconds, or 'p95': race
+    a call slower than that at the next-ranked endpoint)."""
     fields: dict[str, Any] = {}
     if (key := headers.get("idempotency-key")) is not None:
         fields["idempotency_key"] = key
@@ -99,7 +101,18 @@ def header_fields(headers: Any) -> dict[str, Any]:
                                  "seconds between 0 and 30 days", field=DEADLINE_HEADER,
                                  errors=[]) from None
         fields["deadline"] = datetime.now(UTC) + timedelta(seconds=seconds)
+    if (hedge := headers.get(HEDGE_HEADER)) is not None:
+        fields["hedge"] = _hedge(hedge.strip())
     return fields
+
+
+def _hedge(value: str) -> dict[str, Any]:
+    if value == "p95":
+        return {"after": "p95"}
+    if value.isdigit() and int(value) <= HEDGE_AFTER_MAX_MS:
+        return {"after_ms": int(value)}
+    raise InvalidMessage(f"{HEDGE_HEADER}: '{value[:32]}' is neither 'p95' nor milliseconds "
+                         f"from 0 to {HEDGE_AFTER_MAX_MS}", field=HEDGE_HEADER, errors=[])
 
 
 def stamped_metadata(metadata: dict[str, Any] | None, api_key: str | None
