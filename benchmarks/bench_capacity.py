@@ -7,7 +7,9 @@ dedup, audit, the accepted log) through the spine with its own redis-server on a
 (so no other client's traffic is counted) and the Postgres database of bench_spine.py, and
 reports per message, medians over the repeats:
 - CPU ms of each process type: router worker, endpoint worker, the producer (submit() and
-  result waits), the simulator, and Redis itself (from /proc and INFO cpu);
+  result waits), the simulator, Redis itself (from /proc and INFO cpu) and the Postgres
+  server (its postmaster's process tree: every backend of every database, so other
+  databases must be idle; left out when the server is not on this machine);
 - Redis commands (INFO commandstats), bytes in and out (INFO stats) and keys left behind;
 - Postgres transactions and rows inserted/updated/deleted (pg_stat_database of the
   benchmark database).
@@ -129,6 +131,18 @@ def start_processes(args: argparse.Namespace, procs: list[subprocess.Popen[bytes
     return {"router": router.pid, "endpoint": endpoint_worker.pid, "simulator": sim.pid}
 
 
+def postmaster_pid(pg: psycopg.Connection[Any]) -> int | None:
+    """The local Postgres server's postmaster (the parent of this connection's backend),
+    whose process tree holds every backend: its CPU is the server's. None when the
+    server is not on this machine (the backend's pid is not ours to read)."""
+    backend = pg.execute("SELECT pg_backend_pid()").fetchone()
+    try:
+        stat = Path(f"/proc/{backend[0] if backend else 0}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def one_repeat(args: argparse.Namespace, client: Any, pids: dict[str, int], first: bool
                ) -> tuple[dict[str, float], dict[str, float]]:
     """One burst: its figures per message, and the Redis commands per message by name."""
@@ -139,6 +153,9 @@ def one_repeat(args: argparse.Namespace, client: Any, pids: dict[str, int], firs
 def _one_repeat(args: argparse.Namespace, client: Any, pg: psycopg.Connection[Any],
                 pids: dict[str, int], first: bool
                 ) -> tuple[dict[str, float], dict[str, float]]:
+    postmaster = postmaster_pid(pg)
+    if postmaster is not None:
+        pids = {**pids, "postgres": postmaster}
     cpu0 = {k: tree_cpu_s(p) for k, p in pids.items()}
     me0 = time.process_time()
     r0, p0 = redis_figures(client), pg_figures(pg, DATABASE_NAME)
