@@ -15,6 +15,8 @@ exception in a receiver is logged by Celery's dispatcher and does not stop the m
 | message_deduplicated | message, outcome: hit, join, miss or bypass,                     |
 |                    | result: the cached AiResult dict on a hit, else None               |
 | budget_settled     | agent_id: str, tokens_left: int | None, nusd_left: int | None       |
+| hedge_decided      | message, endpoint_id: str, lane: int, outcome: fired or why not    |
+|                    | (race_won, race_closed, deadline, hedge_budget, budget)            |
 
     from aimesh_tasks import events
 
@@ -33,3 +35,4 @@ message_completed = Signal(name="aimesh.message_completed", use_caching=False)
 message_failed = Signal(name="aimesh.message_failed", use_caching=False)
 message_deduplicated = Signal(name="aimesh.message_deduplicated", use_caching=False)
 budget_settled = Signal(name="aimesh.budget_settled", use_caching=False)
+hedge_decided = Signal(name="aimesh.hedge_decided", use_caching=False)

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from celery.result import AsyncResult
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from aimesh_tasks import keys, outbox, submit
@@ -71,6 +72,12 @@ def _ledger(message_id: str) -> dict[str, LedgerRow]:
 def _reservation(call_key: str) -> ReservationRow | None:
     with session_scope() as session:
         return session.get(ReservationRow, call_key)
+
+
+def _hedges_counted(endpoint_id: str, outcome: str) -> float:
+    """aimesh_hedges_total{endpoint, outcome} as this process counted it."""
+    return REGISTRY.get_sample_value("aimesh_hedges_total",
+                                     {"endpoint": endpoint_id, "outcome": outcome}) or 0.0
 
 
 def _audit(message_id: str) -> dict[str, AuditRow]:
@@ -280,6 +287,7 @@ def test_the_hedge_budget_stops_hedges_when_both_endpoints_are_slow(
     policies = _policies(hedge_budget_burst=1)
     # Everything was slow for a while: B's bucket was spent, and one token is left.
     get_redis().hset(keys.hedge_bucket(b.id), "tokens", "0.95")
+    before = {o: _hedges_counted(b.id, o) for o in ("fired", "hedge_budget")}
     first = _routed(_message(new_agent("storm"), hedge=Hedge(after_ms=10)), policies)
     fired = calling.call(app, first.hedges[0].envelope, wait_s=5, policies=policies)
     assert isinstance(fired, AnswerFor) and fired.task_id == first.envelope.message_id
@@ -291,6 +299,8 @@ def test_the_hedge_budget_stops_hedges_when_both_endpoints_are_slow(
     assert _reservation(second.hedges[0].envelope.call_key) is None
     done = calling.call(app, second.envelope, wait_s=5, policies=policies)
     assert isinstance(done, Done)  # the first call answers its message as without hedging
+    assert {o: _hedges_counted(b.id, o) - n for o, n in before.items()} == {
+        "fired": 1, "hedge_budget": 1}  # aimesh_hedges_total
 
 
 def test_a_routing_task_delivered_again_hands_off_the_same_call_and_its_hedges(

@@ -103,6 +103,12 @@ CACHE_LOOKUPS = Counter(
     "call), bypass (no_cache).",
     ["outcome"],
 )
+HEDGES = Counter(
+    "aimesh_hedges",
+    "Hedges as their task decided at their endpoint: fired, or not (race_won, race_closed, "
+    "deadline, hedge_budget, budget).",
+    ["endpoint", "outcome"],
+)
 DEAD_LETTERS = Counter(
     "aimesh_dead_letters",
     "Messages moved to the dead-letter store, by queue and reason (aimesh_tasks.delivery).",

@@ -129,6 +129,13 @@ def on_budget_settled(agent_id: str, tokens_left: int | None, nusd_left: int | N
         metrics.AGENT_BUDGET_USD_LEFT.labels(agent).set(nusd_left / NANO)
 
 
+def on_hedge_decided(endpoint_id: str, outcome: str, **_: Any) -> None:
+    """Count a hedge fired, or not fired and why."""
+    from aimesh_tasks.observability import metrics
+
+    metrics.HEDGES.labels(endpoint_id, outcome).inc()
+
+
 def connect() -> None:
     """Connect the metric receivers (idempotent: Celery signals dedupe by receiver)."""
     events.message_routed.connect(on_routed, weak=False)
@@ -138,3 +145,4 @@ def connect() -> None:
     events.message_failed.connect(on_failed, weak=False)
     events.message_deduplicated.connect(on_deduplicated, weak=False)
     events.budget_settled.connect(on_budget_settled, weak=False)
+    events.hedge_decided.connect(on_hedge_decided, weak=False)

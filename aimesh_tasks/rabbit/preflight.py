@@ -32,12 +32,12 @@ def check_queues(app: Any, names: list[str]) -> None:
     settings = get_settings()
     if not is_amqp(settings.broker_url):
         return
-    try:
-        connection = app.connection_for_write(connect_timeout=CONNECT_TIMEOUT_S)
-        connection.ensure_connection(max_retries=1)
-    except Exception:  # noqa: BLE001 - unreachable: Celery's own start-up waits for it
-        return
+    connection = app.connection_for_write(connect_timeout=CONNECT_TIMEOUT_S)
     with connection:
+        try:
+            connection.ensure_connection(max_retries=1)
+        except Exception:  # noqa: BLE001 - unreachable: Celery's own start-up waits for it
+            return
         for name in names:
             queue = app.amqp.queues[name]  # made as Celery makes a missing queue
             try:

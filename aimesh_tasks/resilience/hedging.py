@@ -33,7 +33,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from aimesh_tasks import keys
+from aimesh_tasks import events, keys
 from aimesh_tasks.budgets.admission import reserve_call
 from aimesh_tasks.errors import BudgetExceeded, CallNotNeeded
 from aimesh_tasks.governance.audit import audit
@@ -180,11 +180,17 @@ class Hedging(Policy):
         audit("hedged", message_id=ctx.message.id, agent_id=ctx.message.agent_id,
               endpoint_id=ctx.endpoint.id,
               detail={"lane": lane, "call_key": ctx.call_key})
+        events.hedge_decided.send(sender=Hedging, message=ctx.message,
+                                  endpoint_id=ctx.endpoint.id, lane=lane, outcome="fired")
 
 
 def _not_needed(ctx: CallContext, reason: str, why: str) -> CallNotNeeded:
+    """The refusal of this call; a hedge's is counted (aimesh_hedges_total) as it is made."""
     lane = ctx.envelope.lane
     what = "hedge" if lane else "call"
+    if lane:
+        events.hedge_decided.send(sender=Hedging, message=ctx.message,
+                                  endpoint_id=ctx.endpoint.id, lane=lane, outcome=reason)
     return CallNotNeeded(f"message '{ctx.message.id}': {what} {ctx.call_key} is not made: "
                          f"{why}", policy=Hedging.name, reason=reason, lane=lane,
                          endpoint_id=ctx.endpoint.id)
