@@ -42,9 +42,7 @@ def submit(message: AiMessage | dict[str, Any] | None = None, /, **fields: Any) 
     except BROKER_REFUSED as exc:
         raise broker_refused(exc, parsed.id) from exc
     except PreconditionFailed as exc:  # RabbitMQ: the queue exists with other arguments
-        settings = get_settings()
-        raise queue_refused(ROUTE_QUEUE, exc, settings.rabbit_queue_type,
-                            maybe_sanitize_url(settings.broker_url)) from None
+        raise queue_refused(ROUTE_QUEUE, exc) from None
 
 
 def broker_refused(exc: BaseException, message_id: str) -> ServiceUnavailable:

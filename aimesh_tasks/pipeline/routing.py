@@ -118,20 +118,19 @@ def _lead(app: Any, message: AiMessage, ctx: RouteContext, policies: Policies,
     # same call (whose lease then makes it one call, one charge).
     # Its hedges are kept with it: a delivery that finds the hand-off publishes them too.
     ttl_s = int(get_settings().reservation_timeout_s) + 86400
-    kept = _without_prompt(envelope, _hedges(envelope, ctx.extra_calls))
+    kept = _without_prompt(envelope, _hedge_plans(ctx.extra_calls))
     read_kept = queue_remember_handoff(records, message.id, kept, ttl_s)
     records.send()
-    return _handed(read_kept(), message)
+    return _handed(read_kept(), message, envelope.message)
 
 
-def _hedges(envelope: Envelope, extra: list[ExtraCall]) -> tuple[Hedge, ...]:
-    """The hedges asked for, each one call at its endpoint in its own lane of the race
-    (a countdown never longer than half the visibility timeout: the broker would deliver
-    the unacked task again)."""
+def _hedge_plans(extra: list[ExtraCall]) -> list[dict[str, Any]]:
+    """The hedges asked for, as kept with the hand-off: each one call at its endpoint in
+    its own lane of the race, after a countdown never longer than half the visibility
+    timeout (the broker would deliver the unacked task again)."""
     cap_s = get_settings().visibility_timeout_s / 2
-    return tuple(Hedge(replace(envelope, route=[endpoint_to_args(call.endpoint)],
-                               lane=call.lane, queue_position=None),
-                       min(call.countdown_s, cap_s)) for call in extra)
+    return [{"lane": call.lane, "route": [endpoint_to_args(call.endpoint)],
+             "countdown_s": min(call.countdown_s, cap_s)} for call in extra]
 
 
 def _requeue(message: AiMessage, ctx: RouteContext, wait: Wait) -> Requeue:
@@ -146,7 +145,7 @@ def _requeue(message: AiMessage, ctx: RouteContext, wait: Wait) -> Requeue:
     return Requeue(countdown_s, reason)
 
 
-def _without_prompt(envelope: Envelope, hedges: tuple[Hedge, ...]) -> dict[str, Any]:
+def _without_prompt(envelope: Envelope, hedges: list[dict[str, Any]]) -> dict[str, Any]:
     """The hand-off as kept in Redis: no message and no prompt text (prompts are stored
     only where configured; a duplicate delivery carries the same message itself), and
     each hedge as its lane, endpoint and countdown."""
@@ -155,19 +154,20 @@ def _without_prompt(envelope: Envelope, hedges: tuple[Hedge, ...]) -> dict[str, 
     if kept.get("flight"):
         kept["flight"] = {k: v for k, v in kept["flight"].items() if k != "semantic_text"}
     if hedges:
-        kept["hedges"] = [{"lane": h.envelope.lane, "route": h.envelope.route,
-                           "countdown_s": h.countdown_s} for h in hedges]
+        kept["hedges"] = hedges
     return kept
 
 
-def _handed(kept: dict[str, Any], message: AiMessage) -> HandOff:
-    """The kept hand-off, completed with this delivery's own copy of the message, with
-    its hedges (published again by a delivery after the first: the hedge's call key, lane
-    and lease make a hedge one call and one token however often it is published)."""
+def _handed(kept: dict[str, Any], message: AiMessage,
+            message_json: dict[str, Any] | None = None) -> HandOff:
+    """The kept hand-off, completed with this delivery's own copy of the message (its JSON
+    form when the caller has it), with its hedges (published again by a delivery after
+    the first: the hedge's call key, lane and lease make a hedge one call and one token
+    however often it is published)."""
     flight = kept.get("flight")
     if flight and semantic.enabled_for(message.agent_id):
         flight = {**flight, "semantic_text": semantic.prompt_text(message)}
-    envelope = Envelope.from_json({**kept, "message": message.to_json_dict(),
+    envelope = Envelope.from_json({**kept, "message": message_json or message.to_json_dict(),
                                    "flight": flight})
     hedges = tuple(Hedge(replace(envelope, route=list(h["route"]), lane=int(h["lane"]),
                                  queue_position=None), float(h["countdown_s"]))

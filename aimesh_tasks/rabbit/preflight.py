@@ -20,6 +20,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.rabbit.queues import is_amqp
+from aimesh_tasks.settings import get_settings
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -27,10 +28,7 @@ CONNECT_TIMEOUT_S = 5.0
 def check_queues(app: Any, names: list[str]) -> None:
     """Declare `names` on the configured RabbitMQ as the worker will; ConfigError naming
     the queue if the broker refuses one. Nothing to do on another broker."""
-    from aimesh_tasks.settings import get_settings
-
-    settings = get_settings()
-    if not is_amqp(settings.broker_url):
+    if not is_amqp(get_settings().broker_url):
         return
     connection = app.connection_for_write(connect_timeout=CONNECT_TIMEOUT_S)
     with connection:
@@ -43,12 +41,13 @@ def check_queues(app: Any, names: list[str]) -> None:
             try:
                 queue.bind(connection.channel()).declare()
             except PreconditionFailed as exc:
-                raise refused(name, exc, settings.rabbit_queue_type,
-                              maybe_sanitize_url(settings.broker_url)) from None
+                raise refused(name, exc) from None
 
 
-def refused(name: str, exc: PreconditionFailed, queue_type: str, broker: str) -> ConfigError:
-    """The error for a queue the broker will not declare with this worker's arguments."""
+def refused(name: str, exc: PreconditionFailed) -> ConfigError:
+    """The error for a queue the configured broker will not declare with our arguments."""
+    settings = get_settings()
+    broker, queue_type = maybe_sanitize_url(settings.broker_url), settings.rabbit_queue_type
     said = str(getattr(exc, "reply_text", "") or exc).removeprefix("PRECONDITION_FAILED - ")
     return ConfigError(
         f"queue '{name}' on the broker at {broker} exists with other arguments than aimesh "
