@@ -161,6 +161,12 @@ def deliveries(task_id: str) -> str:
     return f"{PREFIX}:deliveries:{task_id}"
 
 
+def put_back(task_id: str) -> str:
+    """Counter of the times a task message RabbitMQ dead-lettered unrun was put back on its
+    queue (rabbit/drain.py)."""
+    return f"{PREFIX}:deliveries:{task_id}:put_back"
+
+
 def delivery_history(task_id: str) -> str:
     """List of a task message's deliveries that lost their worker (JSON, oldest first)."""
     return f"{PREFIX}:deliveries:{task_id}:history"

@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from kombu.connection import Connection
 from aimesh_tasks import keys, submit
 from aimesh_tasks.delivery import dead_letters
 from aimesh_tasks.errors import ConfigError, UndeliverableMessage
-from aimesh_tasks.rabbit.drain import death_of
+from aimesh_tasks.rabbit.drain import dead_queue, death_of
 from aimesh_tasks.rabbit.queues import delivery_limit, priorities_applied, queue_arguments
 from aimesh_tasks.registry import Endpoint
 from aimesh_tasks.settings import get_settings, load_settings
@@ -276,6 +277,79 @@ def test_a_task_that_kills_its_worker_goes_to_the_dead_letter_exchange_after_the
     assert AsyncResult(task_id).get(timeout=60) == "fine"
     assert runs.read_text().splitlines() == ["run"] * (limit + 1)
     assert dead_letters.list_entries("rq.poison") == []
+
+
+def _take_and_give_back(queue: str, timeout_s: float = 30) -> None:
+    """Take the message at the head of `queue` and close the channel without an ack, as a
+    worker holding it for its countdown does when it stops."""
+    with Connection(BROKER_URL) as connection:
+        channel = connection.channel()
+        taken = wait_for(lambda: channel.basic_get(queue, no_ack=False), timeout_s)
+        assert taken is not None, f"no message on {queue} within {timeout_s} s"
+        channel.close()
+
+
+def wait_for(get: Callable[[], Any], timeout_s: float) -> Any:
+    """`get()` once it returns something, or None after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = get()
+        if found is not None:
+            return found
+        time.sleep(0.05)
+    return None
+
+
+def test_a_message_dead_lettered_unrun_goes_back_a_few_times_only() -> None:
+    from aimesh_tasks.delivery.deliveries import PUT_BACK_LIMIT, put_back_unrun
+
+    assert put_back_unrun(runs=1, put_back=0, max_deliveries=5)
+    assert put_back_unrun(runs=4, put_back=PUT_BACK_LIMIT - 1, max_deliveries=5)
+    assert not put_back_unrun(runs=5, put_back=0, max_deliveries=5)  # it ran that often
+    assert not put_back_unrun(runs=1, put_back=PUT_BACK_LIMIT, max_deliveries=5)
+
+
+@pytest.mark.rabbitmq
+def test_a_message_rabbitmq_dead_lettered_for_returns_no_worker_ran_is_put_back_and_runs(
+    clean: None, tmp_path: Path
+) -> None:
+    """A quorum queue counts every return towards its delivery limit: a worker holding a
+    message for its countdown gives it back unrun when it stops, and after
+    AIMESH_MAX_DELIVERIES such returns the message is dead-lettered though it never ran.
+    The drain finds no delivery of it screened, puts it back on its queue, and a worker runs
+    it once, with no dead letter kept."""
+    from aimesh_tasks.app import app
+    from aimesh_tasks.delivery import deliveries
+    from aimesh_tasks.rabbit.amqp import task_queue_arguments
+
+    queue = f"rq.unrun-{uuid.uuid4().hex[:6]}"
+    runs, armed = tmp_path / "runs", tmp_path / "armed"  # not armed: the task answers
+    (tmp_path / "rabbit_poison.py").write_text(POISON_MODULE)
+    task_id = f"rq-unrun-{uuid.uuid4().hex[:8]}"
+    with Connection(BROKER_URL) as connection:
+        dead_queue()(connection.default_channel).declare()  # as every worker does
+        connection.default_channel.queue_declare(queue, durable=True, auto_delete=False,
+                                                 arguments=task_queue_arguments())
+    try:
+        result = app.send_task("test.rabbit_poison", (str(runs), str(armed)), queue=queue,
+                               task_id=task_id)
+        for _ in range(get_settings().max_deliveries):
+            _take_and_give_back(queue)
+        env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+        [worker] = start_workers([(f"rq-unrun-{uuid.uuid4().hex[:6]}",
+                                   ["celery", "-Q", queue, "-P", "prefork", "-c", "1",
+                                    "-I", "rabbit_poison"])], env)
+        try:
+            assert result.get(timeout=120) == "fine"
+        finally:
+            worker.stop()
+        assert runs.read_text().splitlines() == ["run"]
+        assert deliveries.put_back_so_far(task_id) == 1
+        assert [e for e in dead_letters.list_entries() if e["task_id"] == task_id] == []
+        assert _depth(queue) == 0 and _depth(keys.DEAD_QUEUE) == 0
+    finally:
+        with Connection(BROKER_URL) as connection:
+            connection.default_channel.queue_delete(queue)
 
 
 @pytest.mark.rabbitmq

@@ -10,6 +10,14 @@ with its reason, its source queue and the deliveries that lost their worker, its
 gets an UndeliverableMessage result, and only then is it acked. When the store cannot be
 reached the message stays unacked on this channel, and RabbitMQ gives it to a consumer
 again when the channel closes: nothing is dropped on the way.
+
+RabbitMQ counts every return towards the delivery limit, runs or not: a worker holding a
+message for its countdown (a retry's back-off, a hedge's delay) gives it back unrun when
+it stops, and a quorum queue counts that as a delivery. So a message dead-lettered at its
+limit is first checked against the worker's own count of deliveries screened on their way
+to a pool (`delivery.deliveries`): when fewer than AIMESH_MAX_DELIVERIES were, it is put
+back at the tail of its queue (at most `PUT_BACK_LIMIT` times, logged as
+`delivery.put_back`), and only a message run that often is dead.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from aimesh_tasks.delivery.consumer import result_request
 from aimesh_tasks.delivery.dead_letters import OTHER_QUEUE
 from aimesh_tasks.delivery.terminal import bury_task
 from aimesh_tasks.keys import DEAD_EXCHANGE, DEAD_QUEUE
-from aimesh_tasks.rabbit.envelope import envelope_of
+from aimesh_tasks.rabbit.envelope import envelope_of, publish_envelope
 from aimesh_tasks.rabbit.queues import dead_queue_arguments, is_amqp, priorities_applied
 
 logger = logging.getLogger(__name__)
@@ -73,19 +81,57 @@ class DrainDeadLetters(bootsteps.ConsumerStep):  # type: ignore[misc]
                          on_message=self.on_message, prefetch_count=10)]
 
     def on_message(self, message: Any) -> None:
-        """Store one dead letter, then ack it (or leave it unacked if the store is down)."""
+        """Put a message dead-lettered unrun back on its queue, or store the dead letter;
+        then ack it (or leave it unacked if Redis or the broker cannot be reached)."""
         headers = message.headers if isinstance(message.headers, dict) else {}
         queue, why = death_of(headers)
         task_id, name = headers.get("id"), headers.get("task")
         task_id = task_id if isinstance(task_id, str) else None
         name = name if isinstance(name, str) else None
-        reason = _REASONS.get(why, "dead_lettered")
+        detail = _detail(why)
+        if why == "delivery_limit" and task_id is not None and queue != OTHER_QUEUE:
+            try:
+                dead_because = _put_back_if_unrun(message, queue, task_id)
+            except Exception:  # stays unacked: given again when this channel closes
+                logger.exception("dead_letter.put_back_failed",
+                                 extra={"queue": queue, "task_id": task_id})
+                return
+            if dead_because is None:
+                message.ack()
+                return
+            detail = dead_because
         buried = bury_task(self.app, result_request(message, name), queue=queue,
-                           raw=envelope_of(message, queue), reason=reason,
-                           detail=_detail(why), task_id=task_id, task=name,
+                           raw=envelope_of(message, queue), reason=_REASONS.get(why,
+                                                                                "dead_lettered"),
+                           detail=detail, task_id=task_id, task=name,
                            history=_history(task_id))
         if buried:
             message.ack()
+
+
+def _put_back_if_unrun(message: Any, queue: str, task_id: str) -> str | None:
+    """Put a message RabbitMQ dead-lettered at its delivery limit back at the tail of
+    `queue` when some of its deliveries were returns no worker ran (None), or say why it
+    is dead all the same. RabbitMQ counts every return of a message: a worker that holds
+    one for its countdown and stops gives it back, and is counted as a delivery that ran."""
+    from aimesh_tasks.settings import get_settings
+
+    settings = get_settings()
+    limit = settings.max_deliveries
+    runs, put_back = deliveries.runs_at_most(task_id), deliveries.put_back_so_far(task_id)
+    if not deliveries.put_back_unrun(runs, put_back, limit):
+        if runs >= limit:
+            return _detail("delivery_limit")
+        return (f"delivered {limit} times, run at most {runs}; put back on {queue} "
+                f"{put_back} times already (a worker that stops or dies while it holds the "
+                "message gives it back to RabbitMQ, which counts it as a delivery)")
+    times = deliveries.count_put_back(task_id)  # before the publish: a crash overcounts
+    publish_envelope(settings.broker_url, queue, envelope_of(message, queue))
+    logger.warning("delivery.put_back", extra={
+        "task_id": task_id, "queue": queue, "runs_at_most": runs, "put_back": times,
+        "detail": f"RabbitMQ's delivery limit counted {limit - runs + 1} or more returns of "
+                  "a message no worker ran; it is put back at the tail of its queue"})
+    return None
 
 
 def _history(task_id: str | None) -> list[dict[str, Any]]:
