@@ -196,7 +196,7 @@ def requeue(ref: str, queue: str | None = None) -> DeadLetter:
     client.xdel(keys.dead_letters(entry["queue"]), entry["id"])
     if entry["task_id"]:
         client.delete(keys.deliveries(entry["task_id"]),
-                      keys.delivery_history(entry["task_id"]))
+                      keys.delivery_history(entry["task_id"]), keys.put_back(entry["task_id"]))
     return entry
 
 
