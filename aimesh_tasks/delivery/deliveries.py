@@ -72,10 +72,14 @@ def put_back_unrun(runs: int, put_back: int, max_deliveries: int) -> bool:
 
 
 def count_put_back(task_id: str) -> int:
-    """Count one more putting back of `task_id`; how many times, this one included."""
+    """Count one more putting back of `task_id`; how many times, this one included. The
+    copy put back is a new message, whose first delivery is not marked redelivered and so
+    never screened: it is counted as a run here, taken to have run like any first one."""
     with get_redis().pipeline(transaction=False) as pipe:
         pipe.incr(keys.put_back(task_id))
         pipe.expire(keys.put_back(task_id), _ttl_s())
+        pipe.incr(keys.deliveries(task_id))
+        pipe.expire(keys.deliveries(task_id), _ttl_s())
         return int(pipe.execute()[0])
 
 

@@ -129,7 +129,7 @@ def _put_back_if_unrun(message: Any, queue: str, task_id: str) -> str | None:
     publish_envelope(settings.broker_url, queue, envelope_of(message, queue))
     logger.warning("delivery.put_back", extra={
         "task_id": task_id, "queue": queue, "runs_at_most": runs, "put_back": times,
-        "detail": f"RabbitMQ's delivery limit counted {limit - runs + 1} or more returns of "
+        "detail": f"RabbitMQ's delivery limit counted {limit - runs} or more returns of "
                   "a message no worker ran; it is put back at the tail of its queue"})
     return None
 
