@@ -33,6 +33,7 @@ Two windows of this transport are covered, not closed:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from queue import Empty
 from typing import Any
@@ -81,22 +82,40 @@ def bury(queue: str, raw: bytes, error: BadEnvelope) -> None:
 # replies for redis-py to pack and parse, ~7 % of a worker's CPU each at 0 ms provider
 # latency (py-spy, issue 18). The same two writes in one script are one command, and as
 # atomic: no reader ever sees the index entry without the message or the other way round.
+# An ack is not sent on its own either: the tags acked since the last script ride the
+# next delivery's record (ARGV[4...]), or, with no delivery, go before the next BRPOP
+# once ACK_FLUSH_S old (kombu's BRPOP returns within a second when idle). A forget sent
+# late only keeps an acked message's record that much longer; should the worker die
+# first, the record is restored after the visibility timeout and the message runs again,
+# which on the message path is the same message (its lease and journal).
 _RECORD_UNACKED = """
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if #ARGV > 3 then
+  redis.call('ZREM', KEYS[1], unpack(ARGV, 4))
+  redis.call('HDEL', KEYS[2], unpack(ARGV, 4))
+end
 return 1
 """
 _FORGET_UNACKED = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], unpack(ARGV))
+redis.call('HDEL', KEYS[2], unpack(ARGV))
 return 1
 """
+ACK_FLUSH_S = 0.2
+_MAX_TAGS = 500  # per script call (Lua's unpack takes a few thousand at most)
 
 
 class GuardedQoS(kombu_redis.QoS):
     """kombu's Redis QoS, keeping what it could not restore for the next channel and
     dropping acks on a channel closed with its connection; the unacked records written and
-    removed by one script each."""
+    removed by one script each, the removals of acked messages batched (see above)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._acked: list[str] = []  # acked here, their records not yet removed in Redis
+        self._acked_since = 0.0
+        self._acked_lock = threading.Lock()
 
     def _script(self, source: str) -> Any:
         """`source` on the channel's client; None where the client prefixes keys (kombu's
@@ -113,8 +132,13 @@ class GuardedQoS(kombu_redis.QoS):
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"],  # type: ignore[no-untyped-call]
                         delivery["routing_key"]])
-        script(keys=[self.unacked_index_key, self.unacked_key],
-               args=[repr(time.time()), delivery_tag, record])
+        acked = self._take_acked(0.0)
+        try:
+            script(keys=[self.unacked_index_key, self.unacked_key],
+                   args=[repr(time.time()), delivery_tag, record, *acked])
+        except Exception:
+            self._give_back(acked)
+            raise
         virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
 
     def _forget(self, delivery_tag: str) -> None:
@@ -128,8 +152,40 @@ class GuardedQoS(kombu_redis.QoS):
         if self.channel.connection is None:
             self._dropped(delivery_tag)
             return
-        self._forget(delivery_tag)
+        if self.channel.global_keyprefix:
+            self._forget(delivery_tag)
+        else:
+            with self._acked_lock:
+                if not self._acked:
+                    self._acked_since = time.monotonic()
+                self._acked.append(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def _take_acked(self, older_than_s: float) -> list[str]:
+        """The acked tags not yet forgotten (at most _MAX_TAGS, oldest first), once the
+        oldest is `older_than_s` old; [] before."""
+        with self._acked_lock:
+            if not self._acked or time.monotonic() - self._acked_since < older_than_s:
+                return []
+            taken, self._acked = self._acked[:_MAX_TAGS], self._acked[_MAX_TAGS:]
+            return taken
+
+    def _give_back(self, tags: list[str]) -> None:
+        """Tags whose removal failed: sent again with the next script."""
+        if tags:
+            with self._acked_lock:
+                self._acked[:0] = tags
+
+    def flush_acked(self, older_than_s: float = 0.0) -> None:
+        """Remove the records of the messages acked here (those waiting `older_than_s` or
+        more); on an error they wait for the next script, and the error is raised."""
+        while acked := self._take_acked(older_than_s):
+            try:
+                self._script(_FORGET_UNACKED)(keys=[self.unacked_index_key, self.unacked_key],
+                                              args=acked)
+            except Exception:
+                self._give_back(acked)
+                raise
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if self.channel.connection is None:
@@ -145,6 +201,10 @@ class GuardedQoS(kombu_redis.QoS):
         virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def restore_unacked(self, client: Any = None) -> None:
+        try:
+            self.flush_acked()  # the channel closes: what it acked is not given back
+        except Exception:  # left in the unacked hash: restored after the visibility timeout
+            logger.warning("delivery.acks_not_flushed", extra={"messages": len(self._acked)})
         try:
             super().restore_unacked(client)  # type: ignore[no-untyped-call]
         except Exception as exc:  # whatever stopped this channel; see the module docstring
@@ -174,6 +234,22 @@ class GuardedChannel(kombu_redis.Channel):
         if client is None or client.connection_pool is not self.pool:
             client = self._sync_client = super()._create_client()  # type: ignore[no-untyped-call]
         return client
+
+    def close(self) -> None:
+        qos = getattr(self, "_qos", None)
+        if qos is not None and not self.closed:
+            try:
+                qos.flush_acked()  # before kombu drops the pools: what was acked is done
+            except Exception:  # left in the unacked hash: restored after the visibility timeout
+                logger.warning("delivery.acks_not_flushed", extra={"messages": len(qos._acked)})
+        super().close()  # type: ignore[no-untyped-call]
+
+    def _brpop_start(self, timeout: Any = None) -> Any:
+        try:
+            self.qos.flush_acked(ACK_FLUSH_S)
+        except Exception:  # Redis is away: the BRPOP meets it too, and kombu reconnects
+            logger.debug("delivery.acks_not_flushed", exc_info=True)
+        return super()._brpop_start(timeout)  # type: ignore[no-untyped-call]
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         consumer_tag = super().basic_consume(queue, *args, **kwargs)  # type: ignore[no-untyped-call]
