@@ -89,3 +89,30 @@ def test_an_unacked_message_is_still_given_back_when_its_channel_closes(queue: s
             body = base64.b64decode(body)
         assert json.loads(body) == {"n": 0}
         assert _records(channel) == set()
+
+
+def test_acks_a_lost_connection_kept_are_removed_by_the_next_channel(
+        queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Connection(URL, transport=GuardedTransport) as connection:
+        channel = connection.channel()
+        channel.tags_seen = set()
+        connection.Producer(channel).publish({"n": 1}, routing_key=queue, declare=[],
+                                             serializer="json")
+        taken = _take(channel, queue)
+        taken.ack()
+
+        def unreachable(source: str) -> Any:
+            raise redis.ConnectionError("Redis went away")
+
+        monkeypatch.setattr(channel.qos, "_script", unreachable)
+        channel.qos.restore_unacked()  # what kombu calls as the connection is lost
+        assert _records(channel) == {str(taken.delivery_tag)}  # kept in Redis for now
+        monkeypatch.undo()
+
+        after = connection.channel()  # the channel of the reconnected worker
+        after.tags_seen = channel.tags_seen
+        after.basic_consume(queue, False, lambda message: None, "after")
+        after.qos.flush_acked()
+        assert _records(after) == set()
+        assert redis.Redis.from_url(URL).llen(queue) == 0  # and nothing was given back
+        after.close()

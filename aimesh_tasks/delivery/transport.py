@@ -24,10 +24,11 @@ Two windows of this transport are covered, not closed:
   ("'NoneType' object has no attribute 'hostname'") stops the worker (MEASURED.md finding
   13). `GuardedQoS` keeps their delivery tags instead, and the next channel (once the
   worker has reconnected) restores them: the worker lives on, and work that could not be
-  acked is not stuck for the visibility timeout. A task still running through the loss
-  acks, when it ends, on the closed channel, where kombu fails the same way; that ack is
-  dropped (its message is back on its queue already: the copy runs again, and a duplicate
-  of a message is the same message).
+  acked is not stuck for the visibility timeout. Acks whose removal had not been sent yet
+  (they are batched, see below) are removed by the next channel too. A task still running
+  through the loss acks, when it ends, on the closed channel, where kombu fails the same
+  way; that ack is dropped (its message is back on its queue already: the copy runs
+  again, and a duplicate of a message is the same message).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ from aimesh_tasks.redis_batch import registered_script
 logger = logging.getLogger(__name__)
 # Delivery tags whose restore failed with the connection; the next channel restores them.
 _unrestored: set[str] = set()
+# Delivery tags acked whose records a lost connection kept; the next channel removes them.
+_unforgotten: set[str] = set()
 
 
 class GuardedMessage(Message):
@@ -201,10 +204,16 @@ class GuardedQoS(kombu_redis.QoS):
         virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def restore_unacked(self, client: Any = None) -> None:
+        # Acked tags leave the delivered set first (kombu's own restore_unacked_once does
+        # so, a direct call does not): with their records' removal batched, an acked
+        # message's record may still be in Redis, and would be given back to its queue.
+        self._flush()  # type: ignore[no-untyped-call]
         try:
             self.flush_acked()  # the channel closes: what it acked is not given back
-        except Exception:  # left in the unacked hash: restored after the visibility timeout
-            logger.warning("delivery.acks_not_flushed", extra={"messages": len(self._acked)})
+        except Exception:  # the connection is gone: the next channel removes them
+            with self._acked_lock:
+                _unforgotten.update(self._acked)
+                self._acked = []
         try:
             super().restore_unacked(client)  # type: ignore[no-untyped-call]
         except Exception as exc:  # whatever stopped this channel; see the module docstring
@@ -254,6 +263,10 @@ class GuardedChannel(kombu_redis.Channel):
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         consumer_tag = super().basic_consume(queue, *args, **kwargs)  # type: ignore[no-untyped-call]
         restore_deferred(self.qos)
+        if _unforgotten:
+            tags = list(_unforgotten)
+            _unforgotten.difference_update(tags)
+            self.qos._give_back(tags)  # removed with this channel's next script
         return consumer_tag
 
     def _brpop_read(self, **options: Any) -> bool:
