@@ -190,6 +190,17 @@ class GuardedQoS(kombu_redis.QoS):
                 self._give_back(acked)
                 raise
 
+    def flush_or_hand_on(self) -> None:
+        """Remove the records of everything acked here; when Redis cannot be reached, leave
+        them to the next channel (the worker's, once it has reconnected)."""
+        try:
+            self.flush_acked()
+        except Exception:
+            with self._acked_lock:
+                _unforgotten.update(self._acked)
+                self._acked = []
+            logger.warning("delivery.acks_handed_on", extra={"messages": len(_unforgotten)})
+
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if self.channel.connection is None:
             self._dropped(delivery_tag)
@@ -208,12 +219,7 @@ class GuardedQoS(kombu_redis.QoS):
         # so, a direct call does not): with their records' removal batched, an acked
         # message's record may still be in Redis, and would be given back to its queue.
         self._flush()  # type: ignore[no-untyped-call]
-        try:
-            self.flush_acked()  # the channel closes: what it acked is not given back
-        except Exception:  # the connection is gone: the next channel removes them
-            with self._acked_lock:
-                _unforgotten.update(self._acked)
-                self._acked = []
+        self.flush_or_hand_on()  # the channel closes: what it acked is not given back
         try:
             super().restore_unacked(client)  # type: ignore[no-untyped-call]
         except Exception as exc:  # whatever stopped this channel; see the module docstring
@@ -247,10 +253,7 @@ class GuardedChannel(kombu_redis.Channel):
     def close(self) -> None:
         qos = getattr(self, "_qos", None)
         if qos is not None and not self.closed:
-            try:
-                qos.flush_acked()  # before kombu drops the pools: what was acked is done
-            except Exception:  # left in the unacked hash: restored after the visibility timeout
-                logger.warning("delivery.acks_not_flushed", extra={"messages": len(qos._acked)})
+            qos.flush_or_hand_on()  # before kombu drops the pools
         super().close()  # type: ignore[no-untyped-call]
 
     def _brpop_start(self, timeout: Any = None) -> Any:
