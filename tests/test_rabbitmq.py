@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from aimesh_tasks.settings import get_settings, load_settings
 from aimesh_tasks.simulator import RunningSimulator
 from tests.conftest import BROKER_URL, MATRIX_VHOST, RABBITMQ
 from tests.processes import ROOT, WorkerProcess, start_workers
+from tests.waits import wait_until
 
 Sim = Callable[..., RunningSimulator]
 MakeEndpoint = Callable[..., Endpoint]
@@ -279,25 +279,13 @@ def test_a_task_that_kills_its_worker_goes_to_the_dead_letter_exchange_after_the
     assert dead_letters.list_entries("rq.poison") == []
 
 
-def _take_and_give_back(queue: str, timeout_s: float = 30) -> None:
+def _take_and_give_back(queue: str) -> None:
     """Take the message at the head of `queue` and close the channel without an ack, as a
     worker holding it for its countdown does when it stops."""
     with Connection(BROKER_URL) as connection:
         channel = connection.channel()
-        taken = wait_for(lambda: channel.basic_get(queue, no_ack=False), timeout_s)
-        assert taken is not None, f"no message on {queue} within {timeout_s} s"
+        wait_until(lambda: channel.basic_get(queue, no_ack=False), f"a message on {queue}", 30)
         channel.close()
-
-
-def wait_for(get: Callable[[], Any], timeout_s: float) -> Any:
-    """`get()` once it returns something, or None after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = get()
-        if found is not None:
-            return found
-        time.sleep(0.05)
-    return None
 
 
 def test_a_message_dead_lettered_unrun_goes_back_a_few_times_only() -> None:

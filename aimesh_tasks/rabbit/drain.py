@@ -100,11 +100,10 @@ class DrainDeadLetters(bootsteps.ConsumerStep):  # type: ignore[misc]
                 message.ack()
                 return
             detail = dead_because
+        reason = _REASONS.get(why, "dead_lettered")
         buried = bury_task(self.app, result_request(message, name), queue=queue,
-                           raw=envelope_of(message, queue), reason=_REASONS.get(why,
-                                                                                "dead_lettered"),
-                           detail=detail, task_id=task_id, task=name,
-                           history=_history(task_id))
+                           raw=envelope_of(message, queue), reason=reason, detail=detail,
+                           task_id=task_id, task=name, history=_history(task_id))
         if buried:
             message.ack()
 
