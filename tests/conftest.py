@@ -67,7 +67,7 @@ from alembic.util.exc import CommandError  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.exc import SQLAlchemyError  # noqa: E402
 
-from aimesh_tasks.db import Base, dispose_engines  # noqa: E402
+from aimesh_tasks.db import dispose_engines  # noqa: E402
 from aimesh_tasks.db.migrate import downgrade, upgrade  # noqa: E402
 from aimesh_tasks.registry import Endpoint, add_endpoint  # noqa: E402
 from aimesh_tasks.registry.cache import ENDPOINTS  # noqa: E402
@@ -75,6 +75,7 @@ from aimesh_tasks.settings import reset_settings  # noqa: E402
 from aimesh_tasks.simulator import RunningSimulator, SimulatorConfig, start_simulator  # noqa: E402
 from tests.gate import Gate  # noqa: E402
 from tests.processes import WorkerProcess, start_workers  # noqa: E402
+from tests.tables import empty_tables  # noqa: E402
 
 
 def _require_servers() -> None:
@@ -200,16 +201,10 @@ def _empty_database() -> None:
     engine.dispose()
 
 
-def _truncate_all() -> None:
+def _reset_state() -> None:
     from aimesh_tasks.db import get_engine
 
-    names = ", ".join(t.name for t in Base.metadata.sorted_tables)
-    with get_engine().begin() as connection:
-        connection.execute(text(f"TRUNCATE {names}"))
-
-
-def _reset_state() -> None:
-    _truncate_all()
+    empty_tables(get_engine())
     redis.Redis.from_url(f"{REDIS}/{LIVE_DB}").flushdb()
     ENDPOINTS.clear()
 

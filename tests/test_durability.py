@@ -37,7 +37,7 @@ from sqlalchemy import create_engine, text
 
 from aimesh_tasks import keys, redis_batch
 from aimesh_tasks.budgets import set_budget
-from aimesh_tasks.db import Base, dispose_engines
+from aimesh_tasks.db import dispose_engines
 from aimesh_tasks.db.migrate import upgrade
 from aimesh_tasks.errors import ConfigError
 from aimesh_tasks.governance import add_agent
@@ -49,6 +49,7 @@ from aimesh_tasks.settings import reset_settings
 from aimesh_tasks.simulator import RunningSimulator
 from benchmarks.chaos.invariants import base_key
 from tests.budget_checks import assert_budget_invariants
+from tests.tables import empty_tables
 from tests.waits import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -214,11 +215,9 @@ def _forget_clients() -> None:
 @pytest.fixture()
 def fresh(servers: Servers) -> Iterator[Servers]:
     """Empty tables and Redis dbs before the test; workers the test started stopped after."""
-    names = ", ".join(t.name for t in Base.metadata.sorted_tables)
     engine = create_engine(servers.postgres.url.replace("postgresql://",
                                                         "postgresql+psycopg://"))
-    with engine.begin() as connection:
-        connection.execute(text(f"TRUNCATE {names}"))
+    empty_tables(engine)
     engine.dispose()
     for db in (RESULTS_DB, LIVE_DB, BROKER_DB):
         servers.redis.client(db).flushdb()
