@@ -167,6 +167,9 @@ def test_a_batch_whose_connection_is_killed_mid_batch_applies_nothing_and_its_ca
     assert pg.PARALLEL_BATCHES == 2, "this test lays out two batches in flight"
     agent = _agent(tokens=10_000)
     need = Estimate(50, 50, 0)
+    # A second batch goes beside the first once OVERLAP_AT reservations wait for it.
+    first_n, beside_ns = 1, range(2, 2 + pg.OVERLAP_AT)
+    behind_ns = range(beside_ns.stop, beside_ns.stop + 2)
 
     def start(n: int) -> Future[Any]:
         return pool.submit(reserve, agent, f"m{n}", "ep", f"m{n}:0", need)
@@ -175,12 +178,12 @@ def test_a_batch_whose_connection_is_killed_mid_batch_applies_nothing_and_its_ca
         found = blocked_batches()
         return found if len(found) == count else None
 
-    with ThreadPoolExecutor(6) as pool, budget_row_locked(agent):
-        first = start(1)
+    with ThreadPoolExecutor(4 + pg.OVERLAP_AT) as pool, budget_row_locked(agent):
+        first = start(first_n)
         killed = set(wait_until(lambda: blocked(1), "the first batch waiting for the row"))
-        beside = start(2)
+        beside = [start(n) for n in beside_ns]
         waiting = set(wait_until(lambda: blocked(2), "a second batch beside it"))
-        behind = [start(3), start(4)]
+        behind = [start(n) for n in behind_ns]
         wait_until(lambda: _queued(2), "two reservations queued behind both batches")
         _terminate(killed.pop())
         with pytest.raises(OperationalError):
@@ -192,17 +195,20 @@ def test_a_batch_whose_connection_is_killed_mid_batch_applies_nothing_and_its_ca
         for future in behind:
             with pytest.raises(OperationalError):
                 future.result(60)
-    assert beside.result(60) is not None  # the lock is gone: the batch beside went through
-    assert _reservations(agent) == {"m2:0": "reserved"}
-    assert get_budget(agent).reserved_tokens == 100
-    for n in (1, 3, 4):  # the tasks' retries
+    # the lock is gone: the batch beside went through
+    assert all(future.result(60) is not None for future in beside)
+    assert _reservations(agent) == {f"m{n}:0": "reserved" for n in beside_ns}
+    assert get_budget(agent).reserved_tokens == 100 * len(beside_ns)
+    everyone = [first_n, *beside_ns, *behind_ns]
+    for n in [first_n, *behind_ns]:  # the tasks' retries
         assert reserve(agent, f"m{n}", "ep", f"m{n}:0", need) is not None
-    assert reserve(agent, "m2", "ep", "m2:0", need) is not None  # a redelivery: held
-    assert get_budget(agent).reserved_tokens == 400
-    for n in (1, 2, 3, 4):
+    for n in beside_ns:  # a redelivery: held
+        assert reserve(agent, f"m{n}", "ep", f"m{n}:0", need) is not None
+    assert get_budget(agent).reserved_tokens == 100 * len(everyone)
+    for n in everyone:
         assert claim(f"m{n}:0") == "claimed"
         assert settle(f"m{n}:0", 60, 0) is True
-    assert get_budget(agent).spent_tokens == 240
+    assert get_budget(agent).spent_tokens == 60 * len(everyone)
     assert_budget_invariants()
 
 

@@ -109,3 +109,31 @@ def test_with_two_in_parallel_a_second_batch_goes_while_the_first_is_applied() -
         assert [f.result(30) for f in [first, second, *later]] == [
             "done a", "done b", "done c", "done d"]
     assert apply.batches == [["a"], ["b"], ["c", "d"]]
+
+
+def test_a_second_batch_waits_until_overlap_at_operations_are_queued() -> None:
+    apply = GatedApply(hold_all=True)
+    group: GroupCommit[str, str] = GroupCommit(apply, parallel=2, overlap_at=3)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(group.run, "a")
+        wait_until(lambda: apply.batches == [["a"]], "the first batch being applied")
+        waiting = _start(pool, group, ["b", "c"])  # fewer than 3: they wait for "a"
+        assert apply.batches == [["a"]]
+        third = pool.submit(group.run, "d")  # the third queued: a batch goes beside "a"
+        wait_until(lambda: apply.batches == [["a"], ["b", "c", "d"]],
+                   "the second batch being applied")
+        apply.open.set()
+        assert [f.result(30) for f in [first, *waiting, third]] == [
+            "done a", "done b", "done c", "done d"]
+
+
+def test_below_overlap_at_the_waiting_operations_go_when_the_batch_ends() -> None:
+    apply = GatedApply()
+    group: GroupCommit[str, str] = GroupCommit(apply, parallel=2, overlap_at=3)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(group.run, "a")
+        assert apply.first_in.wait(30)
+        later = _start(pool, group, ["b", "c"])
+        apply.open.set()
+        assert [f.result(30) for f in [first, *later]] == ["done a", "done b", "done c"]
+    assert apply.batches == [["a"], ["b", "c"]]

@@ -10,7 +10,11 @@ one caller at a time (a prefork worker) applies each operation alone, with no ha
 and a process with many (threads, an asyncio runner) pays one commit for a whole batch.
 With `parallel=2` the next batch is sent while one commits: on a hot row it waits for
 the row inside the database rather than for its leader's thread to be scheduled, and
-batches of different rows commit side by side.
+batches of different rows commit side by side. A batch goes beside one being applied
+only once `overlap_at` operations wait for it: when a batch ends, its callers wake one
+by one, and the first of them would otherwise go alone at once and leave the other
+callers to the batch after (measured: with 16 threads on one hot agent, 45 % of the
+batches held a single operation, the rest 14-15).
 
 A batch succeeds or fails whole: when `apply` raises, every caller in the batch gets
 that error (nothing of the batch was applied, or all of it was and each operation is
@@ -43,14 +47,15 @@ class _Waiter(Generic[Op, Outcome]):
 
 class GroupCommit(Generic[Op, Outcome]):
     """Apply concurrent operations in batches of at most `max_batch`, in arrival order, at
-    most `parallel` batches at a time; `apply` gets a batch's operations and returns one
-    outcome each, in order."""
+    most `parallel` batches at a time (a second only once `overlap_at` operations wait);
+    `apply` gets a batch's operations and returns one outcome each, in order."""
 
     def __init__(self, apply: Callable[[Sequence[Op]], Sequence[Outcome]], *,
-                 max_batch: int = 64, parallel: int = 1) -> None:
+                 max_batch: int = 64, parallel: int = 1, overlap_at: int = 1) -> None:
         self._apply = apply
         self._max_batch = max_batch
         self._parallel = parallel
+        self._overlap_at = overlap_at
         self._lock = threading.Lock()
         self._queue: list[_Waiter[Op, Outcome]] = []
         self._leaders = 0
@@ -60,7 +65,8 @@ class GroupCommit(Generic[Op, Outcome]):
         mine: _Waiter[Op, Outcome] = _Waiter(op)
         with self._lock:
             self._queue.append(mine)
-            mine.leads = self._leaders < self._parallel
+            mine.leads = self._leaders == 0 or (self._leaders < self._parallel
+                                                and len(self._queue) >= self._overlap_at)
             self._leaders += mine.leads
         try:
             while not mine.finished:

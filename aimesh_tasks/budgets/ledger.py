@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, get_args
 
-from sqlalchemy import func, null, select, update
+from sqlalchemy import func, literal_column, null, select, update
 from sqlalchemy.orm import Session
 
 from aimesh_tasks import events
@@ -267,10 +267,13 @@ def stale_reservations(older_than_s: float, limit: int = 500) -> list[str]:
     being called now is not stale)."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     since = func.coalesce(ReservationRow.called_at, ReservationRow.created_at)
+    # The state inline, not a parameter: only then can any plan (a prepared statement's
+    # generic one too) use the partial index of open reservations (ix_budget_reservations_open).
+    is_open = ReservationRow.state == literal_column("'reserved'")
     with session_scope() as session:
         return list(session.scalars(
             select(ReservationRow.call_key)
-            .where(ReservationRow.state == "reserved", since < cutoff)
+            .where(is_open, since < cutoff)
             .order_by(ReservationRow.created_at).limit(limit)
         ))
 

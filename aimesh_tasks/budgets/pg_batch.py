@@ -142,6 +142,7 @@ def _apply_run(connection: psycopg.Connection[Any], ops: Sequence[Op]) -> list[O
 
 
 PARALLEL_BATCHES = 2  # one committing, the next already waiting for its rows in Postgres
+OVERLAP_AT = 4  # operations waiting before the second goes (group_commit.py)
 _groups: dict[int, GroupCommit[Op, Outcome]] = {}
 _groups_lock = threading.Lock()
 
@@ -152,7 +153,8 @@ def _group() -> GroupCommit[Op, Outcome]:
     group = _groups.get(pid)
     if group is None:
         with _groups_lock:
-            group = _groups.setdefault(pid, GroupCommit(apply, parallel=PARALLEL_BATCHES))
+            group = _groups.setdefault(pid, GroupCommit(apply, parallel=PARALLEL_BATCHES,
+                                                               overlap_at=OVERLAP_AT))
     return group
 
 

@@ -12,10 +12,12 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -128,15 +130,26 @@ class ReservationRow(Base):
     """The worst-case cost held for one upstream call until it is settled or released."""
 
     __tablename__ = "budget_reservations"
+    # Few indexes, and none on called_at, so that a claim is a HOT update (migration
+    # 0014_budget_indexes, which also keeps room on each page for it): the reaper's
+    # open reservations by age, a message's reservations, and (0008) kept answers.
+    __table_args__ = (
+        Index("ix_budget_reservations_open", "created_at",
+              postgresql_where=text("state = 'reserved'"),
+              sqlite_where=text("state = 'reserved'")),
+        Index("ix_budget_reservations_kept", "closed_at",
+              postgresql_where=text("journal_entry IS NOT NULL"),
+              sqlite_where=text("journal_entry IS NOT NULL")),
+    )
 
     call_key: Mapped[str] = mapped_column(String(160), primary_key=True)
-    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
     message_id: Mapped[str] = mapped_column(String(128), index=True)
     endpoint_id: Mapped[str] = mapped_column(String(64))
     tokens: Mapped[int] = mapped_column(BigInteger)
     nusd: Mapped[int] = mapped_column(BigInteger)
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     called_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The settled call's journal entry (migration 0008_durable_answers): its answer or
@@ -149,16 +162,17 @@ class LedgerRow(Base):
     """One charge: exactly one row per upstream call (unique call_key)."""
 
     __tablename__ = "budget_ledger"
+    __table_args__ = (Index("ix_budget_ledger_agent_created", "agent_id", "created_at"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     call_key: Mapped[str] = mapped_column(String(160), unique=True)
-    agent_id: Mapped[str] = mapped_column(String(64), index=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
     message_id: Mapped[str] = mapped_column(String(128), index=True)
     endpoint_id: Mapped[str] = mapped_column(String(64))
     tokens: Mapped[int] = mapped_column(BigInteger)
     nusd: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class BudgetResetRow(Base):
