@@ -13,8 +13,9 @@ the row inside the database rather than for its leader's thread to be scheduled,
 batches of different rows commit side by side. A batch goes beside one being applied
 only once `overlap_at` operations wait for it: when a batch ends, its callers wake one
 by one, and the first of them would otherwise go alone at once and leave the other
-callers to the batch after (measured: with 16 threads on one hot agent, 45 % of the
-batches held a single operation, the rest 14-15).
+callers to the batch after (measured, 16 threads on one hot agent: with no such wait
+44-52 % of the batches held a single operation, 5.4 on average; with `overlap_at=4`,
+2 % and 6.5).
 
 A batch succeeds or fails whole: when `apply` raises, every caller in the batch gets
 that error (nothing of the batch was applied, or all of it was and each operation is
