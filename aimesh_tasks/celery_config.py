@@ -23,6 +23,9 @@ _settings = get_settings()
 # Where messages and results live. memory:// and cache+memory:// are the embedded mode.
 broker_url = _settings.broker_url
 result_backend = _settings.result_backend
+# A Redis result backend stores each result in one round trip (aimesh_tasks/result_backend.py).
+override_backends = {scheme: "aimesh_tasks.result_backend:StoreOnceRedisBackend"
+                     for scheme in ("redis", "rediss")}
 
 # JSON only, in and out: a pickle-typed message is refused by the worker, never executed.
 # At-least-once delivery: a message is acked only after its task returned, and a message
