@@ -19,7 +19,8 @@ from typing import Any
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
-from kombu.utils.objects import cached_property
+
+from aimesh_tasks.redis_batch import registered_script
 
 # KEYS[1] the result key; ARGV[1] the encoded meta, ARGV[2] seconds to keep it (0: no
 # expiry). A value already there that decodes to status SUCCESS stays (returns 0).
@@ -44,13 +45,9 @@ return 1
 class StoreOnceRedisBackend(RedisBackend):  # type: ignore[misc]
     """RedisBackend whose result store is one script (read, decide, set, publish)."""
 
-    @cached_property
-    def _store_once(self) -> Any:
-        return self.client.register_script(STORE_ONCE)
-
-    def _store_once_with_current_client(self, key: Any, value: Any, expires: int) -> Any:
-        # The client as it is now: Celery makes a new one after a fork.
-        return self._store_once(keys=[key], args=[value, expires], client=self.client)
+    def _store_once(self, key: Any, value: Any, expires: int) -> Any:
+        # On the client as it is now (Celery makes a new one after a fork).
+        return registered_script(self.client, STORE_ONCE)(keys=[key], args=[value, expires])
 
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None,
                       request: Any = None, **kwargs: Any) -> Any:
@@ -65,6 +62,5 @@ class StoreOnceRedisBackend(RedisBackend):  # type: ignore[misc]
             raise BackendStoreError("value too large for Redis backend", state=state,
                                     task_id=task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        self.ensure(self._store_once_with_current_client,
-                    (self.get_key_for_task(task_id), value, int(expires or 0)))
+        self.ensure(self._store_once, (self.get_key_for_task(task_id), value, int(expires or 0)))
         return result
