@@ -10,7 +10,8 @@ reports per message, medians over the repeats:
   result waits), the simulator, Redis itself (from /proc and INFO cpu) and the Postgres
   server (its postmaster's process tree: every backend of every database, so other
   databases must be idle; left out when the server is not on this machine);
-- Redis commands (INFO commandstats), bytes in and out (INFO stats) and keys left behind;
+- Redis commands (INFO commandstats), reads (INFO stats total_reads_processed: about one
+  per client round trip), bytes in and out (INFO stats) and keys left behind;
 - Postgres transactions and rows inserted/updated/deleted (pg_stat_database of the
   benchmark database).
 From those figures deploy/README.md's capacity model says where one Redis, one Postgres
@@ -176,6 +177,7 @@ def _one_repeat(args: argparse.Namespace, client: Any, pg: psycopg.Connection[An
     row["cpu_ms_producer"] = (time.process_time() - me0) * 1000 / n
     row["cpu_ms_redis"] = (r1["cpu_s"] - r0["cpu_s"]) * 1000 / n
     row["redis_commands"] = (r1["commands"] - r0["commands"]) / n
+    row["redis_reads"] = (r1["reads"] - r0["reads"]) / n  # about one per round trip
     row["redis_bytes_in"] = (r1["bytes_in"] - r0["bytes_in"]) / n
     row["redis_bytes_out"] = (r1["bytes_out"] - r0["bytes_out"]) / n
     for name in ("transactions", "rows_inserted", "rows_updated", "rows_deleted"):

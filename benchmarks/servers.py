@@ -57,13 +57,14 @@ def redis_server(port: int) -> Iterator[tuple[redis.Redis, int]]:
 
 
 def redis_figures(client: redis.Redis) -> dict[str, Any]:
-    """Commands (in all and by name), bytes in/out and CPU seconds of the Redis server so
-    far."""
+    """Commands (in all and by name), reads (socket reads it processed: about one per
+    client round trip), bytes in/out and CPU seconds of the Redis server so far."""
     stats = client.info("stats")
     by_command = {k.removeprefix("cmdstat_"): int(v["calls"])
                   for k, v in client.info("commandstats").items()}
     cpu = client.info("cpu")
     return {"commands": sum(by_command.values()), "by_command": by_command,
+            "reads": int(stats.get("total_reads_processed", 0)),
             "bytes_in": int(stats["total_net_input_bytes"]),
             "bytes_out": int(stats["total_net_output_bytes"]),
             "cpu_s": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])}

@@ -12,9 +12,11 @@ and the reconciler (`delivery/reconciler.py`) re-publishes the ones that stay qu
 Costs, measured here: the INSERT commits without waiting for the WAL flush
 (synchronous_commit=off, 0.25 ms instead of ~5 ms): a Postgres crash may drop the last
 fraction of a second of records, which matters only if the broker loses the same messages
-at the same moment. The two marks are a Redis SADD each, moved to Postgres in batches by
-the reconciler: a mark lost with Redis only makes the reconciler re-publish a message that
-did not need it, which is safe (a duplicate of a message is the same message: its hand-off
+at the same moment. The two marks are a Redis SADD each, riding a round trip the path
+makes anyway, moved to Postgres in batches by the reconciler: a mark lost with Redis (or
+with a killed process, for a deferred one) only makes the reconciler look again at a
+message that did not need it, which is safe (a message with a stored result is only marked
+finished, and a duplicate of a message is the same message: its hand-off
 record, call-key lease and journal make it one call and one charge).
 
 The message is stored whole, prompt included, because the row is its only copy once the
@@ -35,7 +37,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from aimesh_tasks import keys
+from aimesh_tasks import keys, redis_batch
 from aimesh_tasks.db.engine import get_engine, get_relaxed_engine
 from aimesh_tasks.db.models import AcceptedMessageRow
 from aimesh_tasks.messages import AiMessage
@@ -92,13 +94,6 @@ def forget(message_id: str) -> None:
         logger.warning("accepted.forget_failed", extra={"message_id": message_id})
 
 
-def _mark(key: str, message_id: str) -> None:
-    try:
-        get_redis().sadd(key, message_id)
-    except Exception:  # a lost mark costs one needless, harmless re-publish
-        logger.debug("accepted.mark_failed", extra={"message_id": message_id})
-
-
 def queue_seen(batch: Batch, message_id: str) -> None:
     """The message's routing task started (applied to Postgres by `apply_marks`), queued
     on the routing task's first Redis round trip rather than a round trip of its own."""
@@ -106,8 +101,11 @@ def queue_seen(batch: Batch, message_id: str) -> None:
 
 
 def note_finished(message_id: str) -> None:
-    """A result was stored for the message (applied to Postgres by `apply_marks`)."""
-    _mark(keys.accepted_finished(), message_id)
+    """A result was stored for the message (applied to Postgres by `apply_marks`). The
+    mark rides the process's next Redis batch (`redis_batch.defer`): it follows the
+    result's store, and a mark lost meanwhile (the process killed) costs the reconciler
+    one look at the result backend, which finds the result and only marks it finished."""
+    redis_batch.defer("SADD", keys.accepted_finished(), message_id)
 
 
 def _drain(key: str, apply: Any) -> int:
@@ -148,7 +146,8 @@ def mark_finished(ids: list[str]) -> None:
 def apply_marks() -> tuple[int, int]:
     """Move the seen and finished marks from Redis to Postgres: (seen, finished). Finished
     first: most messages finish within one pass, and their seen marks then match no row
-    (one row write per message instead of two)."""
+    (one row write per message instead of two). This process's deferred marks go first."""
+    redis_batch.flush_deferred()
     finished = _drain(keys.accepted_finished(), mark_finished)
     return _drain(keys.accepted_seen(), _apply_seen), finished
 
