@@ -67,7 +67,8 @@ def blocked_batches() -> dict[int, str]:
     with get_engine().connect() as connection:
         return dict(connection.execute(text(
             "SELECT pid, application_name FROM pg_stat_activity "
-            "WHERE query LIKE 'SELECT budget_apply%' AND wait_event_type = 'Lock'")).all())
+            "WHERE query LIKE 'SELECT budget_apply%' AND wait_event_type = 'Lock' "
+            "AND datname = current_database()")).all())  # not another run's or a benchmark's
 
 
 def blocked_batch() -> tuple[int, str] | None:
