@@ -143,22 +143,18 @@ def _apply_run(connection: psycopg.Connection[Any], ops: Sequence[Op]) -> list[O
 
 PARALLEL_BATCHES = 2  # one committing, the next already waiting for its rows in Postgres
 OVERLAP_AT = 4  # operations waiting before the second goes (group_commit.py)
-# Two queues per process. Reservations and settlements lock their budget rows; claims
-# never do (budget_apply skips the lock for a batch of claims alone), so in a batch of
-# their own a claim does not wait behind a hot agent's row lock held by another batch.
-Lane = Literal["budget", "claim"]
-_groups: dict[tuple[int, Lane], GroupCommit[Op, Outcome]] = {}
+_groups: dict[int, GroupCommit[Op, Outcome]] = {}
 _groups_lock = threading.Lock()
 
 
-def _group(lane: Lane) -> GroupCommit[Op, Outcome]:
-    """This process's queue for `lane` (a forked child gets its own, never its parent's)."""
-    place = (os.getpid(), lane)
-    group = _groups.get(place)
+def _group() -> GroupCommit[Op, Outcome]:
+    """This process's queue (a forked child gets its own, never its parent's)."""
+    pid = os.getpid()
+    group = _groups.get(pid)
     if group is None:
         with _groups_lock:
-            group = _groups.setdefault(place, GroupCommit(apply, parallel=PARALLEL_BATCHES,
-                                                                 overlap_at=OVERLAP_AT))
+            group = _groups.setdefault(pid, GroupCommit(apply, parallel=PARALLEL_BATCHES,
+                                                               overlap_at=OVERLAP_AT))
     return group
 
 
@@ -186,4 +182,4 @@ def run(op: Op) -> Outcome:
     """Apply one operation together with whatever this process's other threads are
     applying (group commit); its outcome. Errors (a lost connection, a lock timeout) are
     the whole batch's."""
-    return _group("claim" if op["op"] == "claim" else "budget").run(op)
+    return _group().run(op)
