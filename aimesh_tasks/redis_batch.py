@@ -79,7 +79,7 @@ class _Deferred:
                 for command in commands:
                     pipe.execute_command(*command)  # type: ignore[no-untyped-call]
                 pipe.execute(raise_on_error=False)
-            except Exception as exc:  # noqa: BLE001 - writes whose loss is harmless
+            except Exception as exc:  # writes whose loss is harmless: logged, dropped
                 logger.debug("redis_batch.deferred_lost", extra={
                     "writes": len(commands), "error": type(exc).__name__})
 
