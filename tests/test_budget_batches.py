@@ -7,12 +7,14 @@ needs to know exactly what one batch holds, and through the group commit otherwi
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
@@ -30,7 +32,7 @@ from aimesh_tasks.db import (
 )
 from aimesh_tasks.errors import BudgetExceeded
 from aimesh_tasks.governance.agents import add_agent
-from aimesh_tasks.settings import reset_settings
+from aimesh_tasks.settings import get_settings, reset_settings
 from tests.budget_checks import assert_budget_invariants, blocked_batches, budget_row_locked
 from tests.waits import wait_until
 
@@ -241,4 +243,51 @@ def test_concurrent_callers_share_batches_and_never_overspend() -> None:
     assert budget.spent_tokens == (60 - len(denied)) * 100 == 2_000
     for exc in denied:  # refused only when what was left could not cover it
         assert exc.fields["left_tokens"] < exc.fields["needed_tokens"]
+    assert_budget_invariants()
+
+
+def _rows_removed_by_filter(connection: psycopg.Connection[Any], ops: list[pg.Op]
+                            ) -> tuple[list[pg.Outcome], list[int]]:
+    """Apply `ops` on `connection` with every statement inside budget_apply explained as
+    it runs (auto_explain, ANALYZE): the outcomes, and every plan node's count of rows it
+    read and threw away (a node that threw none away prints no count)."""
+    notes: list[str] = []
+    connection.add_notice_handler(lambda diag: notes.append(diag.message_primary or ""))
+    for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                    "SET auto_explain.log_nested_statements = on",
+                    "SET auto_explain.log_analyze = on", "SET auto_explain.log_level = notice"):
+        connection.execute(setting)
+    outcomes = pg._apply_run(connection, ops)
+    assert any("Update on budget_reservations" in note for note in notes), notes  # explained
+    removed = [int(n) for note in notes
+               for n in re.findall(r"Rows Removed by (?:Join )?Filter: (\d+)", note)]
+    return outcomes, removed
+
+
+def test_a_connection_that_planned_its_batches_on_empty_tables_reads_only_its_own_calls(
+) -> None:
+    """budget_apply's plans are generic and kept by each connection from its first batch
+    (migration 0015). Planned while the tables were empty, the claim's and the settle's
+    UPDATE once scanned every reservation ever made, for every batch, for the life of the
+    connection: they must find a batch's reservations by their keys whatever the
+    statistics said when they were planned."""
+    agent = _agent(tokens=10**9)
+    with psycopg.connect(get_settings().database_url, autocommit=True) as connection:
+        # this connection's plans, made on empty tables (the clean fixture emptied them)
+        assert [o["outcome"] for o in pg._apply_run(connection, [_reserve(agent, "first", 1)])
+                ] == ["reserved"]
+        pg._apply_run(connection, [_claim("first")])
+        pg._apply_run(connection, [_settle("first", 1)])
+        with get_engine().begin() as other:  # the tables grow: 2,000 calls of the past
+            other.execute(text(
+                "INSERT INTO budget_reservations (call_key, agent_id, message_id, endpoint_id,"
+                " tokens, nusd, state, created_at, closed_at) SELECT 'old-' || g, :a, "
+                "'old-' || g, 'ep', 1, 0, 'settled', now(), now() "
+                "FROM generate_series(1, 2000) g"), {"a": agent})
+        assert pg._apply_run(connection, [_reserve(agent, "new", 1)])[0]["outcome"] == "reserved"
+        for op, outcome in ((_claim("new"), "claimed"), (_settle("new", 1), "settled")):
+            outcomes, removed = _rows_removed_by_filter(connection, [op])
+            assert outcomes[0]["outcome"] == outcome
+            assert max(removed, default=0) < 10, (op["op"], removed)
+    assert _reservations(agent)["new"] == "settled"
     assert_budget_invariants()

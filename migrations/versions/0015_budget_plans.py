@@ -1,0 +1,82 @@
+"""Budget batches whose plans do not depend on the tables' statistics (issue 18).
+
+`budget_apply` runs with `plan_cache_mode = force_generic_plan`: each connection plans
+its statements once, at its first batch, and keeps the plans. A connection that made
+them while `budget_reservations` was small or empty (a new deployment, a test run, a
+table no ANALYZE has seen: autovacuum off, or not yet come round) planned the claim's
+and the settle's UPDATE with the table as the outer side of a nested loop: a scan of the
+whole primary-key index, filtered, for every batch. It visited every reservation ever
+made ("Rows Removed by Filter: 20005" after 20,000 calls), so a cycle grew from 1.4 ms
+to 17 ms on that connection and stayed there for the connection's life (measured:
+benchmarks/bench_budgets.py's first run on a new database did 526 cycles/s, its second
+2,242).
+
+Both UPDATEs now also name their call keys as an array (`r.call_key = ANY(keys)`, the
+batch's keys gathered first), an index condition on the primary key whatever the
+statistics say: a batch visits its own reservations only. The function is 0008's text
+(0010's with the journal entry) with those changes; the downgrade puts 0008's back.
+
+Revision ID: 0015_budget_plans
+Revises: 0008_durable_answers
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+from alembic import op
+
+revision = "0015_budget_plans"
+down_revision = "0008_durable_answers"
+branch_labels = None
+depends_on = None
+
+# (0008's text, what it becomes).
+BY_KEY = (
+    ("  o record;\nBEGIN",
+     "  o record;\n"
+     "  claim_keys text[] := ARRAY(SELECT e->>'call_key' FROM jsonb_array_elements(claims) e);\n"
+     "  settle_keys text[] := ARRAY(SELECT e->>'call_key'\n"
+     "                              FROM jsonb_array_elements(settles) e);\n"
+     "BEGIN"),
+    ("      WHERE r.call_key = c.call_key AND coalesce(r.state, '') = 'reserved'\n",
+     "      WHERE r.call_key = c.call_key AND r.call_key = ANY(claim_keys)\n"
+     "        AND coalesce(r.state, '') = 'reserved'\n"),
+    ("      WHERE r.call_key = s.call_key AND coalesce(r.state, '') = 'reserved'\n",
+     "      WHERE r.call_key = s.call_key AND r.call_key = ANY(settle_keys)\n"
+     "        AND coalesce(r.state, '') = 'reserved'\n"),
+)
+
+
+def _durable_answers() -> ModuleType:
+    """Revision 0008's module (its function text), loaded from beside this file."""
+    path = Path(__file__).with_name("0008_durable_answers.py")
+    spec = importlib.util.spec_from_file_location("aimesh_migration_0008", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def apply_by_key() -> str:
+    """budget_apply as this revision defines it."""
+    text = str(_durable_answers()._apply_keeping_entries())
+    for old, new in BY_KEY:
+        if text.count(old) != 1:
+            raise RuntimeError(f"0015_budget_plans: budget_apply of 0008 no longer has "
+                               f"{old!r} once; update BY_KEY")
+        text = text.replace(old, new)
+    return text
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(apply_by_key())
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(_durable_answers()._apply_keeping_entries())
