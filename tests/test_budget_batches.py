@@ -246,6 +246,10 @@ def test_concurrent_callers_share_batches_and_never_overspend() -> None:
     assert_budget_invariants()
 
 
+# How budget_apply's statement for each kind of operation begins (migration 0010).
+_STATEMENT_OF = {"reserve": "WITH q AS", "claim": "WITH c AS", "settle": "WITH s AS"}
+
+
 def _rows_removed_by_filter(connection: psycopg.Connection[Any], ops: list[pg.Op]
                             ) -> tuple[list[pg.Outcome], list[int]]:
     """Apply `ops` on `connection` with every statement inside budget_apply explained as
@@ -258,7 +262,8 @@ def _rows_removed_by_filter(connection: psycopg.Connection[Any], ops: list[pg.Op
                     "SET auto_explain.log_analyze = on", "SET auto_explain.log_level = notice"):
         connection.execute(setting)
     outcomes = pg._apply_run(connection, ops)
-    assert any("Update on budget_reservations" in note for note in notes), notes  # explained
+    statement = _STATEMENT_OF[ops[0]["op"]]
+    assert any(f"Query Text: {statement}" in note for note in notes), notes  # it was explained
     removed = [int(n) for note in notes
                for n in re.findall(r"Rows Removed by (?:Join )?Filter: (\d+)", note)]
     return outcomes, removed
@@ -278,14 +283,21 @@ def test_a_connection_that_planned_its_batches_on_empty_tables_reads_only_its_ow
                 ] == ["reserved"]
         pg._apply_run(connection, [_claim("first")])
         pg._apply_run(connection, [_settle("first", 1)])
-        with get_engine().begin() as other:  # the tables grow: 2,000 calls of the past
+        with get_engine().begin() as other:  # the tables grow: 2,000 agents, 2,000 calls
+            other.execute(text(
+                "INSERT INTO agents (id, description, enabled) SELECT 'many-' || g, '', true "
+                "FROM generate_series(1, 2000) g"))
+            other.execute(text(
+                "INSERT INTO budgets (agent_id, token_limit, period, period_start, spent_tokens,"
+                " spent_nusd, reserved_tokens, reserved_nusd, updated_at) SELECT 'many-' || g,"
+                " 1000, 'none', now(), 0, 0, 0, 0, now() FROM generate_series(1, 2000) g"))
             other.execute(text(
                 "INSERT INTO budget_reservations (call_key, agent_id, message_id, endpoint_id,"
                 " tokens, nusd, state, created_at, closed_at) SELECT 'old-' || g, :a, "
                 "'old-' || g, 'ep', 1, 0, 'settled', now(), now() "
                 "FROM generate_series(1, 2000) g"), {"a": agent})
-        assert pg._apply_run(connection, [_reserve(agent, "new", 1)])[0]["outcome"] == "reserved"
-        for op, outcome in ((_claim("new"), "claimed"), (_settle("new", 1), "settled")):
+        for op, outcome in ((_reserve(agent, "new", 1), "reserved"), (_claim("new"), "claimed"),
+                            (_settle("new", 1), "settled")):
             outcomes, removed = _rows_removed_by_filter(connection, [op])
             assert outcomes[0]["outcome"] == outcome
             assert max(removed, default=0) < 10, (op["op"], removed)
