@@ -37,11 +37,13 @@ depends_on = None
 # (0008's text, what it becomes).
 BY_KEY = (
     ("  o record;\nBEGIN",
-     "  o record;\n"
-     "  claim_keys text[] := ARRAY(SELECT e->>'call_key' FROM jsonb_array_elements(claims) e);\n"
-     "  settle_keys text[] := ARRAY(SELECT e->>'call_key'\n"
-     "                              FROM jsonb_array_elements(settles) e);\n"
-     "BEGIN"),
+     "  o record;\n  claim_keys text[];\n  settle_keys text[];\nBEGIN"),
+    ("  IF jsonb_array_length(claims) > 0 THEN\n",
+     "  IF jsonb_array_length(claims) > 0 THEN\n"
+     "    claim_keys := ARRAY(SELECT e->>'call_key' FROM jsonb_array_elements(claims) e);\n"),
+    ("  IF jsonb_array_length(settles) > 0 THEN\n",
+     "  IF jsonb_array_length(settles) > 0 THEN\n"
+     "    settle_keys := ARRAY(SELECT e->>'call_key' FROM jsonb_array_elements(settles) e);\n"),
     ("      WHERE r.call_key = c.call_key AND coalesce(r.state, '') = 'reserved'\n",
      "      WHERE r.call_key = c.call_key AND r.call_key = ANY(claim_keys)\n"
      "        AND coalesce(r.state, '') = 'reserved'\n"),
