@@ -33,7 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.procfs import free_port, tree_cpu_s  # noqa: E402  (no side effects)
+from benchmarks.procfs import free_port, postmaster_pid, tree_cpu_s  # noqa: E402  (no side effects)
 
 REDIS_PORT = free_port()
 os.environ["AIMESH_BENCH_REDIS"] = f"redis://127.0.0.1:{REDIS_PORT}"
@@ -130,18 +130,6 @@ def start_processes(args: argparse.Namespace, procs: list[subprocess.Popen[bytes
     procs.append(endpoint_worker)
     wait_workers([f"brouter{tag}", f"bendpoint{tag}"])
     return {"router": router.pid, "endpoint": endpoint_worker.pid, "simulator": sim.pid}
-
-
-def postmaster_pid(pg: psycopg.Connection[Any]) -> int | None:
-    """The local Postgres server's postmaster (the parent of this connection's backend),
-    whose process tree holds every backend: its CPU is the server's. None when the
-    server is not on this machine (the backend's pid is not ours to read)."""
-    backend = pg.execute("SELECT pg_backend_pid()").fetchone()
-    try:
-        stat = Path(f"/proc/{backend[0] if backend else 0}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def one_repeat(args: argparse.Namespace, client: Any, pids: dict[str, int], first: bool

@@ -36,7 +36,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Redis dbs and the Postgres database by AIMESH_BENCH_DBS (benchmarks/places.py).
@@ -54,6 +56,7 @@ from benchmarks.bench_budgets import (  # noqa: E402
     run_for,
 )
 from benchmarks.bench_spine import prepare_database  # noqa: E402
+from benchmarks.procfs import postmaster_pid, tree_cpu_s  # noqa: E402
 
 RESERVE = """
 local held = redis.call('HMGET', KEYS[1], 'tokens', 'nusd')
@@ -137,19 +140,36 @@ class Escrow:
         return time.perf_counter() - started
 
 
-def escrow_run(seconds: float, threads: int, agent_id: str) -> tuple[float, int]:
-    """Escrow cycles per second, the writer's catching up included; cycles settled."""
+def escrow_run(seconds: float, threads: int, agent_id: str) -> tuple[int, float]:
+    """Escrow cycles settled, and the seconds until the writer had written them all."""
     escrow = Escrow(agent_id, threads)
     settled = round(run_for(seconds, threads, escrow.cycle) * seconds)
-    drain_s = escrow.drain()
-    return settled / (seconds + drain_s), settled
+    return settled, seconds + escrow.drain()
 
 
-def _escrow_into(rates: list[float], settled: list[int], args: argparse.Namespace,
-                 agent_id: str) -> None:
-    rate, count = escrow_run(args.seconds, args.threads, agent_id)
-    rates.append(rate)
-    settled.append(count)
+def timed(seconds: float, threads: int, op: Callable[[random.Random], bool]
+          ) -> tuple[int, float]:
+    """Operations done by `threads` threads in `seconds`, and the seconds."""
+    return round(run_for(seconds, threads, op) * seconds), seconds
+
+
+def measured(run: Callable[[], tuple[int, float]], postmaster: int | None,
+             server: redis.Redis) -> dict[str, float]:
+    """Run `run`: its operations per second, and the CPU ms per operation of this process
+    (every thread: the callers and the writer), the Postgres server (every backend) and
+    Redis."""
+    def redis_cpu_s() -> float:
+        info = server.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+    pg0 = tree_cpu_s(postmaster) if postmaster else 0.0
+    client0, redis0 = time.process_time(), redis_cpu_s()
+    done, seconds = run()
+    per = 1000 / max(done, 1)
+    return {"done": done, "per_s": done / seconds,
+            "client_ms": (time.process_time() - client0) * per,
+            "postgres_ms": ((tree_cpu_s(postmaster) - pg0) * per) if postmaster else -1.0,
+            "redis_ms": (redis_cpu_s() - redis0) * per}
 
 
 def main() -> None:
@@ -161,33 +181,36 @@ def main() -> None:
     args = parser.parse_args()
     prepare_database()
     (agent_id,) = ours_setup(1)
-    base: list[float] = []
-    group: list[float] = []
-    escrow: list[float] = []
-    settled: list[int] = []
+    server = redis.Redis.from_url(f"{REDIS}/{LIVE_DB}")
+    with psycopg.connect(BENCH_DB) as connection:
+        postmaster = postmaster_pid(connection)
+    rows: dict[str, Callable[[], tuple[int, float]]] = {
+        "baseline": lambda: timed(args.seconds, args.threads, baseline_op(1)),
+        "group_commit": lambda: timed(args.seconds, args.threads, ours_op([agent_id])),
+        "escrow_ceiling": lambda: escrow_run(args.seconds, args.threads, agent_id),
+    }
+    figures: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
+    settled = 0  # escrow cycles settled, each of whose ledger rows must be written
     for n in range(args.repeats):
         baseline_setup(1)
-        runs = [("base", lambda: base.append(run_for(args.seconds, args.threads,
-                                                     baseline_op(1)))),
-                ("group", lambda: group.append(run_for(args.seconds, args.threads,
-                                                       ours_op([agent_id])))),
-                ("escrow", lambda: _escrow_into(escrow, settled, args, agent_id))]
-        for _, run in runs[n % 3:] + runs[:n % 3]:  # each first in turn
-            run()
-        print(f"baseline {base[-1]:.0f} ops/s, group commit {group[-1]:.0f} cycles/s, "
-              f"escrow ceiling {escrow[-1]:.0f} cycles/s", flush=True)
+        names = list(rows)
+        for name in names[n % 3:] + names[:n % 3]:  # each first in turn
+            figures[name].append(measured(rows[name], postmaster, server))
+        settled += round(figures["escrow_ceiling"][-1].pop("done"))
+        print("  ".join(f"{name} {figures[name][-1]['per_s']:.0f}/s" for name in rows),
+              flush=True)
+    out: dict[str, Any] = {}
+    base = statistics.median(f["per_s"] for f in figures["baseline"])
+    for name, runs in figures.items():
+        for key in ("per_s", "client_ms", "postgres_ms", "redis_ms"):
+            out[f"{name}_{key}"] = round(statistics.median(r[key] for r in runs), 3)
+        out[f"{name}_ratio"] = round(out[f"{name}_per_s"] / base, 3)
     with psycopg.connect(BENCH_DB) as connection:
         row = connection.execute("SELECT count(*) FROM budget_ledger WHERE agent_id = %s "
                                  "AND kind = 'escrow'", [agent_id]).fetchone()
-        written = int(row[0]) if row else 0
-    b, g, e = (statistics.median(x) for x in (base, group, escrow))
-    print(json.dumps({"baseline_ops_s": round(b, 1), "group_commit_cycles_s": round(g, 1),
-                      "group_commit_ratio": round(g / b, 3),
-                      "escrow_ceiling_cycles_s": round(e, 1),
-                      "escrow_ceiling_ratio": round(e / b, 3),
-                      "escrow_settled": sum(settled), "escrow_ledger_rows": written,
-                      "threads": args.threads,
-                      "repeats": args.repeats}))
+    out["escrow_settled"], out["escrow_ledger_rows"] = settled, int(row[0]) if row else 0
+    out["threads"], out["repeats"] = args.threads, args.repeats
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What a benchmark reads about this machine: a process's CPU seconds and resident memory
-from /proc, its connections, the whole machine's busy CPU, and a free port to start a
-server on. No side effects: a
+from /proc, its connections, the whole machine's busy CPU, a free port to start a
+server on, and the local Postgres server's postmaster. No side effects: a
 benchmark may import it before it sets its environment."""
 
 from __future__ import annotations
@@ -8,6 +8,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -23,14 +27,26 @@ def tree_pids(pid: int) -> list[int]:
     """A process and its live descendants (prefork children included)."""
     pids = [pid]
     for child in Path(f"/proc/{pid}/task").glob("*/children"):
-        for kid in child.read_text().split():
+        try:
+            kids = child.read_text().split()
+        except OSError:  # the thread or the process has just exited
+            continue
+        for kid in kids:
             pids.extend(tree_pids(int(kid)))
     return pids
 
 
 def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process and its live descendants (prefork children included)."""
-    return sum(cpu_s(p) for p in tree_pids(pid))
+    """CPU seconds of a process and its live descendants (prefork children included). A
+    descendant that exits meanwhile is left out: once reaped, its CPU is in its parent's
+    (cutime, cstime)."""
+    total = 0.0
+    for p in tree_pids(pid):
+        try:
+            total += cpu_s(p)
+        except OSError:  # exited between the listing and the read
+            continue
+    return total
 
 
 def rss_mb(pid: int) -> float:
@@ -74,3 +90,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def postmaster_pid(pg: psycopg.Connection[Any]) -> int | None:
+    """The local Postgres server's postmaster (the parent of this connection's backend),
+    whose process tree holds every backend: its CPU is the server's. None when the
+    server is not on this machine (the backend's pid is not ours to read)."""
+    backend = pg.execute("SELECT pg_backend_pid()").fetchone()
+    try:
+        stat = Path(f"/proc/{backend[0] if backend else 0}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
