@@ -11,8 +11,8 @@ from aimesh_tasks.periodic import Periodic
 
 class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """For the life of the worker: flush the outbox to the database, reap budget
-    reservations whose task died, clear answers kept with settlements past their
-    retention (pipeline/durable.py), give orphaned single-flights a new leader, and
+    reservations whose task died, delete closed ones (and the answers kept with them)
+    past the journal's retention, give orphaned single-flights a new leader, and
     publish again accepted messages the broker lost (delivery/reconciler.py). Each job
     takes a lock, or is atomic, or idempotent, so any number of workers may run them.
 
@@ -27,11 +27,10 @@ class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.jobs: list[Periodic] = []
 
     def start(self, parent: Any) -> None:
-        from aimesh_tasks.budgets.reaper import reap
+        from aimesh_tasks.budgets.reaper import forget_old, reap
         from aimesh_tasks.delivery import accepted
         from aimesh_tasks.delivery.reconciler import reconcile
         from aimesh_tasks.outbox import flush
-        from aimesh_tasks.pipeline import durable
         from aimesh_tasks.pipeline.flight import adopt_orphans
         from aimesh_tasks.settings import get_settings
 
@@ -39,12 +38,10 @@ class BackgroundJobsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.jobs = [
             Periodic("aimesh-outbox", settings.outbox_flush_interval_s, flush),
             Periodic("aimesh-reaper", settings.reaper_interval_s, reap),
+            Periodic("aimesh-closed", settings.reaper_interval_s, forget_old),
             Periodic("aimesh-flights", min(5.0, settings.single_flight_lease_s / 4),
                      lambda: adopt_orphans(parent.app)),
         ]
-        if durable.enabled():
-            self.jobs.append(Periodic("aimesh-answers", settings.reaper_interval_s,
-                                      durable.forget_old))
         if accepted.enabled():
             self.jobs.append(Periodic("aimesh-reconciler", settings.reconcile_interval_s,
                                       lambda: reconcile(parent.app)))

@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -23,6 +24,7 @@ from aimesh_tasks.budgets import get_budget, set_budget
 from aimesh_tasks.budgets import pg_batch as pg
 from aimesh_tasks.budgets.estimate import Estimate
 from aimesh_tasks.budgets.ledger import claim, release, reserve, settle
+from aimesh_tasks.budgets.reaper import forget_old
 from aimesh_tasks.db import (
     LedgerRow,
     ReservationRow,
@@ -32,6 +34,8 @@ from aimesh_tasks.db import (
 )
 from aimesh_tasks.errors import BudgetExceeded
 from aimesh_tasks.governance.agents import add_agent
+from aimesh_tasks.messages import utcnow
+from aimesh_tasks.pipeline import journal
 from aimesh_tasks.settings import get_settings, reset_settings
 from tests.budget_checks import assert_budget_invariants, blocked_batches, budget_row_locked
 from tests.waits import wait_until
@@ -302,4 +306,33 @@ def test_a_connection_that_planned_its_batches_on_empty_tables_reads_only_its_ow
             assert outcomes[0]["outcome"] == outcome
             assert max(removed, default=0) < 10, (op["op"], removed)
     assert _reservations(agent)["new"] == "settled"
+    assert_budget_invariants()
+
+
+def test_closed_reservations_are_deleted_after_the_journals_retention_their_charges_stay(
+) -> None:
+    """A reservation closed (settled or released) longer ago than the journal keeps its
+    call is deleted (migration 0016): no delivery of that call comes any more, and the
+    table every cycle writes stays the size of that window. An open one stays however
+    old (the reaper decides it), and so does every ledger row."""
+    agent = _agent(tokens=10_000)
+    for key in ("settled-old", "released-old", "open-old", "settled-new"):
+        reserve(agent, key, "ep", key, Estimate(10, 10, 0))
+    assert settle("settled-old", 7, 0) and settle("settled-new", 5, 0)
+    assert release("released-old")
+    past = utcnow() - timedelta(seconds=journal.retention_s() + 60)
+    with get_engine().begin() as connection:
+        connection.execute(text(
+            "UPDATE budget_reservations SET created_at = :past, closed_at = CASE WHEN "
+            "state <> 'reserved' THEN :past END WHERE call_key LIKE '%-old'"), {"past": past})
+    assert forget_old() == 2
+    assert _reservations(agent) == {"open-old": "reserved", "settled-new": "settled"}
+    assert forget_old() == 0
+    with session_scope() as session:
+        charged = dict(session.execute(select(LedgerRow.call_key, LedgerRow.tokens)
+                                       .where(LedgerRow.agent_id == agent)).all())
+    assert charged == {"settled-old": 7, "settled-new": 5}
+    budget = get_budget(agent)
+    assert (budget.spent_tokens, budget.reserved_tokens) == (12, 20)
+    assert release("open-old")
     assert_budget_invariants()

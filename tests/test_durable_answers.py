@@ -24,11 +24,12 @@ from aimesh_tasks import keys, outbox
 from aimesh_tasks.app import app
 from aimesh_tasks.budgets import set_budget
 from aimesh_tasks.budgets.ledger import claim
+from aimesh_tasks.budgets.reaper import forget_old
 from aimesh_tasks.db import LedgerRow, ReservationRow, session_scope
 from aimesh_tasks.envelope import Envelope
 from aimesh_tasks.governance import add_agent
 from aimesh_tasks.messages import AiMessage, utcnow
-from aimesh_tasks.pipeline import calling, durable, journal, routing
+from aimesh_tasks.pipeline import calling, journal, routing
 from aimesh_tasks.pipeline.outcomes import Done, Fallback, HandOff
 from aimesh_tasks.policies import Policies
 from aimesh_tasks.policies.budget import BudgetAdmission
@@ -224,7 +225,7 @@ def test_an_answer_is_credited_to_the_endpoint_that_gave_it_when_routing_chose_a
     assert dear_sim.calls() == [] and len(_billed(cheap_sim)) == 1
 
 
-def test_kept_answers_are_cleared_after_the_journals_retention(
+def test_kept_answers_go_with_their_reservations_after_the_journals_retention(
         simulator: Callable[..., RunningSimulator], endpoint: Callable[..., Endpoint]) -> None:
     endpoint(simulator(), "durable-old")
     _metered()
@@ -236,12 +237,10 @@ def test_kept_answers_are_cleared_after_the_journals_retention(
     with session_scope() as session:
         session.execute(update(ReservationRow).where(ReservationRow.call_key == old_key)
                         .values(closed_at=past))
-    assert durable.forget_old() == 1
-    assert _kept(old_key) is None and _kept(recent_key) is not None
-    assert durable.forget_old() == 0
-    # Cleared means SQL NULL (the sweep's index and IS NOT NULL), never a JSON null.
+    assert forget_old() == 1
+    assert forget_old() == 0
     with session_scope() as session:
-        raw = session.execute(select(ReservationRow.journal_entry.is_(None))
-                              .where(ReservationRow.call_key == old_key)).scalar_one()
-    assert raw is True
+        assert session.get(ReservationRow, old_key) is None  # the answer with it
+        charged = set(session.scalars(select(LedgerRow.call_key)))
+    assert {old_key, recent_key} <= charged  # the record of the charge stays
     assert json.dumps(_kept(recent_key))

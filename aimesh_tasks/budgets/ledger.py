@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, get_args
 
-from sqlalchemy import func, literal_column, null, select, update
+from sqlalchemy import delete, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from aimesh_tasks import events
@@ -319,23 +319,26 @@ def kept_entry(message_id: str, call_key: str) -> Kept | None:
                                          int(row.charged_nusd))
 
 
-def forget_entries(older_than_s: float, batch_size: int = 1000) -> int:
-    """Clear the journal entries kept with settlements older than `older_than_s`, a
-    batch at a time (rows another worker is clearing are skipped); how many."""
+def forget_closed(older_than_s: float, batch_size: int = 1000) -> int:
+    """Delete the reservations closed (settled or released) more than `older_than_s` ago,
+    journal entry and all, a batch at a time (rows another worker is deleting are
+    skipped); how many. Their ledger rows stay: the charge's record. After that long no
+    delivery of their calls comes again (`pipeline/journal.retention_s`)."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
-    cleared = 0
+    # The state inline, not a parameter, so that any plan can use the partial index of
+    # closed reservations (ix_budget_reservations_closed).
+    closed = ReservationRow.state != literal_column("'reserved'")
+    deleted = 0
     while True:
         with session_scope() as session:
             keys = list(session.scalars(
                 select(ReservationRow.call_key)
-                .where(ReservationRow.journal_entry.is_not(None),
-                       ReservationRow.closed_at < cutoff)
+                .where(closed, ReservationRow.closed_at < cutoff)
                 .order_by(ReservationRow.closed_at).limit(batch_size)
                 .with_for_update(skip_locked=True)))
             if keys:
-                session.execute(update(ReservationRow)
-                                .where(ReservationRow.call_key.in_(keys))
-                                .values(journal_entry=null()))
-        cleared += len(keys)
+                session.execute(delete(ReservationRow)
+                                .where(ReservationRow.call_key.in_(keys)))
+        deleted += len(keys)
         if len(keys) < batch_size:
-            return cleared
+            return deleted

@@ -132,14 +132,15 @@ class ReservationRow(Base):
     __tablename__ = "budget_reservations"
     # Few indexes, and none on called_at, so that a claim is a HOT update (migration
     # 0014_budget_indexes, which also keeps room on each page for it): the reaper's
-    # open reservations by age, a message's reservations, and (0008) kept answers.
+    # open reservations by age, a message's reservations, and (0016) closed ones by the
+    # time they closed, which the workers delete after the journal's retention.
     __table_args__ = (
         Index("ix_budget_reservations_open", "created_at",
               postgresql_where=text("state = 'reserved'"),
               sqlite_where=text("state = 'reserved'")),
-        Index("ix_budget_reservations_kept", "closed_at",
-              postgresql_where=text("journal_entry IS NOT NULL"),
-              sqlite_where=text("journal_entry IS NOT NULL")),
+        Index("ix_budget_reservations_closed", "closed_at",
+              postgresql_where=text("state <> 'reserved'"),
+              sqlite_where=text("state <> 'reserved'")),
     )
 
     call_key: Mapped[str] = mapped_column(String(160), primary_key=True)

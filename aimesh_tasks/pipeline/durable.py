@@ -20,7 +20,8 @@ Postgres write per call on a path that makes none today (docs/design-notes.md).
 
 The answer text is user data. It is kept as long as the Redis journal keeps it, the
 reservation timeout plus a day after the call settled (`journal.retention_s`), then
-`forget_old` (run by every worker at the reaper's interval) clears it. Off with
+deleted with the closed reservation (`budgets/reaper.forget_old`, run by every worker at
+the reaper's interval). Off with
 AIMESH_DURABLE_ANSWERS=false (nothing is kept, nothing looked up), and always off in
 embedded mode (its store and its workers live and die together).
 """
@@ -32,7 +33,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, cast
 
-from aimesh_tasks.budgets.ledger import forget_entries, kept_entry
+from aimesh_tasks.budgets.ledger import kept_entry
 from aimesh_tasks.errors import NotFound
 from aimesh_tasks.pipeline import journal, lease
 from aimesh_tasks.pipeline.journal import EntryJson
@@ -99,7 +100,3 @@ def _made_at(endpoint_id: str, routed: Endpoint) -> Endpoint:
     except NotFound:
         return routed
 
-
-def forget_old() -> int:
-    """Clear the answers kept longer than the journal keeps them; how many."""
-    return forget_entries(journal.retention_s())
