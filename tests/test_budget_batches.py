@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError
 from aimesh_tasks.budgets import get_budget, set_budget
 from aimesh_tasks.budgets import pg_batch as pg
 from aimesh_tasks.budgets.estimate import Estimate
-from aimesh_tasks.budgets.ledger import claim, release, reserve, settle
+from aimesh_tasks.budgets.ledger import Held, claim, release, reserve, settle
 from aimesh_tasks.budgets.reaper import forget_old
 from aimesh_tasks.db import (
     LedgerRow,
@@ -287,7 +287,7 @@ def test_a_connection_that_planned_its_batches_on_empty_tables_reads_only_its_ow
                 ] == ["reserved"]
         pg._apply_run(connection, [_claim("first")])
         pg._apply_run(connection, [_settle("first", 1)])
-        with get_engine().begin() as other:  # the tables grow: 2,000 agents, 2,000 calls
+        with get_engine().begin() as other:  # the tables grow: 2,000 agents and calls
             other.execute(text(
                 "INSERT INTO agents (id, description, enabled) SELECT 'many-' || g, '', true "
                 "FROM generate_series(1, 2000) g"))
@@ -300,6 +300,12 @@ def test_a_connection_that_planned_its_batches_on_empty_tables_reads_only_its_ow
                 " tokens, nusd, state, created_at, closed_at) SELECT 'old-' || g, :a, "
                 "'old-' || g, 'ep', 1, 0, 'settled', now(), now() "
                 "FROM generate_series(1, 2000) g"), {"a": agent})
+            other.execute(text(  # and their charges
+                "INSERT INTO budget_ledger (call_key, agent_id, message_id, endpoint_id, "
+                "tokens, nusd, kind, created_at) SELECT 'old-' || g, :a, 'old-' || g, 'ep', "
+                "1, 0, 'call', now() FROM generate_series(1, 2000) g"), {"a": agent})
+            other.execute(text("UPDATE budgets SET spent_tokens = spent_tokens + 2000 "
+                               "WHERE agent_id = :a"), {"a": agent})
         for op, outcome in ((_reserve(agent, "new", 1), "reserved"), (_claim("new"), "claimed"),
                             (_settle("new", 1), "settled")):
             outcomes, removed = _rows_removed_by_filter(connection, [op])
@@ -335,4 +341,30 @@ def test_closed_reservations_are_deleted_after_the_journals_retention_their_char
     budget = get_budget(agent)
     assert (budget.spent_tokens, budget.reserved_tokens) == (12, 20)
     assert release("open-old")
+    assert_budget_invariants()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batch", "general path"])
+def test_a_charged_call_key_whose_reservation_was_deleted_is_found_in_the_ledger(
+        batched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After forget_closed, the ledger row alone says a call key was charged: reserving
+    it again holds it as settled (at what was charged) and its claim finds it settled,
+    as while the reservation was kept, so the caller calls under a new key and the
+    ledger never gets a second row for one key (its unique constraint would fail the
+    whole batch). On SQLite every operation takes the general path; here it is forced."""
+    if not batched:
+        monkeypatch.setattr(pg, "available", lambda: False)
+    agent = _agent(tokens=10_000)
+    need = Estimate(10, 10, 0)
+    reserve(agent, "m", "ep", "m:0", need)
+    assert claim("m:0") == "claimed" and settle("m:0", 7, 0)
+    with get_engine().begin() as connection:
+        connection.execute(text("DELETE FROM budget_reservations WHERE call_key = 'm:0'"))
+    assert reserve(agent, "m", "ep", "m:0", need) == Held("m:0", 7, 0, "settled")
+    assert claim("m:0") == "settled"
+    assert settle("m:0", 7, 0) is False
+    assert claim("never") == "missing"
+    assert _reservations(agent) == {}
+    budget = get_budget(agent)
+    assert (budget.spent_tokens, budget.reserved_tokens) == (7, 0)
     assert_budget_invariants()

@@ -227,7 +227,8 @@ def test_an_answer_is_credited_to_the_endpoint_that_gave_it_when_routing_chose_a
 
 def test_kept_answers_go_with_their_reservations_after_the_journals_retention(
         simulator: Callable[..., RunningSimulator], endpoint: Callable[..., Endpoint]) -> None:
-    endpoint(simulator(), "durable-old")
+    sim = simulator()
+    endpoint(sim, "durable-old")
     _metered()
     old, recent = _message(), AiMessage(agent_id=AGENT, prompt="another", max_tokens=16)
     for message in (old, recent):
@@ -244,3 +245,12 @@ def test_kept_answers_go_with_their_reservations_after_the_journals_retention(
         charged = set(session.scalars(select(LedgerRow.call_key)))
     assert {old_key, recent_key} <= charged  # the record of the charge stays
     assert json.dumps(_kept(recent_key))
+    # The same message published again, days later, when Redis has forgotten it too: its
+    # ledger row says the call key was charged, so it is called under a new key and
+    # charged once more, never a second ledger row for one key (nor a failed batch).
+    _redis_loses_everything()
+    again = _call(_route(old))
+    assert isinstance(again, Done)
+    (redo,) = [key for key in _billed(sim) if key.startswith(f"{old_key}:redo-")]
+    assert [(key, kind) for key, kind, _ in _ledger(old.id)] == [(old_key, "call"),
+                                                                  (redo, "call")]

@@ -9,7 +9,9 @@ arrival order); what it hands back, and everything on SQLite, takes the general 
 here (`SELECT ... FOR UPDATE`, one operation per transaction).
 
 A reservation's life: reserved → (claimed: called_at set just before the upstream call)
-→ settled (ledger row with the provider's usage) or released (no call was made).
+→ settled (ledger row with the provider's usage) or released (no call was made) →
+deleted once no delivery of its call can come any more (`forget_closed`); from then on
+the ledger row alone says the call key was charged, and reserve and claim find it there.
 Lock order is reservation, then budget, everywhere, so transactions never deadlock.
 """
 
@@ -110,7 +112,8 @@ def reserve(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
             need: Estimate) -> Held | None:
     """Hold `need` against the agent's budget for one call; None if the agent has no budget.
 
-    Idempotent: a call_key already reserved or settled returns what is held; a released
+    Idempotent: a call_key already reserved or settled returns what is held (a settled
+    one whose reservation was deleted since: what its ledger row charged); a released
     one is reserved again. Raises BudgetExceeded (and audits 'denied') if it cannot fit.
     """
     if pg_batch.available():
@@ -133,6 +136,14 @@ def _batch_reserved(done: pg_batch.Outcome, call_key: str, need: Estimate, messa
     return None  # unmetered
 
 
+def _charged(session: Session, call_key: str) -> Held | None:
+    """A call key's settlement from its ledger row, if it was charged: what is left of a
+    settled call whose closed reservation was deleted after the journal's retention."""
+    row = session.execute(select(LedgerRow.tokens, LedgerRow.nusd)
+                          .where(LedgerRow.call_key == call_key)).first()
+    return None if row is None else Held(call_key, row.tokens, row.nusd, "settled")
+
+
 def _reserve_one(agent_id: str, message_id: str, endpoint_id: str, call_key: str,
                  need: Estimate) -> Held | None:
     denial: BudgetExceeded | None = None
@@ -140,6 +151,8 @@ def _reserve_one(agent_id: str, message_id: str, endpoint_id: str, call_key: str
         held = session.get(ReservationRow, call_key, with_for_update=True)
         if held is not None and held.state != "released":
             return Held(call_key, held.tokens, held.nusd, held.state)
+        if held is None and (charged := _charged(session, call_key)) is not None:
+            return charged  # settled, and its reservation deleted since (forget_closed)
         budget = session.scalars(
             select(BudgetRow).where(BudgetRow.agent_id == agent_id).with_for_update()
         ).one_or_none()
@@ -172,7 +185,7 @@ def claim(call_key: str) -> ClaimState:
     with session_scope() as session:
         held = session.get(ReservationRow, call_key, with_for_update=True)
         if held is None:
-            return "missing"
+            return "missing" if _charged(session, call_key) is None else "settled"
         if held.state != "reserved":
             return "settled" if held.state == "settled" else "released"
         if held.called_at is not None:

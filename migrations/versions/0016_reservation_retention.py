@@ -9,6 +9,15 @@ entry's (`pipeline/journal.retention_s`: the reservation timeout plus a day); th
 ledger row is the record of the charge and stays. The workers now delete closed
 reservations past that window (`budgets/ledger.forget_closed`), entry and all.
 
+A call key can come again after that (a client that publishes a message id again days
+later): its reservation is gone, but its ledger row says it was charged. So
+`budget_apply` now also looks in the ledger where it finds no reservation: a
+reservation of a charged call key is 'held' as settled (at what was charged), and its
+claim finds it 'settled', as they did while the row was kept; the caller then calls
+under a new key (`pipeline/call.py` `_take_over`), and the ledger never gets a second
+row for one call key (its unique constraint would fail the whole batch). The function
+is 0015's text with those changes (ledger.py's general path does the same).
+
 The index the sweep reads changes with it: `ix_budget_reservations_kept` (settlements
 keeping an entry, by closed_at) becomes `ix_budget_reservations_closed` (every closed
 reservation, by closed_at). A settle changes `state`, so it was never a HOT update: the
@@ -22,6 +31,10 @@ Create Date: 2026-12-04
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -33,14 +46,60 @@ depends_on = None
 CLOSED = sa.text("state <> 'reserved'")
 KEPT = sa.text("journal_entry IS NOT NULL")
 
+# (0015's text, what it becomes): claims and reservations of a call key with no
+# reservation look for its ledger row.
+SEES_LEDGER = (
+    ("        WHEN r.call_key IS NULL THEN 'missing'\n",
+     "        WHEN r.call_key IS NULL AND l.call_key IS NOT NULL THEN 'settled'\n"
+     "        WHEN r.call_key IS NULL THEN 'missing'\n"),
+    ("           LEFT JOIN budget_reservations r ON r.call_key = c.call_key;\n",
+     "           LEFT JOIN budget_reservations r ON r.call_key = c.call_key\n"
+     "           LEFT JOIN budget_ledger l ON l.call_key = c.call_key;\n"),
+    ("      WHERE NOT EXISTS (SELECT 1 FROM budget_reservations r WHERE r.call_key = q.call_key)\n",
+     "      WHERE NOT EXISTS (SELECT 1 FROM budget_reservations r WHERE r.call_key = q.call_key)\n"
+     "        AND NOT EXISTS (SELECT 1 FROM budget_ledger l WHERE l.call_key = q.call_key)\n"),
+    ("        WHEN r.call_key IS NOT NULL THEN '{\"outcome\": \"general\"}'\n",
+     "        WHEN r.call_key IS NOT NULL THEN '{\"outcome\": \"general\"}'\n"
+     "        WHEN l.call_key IS NOT NULL THEN jsonb_build_object(\n"
+     "          'outcome', 'held', 'tokens', l.tokens, 'nusd', l.nusd, 'state', 'settled')\n"),
+    ("    FROM q LEFT JOIN budget_reservations r ON r.call_key = q.call_key\n",
+     "    FROM q LEFT JOIN budget_reservations r ON r.call_key = q.call_key\n"
+     "           LEFT JOIN budget_ledger l ON l.call_key = q.call_key\n"),
+)
+
+
+def _budget_plans() -> ModuleType:
+    """Revision 0015's module (its function text), loaded from beside this file."""
+    path = Path(__file__).with_name("0015_budget_plans.py")
+    spec = importlib.util.spec_from_file_location("aimesh_migration_0015", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def apply_seeing_ledger() -> str:
+    """budget_apply as this revision defines it."""
+    text = str(_budget_plans().apply_by_key())
+    for old, new in SEES_LEDGER:
+        if text.count(old) != 1:
+            raise RuntimeError(f"0016_reservation_retention: budget_apply of 0015 no longer "
+                               f"has {old!r} once; update SEES_LEDGER")
+        text = text.replace(old, new)
+    return text
+
 
 def upgrade() -> None:
     op.drop_index("ix_budget_reservations_kept", "budget_reservations")
     op.create_index("ix_budget_reservations_closed", "budget_reservations", ["closed_at"],
                     postgresql_where=CLOSED, sqlite_where=CLOSED)
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(apply_seeing_ledger())
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(_budget_plans().apply_by_key())
     op.drop_index("ix_budget_reservations_closed", "budget_reservations")
     op.create_index("ix_budget_reservations_kept", "budget_reservations", ["closed_at"],
                     postgresql_where=KEPT, sqlite_where=KEPT)
