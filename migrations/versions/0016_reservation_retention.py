@@ -47,24 +47,32 @@ CLOSED = sa.text("state <> 'reserved'")
 KEPT = sa.text("journal_entry IS NOT NULL")
 
 # (0015's text, what it becomes): claims and reservations of a call key with no
-# reservation look for its ledger row.
+# reservation look for its ledger row. A claim looks only then (a CASE evaluates its
+# subquery only when reached: a claim of a reserved call, the common one, probes
+# nothing); a reservation probes the ledger once for each of its keys (`charged`,
+# materialized, read by the new reservations' filter and by the outcomes).
 SEES_LEDGER = (
     ("        WHEN r.call_key IS NULL THEN 'missing'\n",
-     "        WHEN r.call_key IS NULL AND l.call_key IS NOT NULL THEN 'settled'\n"
+     "        WHEN r.call_key IS NULL AND EXISTS (\n"
+     "          SELECT 1 FROM budget_ledger l WHERE l.call_key = c.call_key) THEN 'settled'\n"
      "        WHEN r.call_key IS NULL THEN 'missing'\n"),
-    ("           LEFT JOIN budget_reservations r ON r.call_key = c.call_key;\n",
-     "           LEFT JOIN budget_reservations r ON r.call_key = c.call_key\n"
-     "           LEFT JOIN budget_ledger l ON l.call_key = c.call_key;\n"),
+    ("      FROM jsonb_array_elements(reserves) WITH ORDINALITY AS t(e, i)),\n"
+     "    cand AS (",
+     "      FROM jsonb_array_elements(reserves) WITH ORDINALITY AS t(e, i)),\n"
+     "    charged AS (  -- call keys settled already, whose reservations were deleted since\n"
+     "      SELECT l.call_key, l.tokens, l.nusd FROM q JOIN budget_ledger l\n"
+     "        ON l.call_key = q.call_key),\n"
+     "    cand AS ("),
     ("      WHERE NOT EXISTS (SELECT 1 FROM budget_reservations r WHERE r.call_key = q.call_key)\n",
      "      WHERE NOT EXISTS (SELECT 1 FROM budget_reservations r WHERE r.call_key = q.call_key)\n"
-     "        AND NOT EXISTS (SELECT 1 FROM budget_ledger l WHERE l.call_key = q.call_key)\n"),
+     "        AND NOT EXISTS (SELECT 1 FROM charged h WHERE h.call_key = q.call_key)\n"),
     ("        WHEN r.call_key IS NOT NULL THEN '{\"outcome\": \"general\"}'\n",
      "        WHEN r.call_key IS NOT NULL THEN '{\"outcome\": \"general\"}'\n"
-     "        WHEN l.call_key IS NOT NULL THEN jsonb_build_object(\n"
-     "          'outcome', 'held', 'tokens', l.tokens, 'nusd', l.nusd, 'state', 'settled')\n"),
+     "        WHEN h.call_key IS NOT NULL THEN jsonb_build_object(\n"
+     "          'outcome', 'held', 'tokens', h.tokens, 'nusd', h.nusd, 'state', 'settled')\n"),
     ("    FROM q LEFT JOIN budget_reservations r ON r.call_key = q.call_key\n",
      "    FROM q LEFT JOIN budget_reservations r ON r.call_key = q.call_key\n"
-     "           LEFT JOIN budget_ledger l ON l.call_key = q.call_key\n"),
+     "           LEFT JOIN charged h ON h.call_key = q.call_key\n"),
 )
 
 
