@@ -108,7 +108,10 @@ class FlagWatch:
                 time.sleep(RESUBSCRIBE_S)
 
     def _listen(self) -> None:
-        pubsub: Any = _subscriber().pubsub()  # type: ignore[no-untyped-call]
+        # Through Any: redis-py before 8.2 leaves pubsub() untyped, 8.2 types it, so an
+        # ignore for the one is an unused ignore for the other.
+        client: Any = _subscriber()
+        pubsub = client.pubsub()
         try:
             if self.pattern:
                 pubsub.psubscribe(self.channel)
