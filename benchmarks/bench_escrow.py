@@ -107,7 +107,6 @@ class Escrow:
         self.client.hset(self.slice, mapping={"tokens": 10**15, "nusd": 10**15})
         self.reserve_script = self.client.register_script(RESERVE)
         self.settle_script = self.client.register_script(SETTLE)
-        self.written = 0
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write, daemon=True)
         self._writer.start()
@@ -130,7 +129,6 @@ class Escrow:
                     time.sleep(0.002)
                     continue
                 connection.execute(WRITE_LEDGER, [(b"[" + b",".join(rows) + b"]").decode()])
-                self.written += len(rows)
 
     def drain(self) -> float:
         """Seconds until the writer has written every queued ledger row."""

@@ -13,13 +13,13 @@ Create Date: 2026-12-01
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
+
+from aimesh_tasks.db.revisions import edited, sibling
 
 revision = "0008_durable_answers"
 down_revision = "0007_ingress_keys"
@@ -38,23 +38,12 @@ KEEPS_ENTRY = (
 
 
 def _batches() -> ModuleType:
-    """Revision 0010's module (its function text), loaded from beside this file."""
-    path = Path(__file__).with_name("0010_budget_batches.py")
-    spec = importlib.util.spec_from_file_location("aimesh_migration_0010", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Revision 0010's module (its function text)."""
+    return sibling(__file__, "0010_budget_batches.py")
 
 
 def _apply_keeping_entries() -> str:
-    text = str(_batches().APPLY)
-    for old, new in KEEPS_ENTRY:
-        if text.count(old) != 1:
-            raise RuntimeError(f"0008_durable_answers: budget_apply of 0010 no longer has "
-                               f"{old!r} once; update KEEPS_ENTRY")
-        text = text.replace(old, new)
-    return text
+    return edited(str(_batches().APPLY), KEEPS_ENTRY, revision)
 
 
 def upgrade() -> None:

@@ -23,11 +23,11 @@ Create Date: 2026-12-04
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 from alembic import op
+
+from aimesh_tasks.db.revisions import edited, sibling
 
 revision = "0015_budget_plans"
 down_revision = "0008_durable_answers"
@@ -54,24 +54,13 @@ BY_KEY = (
 
 
 def _durable_answers() -> ModuleType:
-    """Revision 0008's module (its function text), loaded from beside this file."""
-    path = Path(__file__).with_name("0008_durable_answers.py")
-    spec = importlib.util.spec_from_file_location("aimesh_migration_0008", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Revision 0008's module (its function text)."""
+    return sibling(__file__, "0008_durable_answers.py")
 
 
 def apply_by_key() -> str:
     """budget_apply as this revision defines it."""
-    text = str(_durable_answers()._apply_keeping_entries())
-    for old, new in BY_KEY:
-        if text.count(old) != 1:
-            raise RuntimeError(f"0015_budget_plans: budget_apply of 0008 no longer has "
-                               f"{old!r} once; update BY_KEY")
-        text = text.replace(old, new)
-    return text
+    return edited(_durable_answers()._apply_keeping_entries(), BY_KEY, revision)
 
 
 def upgrade() -> None:

@@ -31,12 +31,12 @@ Create Date: 2026-12-04
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import sqlalchemy as sa
 from alembic import op
+
+from aimesh_tasks.db.revisions import edited, sibling
 
 revision = "0016_reservation_retention"
 down_revision = "0015_budget_plans"
@@ -77,24 +77,13 @@ SEES_LEDGER = (
 
 
 def _budget_plans() -> ModuleType:
-    """Revision 0015's module (its function text), loaded from beside this file."""
-    path = Path(__file__).with_name("0015_budget_plans.py")
-    spec = importlib.util.spec_from_file_location("aimesh_migration_0015", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Revision 0015's module (its function text)."""
+    return sibling(__file__, "0015_budget_plans.py")
 
 
 def apply_seeing_ledger() -> str:
     """budget_apply as this revision defines it."""
-    text = str(_budget_plans().apply_by_key())
-    for old, new in SEES_LEDGER:
-        if text.count(old) != 1:
-            raise RuntimeError(f"0016_reservation_retention: budget_apply of 0015 no longer "
-                               f"has {old!r} once; update SEES_LEDGER")
-        text = text.replace(old, new)
-    return text
+    return edited(_budget_plans().apply_by_key(), SEES_LEDGER, revision)
 
 
 def upgrade() -> None:
