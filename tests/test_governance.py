@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import statistics
 import time
 import uuid
@@ -671,6 +672,29 @@ def test_a_routing_task_seen_again_is_not_taken_for_lost(clean: None) -> None:
     accepted.apply_marks()
     assert accepted.quiet(600, 600, 10) == []
 
+
+
+def test_an_accepted_message_is_recorded_whole_once_and_not_at_all_without_postgres(
+        clean: None) -> None:
+    """The record is the message's only copy once a broker lost it: stored whole (what the
+    reconciler publishes again), a second record of its id inserts nothing, and a database
+    that cannot be reached leaves it unrecorded, never an error for the producer."""
+    message = _message("recorded-agent", "kept whole")
+    assert accepted.record(message)
+    assert not accepted.record(message)
+    with session_scope() as session:
+        row = session.execute(text("SELECT state, message, accepted_at FROM accepted_messages "
+                                   "WHERE message_id = :m"), {"m": message.id}).one()
+    assert row.state == "accepted" and row.message == message.to_json_dict()
+    assert row.accepted_at.tzinfo is not None
+    reachable = os.environ["AIMESH_DATABASE_URL"]
+    os.environ["AIMESH_DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"
+    reset_settings()
+    try:
+        assert accepted.record(_message("recorded-agent", "no database")) is False
+    finally:  # back before the fixtures' teardown empties the tables
+        os.environ["AIMESH_DATABASE_URL"] = reachable
+        reset_settings()
 
 # --- loop caps ---------------------------------------------------------------------------
 

@@ -173,3 +173,15 @@ def test_a_reservation_made_again_that_no_longer_fits_fails_the_message_uncalled
     assert _billed(sim) == [], "a call that was never reserved was made"
     assert _ledger(message.id) == []
     assert_budget_invariants()
+
+
+def test_budget_batches_take_sqlalchemys_spelling_of_a_postgres_url() -> None:
+    """`postgresql+psycopg://` is a database URL the settings accept; libpq knows no
+    driver, so the budget batches' own connections drop it."""
+    from aimesh_tasks.db.engine import autocommit_connection
+
+    url = get_settings().database_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    with autocommit_connection(url) as connection:
+        assert connection.execute("SELECT 1").fetchone() == (1,)
+    with autocommit_connection(url, relaxed=True) as connection:
+        assert connection.execute("SHOW synchronous_commit").fetchone() == ("off",)

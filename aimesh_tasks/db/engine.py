@@ -92,6 +92,10 @@ def get_engine(url: str | None = None) -> Engine:
     return engine
 
 
+# The option of connections whose commits do not wait for the WAL flush.
+_RELAXED = "-c synchronous_commit=off"
+
+
 def _postgres_options(url: str, *extra: str) -> dict[str, Any]:
     """Connection options of a Postgres URL: statement and lock timeouts (a statement
     stuck behind a lock fails with a transient error, which makes its task retry, instead
@@ -128,17 +132,19 @@ def get_relaxed_engine(url: str | None = None) -> Engine:
         if base.dialect.name != "postgresql":
             return base
         engine = create_engine(base.url, pool_recycle=1800, isolation_level="AUTOCOMMIT",
-                               connect_args=_postgres_options(url, "-c synchronous_commit=off"),
+                               connect_args=_postgres_options(url, _RELAXED),
                                **_pool_options(url))
         _engines[key] = engine
     return engine
 
 
 class _AutocommitPool:
-    """Reused psycopg connections to one Postgres URL, in autocommit."""
+    """Reused psycopg connections to one Postgres URL, in autocommit (`extra`: more
+    server settings, as `-c name=value` options)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *extra: str) -> None:
         self.url = url
+        self._extra = extra
         self._idle: list[psycopg.Connection[Any]] = []
         self._lock = threading.Lock()
 
@@ -148,7 +154,7 @@ class _AutocommitPool:
             connection = self._idle.pop() if self._idle else None
         if connection is None:
             connection = psycopg.connect(self.url, autocommit=True,
-                                         **_postgres_options(self.url))
+                                         **_postgres_options(self.url, *self._extra))
         try:
             yield connection
         finally:
@@ -165,20 +171,27 @@ class _AutocommitPool:
             connection.close()
 
 
-_autocommit_pools: dict[str, _AutocommitPool] = {}
+_autocommit_pools: dict[tuple[str, bool], _AutocommitPool] = {}
+_SQLALCHEMY_DRIVER = "postgresql+psycopg://"
 
 
 @contextmanager
-def autocommit_connection(url: str | None = None) -> Iterator[psycopg.Connection[Any]]:
+def autocommit_connection(url: str | None = None, *, relaxed: bool = False
+                          ) -> Iterator[psycopg.Connection[Any]]:
     """A pooled psycopg connection to Postgres (default AIMESH_DATABASE_URL) in autocommit:
     each statement its own transaction, durable when it returns, in one round trip. For
     a hot path that sends one statement per transaction, where the engine's execute and
-    pool checkout cost as much CPU as the statement. Errors are raised as SQLAlchemy's
-    (an OperationalError stays transient for the tasks)."""
+    pool checkout cost as much CPU as the statement. `relaxed`: from a pool whose commits
+    do not wait for the WAL flush (as `get_relaxed_engine`'s). Errors are raised as
+    SQLAlchemy's (an OperationalError stays transient for the tasks)."""
     url = url or get_settings().database_url
+    if url.startswith(_SQLALCHEMY_DRIVER):  # SQLAlchemy's spelling; libpq's has no driver
+        url = "postgresql://" + url[len(_SQLALCHEMY_DRIVER):]
     if not url.startswith("postgresql://"):
         raise ValueError(f"database_url: {url!r} is not a Postgres URL (postgresql://...)")
-    pool = _autocommit_pools.get(url) or _autocommit_pools.setdefault(url, _AutocommitPool(url))
+    key = (url, relaxed)
+    pool = _autocommit_pools.get(key) or _autocommit_pools.setdefault(
+        key, _AutocommitPool(url, *((_RELAXED,) if relaxed else ())))
     try:
         with pool.connection() as connection:
             yield connection
